@@ -1,0 +1,1 @@
+"""Training callbacks: memory, throughput, attention maps, gate monitor."""

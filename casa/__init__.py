@@ -1,0 +1,1 @@
+"""casa: vision-language fusion research (token insertion, Q-Former, cross-attention, CASA)."""

@@ -1,0 +1,39 @@
+"""Rotary position embeddings on packed `[L, H, D]` tensors.
+
+The Hugging Face rotary modules (1-D RoPE for Llama/Qwen2/Qwen3/Helium, M-RoPE for the
+Qwen2.5-VL text model) return `cos, sin` of shape `[1, L, D]` for position ids `[1, L]`
+(or `[3, 1, L]` for M-RoPE: transformers already recomposes the three sections into one
+`[1, L, D]` table). Every attention in casa (SA, CA, CASA, Q-Former) applies them through
+`apply_rope`, so 1-D and multimodal RoPE need no separate code paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D]: (x1, x2) -> (-x2, x1), the split-half convention of HF Llama."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [L, H, D], cos/sin [L, D] -> [L, H, D]."""
+    cos = cos.unsqueeze(1)  # [L, 1, D]
+    sin = sin.unsqueeze(1)  # [L, 1, D]
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_tables(rotary: nn.Module, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [L] (1-D) or [3, L] (M-RoPE) -> cos, sin [L, D] from an HF rotary module."""
+    if position_ids.dim() == 1:
+        pos = position_ids[None]  # [1, L]
+    elif position_ids.dim() == 2 and position_ids.shape[0] == 3:
+        pos = position_ids[:, None]  # [3, 1, L]
+    else:
+        raise ValueError(f"position_ids must be [L] or [3, L], got shape {tuple(position_ids.shape)}")
+    probe = torch.empty(0, dtype=dtype, device=position_ids.device)
+    cos, sin = rotary(probe, pos)  # [1, L, D] each
+    return cos[0], sin[0]

@@ -1,0 +1,1 @@
+"""Data pipeline: webdataset shards -> PackedBatch, and the built-in synthetic benchmark."""
