@@ -1,0 +1,144 @@
+"""The decoder block casa runs in place of each Hugging Face decoder layer.
+
+A `DecoderBlock` keeps the layer's children under their Hugging Face names (so pretrained
+keys load unchanged) and runs one pre-norm residual block over a packed stream:
+
+    parallel (CA / CASA⊕):  x <- x + SA(n(x)) + F(n(x), images)
+    before   (CA / CASA→):  x <- x + F(n_f(x), images);  x <- x + SA(n(x))
+    replace  (CASA∨):       x <- x + CASA(n(x), images)      (the SA weights, windowed)
+    none     (insertion):   x <- x + SA(n(x))
+    then always             x <- x + FFN(n2(x))
+
+where F is the block's fusion layer (`casa.fusion.layers.WindowAttention`) and n, n2 are
+`input_layernorm`, `post_attention_layernorm`. Which form a block takes is decided once,
+when a `FusionStrategy` attaches itself (`set_fusion`), never per call.
+
+Image tokens are keys/values only: they are normalised with the norm that feeds the
+fusion attention and, unless the strategy asks for FFN updates (paper Table 5), they are
+never changed by a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from casa.attention import varlen_attention
+
+FUSION_MODES = ("none", "parallel", "before", "replace")
+
+
+@dataclass
+class StreamContext:
+    """Everything a block needs about the current batch, built once per forward.
+
+    cu_seqlens [S+1] int32: sample boundaries in the stream (SA is block-diagonal causal).
+    cos, sin [L, D]: rotary tables of the stream tokens.
+    windows: the strategy's per-batch window index (`casa.fusion.windows.WindowIndex`),
+        or None for strategies without windowed fusion.
+    capture: a list that fusion layers append attention records to (attention maps), or None.
+    cache: a `casa.cache.KVCache` during cached generation, or None.
+    """
+
+    cu_seqlens: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    windows: Any = None
+    capture: list | None = None
+    cache: Any = None
+    extras: dict = field(default_factory=dict)
+
+
+def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[L, d] through an HF attention module's projections -> q [L, H, D], k, v [L, Hkv, D]."""
+    L, D = x.shape[0], attn.head_dim
+    H, Hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D  # explicit: L may be 0
+    q = attn.q_proj(x).view(L, H, D)  # [L, H, D]
+    k = attn.k_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
+    v = attn.v_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on queries and keys, before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def project_kv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, d] -> k, v [L, Hkv, D] (keys/values only: image tokens are never queries)."""
+    L, D = x.shape[0], attn.head_dim
+    Hkv = attn.k_proj.out_features // D
+    k = attn.k_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
+    v = attn.v_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    return k, v
+
+
+def rotate(rope_fn: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the family's rotary function to x [L, H, D] with cos/sin [L, D]."""
+    return rope_fn(x, x, cos, sin, unsqueeze_dim=1)[0]
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, layer: nn.Module, layer_idx: int, rope_fn: Callable, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.self_attn = layer.self_attn
+        self.mlp = layer.mlp
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.layer_idx = layer_idx
+        self.attn_backend = attn_backend
+        self.rope_fn = rope_fn
+        self.fusion_mode = "none"
+        self.fusion_attn: nn.Module | None = None
+        self.image_ffn_updates = False
+
+    def set_fusion(self, mode: str, fusion_attn: nn.Module | None, image_ffn_updates: bool = False) -> None:
+        """Turn this block into a fused block (build time only)."""
+        if mode not in FUSION_MODES:
+            raise ValueError(f"fusion mode {mode!r} is not one of {list(FUSION_MODES)}")
+        if (fusion_attn is None) != (mode in ("none", "replace")):
+            raise ValueError(f"fusion mode {mode!r} {'needs' if fusion_attn is None else 'takes no'} fusion layer")
+        self.fusion_mode = mode
+        self.fusion_attn = fusion_attn
+        self.image_ffn_updates = image_ffn_updates and mode != "none"
+
+    # ------------------------------------------------------------------ attention
+    def self_attention(self, h: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
+        """Block-diagonal causal SA over the samples of the stream: h [L, d] -> [L, d]."""
+        attn = self.self_attn
+        q, k, v = project_qkv(attn, h)
+        q, k = self.rope_fn(q, k, ctx.cos, ctx.sin, unsqueeze_dim=1)
+        cu_q = cu_k = ctx.cu_seqlens
+        if ctx.cache is not None:
+            k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens)
+        o = varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend=self.attn_backend, scale=attn.scaling)
+        return attn.o_proj(o.reshape(h.shape[0], -1))  # [L, H*D] -> [L, d]
+
+    def _windowed_self_attention(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
+        from casa.fusion.layers import window_attention
+
+        return window_attention(self.self_attn, self.rope_fn, h, self.input_layernorm(images), ctx, self.layer_idx,
+                                backend=self.attn_backend, kind="casa")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [L, d] stream, images [N, d] image tokens (empty for insertion) -> same shapes."""
+        mode = self.fusion_mode
+        if mode == "before":
+            norm = self.fusion_attn.norm  # the fusion layer's own pre-norm, copied from input_layernorm
+            x = x + self.fusion_attn(norm(x), norm(images), ctx, self.layer_idx)
+        h = self.input_layernorm(x)
+        if mode == "replace":
+            a = self._windowed_self_attention(h, images, ctx)
+        else:
+            a = self.self_attention(h, ctx)
+        if mode == "parallel":
+            a = a + self.fusion_attn(h, self.input_layernorm(images), ctx, self.layer_idx)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.image_ffn_updates and images.shape[0] > 0:
+            # paper Table 5: image tokens updated by the block's FFN (costly; off by default)
+            images = images + self.mlp(self.post_attention_layernorm(images))
+        return x, images

@@ -1,0 +1,101 @@
+"""CASA: Cross-Attention via Self-Attention (paper §3, eq. 3).
+
+In a CASA layer the text tokens of a window attend causally to the window's image tokens
+*and* to the window's text up to themselves (`casa.fusion.windows`). The self term acts as
+an implicit gate (Table 8, Fig. 7). Three ways to put CASA layers into a decoder:
+
+    mode      paper   block computes                                   new parameters
+    plus      CASA⊕   x + SA(n(x)) + CASA(n(x), images)                one attention per fused block
+    before    CASA→   x + CASA(n_c(x), images), then x + SA(n(x))      one attention + norm per fused block
+    replace   CASA∨   x + CASA_SA(n(x), images)  (the SA weights)      none
+
+Which blocks are fused: `placement` every_k (blocks 0, k, 2k, ...), first_k (blocks 0..k-1)
+or first_last_k (the first k and the last k). For plus/before the default k=1 with
+every_k fuses every block, as in the paper; CASA∨ is ablated over placements (Table 7).
+
+`inference_mask` applies the paper's Table 8 masks (self, rnd, rnd_txt) in every CASA layer
+when the model is in eval mode; training is never masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from casa.batch import PackedBatch
+from casa.blocks import StreamContext
+from casa.fusion.base import FusionStrategy
+from casa.fusion.layers import WindowAttention
+from casa.fusion.windows import INFERENCE_MASKS, prepare_windowed
+
+MODES = ("plus", "before", "replace")
+PLACEMENTS = ("every_k", "first_k", "first_last_k")
+
+
+def fused_block_indices(placement: str, k: int, num_layers: int) -> list[int]:
+    """Which blocks a placement fuses (pure; tested on its own)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"CASA.placement={placement!r} is not one of {list(PLACEMENTS)}")
+    if not 1 <= k <= num_layers:
+        raise ValueError(f"CASA.k={k!r} must be between 1 and the number of layers ({num_layers})")
+    if placement == "every_k":
+        return list(range(0, num_layers, k))
+    if placement == "first_k":
+        return list(range(k))
+    return sorted(set(range(k)) | set(range(num_layers - k, num_layers)))
+
+
+class CASA(FusionStrategy):
+    """Args:
+        mode: "plus" (CASA⊕), "before" (CASA→) or "replace" (CASA∨).
+        placement: "every_k", "first_k" or "first_last_k".
+        k: the placement's k.
+        image_ffn_updates: image tokens go through each fused block's FFN (Table 5).
+        inference_mask: None, "self", "rnd" or "rnd_txt" (Table 8; eval mode only).
+        mask_seed: seed of the random masks.
+        backend: attention backend of the CASA layers (default: the backbone's).
+    """
+
+    name = "casa"
+
+    def __init__(self, mode: str = "plus", placement: str = "every_k", k: int = 1, image_ffn_updates: bool = False,
+                 inference_mask: str | None = None, mask_seed: int = 0, backend: str | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"CASA.mode={mode!r} is not one of {list(MODES)}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"CASA.placement={placement!r} is not one of {list(PLACEMENTS)}")
+        if inference_mask is not None and inference_mask not in INFERENCE_MASKS:
+            raise ValueError(f"CASA.inference_mask={inference_mask!r} is not one of {list(INFERENCE_MASKS)} or null")
+        self.mode = mode
+        self.placement = placement
+        self.k = k
+        self.image_ffn_updates = image_ffn_updates
+        self.inference_mask = inference_mask
+        self.mask_seed = mask_seed
+        self.backend = backend
+        self._layers: list[int] = []
+
+    def attach(self, backbone: nn.Module, merge: int) -> None:
+        super().attach(backbone, merge)
+        self._layers = fused_block_indices(self.placement, self.k, len(backbone.layers))
+        for i in self._layers:
+            block = backbone.layers[i]
+            if self.mode == "replace":
+                # CASA∨: the block's own SA becomes a CASA layer, no new parameters
+                if self.backend is not None:
+                    block.attn_backend = self.backend
+                block.set_fusion("replace", None, self.image_ffn_updates)
+                continue
+            layer = WindowAttention(block.self_attn, block.rope_fn, "casa", self.backend or block.attn_backend,
+                                    norm=block.input_layernorm if self.mode == "before" else None)
+            block.set_fusion("parallel" if self.mode == "plus" else "before", layer, self.image_ffn_updates)
+
+    def fused_layers(self) -> list[int]:
+        return list(self._layers)
+
+    def prepare(self, batch: PackedBatch, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, StreamContext]:
+        mask = self.inference_mask if not self.training else None
+        gen = torch.Generator().manual_seed(self.mask_seed) if mask is not None else None
+        return prepare_windowed("casa", batch, text_embeds, image_embeds, backbone, self.merge, self.mrope, mask, gen)

@@ -1,0 +1,91 @@
+"""Windowed attention from text to image tokens: the layer CA and CASA share.
+
+`window_attention` is the computation (also used by CASA∨, which runs it with a block's own
+SA weights); `WindowAttention` is the extra layer CA, gated CA, CASA⊕ and CASA→ add to a
+block, initialised as a copy of that block's SA (paper §3: "initialised from the SA
+weights"), so the new layer starts by attending like the pretrained model does.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from casa.attention import varlen_attention
+from casa.blocks import StreamContext, project_kv, project_qkv, rotate
+
+
+def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext,
+                     layer_idx: int, backend: str, kind: str) -> torch.Tensor:
+    """Text queries attend to the image tokens of their window (+ the window's text for CASA).
+
+    attn: an HF attention module (its projections are used); h [T, d] normalised text;
+    images [N, d] normalised image tokens -> [T, d] (after `o_proj`).
+    """
+    index = ctx.windows
+    if index is None or index.kind != kind:
+        raise RuntimeError(f"a {kind} layer ran without a {kind} window index (the strategy did not prepare the batch)")
+    T = h.shape[0]
+    q, k_txt, v_txt = project_qkv(attn, h)
+    q, k_txt = rope_fn(q, k_txt, ctx.cos, ctx.sin, unsqueeze_dim=1)
+    k_img, v_img = project_kv(attn, images)
+    k_img = rotate(rope_fn, k_img, index.image_cos, index.image_sin)
+    cu_k = index.cu_k
+    if ctx.cache is not None:
+        k, v, cu_k = ctx.cache.window(layer_idx, kind, k_img, v_img, k_txt, v_txt, index)
+    elif kind == "casa":
+        k = torch.cat([k_img, k_txt])[index.kv_gather]  # [N+T, Hkv, D] in [image_w | text_w] layout
+        v = torch.cat([v_img, v_txt])[index.kv_gather]
+    else:
+        k, v = k_img, v_img  # [N, Hkv, D]
+    masked = index.masked_key
+    if ctx.capture is not None:
+        o, probs = varlen_attention(q, k, v, index.cu_q, cu_k, causal=index.causal, backend="eager",
+                                    scale=attn.scaling, masked_key=masked, return_probs=True)
+        ctx.capture.append({"layer": layer_idx, "kind": kind, "probs": [p.detach() for p in probs],
+                            "window_cu_text": index.cu_q.tolist(), "window_cu_image": index.window_cu_image.tolist()})
+    else:
+        if masked is not None:
+            backend = "eager"  # only the explicit-softmax backends can hide one key per query
+        o = varlen_attention(q, k, v, index.cu_q, cu_k, causal=index.causal, backend=backend, scale=attn.scaling,
+                             masked_key=masked)
+    return attn.o_proj(o.reshape(T, -1))  # [T, H*D] -> [T, d]
+
+
+class WindowAttention(nn.Module):
+    """The fusion layer added to a block by CA / gated CA / CASA⊕ / CASA→.
+
+    Args:
+        self_attn: the block's SA module, copied (weights included) as this layer's attention.
+        rope_fn: the backbone family's rotary function.
+        kind: "casa" or "cross_attention".
+        backend: attention backend.
+        gated: multiply the output by tanh(gate), gate initialised at 0 (Flamingo-style gated
+            CA: the model equals its backbone at init).
+        norm: for placement "before", the block's input norm, copied as this layer's pre-norm.
+    """
+
+    def __init__(self, self_attn: nn.Module, rope_fn: Callable, kind: str, backend: str, gated: bool = False,
+                 norm: nn.Module | None = None):
+        super().__init__()
+        self.attn = copy.deepcopy(self_attn)
+        for p in self.attn.parameters():
+            p.requires_grad_(True)  # a new layer trains even when the backbone is frozen
+        self.norm = copy.deepcopy(norm) if norm is not None else None
+        if self.norm is not None:
+            for p in self.norm.parameters():
+                p.requires_grad_(True)
+        self.gate = nn.Parameter(torch.zeros(1)) if gated else None
+        self.rope_fn = rope_fn
+        self.kind = kind
+        self.backend = backend
+
+    def forward(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext, layer_idx: int) -> torch.Tensor:
+        """h [T, d], images [N, d], both already normalised -> [T, d]."""
+        out = window_attention(self.attn, self.rope_fn, h, images, ctx, layer_idx, self.backend, self.kind)
+        if self.gate is not None:
+            out = out * torch.tanh(self.gate)
+        return out

@@ -1,0 +1,129 @@
+"""The window index: what CA and CASA layers need about a batch, built once per forward
+and shared by every fused layer.
+
+CASA (paper eq. 3): the text queries of window w attend causally to the window's image
+tokens followed by the window's own text tokens. The keys of each window are laid out as
+`[image_w | text_w]`, so the primitive's bottom-right causal mask does exactly that:
+
+    window w: 3 image tokens (I), 4 text tokens (t); Lq = 4, Lk = 7
+                    keys  I I I t t t t
+        query t0          x x x x . . .
+        query t1          x x x x x . .
+        query t2          x x x x x x .
+        query t3          x x x x x x x
+
+CA: the same queries attend to the window's image tokens only, not causally; a window
+without image tokens gives zeros (the `1[i > K]` of DESIGN.md's equation).
+
+`kv_gather` turns `cat([image_keys [N], text_keys [T]])` into the per-window layout with a
+single gather, differentiable and cheap: image token n of window w goes to
+`n + window_cu_text[w]`, text token p of window w to `p + window_cu_image[w + 1]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("casa", "cross_attention")
+INFERENCE_MASKS = ("self", "rnd", "rnd_txt")
+
+
+@dataclass
+class WindowIndex:
+    kind: str
+    cu_q: torch.Tensor
+    """[W+1] int32 window boundaries of the queries (text tokens)."""
+    cu_k: torch.Tensor
+    """[W+1] int32 window boundaries of the keys ([image_w | text_w] for CASA, image_w for CA)."""
+    causal: bool
+    kv_gather: torch.Tensor | None
+    """[N+T] int64: keys = cat([image_keys, text_keys])[kv_gather] (CASA only)."""
+    image_cos: torch.Tensor
+    image_sin: torch.Tensor
+    """[N, D] rotary tables of the image tokens (positions of `casa.positions.window_image_positions`)."""
+    window_cu_image: torch.Tensor
+    """[W+1] int32, kept for attention-map capture (how many image keys each window has)."""
+    masked_key: torch.Tensor | None = None
+    """[T] int64 key hidden from each query (Table 8 inference masks), -1 = none."""
+
+
+def window_of(cu: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Window of each element: index [K] -> [K]. Empty windows are skipped correctly
+    because `right=True` picks the last window starting at or before the element."""
+    return torch.searchsorted(cu.long(), index, right=True) - 1
+
+
+def casa_kv_gather(window_cu_text: torch.Tensor, window_cu_image: torch.Tensor) -> torch.Tensor:
+    """[W+1], [W+1] -> [N+T] gather index from cat([image, text]) into the per-window
+    [image_w | text_w] layout."""
+    cu_t, cu_i = window_cu_text.long(), window_cu_image.long()
+    N, T = int(cu_i[-1]), int(cu_t[-1])
+    n = torch.arange(N, device=cu_t.device)
+    p = torch.arange(T, device=cu_t.device)
+    dst_img = n + cu_t[window_of(cu_i, n)]
+    dst_txt = p + cu_i[window_of(cu_t, p) + 1]
+    dst = torch.cat([dst_img, dst_txt])  # where source element j lands in the window layout
+    gather = torch.empty_like(dst)
+    gather[dst] = torch.arange(N + T, device=dst.device)
+    return gather
+
+
+def build_window_index(kind: str, window_cu_text: torch.Tensor, window_cu_image: torch.Tensor,
+                       image_cos: torch.Tensor, image_sin: torch.Tensor) -> WindowIndex:
+    if kind not in KINDS:
+        raise ValueError(f"window index kind={kind!r} is not one of {list(KINDS)}")
+    if kind == "casa":
+        return WindowIndex(kind, window_cu_text, (window_cu_text + window_cu_image).to(torch.int32), True,
+                           casa_kv_gather(window_cu_text, window_cu_image), image_cos, image_sin, window_cu_image)
+    return WindowIndex(kind, window_cu_text, window_cu_image, False, None, image_cos, image_sin, window_cu_image)
+
+
+def table8_masked_key(index: WindowIndex, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The key each query may not see in a CASA layer (paper Table 8) -> [T] int64, -1 = none.
+
+    self:    the query's own key;
+    rnd:     a random *past* key of the window, image or text (never itself);
+    rnd_txt: a random past text key of the window (never itself).
+    A query with no candidate (e.g. the first text token for `rnd_txt`) masks nothing.
+    """
+    if mode not in INFERENCE_MASKS:
+        raise ValueError(f"inference_mask={mode!r} is not one of {list(INFERENCE_MASKS)} (or None)")
+    if index.kind != "casa":
+        raise ValueError("Table 8 masks apply to CASA layers only")
+    cu_t, cu_i = index.cu_q.long(), index.window_cu_image.long()
+    T = int(cu_t[-1])
+    p = torch.arange(T, device=cu_t.device)
+    w = window_of(cu_t, p)
+    key_start = cu_t[w] + cu_i[w]  # first key of the window in the [image | text] layout
+    n_img = cu_i[w + 1] - cu_i[w]
+    self_key = p + cu_i[w + 1]
+    if mode == "self":
+        return self_key
+    lo = key_start if mode == "rnd" else key_start + n_img
+    num = self_key - lo  # candidates in [lo, self_key)
+    u = torch.rand(T, generator=generator, device=cu_t.device)
+    pick = lo + (u * num.clamp(min=1)).long().clamp(max=(num - 1).clamp(min=0))
+    return torch.where(num > 0, pick, torch.full_like(pick, -1))
+
+
+def prepare_windowed(kind: str, batch, text_embeds: torch.Tensor, image_embeds: torch.Tensor, backbone, merge: int,
+                     mrope: bool, inference_mask: str | None = None, generator: torch.Generator | None = None):
+    """The `prepare` of every windowed strategy (CA, gated CA, CASA): the stream is the text
+    alone; image tokens are kept aside with the RoPE positions of `window_image_positions`.
+
+    -> (stream [T, d], images [N, d], StreamContext)."""
+    from casa.blocks import StreamContext
+    from casa.positions import window_image_positions
+
+    dtype = text_embeds.dtype
+    cos, sin = backbone.rope(batch.position_ids, dtype)  # [T, D]
+    img_pos = window_image_positions(batch.position_ids, batch.window_cu_seqlens_text, batch.window_cu_seqlens_image,
+                                     batch.image_grid_thw, merge, mrope)
+    icos, isin = backbone.rope(img_pos, dtype)  # [N, D]
+    index = build_window_index(kind, batch.window_cu_seqlens_text, batch.window_cu_seqlens_image, icos, isin)
+    if inference_mask is not None:
+        index.masked_key = table8_masked_key(index, inference_mask, generator)
+    ctx = StreamContext(batch.sample_cu_seqlens, cos, sin, windows=index)
+    return text_embeds, image_embeds.to(dtype), ctx

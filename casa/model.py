@@ -1,0 +1,105 @@
+"""The vision-language model: vision encoder + projector + backbone + fusion strategy.
+
+    PackedBatch ──> VisionEncoder(pixel_values) ──> Projector ──> image_embeds [N, d]
+                ──> backbone.embed_tokens(input_ids)           ──> text_embeds  [T, d]
+                ──> fusion.prepare(...)  -> stream [L, d], images [N', d], StreamContext
+                ──> every DecoderBlock(stream, images, ctx)
+                ──> fusion.text_states -> [T, d] ──> norm + lm_head -> logits [T, V]
+                ──> loss: mean cross-entropy over answer tokens (labels != -100)
+
+The strategy is attached once here, at build time; the forward has no strategy branches.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from casa.backbone import Backbone
+from casa.batch import PackedBatch
+from casa.fusion.base import FusionStrategy
+from casa.projector import Projector
+from casa.vision import VisionEncoder
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """[T, V] logits at every text position."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over answer tokens (None without labels, 0 with no answer token)."""
+    num_targets: int = 0
+
+
+class VisionLanguageModel(nn.Module):
+    """Args:
+        backbone: the language model (`casa.backbone.Backbone`).
+        vision: the vision tower (`casa.vision.VisionEncoder`).
+        fusion: how image tokens reach the LM (a `casa.fusion` strategy).
+        projector: "mlp", "linear" or "identity" (vision width -> LM width); new parameters.
+    """
+
+    def __init__(self, backbone: Backbone, vision: VisionEncoder, fusion: FusionStrategy, projector: str = "mlp"):
+        super().__init__()
+        self.backbone = backbone
+        self.vision = vision
+        self.projector = Projector(vision.out_dim, backbone.hidden_size, kind=projector)
+        self.fusion = fusion
+        fusion.attach(backbone, vision.spatial_merge_size)
+        self._capture: list | None = None
+        self._pretrained = {f"backbone.{n}" for n in backbone.pretrained_names} | {
+            f"vision.{n}" for n, _ in vision.named_parameters()}
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, batch: PackedBatch) -> torch.Tensor:
+        """-> image_embeds [N, d] in the LM's width."""
+        if batch.num_images == 0:
+            return self.backbone.embed_tokens.weight.new_zeros(0, self.backbone.hidden_size)
+        return self.projector(self.vision(batch.pixel_values, batch.image_grid_thw))
+
+    def hidden_states(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """-> [T, d] final hidden states at the text positions (before the final norm)."""
+        if image_embeds is None:
+            image_embeds = self.encode_images(batch)
+        text_embeds = self.backbone.embed_tokens(batch.input_ids)  # [T, d]
+        stream, images, ctx = self.fusion.prepare(batch, text_embeds, image_embeds, self.backbone)
+        ctx.capture = self._capture
+        ctx.cache = cache
+        for block in self.backbone.layers:
+            stream, images = block(stream, images, ctx)
+        return self.fusion.text_states(stream, ctx)
+
+    def forward(self, batch: PackedBatch) -> ModelOutput:
+        logits = self.backbone.head(self.hidden_states(batch))  # [T, V]
+        targets = batch.labels != -100
+        n = int(targets.sum())
+        if n == 0:
+            return ModelOutput(logits, logits.sum() * 0.0, 0)
+        loss = F.cross_entropy(logits[targets].float(), batch.labels[targets])
+        return ModelOutput(logits, loss, n)
+
+    # ------------------------------------------------------------------ parameters
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trainable parameters split into "new" (projector, fusion layers, gates, Q-Former)
+        and "pretrained" (backbone and vision weights left trainable), by name so that the
+        split survives FSDP2's DTensor conversion. Frozen parameters are in neither."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"new": [], "pretrained": []}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups["pretrained" if name in self._pretrained else "new"].append((name, p))
+        return groups
+
+    @contextmanager
+    def capture_attention(self):
+        """Inside: fusion attention layers run the eager backend and append one record per
+        layer call to the yielded list (see `casa.fusion.layers.window_attention`)."""
+        records: list = []
+        self._capture = records
+        try:
+            yield records
+        finally:
+            self._capture = None

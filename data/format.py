@@ -1,0 +1,133 @@
+"""The on-disk sample format: one conversation per webdataset sample.
+
+A shard is a plain tar (webdataset layout). Files of one sample share the key prefix
+`KEY.`; the rest of the file name is the field name:
+
+    KEY.json        the conversation (below), UTF-8 JSON
+    KEY.img0.png    image bytes referenced by the conversation as "img0" (png/jpg/webp...)
+    KEY.f000.jpg    video frame bytes referenced from "video.frames"
+
+The JSON:
+
+    {
+      "messages": [
+        {"role": "system",    "content": [{"type": "text", "text": "..."}]},           # optional
+        {"role": "user",      "content": [{"type": "image", "ref": "img0"},
+                                          {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]}
+      ],
+      "task": "color", "group": "coarse",            # metrics are grouped by these
+      "video": {                                      # only for video samples
+        "frames": ["f000", "f001", ...],              # field names, in time order
+        "timestamps": [0.0, 0.5, ...],                # seconds, one per frame
+        "captions": [{"t": 0.4, "text": "..."}],      # optional: live-captioning transcript
+        "layout": "qa" | "caption"                    # one window for all frames, or one per frame
+      }
+    }
+
+Images appear in the order of the message content. A video sample places a single
+`{"type": "video"}` item where its frames go ("qa" layout); with the "caption" layout the
+conversation is built from the frames and the transcript by `data.video`.
+Message roles are `system`, `user`, `assistant`; content item types are `text`, `image`,
+`video`. Anything else is a malformed sample, skipped and counted by `data.dataset`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import webdataset as wds
+from PIL import Image
+
+ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image", "video")
+VIDEO_LAYOUTS = ("qa", "caption")
+
+
+def text(s: str) -> dict[str, str]:
+    return {"type": "text", "text": s}
+
+
+def image(ref: str) -> dict[str, str]:
+    return {"type": "image", "ref": ref}
+
+
+def encode_image(img: Image.Image, fmt: str = "png") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if fmt in ("jpg", "jpeg") else fmt.upper())
+    return buf.getvalue()
+
+
+def make_sample(key: str, conversation: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+    """Build the dict `webdataset.TarWriter` writes: `files` maps field names ("img0.png")
+    to bytes. The conversation is checked against the format before it is written."""
+    check_conversation(conversation, available={f.split(".")[0] for f in files})
+    sample: dict[str, Any] = {"__key__": key, "json": json.dumps(conversation).encode()}
+    sample.update(files)
+    return sample
+
+
+def check_conversation(conv: dict[str, Any], available: set[str]) -> None:
+    """Raise ValueError naming what is wrong with a conversation (writer-side check)."""
+    messages = conv.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("conversation.messages must be a non-empty list")
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message role {m.get('role')!r} is not one of {list(ROLES)}")
+        for item in m.get("content", []):
+            kind = item.get("type")
+            if kind not in CONTENT_TYPES:
+                raise ValueError(f"content type {kind!r} is not one of {list(CONTENT_TYPES)}")
+            if kind == "image" and item.get("ref") not in available:
+                raise ValueError(f"image ref {item.get('ref')!r} has no file in the sample")
+    video = conv.get("video")
+    if video is not None:
+        if video.get("layout", "qa") not in VIDEO_LAYOUTS:
+            raise ValueError(f"video.layout={video.get('layout')!r} is not one of {list(VIDEO_LAYOUTS)}")
+        frames, ts = video.get("frames", []), video.get("timestamps", [])
+        if len(frames) != len(ts) or not frames:
+            raise ValueError("video.frames and video.timestamps must be non-empty and of equal length")
+        missing = [f for f in frames if f not in available]
+        if missing:
+            raise ValueError(f"video frames {missing[:3]} have no file in the sample")
+
+
+class ShardWriter:
+    """Write samples into `DIR/PREFIX-%06d.tar` shards of at most `max_count` samples.
+
+    A thin wrapper over `webdataset.ShardWriter` that creates the directory, keeps the
+    list of shards written and silences webdataset's per-shard prints (we show a rich
+    progress bar in the callers instead)."""
+
+    def __init__(self, out_dir: str | os.PathLike, prefix: str, max_count: int = 1000):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.pattern = str(self.out_dir / f"{prefix}-%06d.tar")
+        self.count = 0
+        self._writer = wds.ShardWriter(self.pattern, maxcount=max_count, verbose=0)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._writer.write(sample)
+        self.count += 1
+
+    def write_all(self, samples: Iterable[dict[str, Any]]) -> None:
+        for s in samples:
+            self.write(s)
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(str(p) for p in self.out_dir.glob(Path(self.pattern).name.replace("%06d", "*")))
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,164 @@
+"""Every fusion strategy against references: packed vs alone, causality, gated init vs
+backbone, parameter accounting, trainable sets."""
+
+import pytest
+import torch
+
+from casa.backbone import Backbone
+from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.testing import random_packed_batch, tiny_backbone_config, tiny_model
+
+STRATEGIES = {
+    "insertion": lambda: Insertion(),
+    "qformer": lambda: QFormer(num_queries=4, depth=1, heads=4),
+    "cross_attention": lambda: CrossAttention(),
+    "cross_attention_before": lambda: CrossAttention(placement="before"),
+    "gated_cross_attention": lambda: GatedCrossAttention(),
+    "casa_plus": lambda: CASA("plus"),
+    "casa_before": lambda: CASA("before"),
+    "casa_replace": lambda: CASA("replace", "every_k", 2),
+    "casa_plus_ffn_updates": lambda: CASA("plus", image_ffn_updates=True),
+}
+
+# three samples: image mid-text, two image windows with consecutive images, text only
+SAMPLES = [
+    [("text", 5), ("image", (4, 4)), ("text", 7)],
+    [("image", (2, 4)), ("text", 3), ("image", (4, 2)), ("image", (2, 2)), ("text", 6)],
+    [("text", 9)],
+]
+
+
+def _perturb_gates(model):
+    """Trained gated models have non-zero gates; test them in that state too."""
+    for name, p in model.named_parameters():
+        if name.endswith("fusion_attn.gate"):
+            p.data.fill_(0.7)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_packing_invariance(name):
+    model = tiny_model(STRATEGIES[name]()).eval()
+    _perturb_gates(model)
+    packed = random_packed_batch(SAMPLES, seed=1)
+    with torch.no_grad():
+        out = model(packed).logits
+        for s, spec in enumerate(SAMPLES):
+            alone = random_packed_batch([spec], seed=1)
+            # same content as in the packed batch: copy it over from the packed one
+            lo, hi = packed.sample_cu_seqlens[s].item(), packed.sample_cu_seqlens[s + 1].item()
+            alone.input_ids = packed.input_ids[lo:hi].clone()
+            img = [i for i in range(packed.num_images) if lo <= packed.image_text_position[i] < hi]
+            patches = (packed.image_grid_thw.prod(-1)).cumsum(0)
+            p_lo = int(patches[img[0] - 1]) if img and img[0] > 0 else 0
+            p_hi = int(patches[img[-1]]) if img else 0
+            alone.pixel_values = packed.pixel_values[p_lo:p_hi].clone()
+            torch.testing.assert_close(model(alone).logits, out[lo:hi], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_causality(name):
+    model = tiny_model(STRATEGIES[name]()).eval()
+    _perturb_gates(model)
+    spec = [[("text", 4), ("image", (2, 4)), ("text", 6), ("image", (4, 2)), ("text", 5)]]
+    batch = random_packed_batch(spec, seed=2)
+    with torch.no_grad():
+        ref = model(batch).logits
+        # a later text token
+        changed = random_packed_batch(spec, seed=2)
+        changed.input_ids[8] = (changed.input_ids[8] + 1) % 100
+        out = model(changed).logits
+        torch.testing.assert_close(out[:8], ref[:8], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(out[8:], ref[8:])
+        # the second image (before text index 10) must not change anything before it
+        changed = random_packed_batch(spec, seed=2)
+        changed.pixel_values[8:] += 1.0
+        out = model(changed).logits
+        torch.testing.assert_close(out[:10], ref[:10], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(out[10:], ref[10:])
+
+
+@pytest.mark.parametrize("placement", ["parallel", "before"])
+def test_gated_cross_attention_at_init_is_the_backbone(placement):
+    model = tiny_model(GatedCrossAttention(placement=placement)).eval()
+    batch = random_packed_batch(SAMPLES, seed=3)
+    # the plain backbone with the same pretrained weights: fused keys are extra, none missing
+    plain = Backbone("llama", config=tiny_backbone_config("llama")).eval()
+    missing, unexpected = plain.lm.load_state_dict(model.backbone.lm.state_dict(), strict=False)
+    assert not missing and unexpected and all(".fusion_attn." in k for k in unexpected)
+    with torch.no_grad():
+        fused = model(batch).logits
+        ref = plain(batch.input_ids, batch.position_ids, batch.sample_cu_seqlens)
+    assert torch.equal(fused, ref)
+
+
+def _count(model, prefix=""):
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+
+
+def test_parameter_accounting():
+    base = tiny_model(Insertion())
+    sa = _count(base, "backbone.lm.model.layers.0.self_attn.")
+    norm = _count(base, "backbone.lm.model.layers.0.input_layernorm.")
+    L = len(base.backbone.layers)
+    total = _count(base)
+    assert _count(tiny_model(CASA("replace", "every_k", 2))) == total  # CASA∨ adds nothing
+    assert _count(tiny_model(CASA("plus"))) == total + L * sa
+    assert _count(tiny_model(CASA("before"))) == total + L * (sa + norm)
+    assert _count(tiny_model(CrossAttention())) == total + L * sa
+    assert _count(tiny_model(GatedCrossAttention())) == total + L * (sa + 1)
+    assert _count(tiny_model(CASA("plus", "first_last_k", 1))) == total + 2 * sa
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_forward_backward_and_trainable_sets(name):
+    model = tiny_model(STRATEGIES[name](), freeze_backbone=True)
+    out = model(random_packed_batch(SAMPLES, seed=4))
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    for n, p in model.backbone.named_parameters():
+        if n in model.backbone.pretrained_names:
+            assert p.grad is None, f"frozen backbone parameter {n} received a gradient"
+    groups = model.parameter_groups()
+    new = {n for n, _ in groups["new"]}
+    assert all(n.startswith(("projector.", "fusion.", "backbone.")) for n in new)
+    assert not any(n.startswith("backbone.") and n[len("backbone."):] in model.backbone.pretrained_names for n in new)
+    assert any(p.grad is not None for _, p in groups["new"])
+
+
+def test_capture_records_probabilities():
+    model = tiny_model(CASA("plus")).eval()
+    with torch.no_grad(), model.capture_attention() as records:
+        model(random_packed_batch(SAMPLES, seed=5))
+    assert len(records) == len(model.backbone.layers)
+    for r in records:
+        for p in r["probs"]:
+            if p.shape[-1]:
+                torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5, rtol=1e-5)
+    assert model._capture is None
+
+
+def test_table8_masks_change_casa_outputs_in_eval_only():
+    model = tiny_model(CASA("plus"))
+    batch = random_packed_batch(SAMPLES, seed=6)
+    model.eval()
+    with torch.no_grad():
+        ref = model(batch).logits
+        model.fusion.inference_mask = "self"
+        masked = model(batch).logits
+        model.train()
+        train_mode = model(batch).logits
+    assert not torch.allclose(masked, ref)
+    torch.testing.assert_close(train_mode, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_config_errors_name_field_and_choices():
+    with pytest.raises(ValueError, match=r"CASA.mode='sum' is not one of \['plus', 'before', 'replace'\]"):
+        CASA("sum")
+    with pytest.raises(ValueError, match=r"CASA.placement='last' is not one of"):
+        CASA("replace", "last")
+    with pytest.raises(ValueError, match=r"CrossAttention.placement='after' is not one of"):
+        CrossAttention("after")
+    with pytest.raises(ValueError, match=r"CASA.inference_mask='none' is not one of"):
+        CASA(inference_mask="none")
+    with pytest.raises(ValueError, match=r"CASA.k=9 must be between 1 and"):
+        tiny_model(CASA("replace", "first_k", 9))
