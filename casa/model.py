@@ -13,7 +13,7 @@ The strategy is attached once here, at build time; the forward has no strategy b
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import nn
 from casa.backbone import Backbone
 from casa.batch import PackedBatch
 from casa.fusion.base import FusionStrategy
+from casa.positions import sample_of_text
 from casa.projector import Projector
 from casa.vision import VisionEncoder
 
@@ -65,12 +66,21 @@ class VisionLanguageModel(nn.Module):
         """-> [T, d] final hidden states at the text positions (before the final norm)."""
         if image_embeds is None:
             image_embeds = self.encode_images(batch)
+        if cache is not None:
+            # a chunk continues cached samples: its local positions start at the cache offsets
+            cache.begin(batch.sample_cu_seqlens)
+            sample = sample_of_text(batch.sample_cu_seqlens, torch.arange(batch.num_text_tokens, device=batch.input_ids.device))
+            batch = replace(batch, position_ids=batch.position_ids + cache.offset.to(sample.device)[sample])
         text_embeds = self.backbone.embed_tokens(batch.input_ids)  # [T, d]
         stream, images, ctx = self.fusion.prepare(batch, text_embeds, image_embeds, self.backbone)
         ctx.capture = self._capture
         ctx.cache = cache
         for block in self.backbone.layers:
             stream, images = block(stream, images, ctx)
+        if cache is not None:
+            text_pos = ctx.extras.get("text_positions", batch.position_ids)
+            text_pos = text_pos if text_pos.dim() == 1 else text_pos[0]
+            cache.advance(text_pos[batch.sample_cu_seqlens[1:].long() - 1])
         return self.fusion.text_states(stream, ctx)
 
     def forward(self, batch: PackedBatch) -> ModelOutput:

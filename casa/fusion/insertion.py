@@ -45,6 +45,7 @@ class Insertion(FusionStrategy):
         ctx.extras["text_dst"] = text_dst
         ctx.extras["image_dst"] = image_dst
         ctx.extras["positions"] = pos
+        ctx.extras["text_positions"] = text_pos if text_pos.dim() == 1 else text_pos[0]
         return stream, text_embeds.new_zeros(0, d), ctx
 
     def text_states(self, stream: torch.Tensor, ctx: StreamContext) -> torch.Tensor:

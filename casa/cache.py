@@ -1,0 +1,139 @@
+"""The KV cache of cached generation: text K/V for SA layers, one window for fused layers.
+
+What each kind of layer keeps, per sample (DESIGN.md, "Inference"):
+
+    SA layers          every past token of the stream: text only for CA/CASA, text *and*
+                       image tokens for insertion / Q-Former (which is why they grow per frame)
+    CASA layers        the current window: [image keys of the window | its text keys so far];
+                       a chunk that starts with an image opens a new window and drops the old
+    CA layers          the image keys of the current window only
+
+A forward over a *chunk* (new tokens of every cached sample, possibly with images) calls
+`self_attention` / `window` from inside the layers; the cache returns the keys the chunk's
+queries must see, laid out per segment so that `varlen_attention`'s bottom-right causal
+alignment holds (the chunk's queries are the last keys of their segment), and stores the
+new state. Samples can be dropped when they finish (`keep`).
+
+Positions: `offset[s]` is the position the next token of sample s takes (text positions
+for windowed strategies, merged-stream positions for insertion); the model adds it to the
+chunk's local positions and advances it after each forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+        self.sa: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self.win: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self.offset = torch.zeros(num_samples, dtype=torch.long)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these samples (in this order), e.g. drop the ones that finished."""
+        for store in (self.sa, self.win):
+            for layer, per_sample in store.items():
+                store[layer] = [per_sample[i] for i in indices]
+        self.offset = self.offset[indices]
+        self.num_samples = len(indices)
+
+    def text_kv_tokens(self) -> int:
+        """Tokens held by the first SA layer's cache, summed over samples (the 'text KV
+        cache' of the paper; image tokens appear here only for insertion strategies)."""
+        if not self.sa:
+            return 0
+        first = self.sa[min(self.sa)]
+        return sum(int(e[0].shape[0]) for e in first if e is not None)
+
+    def window_kv_tokens(self) -> int:
+        """Tokens held by the fused layers' window caches (first fused layer)."""
+        if not self.win:
+            return 0
+        first = self.win[min(self.win)]
+        return sum(int(e[0].shape[0]) for e in first if e is not None)
+
+    def nbytes(self) -> int:
+        total = 0
+        for store in (self.sa, self.win):
+            for per_sample in store.values():
+                for e in per_sample:
+                    if e is not None:
+                        total += e[0].numel() * e[0].element_size() * 2
+        return total
+
+    # ------------------------------------------------------------------ layer hooks
+    def self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor):
+        """k, v [L, Hkv, D] of the chunk, cu [S+1] -> keys/values of past + chunk per sample,
+        and their boundaries cu_k [S+1]."""
+        store = self.sa.setdefault(layer, [None] * self.num_samples)
+        bounds = cu.tolist()
+        ks, vs, lens = [], [], [0]
+        for s in range(len(bounds) - 1):
+            k_new, v_new = k[bounds[s]:bounds[s + 1]], v[bounds[s]:bounds[s + 1]]
+            if store[s] is not None:
+                k_new = torch.cat([store[s][0], k_new])
+                v_new = torch.cat([store[s][1], v_new])
+            store[s] = (k_new, v_new)
+            ks.append(k_new)
+            vs.append(v_new)
+            lens.append(lens[-1] + k_new.shape[0])
+        return torch.cat(ks), torch.cat(vs), torch.tensor(lens, dtype=torch.int32, device=k.device)
+
+    def window(self, layer: int, kind: str, k_img: torch.Tensor, v_img: torch.Tensor, k_txt: torch.Tensor,
+               v_txt: torch.Tensor, index):
+        """Keys/values for the chunk's windows -> (k, v, cu_k [W+1]).
+
+        A chunk window that has no image continues the sample's cached window (a chunk of
+        new text tokens); one with images opens a new window."""
+        cu_t, cu_i = index.cu_q.tolist(), index.window_cu_image.tolist()
+        store = self.win.setdefault(layer, [None] * self.num_samples)
+        sample_cu = self._sample_cu
+        # the first window of each sample in the chunk: windows start at text indices
+        first_window = {}
+        w = 0
+        for s in range(len(sample_cu) - 1):
+            while w < len(cu_t) - 1 and cu_t[w] < sample_cu[s]:
+                w += 1
+            first_window[w] = s
+        ks, vs, lens = [], [], [0]
+        last_of_sample: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for w in range(len(cu_t) - 1):
+            img_k, img_v = k_img[cu_i[w]:cu_i[w + 1]], v_img[cu_i[w]:cu_i[w + 1]]
+            txt_k, txt_v = k_txt[cu_t[w]:cu_t[w + 1]], v_txt[cu_t[w]:cu_t[w + 1]]
+            s = self._sample_of_window(w, cu_t, sample_cu)
+            new_keys = (torch.cat([img_k, txt_k]), torch.cat([img_v, txt_v])) if kind == "casa" else (img_k, img_v)
+            if w in first_window and cu_i[w] == cu_i[w + 1] and store[s] is not None:
+                past_k, past_v = store[s]
+                if kind == "casa":
+                    new_keys = (torch.cat([past_k, txt_k]), torch.cat([past_v, txt_v]))
+                else:
+                    new_keys = (past_k, past_v)
+            ks.append(new_keys[0])
+            vs.append(new_keys[1])
+            lens.append(lens[-1] + new_keys[0].shape[0])
+            last_of_sample[s] = new_keys
+        for s, kv in last_of_sample.items():
+            store[s] = kv
+        return torch.cat(ks), torch.cat(vs), torch.tensor(lens, dtype=torch.int32, device=k_txt.device)
+
+    @staticmethod
+    def _sample_of_window(w: int, cu_t: list[int], sample_cu: list[int]) -> int:
+        # a window belongs to the sample its text starts in (chunks always hold text)
+        start = cu_t[w]
+        s = 0
+        while s + 1 < len(sample_cu) - 1 and sample_cu[s + 1] <= start:
+            s += 1
+        return s
+
+    def begin(self, sample_cu: torch.Tensor) -> None:
+        """Called by the model before a chunk's forward: the chunk's sample boundaries."""
+        if sample_cu.numel() - 1 != self.num_samples:
+            raise ValueError(f"chunk has {sample_cu.numel() - 1} samples, the cache holds {self.num_samples}")
+        self._sample_cu = sample_cu.tolist()
+
+    def advance(self, last_positions: torch.Tensor) -> None:
+        """[S] position of each sample's last chunk token -> next offsets."""
+        self.offset = last_positions.long().cpu() + 1

@@ -1,0 +1,154 @@
+"""Generation for every strategy: greedy or sampled, cached or not, a batch of prompts.
+
+The prompts are one `PackedBatch` (several samples, images anywhere). With the cache the
+prompt is run once (`KVCache` keeps what each layer needs, see `casa.cache`) and every
+step feeds one token per unfinished sample; without it every step re-runs the whole
+sequence (the reference the cached path is tested against, and the path used with the
+Table 8 masks, whose key indices refer to full windows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from casa.batch import PackedBatch
+from casa.cache import KVCache
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    stop_token_ids: tuple[int, ...] = ()
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or generated (CTRL's rule)."""
+    use_cache: bool = True
+
+
+def text_chunk(tokens: list[list[int]], device: torch.device | str = "cpu", patch_dim: int = 3 * 2 * 14 * 14) -> PackedBatch:
+    """One text-only segment per sample (local positions 0..n-1; a cache adds its offsets)."""
+    lens = [len(t) for t in tokens]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    ids = torch.tensor([x for t in tokens for x in t], dtype=torch.long, device=device)
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])
+    return PackedBatch(input_ids=ids, labels=torch.full_like(ids, -100), position_ids=pos, sample_cu_seqlens=cu,
+                       window_cu_seqlens_text=cu.clone(), window_cu_seqlens_image=torch.zeros_like(cu),
+                       pixel_values=torch.zeros(0, patch_dim, device=device),
+                       image_grid_thw=torch.zeros(0, 3, dtype=torch.long, device=device),
+                       image_text_position=torch.zeros(0, dtype=torch.long, device=device))
+
+
+def image_chunk(tokens: list[int], pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, merge: int = 2) -> PackedBatch:
+    """One sample: images (a frame) opening a new window, followed by `tokens` of text."""
+    n = len(tokens)
+    if n == 0:
+        raise ValueError("an image chunk needs at least one text token after the image (its window's first query)")
+    dev = pixel_values.device
+    N = int((image_grid_thw.prod(-1) // (merge * merge)).sum())
+    ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+    return PackedBatch(input_ids=ids, labels=torch.full_like(ids, -100), position_ids=torch.arange(n, device=dev),
+                       sample_cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                       window_cu_seqlens_text=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                       window_cu_seqlens_image=torch.tensor([0, N], dtype=torch.int32, device=dev),
+                       pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                       image_text_position=torch.zeros(image_grid_thw.shape[0], dtype=torch.long, device=dev))
+
+
+def append_tokens(batch: PackedBatch, new: list[list[int]]) -> PackedBatch:
+    """Append new[s] to the end of sample s (extending its last window) -> a new batch."""
+    cu = batch.sample_cu_seqlens.tolist()
+    ids, pos, labels = [], [], []
+    add = [0]
+    for s in range(len(cu) - 1):
+        seg = batch.input_ids[cu[s]:cu[s + 1]]
+        p = batch.position_ids[..., cu[s]:cu[s + 1]]
+        extra = torch.tensor(new[s], dtype=torch.long, device=seg.device)
+        ids.append(torch.cat([seg, extra]))
+        last = p[..., -1:] if p.shape[-1] else torch.full_like(p[..., :1], -1)
+        pos.append(torch.cat([p, last + 1 + torch.arange(len(new[s]), device=seg.device)], dim=-1))
+        labels.append(torch.cat([batch.labels[cu[s]:cu[s + 1]], torch.full_like(extra, -100)]))
+        add.append(add[-1] + len(new[s]))
+    shift = torch.tensor(add, dtype=torch.int32, device=batch.input_ids.device)
+    sample_cu = batch.sample_cu_seqlens + shift
+    orig = batch.window_cu_seqlens_text.tolist()
+    # boundary b in sample s (cu[s] < b <= cu[s+1]): a sample's end moves with the tokens added
+    # up to and including s, a boundary inside s only with those added before s
+    new_win = [0]
+    for b in orig[1:]:
+        s = next(i for i in range(len(cu) - 1) if cu[i] < b <= cu[i + 1])
+        new_win.append(b + (add[s + 1] if b == cu[s + 1] else add[s]))
+    img_pos = batch.image_text_position.clone()
+    for i, p in enumerate(batch.image_text_position.tolist()):
+        s = next(j for j in range(len(cu) - 1) if cu[j] <= p < cu[j + 1])
+        img_pos[i] = p + add[s]
+    return PackedBatch(input_ids=torch.cat(ids), labels=torch.cat(labels), position_ids=torch.cat(pos, dim=-1),
+                       sample_cu_seqlens=sample_cu, window_cu_seqlens_text=torch.tensor(new_win, dtype=torch.int32, device=shift.device),
+                       window_cu_seqlens_image=batch.window_cu_seqlens_image, pixel_values=batch.pixel_values,
+                       image_grid_thw=batch.image_grid_thw, image_text_position=img_pos, meta=batch.meta)
+
+
+def next_token(logits: torch.Tensor, history: list[list[int]], cfg: GenerationConfig,
+               generator: torch.Generator | None = None) -> list[int]:
+    """logits [S, V] -> one token per sample (repetition penalty, temperature, top-p)."""
+    logits = logits.float().clone()
+    if cfg.repetition_penalty != 1.0:
+        for s, seen in enumerate(history):
+            if seen:
+                idx = torch.tensor(sorted(set(seen)), device=logits.device)
+                vals = logits[s, idx]
+                logits[s, idx] = torch.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
+    if cfg.temperature <= 0:
+        return logits.argmax(-1).tolist()
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+
+
+@torch.no_grad()
+def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Generate for every sample of `prompts` -> new token ids per sample (stop token included
+    when one was produced)."""
+    cfg = cfg or GenerationConfig()
+    S = prompts.num_samples
+    cu = prompts.sample_cu_seqlens.tolist()
+    history = [prompts.input_ids[cu[s]:cu[s + 1]].tolist() for s in range(S)]
+    out: list[list[int]] = [[] for _ in range(S)]
+    stop = set(cfg.stop_token_ids)
+    active = list(range(S))
+    if cfg.use_cache:
+        cache = KVCache(S)
+        hidden = model.hidden_states(prompts, cache=cache)
+        last = prompts.sample_cu_seqlens[1:].long() - 1
+        logits = model.backbone.head(hidden[last])  # [S, V]
+    else:
+        batch = prompts
+        logits = model.backbone.head(model.hidden_states(batch)[prompts.sample_cu_seqlens[1:].long() - 1])
+    for _ in range(cfg.max_new_tokens):
+        toks = next_token(logits, [history[s] + out[s] for s in active], cfg, generator)
+        still = []
+        for s, t in zip(active, toks):
+            out[s].append(t)
+            if t not in stop:
+                still.append(s)
+        if not still or _ == cfg.max_new_tokens - 1:
+            break
+        if cfg.use_cache:
+            keep_pos = [active.index(s) for s in still]
+            cache.keep(keep_pos)
+            step = text_chunk([[out[s][-1]] for s in still], device=prompts.input_ids.device)
+            logits = model.backbone.head(model.hidden_states(step, cache=cache))  # [S', V]
+        else:
+            batch = append_tokens(prompts, [out[s] for s in range(S)])
+            ends = batch.sample_cu_seqlens[1:].long() - 1
+            logits = model.backbone.head(model.hidden_states(batch)[ends])[still]
+        active = still
+    return out

@@ -1,0 +1,110 @@
+"""Cached decoding against full forwards, for every strategy; what the text KV cache holds."""
+
+import pytest
+import torch
+
+from casa.cache import KVCache
+from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.generation import GenerationConfig, append_tokens, generate, image_chunk, text_chunk
+from casa.testing import random_packed_batch, tiny_model
+
+STRATEGIES = {
+    "insertion": lambda: Insertion(),
+    "qformer": lambda: QFormer(num_queries=4, depth=1, heads=4),
+    "cross_attention": lambda: CrossAttention(),
+    "gated_cross_attention_before": lambda: GatedCrossAttention(placement="before"),
+    "casa_plus": lambda: CASA("plus"),
+    "casa_before": lambda: CASA("before"),
+    "casa_replace": lambda: CASA("replace", "every_k", 2),
+    "casa_plus_ffn_updates": lambda: CASA("plus", image_ffn_updates=True),
+}
+
+# text 0..4 | image A | text 5..10 | image B | text 11..14
+SPEC = [("text", 5), ("image", (2, 4)), ("text", 6), ("image", (4, 2)), ("text", 4)]
+
+
+def _gates(model):
+    for n, p in model.named_parameters():
+        if n.endswith("fusion_attn.gate"):
+            p.data.fill_(0.5)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("family", ["llama", "qwen2_5_vl"])
+def test_incremental_decoding_equals_full_forward(name, family):
+    model = tiny_model(STRATEGIES[name](), family=family).eval()
+    _gates(model)
+    full = random_packed_batch([SPEC], seed=7)
+    with torch.no_grad():
+        ref = model(full).logits  # [15, V]
+        cache = KVCache(1)
+        ids = full.input_ids.tolist()
+        # chunk 1: text 0..4, image A, text 5..6 (prefill with an image inside)
+        first = random_packed_batch([[("text", 5), ("image", (2, 4)), ("text", 2)]], seed=7)
+        first.input_ids = full.input_ids[:7].clone()
+        first.pixel_values = full.pixel_values[:8].clone()
+        got = [model.backbone.head(model.hidden_states(first, cache=cache))]
+        for p in range(7, 11):  # one token at a time
+            got.append(model.backbone.head(model.hidden_states(text_chunk([[ids[p]]]), cache=cache)))
+        # image B arrives mid-conversation, with the next two tokens
+        chunk = image_chunk(ids[11:13], full.pixel_values[8:].clone(), full.image_grid_thw[1:].clone())
+        got.append(model.backbone.head(model.hidden_states(chunk, cache=cache)))
+        for p in range(13, 15):
+            got.append(model.backbone.head(model.hidden_states(text_chunk([[ids[p]]]), cache=cache)))
+    torch.testing.assert_close(torch.cat(got), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_cached_generation_equals_uncached(name):
+    model = tiny_model(STRATEGIES[name]()).eval()
+    _gates(model)
+    prompts = random_packed_batch([SPEC, [("text", 3), ("image", (2, 2)), ("text", 2)], [("text", 4)]], seed=8)
+    cfg = GenerationConfig(max_new_tokens=6, stop_token_ids=(3,))
+    cached = generate(model, prompts, cfg)
+    uncached = generate(model, prompts, GenerationConfig(max_new_tokens=6, stop_token_ids=(3,), use_cache=False))
+    assert cached == uncached
+    assert all(1 <= len(o) <= 6 for o in cached)
+
+
+def test_sampling_is_seeded_and_top_p_one_token_is_greedy():
+    model = tiny_model(CASA("plus")).eval()
+    prompts = random_packed_batch([SPEC], seed=9)
+    a = generate(model, prompts, GenerationConfig(max_new_tokens=5, temperature=1.0), torch.Generator().manual_seed(0))
+    b = generate(model, prompts, GenerationConfig(max_new_tokens=5, temperature=1.0), torch.Generator().manual_seed(0))
+    assert a == b
+    greedy = generate(model, prompts, GenerationConfig(max_new_tokens=5))
+    nucleus = generate(model, prompts, GenerationConfig(max_new_tokens=5, temperature=1.0, top_p=1e-6))
+    assert greedy == nucleus
+
+
+@pytest.mark.parametrize("name,grows", [("casa_plus", False), ("cross_attention", False), ("casa_replace", False),
+                                        ("insertion", True)])
+def test_text_kv_cache_holds_images_only_for_insertion(name, grows):
+    model = tiny_model(STRATEGIES[name]()).eval()
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(1)
+    sizes = []
+    with torch.no_grad():
+        for frame in range(6):
+            pix = torch.randn(16, 3 * 2 * 14 * 14, generator=g)
+            model.hidden_states(image_chunk([5, 6], pix, torch.tensor([[1, 4, 4]])), cache=cache)
+            sizes.append(cache.text_kv_tokens())
+    text_only = [2 * (i + 1) for i in range(6)]
+    if grows:
+        assert sizes == [t + 4 * (i + 1) for i, t in enumerate(text_only)]
+    else:
+        assert sizes == text_only
+        assert cache.window_kv_tokens() <= 4 + 2 or name == "cross_attention"
+
+
+def test_append_tokens_matches_a_rebuilt_batch():
+    # before: t t t [I] t t | t t [I] t t      after: t t t [I] t t 7 8 | t t [I] t t 9
+    layout = [("text", 3), ("image", (2, 2)), ("text", 2)]
+    batch = random_packed_batch([layout, [("text", 2), ("image", (2, 2)), ("text", 2)]], seed=1)
+    grown = append_tokens(batch, [[7, 8], [9]])
+    assert grown.sample_cu_seqlens.tolist() == [0, 7, 12]
+    assert grown.window_cu_seqlens_text.tolist() == [0, 3, 7, 9, 12]
+    assert grown.image_text_position.tolist() == [3, 9]
+    assert grown.input_ids.tolist()[5:7] == [7, 8] and grown.input_ids.tolist()[-1] == 9
+    assert grown.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
+    grown.validate()
