@@ -152,3 +152,52 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
             logits = model.backbone.head(model.hidden_states(batch)[ends])[still]
         active = still
     return out
+
+
+def truncate_samples(batch: PackedBatch, lengths: list[int]) -> PackedBatch:
+    """Keep the first lengths[s] text tokens of every sample (and the images that precede
+    them): turns an evaluation batch into its prompts (`meta[s]["prompt_len"]`)."""
+    cu = batch.sample_cu_seqlens.tolist()
+    win_t, win_i = batch.window_cu_seqlens_text.tolist(), batch.window_cu_seqlens_image.tolist()
+    counts = batch.image_grid_thw.prod(-1).tolist()
+    merge2 = 4  # image tokens = patches / merge**2 (the Qwen2.5-VL 2x2 merge)
+    keep_text, keep_img = [], []
+    new_cu, new_wt, new_wi = [0], [0], [0]
+    img_pos = batch.image_text_position.tolist()
+    patch_start = [0]
+    for c in counts:
+        patch_start.append(patch_start[-1] + c)
+    kept_tokens = 0
+    for s in range(len(cu) - 1):
+        n = lengths[s]
+        if not 0 < n <= cu[s + 1] - cu[s]:
+            raise ValueError(f"prompt length {n} is not within sample {s}'s {cu[s + 1] - cu[s]} tokens")
+        lo, hi = cu[s], cu[s] + n
+        keep_text.extend(range(lo, hi))
+        imgs = [i for i, p in enumerate(img_pos) if lo <= p < hi]
+        keep_img.extend(imgs)
+        # windows of this sample that start before the cut
+        for w in range(len(win_t) - 1):
+            if lo <= win_t[w] < hi and win_t[w] != lo:
+                new_wt.append(len(keep_text) - n + (win_t[w] - lo))
+                img_before = sum(counts[i] // merge2 for i in imgs if img_pos[i] < win_t[w])
+                new_wi.append(kept_tokens + img_before)
+        kept_tokens += sum(counts[i] // merge2 for i in imgs)
+        new_cu.append(len(keep_text))
+        new_wt.append(len(keep_text))
+        new_wi.append(kept_tokens)
+    idx = torch.tensor(keep_text, dtype=torch.long, device=batch.input_ids.device)
+    patches = [torch.arange(patch_start[i], patch_start[i + 1]) for i in keep_img]
+    pidx = torch.cat(patches).to(batch.pixel_values.device) if patches else torch.zeros(0, dtype=torch.long)
+    old_to_new = {old: new for new, old in enumerate(keep_text)}
+    dev = batch.input_ids.device
+    out = PackedBatch(
+        input_ids=batch.input_ids[idx], labels=torch.full_like(batch.input_ids[idx], -100),
+        position_ids=batch.position_ids[..., idx], sample_cu_seqlens=torch.tensor(new_cu, dtype=torch.int32, device=dev),
+        window_cu_seqlens_text=torch.tensor(new_wt, dtype=torch.int32, device=dev),
+        window_cu_seqlens_image=torch.tensor(new_wi, dtype=torch.int32, device=dev),
+        pixel_values=batch.pixel_values[pidx], image_grid_thw=batch.image_grid_thw[keep_img],
+        image_text_position=torch.tensor([old_to_new[img_pos[i]] for i in keep_img], dtype=torch.long, device=dev),
+        meta=batch.meta)
+    out.validate()
+    return out

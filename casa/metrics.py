@@ -1,0 +1,136 @@
+"""Answer metrics of the paper's benchmarks, as torchmetrics (synchronised across ranks).
+
+    exact_match       normalised string equality (lower case, spaces collapsed, final period dropped)
+    relaxed_accuracy  ChartQA's rule: numbers within 5% of the reference count as correct,
+                      other answers need an exact match
+    anls              DocVQA's Average Normalised Levenshtein Similarity, threshold 0.5
+
+`GroupedAnswerMetrics` keeps one set per task and per group (fine-grained reading, OCR,
+coarse, video) so the validation table reads like the paper's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.text import edit_distance
+
+
+def normalize(text: str) -> str:
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text[:-1] if text.endswith(".") else text
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").rstrip("%"))
+    except ValueError:
+        return None
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(normalize(pred) == normalize(ref))
+
+
+def relaxed_match(pred: str, ref: str, tolerance: float = 0.05) -> float:
+    p, r = _number(normalize(pred)), _number(normalize(ref))
+    if p is not None and r is not None:
+        return float(abs(p - r) <= tolerance * abs(r)) if r != 0 else float(p == 0)
+    return exact_match(pred, ref)
+
+
+def anls_score(pred: str, ref: str, threshold: float = 0.5) -> float:
+    p, r = normalize(pred), normalize(ref)
+    if not p and not r:
+        return 1.0
+    dist = float(edit_distance([p], [r], reduction="none")[0]) if p and r else float(max(len(p), len(r)))
+    nl = dist / max(len(p), len(r))
+    return 1.0 - nl if nl < threshold else 0.0
+
+
+class _MeanScore(Metric):
+    """Mean of a per-answer score; states are sums so DDP reduction is exact."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def score(self, pred: str, ref: str) -> float:
+        raise NotImplementedError
+
+    def update(self, preds: list[str], refs: list[str]) -> None:
+        if len(preds) != len(refs):
+            raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
+        for p, r in zip(preds, refs):
+            self.total += self.score(p, r)
+            self.count += 1
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class ExactMatch(_MeanScore):
+    def score(self, pred: str, ref: str) -> float:
+        return exact_match(pred, ref)
+
+
+class RelaxedAccuracy(_MeanScore):
+    def __init__(self, tolerance: float = 0.05) -> None:
+        super().__init__()
+        self.tolerance = tolerance
+
+    def score(self, pred: str, ref: str) -> float:
+        return relaxed_match(pred, ref, self.tolerance)
+
+
+class ANLS(_MeanScore):
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def score(self, pred: str, ref: str) -> float:
+        return anls_score(pred, ref, self.threshold)
+
+
+METRICS = {"exact_match": ExactMatch, "relaxed_accuracy": RelaxedAccuracy, "anls": ANLS}
+
+
+class GroupedAnswerMetrics(torch.nn.Module):
+    """Per-key (task or group) metric sets, created on first sight of a key.
+
+    The key set must be the same on every rank before `compute` under DDP, so callers
+    declare the known keys up front (`keys=`) when they can."""
+
+    def __init__(self, keys: list[str] | None = None) -> None:
+        super().__init__()
+        self.sets = torch.nn.ModuleDict()
+        for k in keys or []:
+            self._get(k)
+
+    def _get(self, key: str) -> torch.nn.ModuleDict:
+        safe = key.replace(".", "_")
+        if safe not in self.sets:
+            self.sets[safe] = torch.nn.ModuleDict({name: cls() for name, cls in METRICS.items()})
+            device = next((b.device for b in self.buffers()), None)
+            if device is not None:
+                self.sets[safe].to(device)
+        return self.sets[safe]
+
+    def update(self, keys: list[str], preds: list[str], refs: list[str]) -> None:
+        for k, p, r in zip(keys, preds, refs):
+            for m in self._get(k).values():
+                m.update([p], [r])
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        return {k: {name: float(m.compute()) for name, m in ms.items()} for k, ms in self.sets.items()}
+
+    def reset(self) -> None:
+        for ms in self.sets.values():
+            for m in ms.values():
+                m.reset()
