@@ -1,0 +1,45 @@
+"""Tokenizers: the offline character-level tokenizer of the demo and tests, and loading a
+real one (Helium, Qwen2.5-VL) from a local directory.
+
+The character tokenizer covers printable ASCII plus the chat-template specials, so any
+synthetic answer round-trips exactly; it is a genuine `PreTrainedTokenizerFast` saved with
+`save_pretrained` and reloaded with `AutoTokenizer`, like any Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+SPECIALS = ("<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+UNK = "<|unk|>"
+
+
+def build_tokenizer(out_dir: str | Path):
+    """Write the character-level tokenizer to `out_dir` and return it (vocabulary < 160)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {t: i for i, t in enumerate([*SPECIALS, UNK, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()  # characters join back without separators
+    tok.add_special_tokens(list(SPECIALS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>", unk_token=UNK)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return load_tokenizer(out)
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from a local directory (nothing is downloaded)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(p)!r} does not exist (build the demo one with "
+                                "data.tokenizer.build_tokenizer, or point to a local save_pretrained directory)")
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)

@@ -1,0 +1,121 @@
+"""Train a fusion model: `python -m experiments.fit --config experiments/configs/demo.yaml`.
+
+A LightningCLI over `casa.module.CasaModule` and any `LightningDataModule` (subclass mode):
+components are picked with `class_path`/`init_args`, configs compose
+(`--config a.yaml --config b.yaml`) and accept dotted overrides
+(`--model.lr_new 3e-4`, `--trainer.max_steps 50`). Wrong values fail at startup with the
+field name and the valid choices.
+
+Extra top-level options:
+    --synth.out DIR ...   generate the built-in synthetic benchmark there first if missing
+    --run_dir DIR         where checkpoints, logs and metrics.json go (default runs/<config name>)
+At the end of `fit` a table of the final validation metrics is printed and written to
+RUN_DIR/metrics.json (the ablation grid reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from casa.module import CasaModule
+
+
+@dataclass
+class SynthSpec:
+    """The synthetic benchmark to generate before training (see data.synth)."""
+
+    out: str = "runs/synth"
+    seed: int = 0
+    train: int = 4000
+    val: int = 200
+    test: int = 200
+    tasks: list[str] = field(default_factory=list)
+
+
+class CasaCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--synth", type=SynthSpec | None, default=None,
+                            help="generate the synthetic benchmark first (skipped when already there)")
+        parser.add_argument("--run_dir", type=str | None, default=None, help="run directory (checkpoints, logs, metrics)")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help='resume from a checkpoint file, or "last" for the run\'s last checkpoint')
+
+    def _cfg(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        if cfg.get("synth"):
+            from data.synth import ensure_synth
+
+            s = cfg.synth
+            s = s if isinstance(s, dict) else vars(s)
+            ensure_synth(s["out"], s["seed"], s["train"], s["val"], s["test"], s["tasks"] or None)
+        run_dir = cfg.get("run_dir")
+        if run_dir:
+            t = cfg.trainer
+            t.default_root_dir = run_dir
+            for lg in (t.logger or []) if isinstance(t.logger, list) else []:
+                if isinstance(lg, dict) and "init_args" in lg:
+                    lg["init_args"]["save_dir"] = run_dir
+            for cb in t.callbacks or []:
+                if isinstance(cb, dict) and cb.get("class_path", "").endswith("ModelCheckpoint"):
+                    cb.setdefault("init_args", {})["dirpath"] = str(Path(run_dir) / "checkpoints")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"metrics": metrics, "global_step": trainer.global_step,
+                   "finished": trainer.global_step >= (trainer.max_steps or 0), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+        print_metrics_table(metrics, f"validation after {trainer.global_step} steps ({run_dir})")
+
+
+def print_metrics_table(metrics: dict[str, float], title: str) -> None:
+    """Rich table: one row per task group / task, one column per answer metric."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows: dict[str, dict[str, float]] = {}
+    for k, v in metrics.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] in ("val_group", "val_task"):
+            rows.setdefault(f"{parts[0][4:]}:{parts[1]}", {})[parts[2]] = v
+    table = Table(title=title)
+    table.add_column("group / task")
+    names = ["exact_match", "relaxed_accuracy", "anls"]
+    for n in names:
+        table.add_column(n, justify="right")
+    for key in sorted(rows, key=lambda r: (not r.startswith("group"), r)):
+        table.add_row(key, *(f"{100 * rows[key].get(n, float('nan')):.1f}" for n in names))
+    console = Console()
+    console.print(table)
+    for k in ("val/loss", "train/loss"):
+        if k in metrics:
+            console.print(f"{k}: {metrics[k]:.4f}")
+
+
+def main(args: list[str] | None = None) -> CasaCLI:
+    """Parse the config, build everything, and fit (no subcommand: fitting is the job)."""
+    torch.set_float32_matmul_precision("high")
+    cli = CasaCLI(CasaModule, L.LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
+                  args=args, auto_configure_optimizers=False, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    cli.after_fit()
+    return cli
+
+
+if __name__ == "__main__":
+    main()
