@@ -62,14 +62,9 @@ class _Repeatable(IterableDataset):
         self.a, self.b, self.ratio, self.seed, self.skip_batches = a, b, ratio, seed, skip_batches
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        from torch.utils.data import get_worker_info
-
         from data.dataset import _slot
 
-        slot, slots = _slot()
-        info = get_worker_info()
-        nw, wid = (info.num_workers, info.id) if info is not None else (1, 0)
-        skip = max(0, (self.skip_batches - wid + nw - 1) // nw)
+        slot, slots, skip = _slot(self.skip_batches)
         rng = random.Random(self.seed * 31 + slot)
         ia, ib = self.a.batches(slot, slots), self.b.batches(slot, slots)
         i = 0

@@ -125,14 +125,20 @@ class SampleProcessor:
         return Sample(enc.input_ids, enc.answer_mask, enc.image_positions, pixels, grids, meta)
 
 
-def _slot() -> tuple[int, int]:
-    """(slot, number of slots) of this reader: rank-major, then DataLoader worker."""
+def _slot(skip_batches: int = 0) -> tuple[int, int, int]:
+    """-> (slot, number of slots, batches to skip) of this reader: rank-major, then worker.
+
+    The DataLoader serves workers round-robin starting with worker 0, so batch i of a run
+    comes from worker i % nw. After consuming C batches, resumed output j must be original
+    batch C + j: worker w therefore continues the stream of original worker (C + w) % nw,
+    from that stream's batch (C + w) // nw."""
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     info = get_worker_info()
     wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * nw + wid, world * nw
+    original = (wid + skip_batches) % nw
+    return rank * nw + original, world * nw, (skip_batches + wid) // nw
 
 
 class ShardStream(IterableDataset):
@@ -240,12 +246,7 @@ class ShardStream(IterableDataset):
                                    f"skipped {dict(self.counts)}")
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        slot, slots = _slot()
-        info = get_worker_info()
-        nw = info.num_workers if info is not None else 1
-        wid = info.id if info is not None else 0
-        # the DataLoader serves workers round-robin: of the first `skip` batches, worker w made these
-        skip = max(0, (self.skip_batches - wid + nw - 1) // nw)
+        slot, slots, skip = _slot(self.skip_batches)
         for i, b in enumerate(self.batches(slot, slots)):
             if i >= skip:
                 yield b

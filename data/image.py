@@ -27,6 +27,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_DECODE_PIXELS = 20000 * 20000
 """Beyond this a file is treated as a decompression bomb (PIL's own guard is lower and would
 reject a legitimate 10000 x 10000 scan)."""
+Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS  # our own check in decode_image replaces PIL's
 
 
 class ImageError(ValueError):
@@ -40,7 +41,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        top = float(arr.max()) if arr.size else 0.0
+        # 16-bit PNGs open as "I;16" or "I": scale by the bit depth the values imply
+        hi = 65535.0 if img.mode.startswith("I;16") or 255.0 < top <= 65535.0 else (255.0 if top <= 255.0 else top)
         arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
