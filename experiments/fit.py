@@ -61,14 +61,15 @@ class CasaCLI(LightningCLI):
             ensure_synth(s["out"], s["seed"], s["train"], s["val"], s["test"], s["tasks"] or None)
         run_dir = cfg.get("run_dir")
         if run_dir:
+            # one place decides where a run writes: loggers and checkpoints follow run_dir
             t = cfg.trainer
             t.default_root_dir = run_dir
-            for lg in (t.logger or []) if isinstance(t.logger, list) else []:
-                if isinstance(lg, dict) and "init_args" in lg:
-                    lg["init_args"]["save_dir"] = run_dir
+            loggers = t.logger if isinstance(t.logger, list) else [t.logger]
+            for lg in loggers:
+                _set_init_arg(lg, "save_dir", run_dir)
             for cb in t.callbacks or []:
-                if isinstance(cb, dict) and cb.get("class_path", "").endswith("ModelCheckpoint"):
-                    cb.setdefault("init_args", {})["dirpath"] = str(Path(run_dir) / "checkpoints")
+                if str(_get(cb, "class_path")).endswith("ModelCheckpoint"):
+                    _set_init_arg(cb, "dirpath", str(Path(run_dir) / "checkpoints"))
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -81,6 +82,23 @@ class CasaCLI(LightningCLI):
                    "finished": trainer.global_step >= (trainer.max_steps or 0), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
         print_metrics_table(metrics, f"validation after {trainer.global_step} steps ({run_dir})")
+
+
+def _get(obj, key):
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def _set_init_arg(obj, key: str, value) -> None:
+    """Set init_args[key] on a parsed component (a dict or a jsonargparse Namespace)."""
+    if obj is None or isinstance(obj, bool):
+        return
+    init = _get(obj, "init_args")
+    if init is None:
+        return
+    if isinstance(init, dict):
+        init[key] = value
+    else:
+        setattr(init, key, value)
 
 
 def print_metrics_table(metrics: dict[str, float], title: str) -> None:
