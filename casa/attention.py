@@ -1,32 +1,43 @@
 """One attention primitive over packed segments, several backends with the same results.
 
     varlen_attention(q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D],
-                     cu_seqlens_q [W+1], cu_seqlens_k [W+1], causal, backend) -> [Tq, H, D]
+                     cu_seqlens_q [W+1] int32, cu_seqlens_k [W+1] int32, causal, backend)
+        -> out [Tq, H, D]
 
-Segment w holds queries cu_q[w]:cu_q[w+1] and keys cu_k[w]:cu_k[w+1]. It covers packed SA
-(cu_q == cu_k), CASA (keys = [image_w | text_w], causal), CA and the Q-Former (keys =
-images, not causal). `causal` is *bottom-right aligned* per segment: query j of a segment
-with Lq queries and Lk keys sees keys 0 .. Lk - Lq + j, so the queries are the last Lq
-keys (flash-attn's convention, which is why an image must open its window):
+Segment w holds queries cu_q[w]:cu_q[w+1] and keys cu_k[w]:cu_k[w+1]. One primitive covers
+packed self-attention (cu_q == cu_k), CASA (keys = [image_w | text_w], causal), cross-
+attention and the Q-Former (keys = image tokens, not causal). GQA: H is a multiple of Hkv
+and query head h reads key/value head h // (H / Hkv).
 
-    segment 0: Lq=2, Lk=5          segment 1: Lq=3, Lk=3
-           k0 k1 k2 k3 k4                 k0 k1 k2
-      q0   x  x  x  x  .            q0    x  .  .
-      q1   x  x  x  x  x            q1    x  x  .
-                                    q2    x  x  x
+`causal` is *bottom-right aligned* per segment: query j of a segment with Lq queries and Lk
+keys sees keys 0 .. Lk - Lq + j, i.e. the queries are the last Lq keys. This is flash-attn's
+convention, and it is why CASA puts a window's image tokens *before* its text tokens: every
+text token then sees the whole image and the text before it. Two segments,
+(Lq=2, Lk=5) = 3 image + 2 text tokens, and (Lq=3, Lk=3) = a window without image:
 
-A query that sees no key (a segment without keys, or Lq > Lk) outputs zeros, never NaN.
+    segment 0: Lq=2, Lk=5              segment 1: Lq=3, Lk=3
+             k0 k1 k2 k3 k4                     k5 k6 k7
+        q0   x  x  x  x  .                q2    x  .  .
+        q1   x  x  x  x  x                q3    x  x  .
+                                          q4    x  x  x
+    (the whole [Tq=5, Tk=8] mask is block diagonal: q0..q1 never see k5..k7, etc.)
 
-Backends:
-    dense  one masked softmax over the whole stream: the reference (tests only; O(Tq*Tk))
-    sdpa   per-segment `scaled_dot_product_attention`: the CPU training path
-    eager  explicit softmax, can return the probabilities (attention maps, Table 8 masks)
-    flex   `flex_attention` with a block mask (GPU training; forward only on CPU)
-    flash  `flash_attn_varlen_func` (CUDA with flash-attn installed)
+Edge cases are legal and give zeros, never NaN, with finite gradients: a segment with
+queries but no keys, and, when Lq > Lk under `causal`, the first Lq - Lk queries (they see
+no key). A segment with keys but no queries contributes nothing.
+
+Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
+    dense  one masked softmax over the whole stream: the reference, O(Tq * Tk) memory
+    sdpa   loop of per-segment `scaled_dot_product_attention`: the CPU training path
+    eager  explicit per-segment softmax; returns the probabilities (attention maps, Fig. 7)
+    flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
+    flash  `flash_attn_varlen_func` (CUDA with the flash-attn package)
+`masked_key` (paper Table 8 "-self"/"-rnd" inference masks) is supported by dense and eager.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from functools import lru_cache
 from typing import Callable
@@ -37,195 +48,254 @@ import torch.nn.functional as F
 BACKENDS = ("dense", "sdpa", "eager", "flex", "flash")
 
 _FLASH_FN: Callable | None = None
-"""Override of `flash_attn.flash_attn_varlen_func` (tests substitute a CPU reference)."""
+"""Stand-in for `flash_attn.flash_attn_varlen_func` (same signature and semantics); tests set
+it to a CPU reference so the flash plumbing runs without CUDA. None = the real flash-attn."""
 
 
 def set_flash_fn(fn: Callable | None) -> None:
-    """Use `fn` (same signature and semantics as `flash_attn_varlen_func`) for the flash backend."""
+    """Route the `flash` backend to `fn` (None restores `flash_attn.flash_attn_varlen_func`)."""
     global _FLASH_FN
     _FLASH_FN = fn
 
 
-def _flash_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+@lru_cache(maxsize=1)
+def _flash_installed() -> bool:
+    # find_spec, not import: check_backend runs on every call and a failing import is slow
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _why_not(name: str, device: torch.device, requires_grad: bool) -> str | None:
+    """Why backend `name` cannot run on `device`, or None if it can."""
+    if name in ("dense", "sdpa", "eager"):
+        return None
+    if name == "flex":
+        return "flex_attention has no backward on CPU" if device.type == "cpu" and requires_grad else None
+    if name == "flash":
+        if _FLASH_FN is not None:
+            return None
+        if device.type != "cuda":
+            return f"flash-attn needs a CUDA device, got {device.type!r}"
+        if not _flash_installed():
+            return "flash-attn needs the flash-attn package, which is not installed"
+        return None
+    return "unknown backend"
 
 
 def check_backend(name: str, device: torch.device | str, requires_grad: bool) -> None:
-    """Raise ValueError naming the backends that can run here if `name` cannot."""
+    """Raise ValueError, naming the backends that can run here, if backend `name` cannot."""
     device = torch.device(device)
-    runnable = ["dense", "sdpa", "eager"]
-    if device.type == "cuda" or not requires_grad:
-        runnable.append("flex")
-    if (device.type == "cuda" and _flash_available()) or _FLASH_FN is not None:
-        runnable.append("flash")
+    why = _why_not(name, device, requires_grad)
+    if why is None:
+        return
+    runnable = [b for b in BACKENDS if _why_not(b, device, requires_grad) is None]
+    where = f"{device.type}, requires_grad={requires_grad}"
     if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
-    if name not in runnable:
-        why = {"flex": "flex_attention has no backward on CPU",
-               "flash": "flash-attn needs CUDA and the flash-attn package"}[name]
-        raise ValueError(f"backend={name!r} cannot run here ({why}); backends that can: {runnable}")
+        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}; backends that can run here "
+                         f"({where}): {runnable}")
+    raise ValueError(f"backend={name!r} cannot run here ({why}); backends that can run here ({where}): {runnable}")
 
 
 # ---------------------------------------------------------------------- masks
 def segment_ids(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[W+1] -> (segment id [total], offset inside the segment [total])."""
+    """cu [W+1], total -> (segment id [total], offset inside the segment [total]), on device."""
     idx = torch.arange(total, device=cu.device)
-    seg = torch.searchsorted(cu.long(), idx, right=True) - 1
+    seg = torch.searchsorted(cu.long(), idx, right=True) - 1  # right=True skips empty segments
     return seg, idx - cu.long()[seg]
 
 
 def dense_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, Tq: int, Tk: int, causal: bool,
                masked_key: torch.Tensor | None = None) -> torch.Tensor:
-    """[Tq, Tk] bool: True where query i may see key j (block diagonal, bottom-right causal)."""
+    """-> [Tq, Tk] bool, True where query i may see key j (block diagonal, bottom-right causal,
+    minus each query's `masked_key`)."""
     sq, oq = segment_ids(cu_q, Tq)
     sk, ok = segment_ids(cu_k, Tk)
-    mask = sq[:, None] == sk[None, :]
+    mask = sq[:, None] == sk[None, :]  # [Tq, Tk]
     if causal:
-        lq = (cu_q[1:] - cu_q[:-1]).long()[sq]  # [Tq] segment query count
-        lk = (cu_k[1:] - cu_k[:-1]).long()[sq]  # [Tq] segment key count
-        mask &= ok[None, :] <= (lk - lq + oq)[:, None]
+        shift = ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).long()  # [W] Lk - Lq
+        mask &= ok[None, :] <= (shift[sq] + oq)[:, None]
     if masked_key is not None:
-        hide = masked_key >= 0
-        mask[hide.nonzero().squeeze(-1), masked_key[hide]] = False
+        rows = (masked_key >= 0).nonzero().squeeze(-1)
+        mask[rows, masked_key[rows]] = False
     return mask
 
 
-def _expand_kv(k: torch.Tensor, H: int) -> torch.Tensor:
-    """[T, Hkv, D] -> [T, H, D] (GQA: each key/value head serves H/Hkv query heads)."""
-    return k if k.shape[1] == H else k.repeat_interleave(H // k.shape[1], dim=1)
+def _segment_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """-> [lq, lk] bool bottom-right causal mask of one segment."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+
+
+def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """s [..., Lq, Lk] scores, mask [Lq, Lk] -> probabilities, 0 on rows without a visible key.
+
+    A finite fill instead of -inf keeps every intermediate finite (a -inf row would give NaN
+    forward and NaN gradients); exp(min - rowmax) is exactly 0, so partially masked rows are
+    unchanged, and the final `* mask` turns the uniform softmax of a fully masked row into 0.
+    """
+    filled = s.float().masked_fill(~mask, torch.finfo(torch.float32).min)  # fp32 softmax for bf16 inputs
+    return (torch.softmax(filled, dim=-1) * mask).to(s.dtype)
+
+
+def _expand_kv(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[T, Hkv, D] -> [T, H, D]: each key/value head serves H / Hkv consecutive query heads."""
+    return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
+
+
+def _segments(cu_q: torch.Tensor, cu_k: torch.Tensor, Tq: int, Tk: int) -> list[tuple[int, int, int, int]]:
+    """-> [(q0, q1, k0, k1)] per segment, validated. One host sync: a single `.tolist()`."""
+    bq, bk = torch.stack([cu_q, cu_k]).tolist()  # [2, W+1]
+    for name, b, total in (("cu_seqlens_q", bq, Tq), ("cu_seqlens_k", bk, Tk)):
+        if b[0] != 0 or b[-1] != total or any(b1 < b0 for b0, b1 in zip(b, b[1:])):
+            raise ValueError(f"{name}={b} must rise from 0 to the token count {total}")
+    return [(bq[w], bq[w + 1], bk[w], bk[w + 1]) for w in range(len(bq) - 1)]
 
 
 # ---------------------------------------------------------------------- backends
 def _dense(q, k, v, cu_q, cu_k, causal, scale, masked_key):
+    """The reference: every query against every key, masked. [Tq, H, D] -> [Tq, H, D]."""
+    _segments(cu_q, cu_k, q.shape[0], k.shape[0])  # validation only
     H = q.shape[1]
     mask = dense_mask(cu_q, cu_k, q.shape[0], k.shape[0], causal, masked_key)  # [Tq, Tk]
     s = torch.einsum("qhd,khd->hqk", q, _expand_kv(k, H)) * scale  # [H, Tq, Tk]
-    s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-    return torch.einsum("hqk,khd->qhd", p, _expand_kv(v, H))
-
-
-def _segments(cu_q: torch.Tensor, cu_k: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    both = torch.stack([cu_q, cu_k]).tolist()  # one host sync per call
-    return [(both[0][w], both[0][w + 1], both[1][w], both[1][w + 1]) for w in range(len(both[0]) - 1)]
-
-
-def _segment_mask(lq: int, lk: int, device) -> torch.Tensor:
-    """[lq, lk] bottom-right causal mask."""
-    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+    p = _masked_softmax(s, mask).to(v.dtype)  # [H, Tq, Tk]
+    return torch.einsum("hqk,khd->qhd", p, _expand_kv(v, H))  # [Tq, H, D]
 
 
 def _sdpa(q, k, v, cu_q, cu_k, causal, scale):
-    H = q.shape[1]
+    """One fused SDPA per segment: O(Lq * Lk) per segment instead of O(Tq * Tk)."""
+    Tq, H, _ = q.shape
+    gqa = k.shape[1] != H  # SDPA broadcasts kv heads itself, no repeat_interleave copy
     outs = []
-    for q0, q1, k0, k1 in _segments(cu_q, cu_k):
+    for q0, q1, k0, k1 in _segments(cu_q, cu_k, Tq, k.shape[0]):
         lq, lk = q1 - q0, k1 - k0
         if lq == 0:
             continue
-        if lk == 0:  # no keys: zeros
+        if lk == 0:  # SDPA would return NaN rows
             outs.append(q.new_zeros(lq, H, v.shape[-1]))
             continue
         qs = q[q0:q1].transpose(0, 1)  # [H, lq, D]
-        ks = _expand_kv(k[k0:k1], H).transpose(0, 1)  # [H, lk, D]
-        vs = _expand_kv(v[k0:k1], H).transpose(0, 1)
-        if causal and lq == lk:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-        elif causal and lq > lk:
-            # the first lq - lk queries see no key (zeros); the last lk form a square causal block
-            o = F.scaled_dot_product_attention(qs[:, lq - lk:], ks, vs, is_causal=True, scale=scale)
-            o = torch.cat([o.new_zeros(H, lq - lk, o.shape[-1]), o], dim=1)
-        elif causal:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_segment_mask(lq, lk, q.device), scale=scale)
+        ks, vs = k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)  # [Hkv, lk, D]
+        if not causal:
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=gqa)
+        elif lq == lk:  # SDPA's is_causal is top-left aligned, which equals bottom-right here
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        elif lq > lk:
+            # the first lq - lk queries see no key (zeros; SDPA would give NaN), the last lk
+            # queries and the lk keys form a square causal block
+            o = F.scaled_dot_product_attention(qs[:, lq - lk:], ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            o = torch.cat([o.new_zeros(H, lq - lk, o.shape[-1]), o], dim=1)  # [H, lq, D]
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_segment_mask(lq, lk, q.device), scale=scale,
+                                               enable_gqa=gqa)
         outs.append(o.transpose(0, 1))  # [lq, H, D]
-    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+    return torch.cat(outs) if outs else q.new_zeros(Tq, H, v.shape[-1])
 
 
 def _eager(q, k, v, cu_q, cu_k, causal, scale, masked_key, return_probs):
-    H = q.shape[1]
+    """Explicit per-segment softmax; probs [H, Lq_w, Lk_w] per segment when asked."""
+    Tq, H, _ = q.shape
     outs, probs = [], []
-    for q0, q1, k0, k1 in _segments(cu_q, cu_k):
+    for q0, q1, k0, k1 in _segments(cu_q, cu_k, Tq, k.shape[0]):
         lq, lk = q1 - q0, k1 - k0
         s = torch.einsum("qhd,khd->hqk", q[q0:q1], _expand_kv(k[k0:k1], H)) * scale  # [H, lq, lk]
-        mask = _segment_mask(lq, lk, q.device) if causal else torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-        if masked_key is not None:
+        if causal:
+            mask = _segment_mask(lq, lk, q.device)  # [lq, lk]
+        else:
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        if masked_key is not None:  # Table 8: hide one key per query; out-of-segment indices hide nothing
             mk = masked_key[q0:q1]
             rows = ((mk >= k0) & (mk < k1)).nonzero().squeeze(-1)
-            mask = mask.clone()
             mask[rows, mk[rows] - k0] = False
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-        outs.append(torch.einsum("hqk,khd->qhd", p, _expand_kv(v[k0:k1], H)))
+        p = _masked_softmax(s, mask).to(v.dtype)  # [H, lq, lk]
+        outs.append(torch.einsum("hqk,khd->qhd", p, _expand_kv(v[k0:k1], H)))  # [lq, H, D]
         probs.append(p)
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    out = torch.cat(outs) if outs else q.new_zeros(Tq, H, v.shape[-1])
     return (out, probs) if return_probs else out
 
 
 @lru_cache(maxsize=1)
-def _compiled_flex():
+def _compiled_flex() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
+    # compiled once per process: eager flex materialises the scores, compiled flex is fused
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q, k, v, cu_q, cu_k, causal, scale):
+    """flex_attention over the whole stream with a block mask from per-token segment ids."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if not torch.is_grad_enabled():  # flex refuses CPU inputs that merely *could* need grads
-        q, k, v = q.detach(), k.detach(), v.detach()
-    Tq, H, D = q.shape
+    Tq, H, _ = q.shape
     Tk = k.shape[0]
-    sq, oq = segment_ids(cu_q, Tq)
-    sk, ok = segment_ids(cu_k, Tk)
-    shift = ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).long()  # [W] Lk - Lq per segment
+    _segments(cu_q, cu_k, Tq, Tk)  # validation; create_block_mask syncs anyway
+    if Tq == 0 or Tk == 0:  # flex cannot reduce over an empty key axis
+        return q.new_zeros(Tq, H, v.shape[-1])
+    if not torch.is_grad_enabled():  # CPU flex refuses inputs that merely *could* need grads
+        q, k, v = q.detach(), k.detach(), v.detach()
+    sq, oq = segment_ids(cu_q, Tq)  # [Tq], [Tq]
+    sk, ok = segment_ids(cu_k, Tk)  # [Tk], [Tk]
+    shift = ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).long()  # [W] Lk - Lq: bottom-right offset
 
     def mask_mod(b, h, qi, ki):
         same = sq[qi] == sk[ki]
         return same & (ok[ki] <= oq[qi] + shift[sq[qi]]) if causal else same
 
-    block = create_block_mask(mask_mod, None, None, Tq, Tk, device=q.device.type)
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    with warnings.catch_warnings():  # on CPU the unfused path is expected (ENVIRONMENT.md)
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        o = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block, scale=scale,
-               enable_gqa=k.shape[1] != H)  # [1, H, Tq, D]
+    block = create_block_mask(mask_mod, None, None, Tq, Tk, device=q.device)
+    fn = flex_attention if q.device.type == "cpu" else _compiled_flex()  # no compile on CPU (ENVIRONMENT.md)
+    with warnings.catch_warnings():  # the unfused CPU path is intended here
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        o = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # [1, H(kv), T, D]
+               block_mask=block, scale=scale, enable_gqa=k.shape[1] != H)  # [1, H, Tq, D]
     o = o[0].transpose(0, 1)  # [Tq, H, D]
-    # flex leaves fully-masked rows undefined-but-finite: force the documented zeros
-    visible = dense_mask(cu_q, cu_k, Tq, Tk, causal).any(-1) if Tq * Tk <= 1 << 24 else None
-    return o * visible[:, None, None] if visible is not None else o
+    # rows that see no key must be zero whatever flex leaves there; O(Tq), no [Tq, Tk] mask
+    visible = (cu_k[1:] - cu_k[:-1]).long()[sq] > 0  # [Tq] segment has keys
+    if causal:
+        visible &= oq + shift[sq] >= 0  # key 0 is within reach
+    return torch.where(visible[:, None, None], o, 0.0)
 
 
 def _flash(q, k, v, cu_q, cu_k, causal, scale):
+    """flash_attn_varlen_func: bottom-right causal and GQA are native, keyless rows give 0."""
     fn = _FLASH_FN
     if fn is None:
-        from flash_attn import flash_attn_varlen_func as fn
-    lq, lk = (cu_q[1:] - cu_q[:-1]), (cu_k[1:] - cu_k[:-1])
-    return fn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(lq.max()) if lq.numel() else 0,
-              int(lk.max()) if lk.numel() else 0, dropout_p=0.0, softmax_scale=scale, causal=causal)
+        from flash_attn import flash_attn_varlen_func as fn  # lazy: optional CUDA-only package
+    segs = _segments(cu_q, cu_k, q.shape[0], k.shape[0])  # one sync gives both max lengths
+    max_q = max((q1 - q0 for q0, q1, _, _ in segs), default=0)
+    max_k = max((k1 - k0 for _, _, k0, k1 in segs), default=0)
+    return fn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+              dropout_p=0.0, softmax_scale=scale, causal=causal)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, causal: bool, backend: str = "sdpa", *, scale: float | None = None,
                      masked_key: torch.Tensor | None = None, return_probs: bool = False):
-    """Attention over packed segments (see the module docstring).
+    """Attention of each query segment over its key segment (see the module docstring).
 
+    q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_seqlens_q / cu_seqlens_k [W+1] int32
+        -> out [Tq, H, D]                                       (return_probs=False)
+        -> (out [Tq, H, D], probs: list of W [H, Lq_w, Lk_w])    (return_probs=True, eager only)
+    scale: softmax scale, default D ** -0.5.
     masked_key [Tq] int64: one key (global index into k) hidden from each query, -1 = none
-        (paper Table 8 masks; dense and eager only).
-    return_probs: eager only; also returns one [H, Lq_w, Lk_w] probability tensor per segment.
+        (paper Table 8 "-self"/"-rnd"; dense and eager only). A query whose only visible key
+        is hidden outputs zeros.
     """
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} differ")
-    check_backend(backend, q.device, torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    if masked_key is not None and backend not in ("dense", "eager"):
-        raise ValueError(f"masked_key needs backend 'dense' or 'eager', not {backend!r}")
+    if q.dim() != 3 or k.dim() != 3 or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"expected q [Tq, H, D], k and v [Tk, Hkv, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) "
+                         f"and head dims must match (q {q.shape[2]}, k {k.shape[2]})")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                         f"must both be [W+1]")
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    check_backend(backend, q.device, grad)
+    if masked_key is not None:
+        if backend not in ("dense", "eager"):
+            raise ValueError(f"masked_key needs backend 'dense' or 'eager', not backend={backend!r}")
+        if masked_key.shape != (q.shape[0],):
+            raise ValueError(f"masked_key must be [Tq={q.shape[0]}], got {tuple(masked_key.shape)}")
     if return_probs and backend != "eager":
-        raise ValueError(f"return_probs needs backend 'eager', not {backend!r}")
+        raise ValueError(f"return_probs=True needs backend 'eager', not backend={backend!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "dense":
         return _dense(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,6 +53,7 @@ class VisionLanguageModel(nn.Module):
         self.fusion = fusion
         fusion.attach(backbone, vision.spatial_merge_size)
         self._capture: list | None = None
+        self.activation_checkpointing = False
         self._pretrained = {f"backbone.{n}" for n in backbone.pretrained_names} | {
             f"vision.{n}" for n, _ in vision.named_parameters()}
 
@@ -76,7 +78,11 @@ class VisionLanguageModel(nn.Module):
         ctx.capture = self._capture
         ctx.cache = cache
         for block in self.backbone.layers:
-            stream, images = block(stream, images, ctx)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute the block in backward: activations of one block alive at a time
+                stream, images = torch.utils.checkpoint.checkpoint(block, stream, images, ctx, use_reentrant=False)
+            else:
+                stream, images = block(stream, images, ctx)
         if cache is not None:
             text_pos = ctx.extras.get("text_positions", batch.position_ids)
             text_pos = text_pos if text_pos.dim() == 1 else text_pos[0]

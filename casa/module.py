@@ -32,20 +32,54 @@ class CasaModule(L.LightningModule):
         val_max_new_tokens: generation budget per validation answer.
         val_max_samples: cap on generated validation samples per validation run (per rank).
         compile: `torch.compile` every decoder block (GPU runs).
+        activation_checkpointing: recompute each decoder block in the backward pass.
+        fsdp_param_dtype: under FSDP2 (`ModelParallelStrategy`), the parameter dtype of the
+            sharded blocks' compute ("bfloat16" on H100s; gradients are reduced in fp32).
     """
 
     def __init__(self, model: VisionLanguageModel, lr_new: float = 1e-4, lr_pretrained: float = 1e-5,
                  weight_decay: float = 0.0, warmup_steps: int = 100, decay_steps: int = 0, val_generate: bool = True,
-                 val_max_new_tokens: int = 16, val_max_samples: int = 256, compile: bool = False):
+                 val_max_new_tokens: int = 16, val_max_samples: int = 256, compile: bool = False,
+                 activation_checkpointing: bool = False, fsdp_param_dtype: str | None = None,
+                 init_from: str | None = None):
         super().__init__()
         if lr_new <= 0 or lr_pretrained < 0:
             raise ValueError(f"CasaModule: lr_new={lr_new} must be > 0 and lr_pretrained={lr_pretrained} >= 0")
+        if fsdp_param_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"CasaModule.fsdp_param_dtype={fsdp_param_dtype!r} is not one of [None, 'bfloat16', 'float16', 'float32']")
         self.model = model
+        model.activation_checkpointing = activation_checkpointing
+        if init_from is not None:
+            self._load_weights(init_from)
         self.save_hyperparameters(ignore=["model"])
         self.task_metrics = GroupedAnswerMetrics()
         self.group_metrics = GroupedAnswerMetrics()
         self._val_generated = 0
         self._step_start = 0.0
+
+    # ------------------------------------------------------------------ sharding
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy: one `fully_shard` per decoder block
+        (and per vision block), then the root, so each block's parameters are gathered just
+        for its own forward/backward. Under other strategies: optional torch.compile only."""
+        if self.hparams.compile:
+            for block in self.model.backbone.layers:
+                block.compile()
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+            self.hparams.fsdp_param_dtype or "", None)
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        dp_mesh = mesh["data_parallel"]
+        for block in self.model.backbone.layers:
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+        for block in self.model.vision.tower.blocks:
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(self.model, mesh=dp_mesh, mp_policy=mp)
+        self._sharded = True
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: PackedBatch):
@@ -108,6 +142,18 @@ class CasaModule(L.LightningModule):
                     self.log(f"{prefix}/{key}/{name}", v, rank_zero_only=False)
 
     # ------------------------------------------------------------------ helpers
+    def _load_weights(self, path: str) -> None:
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"CasaModule.init_from={path!r}: no such checkpoint file")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"CasaModule.init_from={path!r} does not match this model: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
     def _datamodule(self):
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 

@@ -1,19 +1,25 @@
-"""The vision encoder: the Qwen2.5-VL vision tower (native resolution, 14 px patches,
-2x2 token merge, windowed attention) with a configurable trainable tail.
+"""The vision encoder: the Qwen2.5-VL vision tower with a configurable trainable tail.
 
-It only sees patches: decoding, mode conversion and resizing to `max_pixels` happen in
-`data.image`. Images of a batch are encoded in one call (the tower attends within each
-image only); a video frame is simply one more image (t = 1), so frames are processed
-one by one as images, as in the paper.
+    pixel_values [P, C*tp*p*p] ──> patch_embed ──> blocks (window attention, full attention
+    at `fullatt_block_indexes`) ──> merger (2x2 patches -> 1 token) ──> image_embeds [N, out_dim]
 
-Trainable set (paper §4.1: the last 4 vision blocks are trained): with `freeze=True`
-everything is frozen except the last `trainable_blocks` blocks *and the merger* — the
-merger maps vision features into the space the projector/LM reads, and is what must
-move first when the LM changes (it is part of the "last layers" of the tower).
+The tower is Hugging Face's `Qwen2_5_VisionTransformerPretrainedModel` used as is (its
+`pooler_output` holds the merged tokens), so weights and numerics are the reference ones.
+
+What it sees: only patches. Decoding, mode conversion, resizing to `max_pixels` keeping the
+aspect ratio (paper §4.1: native resolution up to 896², i.e. at most 1024 tokens per image)
+and patchifying happen in `data.image`. All images of a batch go through one call; the
+tower attends within each image only, so this equals encoding them one by one.
+
+Video: a frame is one more image with grid t = 1 (the data pipeline repeats the frame to
+fill the temporal patch of 2), so frames are encoded independently, one by one, as in the
+paper; the tower's own t > 1 grids (two frames fused per patch) are never produced by
+`data/`, though the tower would accept them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,88 +27,200 @@ from typing import Any
 import torch
 from torch import nn
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+"""Hugging Face attention kernels the tower can run (flash needs CUDA and flash-attn)."""
+
+WEIGHT_PREFIXES = ("model.visual.", "visual.")
+"""Where the tower's weights live in a Qwen2.5-VL checkpoint: `visual.*` in Hub checkpoints
+and in what transformers 5.x `save_pretrained` writes; `model.visual.*` in the in-memory
+layout of transformers >= 4.52 (some re-saved checkpoints keep it)."""
+
+SAVED_MODEL_TYPE = "casa_vision_encoder"
+"""`model_type` of a directory written by `VisionEncoder.save_pretrained`: a vision-only
+Qwen2.5-VL checkpoint (`vision_config` + `visual.*` weights), read by the same loader."""
+
 
 def tiny_vision_config(out_hidden_size: int = 64) -> dict[str, Any]:
-    """A 2-block Qwen2.5-VL vision tower that builds in milliseconds (tests, the demo)."""
+    """A 2-block Qwen2.5-VL vision tower that builds in milliseconds (tests, the demo).
+
+    The last block uses full attention and the first window attention, like the real tower
+    (full attention every 8th block); a 112 px window is 8x8 patches, so images larger than
+    that exercise the window split."""
     return dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=out_hidden_size,
                 patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
                 fullatt_block_indexes=[1], in_channels=3)
 
 
-def _load_tower(path: Path):
-    from safetensors.torch import load_file
+def _config_fields() -> set[str]:
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    cfg = json.loads((path / "config.json").read_text())
-    vision_cfg = cfg.get("vision_config", cfg if cfg.get("model_type") == "casa_vision" else None)
-    if vision_cfg is None:
-        raise ValueError(f"{path}/config.json has no vision_config (expected a Qwen2.5-VL checkpoint)")
-    vision_cfg = {k: v for k, v in vision_cfg.items() if k not in ("model_type", "transformers_version")}
-    tower = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**vision_cfg))
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            for prefix in ("model.visual.", "visual.", "tower."):
-                if k.startswith(prefix):
-                    state[k[len(prefix):]] = v
+    own = {f.name for f in dataclasses.fields(Qwen2_5_VLVisionConfig)}
+    return own | set(Qwen2_5_VLVisionConfig.attribute_map)
+
+
+def _build_config(fields: dict[str, Any], attn_implementation: str, where: str):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+    fields = dict(fields)
+    # bookkeeping keys of a saved config: not architecture, and `model_type` is a class constant
+    for key in ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path"):
+        fields.pop(key, None)
+    if "in_chans" in fields:  # Hub Qwen2.5-VL configs predate the `in_channels` name
+        fields.setdefault("in_channels", fields.pop("in_chans"))
+    config = Qwen2_5_VLVisionConfig(**fields)
+    config._attn_implementation = attn_implementation
+    bad = [i for i in config.fullatt_block_indexes if not 0 <= i < config.depth]
+    if bad:
+        raise ValueError(f"{where}.fullatt_block_indexes={list(config.fullatt_block_indexes)} has indexes {bad} "
+                         f"outside the valid range [0, depth={config.depth})")
+    return config
+
+
+def _read_checkpoint(directory: Path, attn_implementation: str):
+    """-> (Qwen2_5_VLVisionConfig, vision state dict without prefix), reading only the tower.
+
+    The full VLM is never instantiated: config.json's `vision_config` builds the tower, and
+    only the safetensors shards that hold `visual.*` tensors are opened (the 3B LM stays on disk)."""
+    from safetensors import safe_open
+
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"VisionEncoder.path={str(directory)!r}: no config.json in that directory "
+                                f"(a local Qwen2.5-VL checkpoint or a VisionEncoder.save_pretrained directory "
+                                f"is required; nothing is downloaded)")
+    raw = json.loads(config_file.read_text())
+    if "vision_config" not in raw:
+        raise ValueError(f"VisionEncoder.path={str(directory)!r}: config.json has no 'vision_config' "
+                         f"(model_type={raw.get('model_type')!r}); expected a Qwen2.5-VL checkpoint")
+    config = _build_config(raw["vision_config"], attn_implementation, where=f"{config_file}:vision_config")
+
+    index_file = directory / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        files = sorted({directory / f for k, f in weight_map.items() if k.startswith(WEIGHT_PREFIXES)})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                prefix = next((p for p in WEIGHT_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    state[key[len(prefix):]] = f.get_tensor(key)
     if not state:
-        raise FileNotFoundError(f"no vision weights (visual.* / model.visual.*) in {path}/*.safetensors")
-    tower.load_state_dict(state, strict=True)
-    return tower, vision_cfg
+        searched = [f.name for f in files] or "any *.safetensors file"
+        raise ValueError(f"VisionEncoder.path={str(directory)!r}: no vision tower weights (keys "
+                         f"{[p + '*' for p in WEIGHT_PREFIXES]}) in {searched}")
+    return config, state
 
 
 class VisionEncoder(nn.Module):
-    """Args:
-        config: Qwen2_5_VLVisionConfig fields (random init; see `tiny_vision_config`).
-        path: a local Qwen2.5-VL checkpoint directory (or one written by `save_pretrained`).
-        trainable_blocks: how many of the last blocks train when `freeze` (paper: 4).
-        freeze: freeze the tower except the last `trainable_blocks` blocks and the merger.
+    """Qwen2.5-VL vision tower: pixel_values [P, C*tp*p*p], image_grid_thw [I, 3] -> image_embeds [N, out_dim].
+
+    Args:
+        config: Qwen2_5_VLVisionConfig fields for a randomly initialised tower (tests, demo;
+            see `tiny_vision_config`). Exactly one of `config` and `path`.
+        path: a local directory, either a Qwen2.5-VL checkpoint (`save_pretrained` layout:
+            only `vision_config` and the `visual.*` / `model.visual.*` tensors are read) or one
+            written by `VisionEncoder.save_pretrained`. Nothing is ever downloaded.
+        trainable_blocks: with `freeze`, how many of the last transformer blocks train (paper
+            §4.1: the last 4 on images; 0 for the frozen video stage). Values above the
+            tower's depth train every block, so the paper's default also runs on tiny towers.
+        freeze: freeze the tower except its trainable tail; `False` trains everything.
+        attn_implementation: Hugging Face attention kernel of the tower, one of
+            `ATTN_IMPLEMENTATIONS` (`sdpa` on CPU; `flash_attention_2` on CUDA).
+
+    Trainable tail: the last `trainable_blocks` blocks *and the merger* (the merger's
+    LayerNorm + 2-layer MLP that maps 2x2 patch features to `out_hidden_size`). We read the
+    paper's "last 4 layers" as the last 4 stages of the tower's computation, and the merger
+    comes after every block: gradients to the blocks must flow through it anyway, so
+    training it only adds its weight gradients, and it is the layer that maps into the space
+    the projector/LM reads, which has to move most when the LM is not Qwen's own (Helium).
+    With `trainable_blocks=0` the merger is frozen too, so the whole tower is frozen.
+
+    Weights stay in float32 whatever the checkpoint's dtype; mixed precision is the
+    trainer's job. Attributes: `tower` (the HF module; `tower.blocks` is what FSDP wraps),
+    `out_dim` (= out_hidden_size), `spatial_merge_size`.
     """
 
     def __init__(self, config: dict[str, Any] | None = None, path: str | None = None, trainable_blocks: int = 4,
-                 freeze: bool = True):
+                 freeze: bool = True, attn_implementation: str = "sdpa"):
         super().__init__()
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         if (config is None) == (path is None):
-            raise ValueError("VisionEncoder needs exactly one of `config` (random init) or `path` (local checkpoint)")
+            raise ValueError(f"VisionEncoder needs exactly one of `config` (random init) or `path` (local checkpoint), "
+                             f"got config={'set' if config is not None else None}, path={path!r}")
+        if isinstance(trainable_blocks, bool) or not isinstance(trainable_blocks, int) or trainable_blocks < 0:
+            raise ValueError(f"VisionEncoder.trainable_blocks={trainable_blocks!r} must be an int >= 0 "
+                             f"(0 = frozen tower; at most the tower depth is used)")
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"VisionEncoder.attn_implementation={attn_implementation!r} is not one of "
+                             f"{list(ATTN_IMPLEMENTATIONS)}")
+
         if path is not None:
-            p = Path(path)
-            if not (p / "config.json").is_file():
-                raise FileNotFoundError(f"VisionEncoder.path={path!r}: no config.json there (a local directory is required; nothing is downloaded)")
-            self.tower, self.config = _load_tower(p)
+            tower_config, state = _read_checkpoint(Path(path), attn_implementation)
         else:
-            self.config = dict(config)
-            self.tower = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**self.config))
-        depth = len(self.tower.blocks)
-        if trainable_blocks < 0:
-            raise ValueError(f"VisionEncoder.trainable_blocks={trainable_blocks} must be >= 0 (the tower has {depth} blocks)")
-        trainable_blocks = min(trainable_blocks, depth)  # the paper's 4 on a 2-block tiny tower = all blocks
-        self.out_dim = int(self.tower.config.out_hidden_size)
-        self.spatial_merge_size = int(self.tower.config.spatial_merge_size)
-        if freeze:
-            for p in self.tower.parameters():
-                p.requires_grad_(False)
-            trainable = list(self.tower.blocks[depth - trainable_blocks:]) if trainable_blocks else []
-            if trainable_blocks:
-                trainable.append(self.tower.merger)
-            for m in trainable:
-                for p in m.parameters():
-                    p.requires_grad_(True)
+            unknown = sorted(set(config) - _config_fields())
+            if unknown:
+                raise ValueError(f"VisionEncoder.config has unknown fields {unknown}; valid fields: "
+                                 f"{sorted(_config_fields())}")
+            tower_config, state = _build_config(config, attn_implementation, where="VisionEncoder.config"), None
+        self.tower = Qwen2_5_VisionTransformerPretrainedModel(tower_config)
+        if state is not None:
+            missing, unexpected = self.tower.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"VisionEncoder.path={path!r}: vision weights do not match vision_config: "
+                                 f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+
+        self.out_dim = int(tower_config.out_hidden_size)
+        self.spatial_merge_size = int(tower_config.spatial_merge_size)
+        self._patch_dim = tower_config.in_channels * tower_config.temporal_patch_size * tower_config.patch_size ** 2
+        self._set_trainable(freeze, min(trainable_blocks, len(self.tower.blocks)))
+
+    def _set_trainable(self, freeze: bool, trainable_blocks: int) -> None:
+        """Decided once at build time (STYLE 6); the frozen head builds no autograd graph."""
+        if not freeze:
+            self.tower.requires_grad_(True)
+            return
+        self.tower.requires_grad_(False)
+        if trainable_blocks > 0:
+            for block in self.tower.blocks[-trainable_blocks:]:
+                block.requires_grad_(True)
+            self.tower.merger.requires_grad_(True)
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values [P, C*2*14*14], image_grid_thw [I, 3] -> image_embeds [N, out_dim], N = P / merge**2."""
-        dtype = next(self.tower.parameters()).dtype
+        """pixel_values [P, C*tp*p*p], image_grid_thw [I, 3] -> image_embeds [N, out_dim],
+        N = sum(t*h*w) / merge**2, images in the order of `image_grid_thw`."""
+        merge = self.spatial_merge_size
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != self._patch_dim:
+            raise ValueError(f"VisionEncoder: pixel_values must be [P, {self._patch_dim}] "
+                             f"(C*temporal_patch*patch*patch), got {list(pixel_values.shape)}")
+        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
+            raise ValueError(f"VisionEncoder: image_grid_thw must be [I, 3], got {list(image_grid_thw.shape)}")
+        num_patches = int(image_grid_thw.prod(-1).sum())
+        if num_patches != pixel_values.shape[0]:
+            raise ValueError(f"VisionEncoder: image_grid_thw gives {num_patches} patches, pixel_values has "
+                             f"{pixel_values.shape[0]}")
+        if bool((image_grid_thw[:, 1:] % merge != 0).any()):
+            raise ValueError(f"VisionEncoder: image_grid_thw h and w must be multiples of spatial_merge_size={merge}, "
+                             f"got {image_grid_thw.tolist()}")
+        dtype = self.tower.patch_embed.proj.weight.dtype
+        if num_patches == 0:  # a text-only batch: the HF tower cannot run on zero patches
+            return pixel_values.new_zeros(0, self.out_dim, dtype=dtype)
         out = self.tower(pixel_values.to(dtype), grid_thw=image_grid_thw)
-        return out.pooler_output if hasattr(out, "pooler_output") else out
+        return out.pooler_output  # [N, out_dim]: merged tokens, already back in raster order per image
 
     def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` ({model_type, vision_config}) and `model.safetensors` (`visual.*`):
+        a vision-only Qwen2.5-VL checkpoint that `VisionEncoder(path=directory)` reads back."""
         from safetensors.torch import save_file
 
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        cfg = {k: v for k, v in self.tower.config.to_dict().items() if not k.startswith("_")}
-        (d / "config.json").write_text(json.dumps({"model_type": "casa_vision", "vision_config": cfg}, indent=1))
-        save_file({f"tower.{k}": v.contiguous() for k, v in self.tower.state_dict().items()}, str(d / "model.safetensors"))
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        vision_config = self.tower.config.to_diff_dict()
+        vision_config.pop("transformers_version", None)
+        (out / "config.json").write_text(json.dumps({"model_type": SAVED_MODEL_TYPE, "vision_config": vision_config},
+                                                    indent=2) + "\n")
+        state = {f"visual.{k}": v.detach().contiguous() for k, v in self.tower.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

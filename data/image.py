@@ -1,14 +1,16 @@
 """Images: bytes -> RGB -> resized under a pixel cap -> Qwen2.5-VL patches.
 
-    decode_image(bytes)            any PIL-readable format; CMYK, LA, P, RGBA, I;16 ... -> RGB
-    resize_for_vision(img, cap)    keep the aspect ratio, both sides multiples of 28 (14 px
-                                   patches x 2x2 merge), h*w <= max_pixels (paper: 896^2
-                                   for images, 448^2 for video frames)
-    patchify(img)                  -> pixel_values [P, 3*2*14*14], grid_thw (1, h/14, w/14),
-                                   identical to transformers' Qwen2VLImageProcessor
+    decode_image(bytes, max_pixels)   any PIL-readable format; CMYK, LA, P, RGBA, I;16 ... -> RGB.
+                                      Huge files are decoded at reduced scale (JPEG draft,
+                                      `Image.reduce` otherwise) before the exact resize.
+    resize_for_vision(img, cap)       keep the aspect ratio, both sides multiples of 28 (14 px
+                                      patches x 2x2 merge), h*w <= max_pixels (paper: 896^2
+                                      for images, 448^2 for video frames)
+    patchify(img, max_pixels)         -> pixel_values [P, 3*2*14*14], grid_thw (1, h/14, w/14),
+                                      identical to transformers' Qwen2VLImageProcessor
 
-An image yields P/4 tokens after the vision encoder's merge. Corrupt bytes raise
-`ImageError`, which the dataset counts as a skipped sample.
+An image yields P/4 tokens after the vision encoder's 2x2 merge. Undecodable, truncated or
+absurd bytes raise `ImageError`, which the dataset counts as a skipped `corrupt_image`.
 """
 
 from __future__ import annotations
@@ -20,48 +22,74 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:  # the reference rule; the PIL module imports without torchvision
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as _hf_smart_resize
+except ImportError:  # pragma: no cover - older/newer transformers layouts
+    _hf_smart_resize = None
+
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 FACTOR = PATCH * MERGE
+PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_PIXELS = 56 * 56
 MAX_DECODE_PIXELS = 20000 * 20000
-"""Beyond this a file is treated as a decompression bomb (PIL's own guard is lower and would
-reject a legitimate 10000 x 10000 scan)."""
-Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS  # our own check in decode_image replaces PIL's
+"""Beyond this a file is treated as a decompression bomb. PIL's own guard (89 MP warning,
+179 MP error) would warn on, or reject, a legitimate 10000 x 10000 scan, so we raise PIL's
+limit to ours and check it ourselves in `decode_image`."""
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_DECODE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
+
+ORIGINAL_SIZE = "casa_original_size"
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class ImageError(ValueError):
-    """Undecodable, truncated or absurd image bytes."""
+    """Undecodable, truncated or absurd image bytes (counted as `corrupt_image`)."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. 16/32-bit greyscale is rescaled to 8 bits (not clipped);
-    transparency is composited on white."""
+    """Any PIL mode -> RGB.
+
+    16-bit greyscale is rescaled to 8 bits (x / 65535 * 255, not clipped at 255, which would
+    turn almost every pixel white); 32-bit "I"/"F" images are rescaled from the range their
+    values imply. Transparency is composited on white (a transparent PNG's hidden RGB is
+    often black or garbage)."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in (*_SIXTEEN_BIT, "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = float(arr.max()) if arr.size else 0.0
-        # 16-bit PNGs open as "I;16" or "I": scale by the bit depth the values imply
-        hi = 65535.0 if img.mode.startswith("I;16") or 255.0 < top <= 65535.0 else (255.0 if top <= 255.0 else top)
-        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        if img.mode in _SIXTEEN_BIT or 255.0 < top <= 65535.0:
+            hi = 65535.0  # 16-bit PNGs open as "I;16" (new Pillow) or "I" (older Pillow)
+        elif img.mode == "F" and top <= 1.0:
+            hi = 1.0  # float images in [0, 1]
+        else:
+            hi = max(top, 255.0)
+        arr = np.clip(np.rint(arr / hi * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # CMYK, L, P, YCbCr, 1 ...
 
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
-    """Qwen2-VL's rule: sides multiples of `factor`, pixels within [min_pixels, max_pixels],
-    aspect ratio kept as closely as possible."""
-    if max(height, width) / max(min(height, width), 1) > 200:
+def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = 896 * 896,
+                 factor: int = FACTOR) -> tuple[int, int]:
+    """Qwen2-VL's rule (transformers' `smart_resize` when importable): sides multiples of
+    `factor`, pixels within [min_pixels, max_pixels], aspect ratio kept as closely as possible.
+    Raises ImageError for aspect ratios above 200 (Qwen's limit)."""
+    if min(height, width) < 1:
+        raise ImageError(f"image of size {width}x{height} is empty")
+    if max(height, width) / min(height, width) > 200:
         raise ImageError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
+    if _hf_smart_resize is not None:
+        return _hf_smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    h_bar = round(height / factor) * factor  # same arithmetic as transformers
+    w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
@@ -74,43 +102,69 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """bytes -> RGB image. With `max_pixels`, JPEGs are decoded at reduced scale when they
-    are far above the cap (PIL's draft mode), which makes huge scans cheap."""
+    """bytes -> RGB image.
+
+    With `max_pixels`, an image far above the cap is decoded at reduced scale first: JPEGs
+    through PIL's draft mode (the DCT skips the detail, 10000^2 decodes in ~0.1 s), other
+    formats with `Image.reduce` (box filter). Both keep at least 2x the final resolution so
+    the exact bicubic resize that follows still sets the output quality."""
     try:
         img = Image.open(io.BytesIO(data))
+        original = img.size
         if img.width * img.height > MAX_DECODE_PIXELS:
-            raise ImageError(f"{img.width}x{img.height} exceeds the decode limit")
-        if max_pixels and img.format == "JPEG" and img.width * img.height > 4 * max_pixels:
-            scale = math.sqrt(img.width * img.height / max_pixels)
-            img.draft("RGB", (int(img.width / scale * 1.5), int(img.height / scale * 1.5)))
+            raise ImageError(f"{img.width}x{img.height} exceeds the decode limit of {MAX_DECODE_PIXELS} pixels")
+        over = img.width * img.height / max_pixels if max_pixels else 0.0
+        if over > 16 and img.format == "JPEG":
+            scale = math.sqrt(over)
+            img.draft(img.mode, (int(img.width / scale * 2), int(img.height / scale * 2)))
         img.load()
+        over = img.width * img.height / max_pixels if max_pixels else 0.0
+        if over > 16 and img.mode not in (*_SIXTEEN_BIT, "I", "F", "P", "1"):
+            img = img.reduce(int(math.sqrt(over) / 2))
     except ImageError:
         raise
     except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError ...)
         raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from e
-    return to_rgb(img)
+    try:
+        out = to_rgb(img)
+    except Exception as e:  # exotic modes PIL cannot convert (LAB, HSV ...)
+        raise ImageError(f"cannot convert mode {img.mode!r} to RGB: {e}") from e
+    # the target size is computed from the stored size, so a reduced decode does not change
+    # the image's token count (draft/reduce sizes are not exact fractions)
+    out.info[ORIGINAL_SIZE] = original
+    return out
 
 
-def resize_for_vision(img: Image.Image, max_pixels: int, min_pixels: int = 56 * 56) -> Image.Image:
-    h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
+def resize_for_vision(img: Image.Image, max_pixels: int, min_pixels: int = MIN_PIXELS) -> Image.Image:
+    """-> the image at Qwen's target size, computed from its size on disk (see decode_image)."""
+    width, height = img.info.get(ORIGINAL_SIZE, img.size)
+    h, w = smart_resize(height, width, min_pixels, max_pixels)
     if (h, w) == (img.height, img.width):
         return img
-    return img.resize((w, h), resample=Image.BICUBIC)
+    return img.resize((w, h), resample=Image.BICUBIC)  # Qwen2VLImageProcessor's resample
 
 
-def patchify(img: Image.Image, max_pixels: int = 896 * 896, min_pixels: int = 56 * 56) -> tuple[torch.Tensor, list[int]]:
-    """RGB image -> (pixel_values [P, 3*2*14*14] float32, grid_thw [1, h/14, w/14])."""
+def patchify(img: Image.Image, max_pixels: int = 896 * 896, min_pixels: int = MIN_PIXELS) -> tuple[torch.Tensor, list[int]]:
+    """RGB image -> (pixel_values [P, 3*2*14*14] float32, grid_thw [1, h/14, w/14]); P = h*w/14^2.
+
+    Rows are ordered so that each 2x2 merge group is contiguous (Qwen's layout), and a still
+    image is its own second temporal frame (Qwen repeats it to fill temporal_patch_size=2)."""
+    if img.mode != "RGB":
+        info = dict(img.info)
+        img = to_rgb(img)
+        img.info.update({k: v for k, v in info.items() if k == ORIGINAL_SIZE})
     img = resize_for_vision(img, max_pixels, min_pixels)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0  # [3, H, W]
     x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     C, H, W = x.shape
     gh, gw = H // PATCH, W // PATCH
     x = x.reshape(C, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
-    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # [gh/2, gw/2, 2, 2, C, 14, 14]: merge groups stay contiguous
-    x = x[:, :, :, :, :, None].expand(*x.shape[:5], TEMPORAL, PATCH, PATCH)  # a still image = 2 equal frames
-    return x.reshape(gh * gw, C * TEMPORAL * PATCH * PATCH).contiguous(), [1, gh, gw]
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # [gh/2, gw/2, 2, 2, C, 14, 14]: merge groups contiguous
+    x = x[:, :, :, :, :, None].expand(*x.shape[:5], TEMPORAL, PATCH, PATCH)  # [..., C, 2, 14, 14]
+    return x.reshape(gh * gw, PATCH_DIM).contiguous(), [1, gh, gw]  # [P, C*2*14*14]
 
 
-def num_image_tokens(width: int, height: int, max_pixels: int, min_pixels: int = 56 * 56) -> int:
+def num_image_tokens(width: int, height: int, max_pixels: int, min_pixels: int = MIN_PIXELS) -> int:
+    """Tokens of a width x height image after resize, patchify and the 2x2 merge (= P/4)."""
     h, w = smart_resize(height, width, min_pixels, max_pixels)
     return (h // PATCH) * (w // PATCH) // (MERGE * MERGE)

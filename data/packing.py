@@ -1,21 +1,27 @@
 """Multimodal sequence packing: encoded samples -> rows under a text cap and an image cap.
 
-Packing is greedy with a small look-ahead buffer: the row takes the oldest pending sample
-that still fits both caps; when none fits, the row is closed. A sample that cannot fit an
-empty row is skipped and counted (`oversize`) -- never truncated, since a cut could split
-a window from its image or drop the answer.
+Packing is greedy with a small look-ahead buffer (paper §3.3: 2048 text and 20,480 image
+tokens per row): the open row takes the oldest pending sample that still fits both caps;
+when none fits, the row is closed. A sample that cannot fit an empty row is skipped and
+counted (`oversize`) -- never truncated, since a cut could split a window from its image
+or drop the answer.
 
-Windows are delimited by images. Example row of two samples (I = image token, t = text):
+Windows are delimited by images (consecutive images at the same text position share a
+window, text before a sample's first image is a window without image, and every sample
+boundary is a window boundary). Example row of two samples (I = image token, t = text):
 
     sample 0:  t t [I I I I] t t t            sample 1: [I I] t t [I I I] t
-    text       0 1           2 3 4                      5 6       7
-    windows    (t t | -) (t t t | IIII)                 (t t | II) (t | III)
+    text idx   0 1           2 3 4                      5 6       7
+    windows    (t t | -)(t t t | IIII)                  (t t | II)(t | III)
     window_cu_seqlens_text   [0, 2, 5, 7, 8]
     window_cu_seqlens_image  [0, 0, 4, 6, 9]
     sample_cu_seqlens        [0, 5, 8]
+    image_text_position      [2, 5, 7]
+    position_ids             [0 1 2 3 4 | 0 1 2]
 
 Labels are pre-shifted: labels[p] = input_ids[p+1] when token p+1 is an answer target of
-the same sample, else -100 (so no loss crosses a sample boundary).
+the same sample, else -100 (so no loss crosses a sample boundary; a sample's last token
+has no target).
 """
 
 from __future__ import annotations
@@ -26,8 +32,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from casa.batch import PackedBatch, collate_packed
-
-PATCH_DIM = 3 * 2 * 14 * 14
+from data.image import MERGE, PATCH_DIM
 
 
 @dataclass
@@ -35,28 +40,37 @@ class Sample:
     """A tokenised sample ready to pack."""
 
     input_ids: list[int]
+    """[T_s] text ids."""
     answer_mask: list[bool]
+    """[T_s] True for answer targets."""
     image_positions: list[int]
+    """[I_s] text index each image precedes (< T_s)."""
     pixel_values: list[torch.Tensor]
-    """Per image [P_i, PATCH_DIM]."""
+    """Per image [P_i, 3*2*14*14]."""
     grids: list[list[int]]
-    """Per image (t, h, w)."""
+    """Per image (t, h, w) patch grid; image i has t*h*w/4 tokens."""
     meta: dict[str, Any] = field(default_factory=dict)
+    """key, task, group, answer, prompt_len."""
 
     @property
     def num_text(self) -> int:
         return len(self.input_ids)
 
     @property
+    def image_tokens(self) -> list[int]:
+        return [t * h * w // (MERGE * MERGE) for t, h, w in self.grids]
+
+    @property
     def num_image_tokens(self) -> int:
-        return sum(t * h * w // 4 for t, h, w in self.grids)
+        return sum(self.image_tokens)
 
 
 def sample_windows(image_positions: list[int], image_tokens: list[int], num_text: int) -> tuple[list[int], list[int]]:
     """Window boundaries of one sample (pure): -> (cu_text [W+1], cu_image [W+1]).
 
-    A window starts at each distinct image position (consecutive images share one); text
-    before the first image forms a window without image."""
+    A window opens at each distinct image position (consecutive images share one); text
+    before the first image forms a window without image (none when the sample starts with
+    an image)."""
     cu_t, cu_i = [0], [0]
     seen = 0
     for pos, n in zip(image_positions, image_tokens):
@@ -69,43 +83,70 @@ def sample_windows(image_positions: list[int], image_tokens: list[int], num_text
     return cu_t, cu_i
 
 
+def shifted_labels(input_ids: list[int], answer_mask: list[bool]) -> torch.Tensor:
+    """[T_s] -> [T_s] labels: labels[p] = ids[p+1] if token p+1 is a target, else -100."""
+    ids = torch.tensor(input_ids, dtype=torch.long)
+    target = torch.tensor(answer_mask, dtype=torch.bool)
+    labels = torch.full_like(ids, -100)
+    labels[:-1] = torch.where(target[1:], ids[1:], labels[:-1])
+    return labels
+
+
+def build_sample_row(s: Sample) -> PackedBatch:
+    """One sample as a PackedBatch (S = 1)."""
+    T = s.num_text
+    if len(s.answer_mask) != T or len(s.image_positions) != len(s.grids) or len(s.pixel_values) != len(s.grids):
+        raise ValueError(f"sample {s.meta.get('key')}: input_ids/answer_mask or images/grids/pixels disagree in length")
+    if any(p >= T for p in s.image_positions) or list(s.image_positions) != sorted(s.image_positions):
+        raise ValueError(f"sample {s.meta.get('key')}: image positions {s.image_positions} must be sorted and < T={T}"
+                         " (an image needs text after it, or it would fall into the next sample)")
+    cu_t, cu_i = sample_windows(s.image_positions, s.image_tokens, T)
+    return PackedBatch(
+        input_ids=torch.tensor(s.input_ids, dtype=torch.long),
+        labels=shifted_labels(s.input_ids, s.answer_mask),
+        position_ids=torch.arange(T),  # 1-D; the model derives M-RoPE positions itself
+        sample_cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
+        window_cu_seqlens_text=torch.tensor(cu_t, dtype=torch.int32),
+        window_cu_seqlens_image=torch.tensor(cu_i, dtype=torch.int32),
+        pixel_values=torch.cat(s.pixel_values) if s.pixel_values else torch.zeros(0, PATCH_DIM),
+        image_grid_thw=torch.tensor(s.grids, dtype=torch.long).reshape(-1, 3),
+        image_text_position=torch.tensor(s.image_positions, dtype=torch.long),
+        meta=[dict(s.meta)],
+    )
+
+
 def build_row(samples: list[Sample]) -> PackedBatch:
-    """Concatenate samples into one PackedBatch row."""
-    rows = []
-    for s in samples:
-        T = s.num_text
-        if any(p >= T for p in s.image_positions):
-            raise ValueError(f"sample {s.meta.get('key')}: an image has no text after it")
-        ids = torch.tensor(s.input_ids, dtype=torch.long)
-        target = torch.tensor(s.answer_mask, dtype=torch.bool)
-        labels = torch.full((T,), -100, dtype=torch.long)
-        labels[:-1] = torch.where(target[1:], ids[1:], labels[:-1])
-        tokens = [t * h * w // 4 for t, h, w in s.grids]
-        cu_t, cu_i = sample_windows(s.image_positions, tokens, T)
-        rows.append(PackedBatch(
-            input_ids=ids, labels=labels, position_ids=torch.arange(T),
-            sample_cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
-            window_cu_seqlens_text=torch.tensor(cu_t, dtype=torch.int32),
-            window_cu_seqlens_image=torch.tensor(cu_i, dtype=torch.int32),
-            pixel_values=torch.cat(s.pixel_values) if s.pixel_values else torch.zeros(0, PATCH_DIM),
-            image_grid_thw=torch.tensor(s.grids, dtype=torch.long).reshape(-1, 3),
-            image_text_position=torch.tensor(s.image_positions, dtype=torch.long),
-            meta=[dict(s.meta)],
-        ))
-    return collate_packed(rows) if len(rows) > 1 else rows[0]
+    """Concatenate samples into one PackedBatch row (boundaries offset, no padding)."""
+    if not samples:
+        raise ValueError("build_row needs at least one sample")
+    return collate_packed([build_sample_row(s) for s in samples])
 
 
 @dataclass
 class PackStats:
+    """Fill of the rows built so far; fill = used / cap, per row and on average."""
+
     rows: int = 0
+    samples: int = 0
     text_tokens: int = 0
     image_tokens: int = 0
     oversize: int = 0
+    row_text: list[int] = field(default_factory=list)
+    row_image: list[int] = field(default_factory=list)
+
+    def add_row(self, text: int, image: int, samples: int) -> None:
+        self.rows += 1
+        self.samples += samples
+        self.text_tokens += text
+        self.image_tokens += image
+        self.row_text.append(text)
+        self.row_image.append(image)
 
     def fill(self, max_text: int, max_image: int) -> tuple[float, float]:
+        """-> (mean text fill, mean image fill) over the rows."""
         if not self.rows:
             return 0.0, 0.0
-        return self.text_tokens / (self.rows * max_text), self.image_tokens / (self.rows * max_image)
+        return self.text_tokens / (self.rows * max_text), self.image_tokens / (self.rows * max(max_image, 1))
 
 
 class Packer:
@@ -114,16 +155,21 @@ class Packer:
     Args:
         max_text_tokens: text cap per row (paper: 2048).
         max_image_tokens: image-token cap per row (paper: 20480).
-        buffer_size: pending samples considered when filling a row.
-        max_samples_per_row: cap on samples per row (1 = no packing, e.g. for evaluation).
+        buffer_size: pending samples considered when filling a row (1 = plain greedy in order).
+        max_samples_per_row: cap on samples per row (None: no cap; 1 = no packing).
     """
 
     def __init__(self, max_text_tokens: int = 2048, max_image_tokens: int = 20480, buffer_size: int = 64,
                  max_samples_per_row: int | None = None):
         if max_text_tokens < 1 or max_image_tokens < 0:
-            raise ValueError(f"caps must be positive: max_text_tokens={max_text_tokens}, max_image_tokens={max_image_tokens}")
+            raise ValueError(f"Packer caps must be positive: max_text_tokens={max_text_tokens}, "
+                             f"max_image_tokens={max_image_tokens}")
+        if buffer_size < 1:
+            raise ValueError(f"Packer.buffer_size={buffer_size} must be >= 1")
+        if max_samples_per_row is not None and max_samples_per_row < 1:
+            raise ValueError(f"Packer.max_samples_per_row={max_samples_per_row} must be >= 1 or None")
         self.max_text, self.max_image = max_text_tokens, max_image_tokens
-        self.buffer_size = max(1, buffer_size)
+        self.buffer_size = buffer_size
         self.max_samples = max_samples_per_row
         self.stats = PackStats()
         self.oversize_keys: list[str] = []
@@ -131,25 +177,30 @@ class Packer:
     def fits_alone(self, s: Sample) -> bool:
         return s.num_text <= self.max_text and s.num_image_tokens <= self.max_image
 
-    def pack(self, samples: Iterable[Sample]) -> Iterator[PackedBatch]:
+    def plan(self, samples: Iterable[Sample]) -> Iterator[list[Sample]]:
+        """Samples -> groups of samples, one per row (pure apart from the statistics)."""
         pending: list[Sample] = []
         it = iter(samples)
         exhausted = False
-        while True:
+
+        def refill() -> None:
+            nonlocal exhausted
             while not exhausted and len(pending) < self.buffer_size:
-                try:
-                    s = next(it)
-                except StopIteration:
+                s = next(it, None)
+                if s is None:
                     exhausted = True
-                    break
-                if self.fits_alone(s):
+                elif self.fits_alone(s):
                     pending.append(s)
                 else:
                     self.stats.oversize += 1
                     self.oversize_keys.append(str(s.meta.get("key")))
+
+        while True:
+            refill()
             if not pending:
                 return
-            row, t_used, i_used = [], 0, 0
+            row: list[Sample] = []
+            t_used = i_used = 0
             i = 0
             while i < len(pending):
                 s = pending[i]
@@ -159,21 +210,14 @@ class Packer:
                     i_used += s.num_image_tokens
                     if self.max_samples and len(row) >= self.max_samples:
                         break
-                    # refill so the look-ahead stays full while the row is open
-                    while not exhausted and len(pending) < self.buffer_size:
-                        try:
-                            nxt = next(it)
-                        except StopIteration:
-                            exhausted = True
-                            break
-                        if self.fits_alone(nxt):
-                            pending.append(nxt)
-                        else:
-                            self.stats.oversize += 1
-                            self.oversize_keys.append(str(nxt.meta.get("key")))
+                    refill()  # keep the look-ahead full while the row is open; earlier
+                    # pending samples still do not fit, so the scan goes on from i
                 else:
                     i += 1
-            self.stats.rows += 1
-            self.stats.text_tokens += t_used
-            self.stats.image_tokens += i_used
-            yield build_row(row)
+            self.stats.add_row(t_used, i_used, len(row))
+            yield row
+
+    def pack(self, samples: Iterable[Sample]) -> Iterator[PackedBatch]:
+        """Samples -> PackedBatch rows (see module doc)."""
+        for group in self.plan(samples):
+            yield build_row(group)

@@ -4,10 +4,17 @@ Image placeholder tokens are never put in the text: an image is recorded as the 
 it precedes, and the fusion strategy decides what to do with it (insert its tokens there,
 or open a window there).
 
-    helium      <|user|>{text, images open windows here}<|end|><|assistant|>{answer}<|end|>
+    helium      <|user|>{text; an image opens a window at its text position}<|end|>
+                <|assistant|>{answer}<|end|>
     qwen2_5_vl  <|im_start|>user\\n<|vision_start|>[image]<|vision_end|>{text}<|im_end|>\\n
                 <|im_start|>assistant\\n{answer}<|im_end|>\\n
-                (with the demo tokenizer, which has no <|im_*|> tokens: <|user|>/<|end|> markers)
+                The image's position is the index of <|vision_end|> (the token it precedes);
+                with a tokenizer without <|im_*|> tokens (the char tokenizer) the turns use
+                our <|user|> ... <|end|> specials instead.
+
+A tokenizer that lacks the <|user|>/<|end|> specials (e.g. a stock Helium or Llama
+tokenizer) gets plain-text role markers ("User: ", "Assistant: ") and its EOS as the end
+token, so the template works with any Hugging Face tokenizer without resizing its vocabulary.
 
 Targets (the answer mask) are the assistant answers and their end-of-turn token: the
 model learns to answer and to stop, nothing else.
@@ -15,64 +22,83 @@ model learns to answer and to stop, nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TEMPLATES = ("helium", "qwen2_5_vl")
+OUR_TURNS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+PLAIN_TURNS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
+    """[T] text token ids."""
     answer_mask: list[bool]
+    """[T] True for target tokens (assistant answers and their end token)."""
     image_positions: list[int]
-    """Text index each image precedes, in image order."""
+    """[I] text index each image precedes, in image order."""
     prompt_len: int
     """Tokens before the last assistant answer (the generation prompt at evaluation)."""
-    answer: str
+    answer: str = ""
     """Reference text of the last assistant answer."""
-    extra: dict = field(default_factory=dict)
 
 
 class ChatTemplate:
     """Args:
         name: "helium" or "qwen2_5_vl".
-        tokenizer: any Hugging Face tokenizer.
+        tokenizer: any Hugging Face tokenizer (text pieces are tokenised with
+            add_special_tokens=False; special markers are looked up as single tokens).
     """
 
     def __init__(self, name: str, tokenizer):
         if name not in TEMPLATES:
             raise ValueError(f"template={name!r} is not one of {list(TEMPLATES)}")
-        self.name = name
-        self.tok = tokenizer
-        vocab = tokenizer.get_vocab()
-        qwen_native = name == "qwen2_5_vl" and "<|im_start|>" in vocab
-        if qwen_native:
-            self.turn_open = {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")}
-            self.turn_close = "<|im_end|>\n"
-            self.end_token = "<|im_end|>"
-        else:
-            self.turn_open = {r: f"<|{r}|>" for r in ("system", "user", "assistant")}
-            self.turn_close = "<|end|>"
-            self.end_token = "<|end|>"
+        self.name, self.tok = name, tokenizer
+        self.vocab = tokenizer.get_vocab()
         self.vision = name == "qwen2_5_vl"
-        for t in (self.end_token, *self.turn_open.values()) if not qwen_native else (self.end_token,):
-            if t not in vocab:
-                raise ValueError(f"tokenizer has no {t!r} token required by template {name!r}")
+        if self.vision and "<|im_start|>" in self.vocab and "<|im_end|>" in self.vocab:
+            # Qwen's own layout: <|im_start|>role\n ... <|im_end|>\n
+            self.turn_open = {r: ["<|im_start|>", f"{r}\n"] for r in OUR_TURNS}
+            self.end_token, self.after_end = "<|im_end|>", ["\n"]
+        elif all(t in self.vocab for t in (*OUR_TURNS.values(), "<|end|>")):
+            self.turn_open = {r: [t] for r, t in OUR_TURNS.items()}
+            self.end_token, self.after_end = "<|end|>", []
+        elif tokenizer.eos_token is not None:
+            self.turn_open = {r: [t] for r, t in PLAIN_TURNS.items()}
+            self.end_token, self.after_end = tokenizer.eos_token, ["\n"]
+        else:
+            raise ValueError(f"template {name!r}: the tokenizer has neither the {list(OUR_TURNS.values())} + "
+                             "'<|end|>' specials nor an eos_token to end turns with")
+        if self.vision:
+            for t in ("<|vision_start|>", "<|vision_end|>"):
+                if t not in self.vocab:
+                    raise ValueError(f"template 'qwen2_5_vl' needs the {t!r} token, which the tokenizer lacks")
+
+    # ------------------------------------------------------------------ tokens
+    def _ids(self, piece: str) -> list[int]:
+        """A special token (single id) or a text piece (tokenised without BOS/EOS)."""
+        if piece in self.vocab and piece.startswith("<|"):
+            return [self.vocab[piece]]
+        return self.tok(piece, add_special_tokens=False)["input_ids"] if piece else []
+
+    def _pieces(self, pieces: list[str]) -> list[int]:
+        return [i for p in pieces for i in self._ids(p)]
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return [self.tok.convert_tokens_to_ids(self.end_token)]
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return self._ids(self.end_token)
 
     def assistant_prefix(self) -> list[int]:
-        """Tokens that open an assistant turn (what a prompt ends with)."""
-        return self._ids(self.turn_open["assistant"])
+        """Tokens that open an assistant turn (what a generation prompt ends with)."""
+        return self._pieces(self.turn_open["assistant"])
 
-    def encode(self, messages: list[dict]) -> Encoded:
+    # ------------------------------------------------------------------ encode
+    def encode(self, messages: list[dict], image_token_counts: list[int] | None = None) -> Encoded:
         """messages: [{"role", "content": [{"type": "text"|"image", ...}]}] (videos already
-        expanded into images by `data.video`)."""
+        expanded into images by `data.video`) -> Encoded.
+
+        `image_token_counts` (one per image, optional) only checks that the caller's images
+        match the conversation: no template puts image placeholders in the text."""
         ids: list[int] = []
         mask: list[bool] = []
         positions: list[int] = []
@@ -84,14 +110,13 @@ class ChatTemplate:
 
         for m in messages:
             role = m["role"]
-            add(self._ids(self.turn_open[role]), False)
+            add(self._pieces(self.turn_open[role]), False)
             if role == "assistant":
                 text = "".join(c.get("text", "") for c in m["content"] if c["type"] == "text")
                 prompt_len, answer = len(ids), text
                 add(self._ids(text), True)
-                add(self._ids(self.end_token), True)
-                rest = self.turn_close[len(self.end_token):]
-                add(self._ids(rest), False)
+                add(self._ids(self.end_token), True)  # learning to stop
+                add(self._pieces(self.after_end), False)
                 continue
             for c in m["content"]:
                 if c["type"] == "text":
@@ -99,9 +124,30 @@ class ChatTemplate:
                 elif c["type"] == "image":
                     if self.vision:
                         add(self._ids("<|vision_start|>"), False)
-                        positions.append(len(ids))
+                        positions.append(len(ids))  # = index of <|vision_end|>
                         add(self._ids("<|vision_end|>"), False)
                     else:
                         positions.append(len(ids))
-            add(self._ids(self.turn_close), False)
+                else:
+                    raise ValueError(f"content type {c['type']!r} cannot be encoded (expand videos with data.video first)")
+            add(self._ids(self.end_token), False)
+            add(self._pieces(self.after_end), False)
+        if image_token_counts is not None and len(image_token_counts) != len(positions):
+            raise ValueError(f"{len(image_token_counts)} image token counts for {len(positions)} images in the conversation")
         return Encoded(ids, mask, positions, prompt_len, answer)
+
+
+_CACHE: dict[tuple[str, int], ChatTemplate] = {}
+
+
+def get_template(name: str, tokenizer) -> ChatTemplate:
+    """The template `name` for `tokenizer` (cached per tokenizer object)."""
+    key = (name, id(tokenizer))
+    if key not in _CACHE or _CACHE[key].tok is not tokenizer:
+        _CACHE[key] = ChatTemplate(name, tokenizer)
+    return _CACHE[key]
+
+
+def encode(messages: list[dict], image_token_counts: list[int], tokenizer, template: str = "helium") -> Encoded:
+    """Functional form: `get_template(template, tokenizer).encode(messages, image_token_counts)`."""
+    return get_template(template, tokenizer).encode(messages, image_token_counts)

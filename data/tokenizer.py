@@ -17,7 +17,8 @@ UNK = "<|unk|>"
 
 
 def build_tokenizer(out_dir: str | Path):
-    """Write the character-level tokenizer to `out_dir` and return it (vocabulary < 160)."""
+    """Write the character-level tokenizer to `out_dir` and return it (107 ids: 9 specials,
+    <|unk|>, 97 printable ASCII characters)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,39 +1,54 @@
 """Video samples: frame sampling and the two window layouts.
 
-Sampling (paper §4.2): frames at `fps` (2), a clip shorter than `min_duration` (10 s) gets
-`min_frames` (20) uniformly spread frames instead, and only the first `max_duration`
-(180 s) is used. Frames are then ordinary images (capped at 448^2 by the dataset).
+Sampling (paper App. "Video data"): frames at `fps` (2), except that a clip shorter than
+`min_duration` (10 s) gets `min_frames` (20) uniformly spread frames instead, and only the
+first `max_duration` (180 s) is used. Frames are then ordinary images, capped at 448^2
+pixels by the dataset (256 tokens each), processed frame by frame (no temporal merge: the
+paper found Qwen's 2-frame patches detrimental).
 
-Layouts:
-    qa       the frames, consecutive, form ONE window followed by the question and answer
-             user: [f0 f1 ... fK] question   assistant: answer
-    caption  live captioning: one window per frame, each followed by the captions whose
-             timestamps fall in [t_i, t_i+1) -- or an empty assistant turn (just the end
-             token), so the model learns when to stay silent
-             user: prompt   then per frame:  user: [f_i]   assistant: caption_i | ""
+Layouts (t = text, F = frame tokens, | separates windows):
+    qa       all frames, consecutive, form ONE window followed by the question and answer
+             user: [F0 F1 ... FK] question   assistant: answer
+             windows: (<|user|> | -) (question <|end|><|assistant|> answer <|end|> | F0..FK)
+    caption  live captioning: one window per frame, each followed by an assistant turn with
+             the captions whose timestamps fall in [t_i, t_{i+1}) -- or an empty assistant
+             turn (just the end token) when nothing is said, so the model learns when to
+             stay silent. A short user prompt opens the conversation:
+             user: prompt [F0]  assistant: caption_0 | ""   user: [F1]  assistant: ...
+             windows: (<|user|> prompt | -) (<|end|><|assistant|> caption_0 <|end|><|user|> | F0) ...
 """
 
 from __future__ import annotations
 
+import math
+
 from data.format import image, text
+
+CAPTION_PROMPT = "Describe what happens."
 
 
 def sample_frames(timestamps: list[float], fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
                   max_duration: float = 180.0) -> list[int]:
-    """Indices of the frames to keep, in time order (pure; nearest available frame)."""
+    """Indices of the frames to keep, in time order (pure).
+
+    timestamps [F] (seconds, increasing) -> indices [K]: the nearest stored frame to each wanted
+    time, without repeats (a source stored below `fps` keeps every frame)."""
     if fps <= 0:
         raise ValueError(f"fps={fps} must be > 0")
+    if max_duration <= 0 or min_frames < 1:
+        raise ValueError(f"max_duration={max_duration} and min_frames={min_frames} must be positive")
     if not timestamps:
         return []
     t0 = timestamps[0]
-    end = min(timestamps[-1], t0 + max_duration)
-    duration = end - t0
+    duration = min(timestamps[-1] - t0, max_duration)
     if duration < min_duration:
         n = min(min_frames, len(timestamps))
         wanted = [t0 + duration * i / max(n - 1, 1) for i in range(n)]
     else:
-        step = 1.0 / fps
-        wanted = [t0 + i * step for i in range(int(duration * fps) + 1)]
+        # 2 fps over [t0, t0 + duration): 180 s -> 360 frames; the end is exclusive so a
+        # capped clip does not get one extra frame at exactly t0 + max_duration
+        n = max(1, math.ceil(duration * fps - 1e-9))
+        wanted = [t0 + i / fps for i in range(n)]
     picked: list[int] = []
     j = 0
     for w in wanted:
@@ -44,28 +59,39 @@ def sample_frames(timestamps: list[float], fps: float = 2.0, min_duration: float
     return picked
 
 
-def expand_video(conv: dict, frame_refs: list[str], frame_times: list[float], prompt: str = "Describe what happens.") -> list[dict]:
-    """Rewrite a video conversation into image messages for the template (see module doc)."""
+def expand_video(conv: dict, frame_refs: list[str], frame_times: list[float], prompt: str = CAPTION_PROMPT,
+                 end: float = math.inf) -> list[dict]:
+    """Rewrite a video conversation into image messages for the template (see module doc).
+
+    conv: the sample JSON (`data.format`); frame_refs / frame_times [K]: the sampled frames;
+    end: captions at or after this time are dropped (the clip was cut at `max_duration`)."""
     video = conv["video"]
     layout = video.get("layout", "qa")
     if layout == "qa":
-        out = []
+        out, placed = [], False
         for m in conv["messages"]:
             content = []
             for c in m["content"]:
                 if c["type"] == "video":
                     content.extend(image(r) for r in frame_refs)
+                    placed = True
                 else:
                     content.append(c)
             out.append({"role": m["role"], "content": content})
+        if not placed:  # no {"type": "video"} item: the frames open the first user turn
+            first = next((m for m in out if m["role"] == "user"), None)
+            if first is None:
+                raise ValueError("a 'qa' video conversation needs a user turn to hold its frames")
+            first["content"] = [*(image(r) for r in frame_refs), *first["content"]]
         return out
+    if layout != "caption":
+        raise ValueError(f"video.layout={layout!r} is not one of ['qa', 'caption']")
     captions = sorted(video.get("captions", []), key=lambda c: c["t"])
     msgs = [m for m in conv.get("messages", []) if m["role"] == "system"]
-    msgs.append({"role": "user", "content": [text(prompt)]})
-    msgs.append({"role": "assistant", "content": [text("")]})  # the model is silent before the first frame
-    bounds = list(frame_times[1:]) + [float("inf")]
-    for ref, t, t_next in zip(frame_refs, frame_times, bounds):
-        said = " ".join(c["text"] for c in captions if t <= c["t"] < t_next)
-        msgs.append({"role": "user", "content": [image(ref)]})
+    bounds = list(frame_times[1:]) + [end]
+    for i, (ref, t, t_next) in enumerate(zip(frame_refs, frame_times, bounds)):
+        lo = -math.inf if i == 0 else t  # words said before the first kept frame go with it
+        said = " ".join(c["text"].strip() for c in captions if lo <= c["t"] < t_next and c["text"].strip())
+        msgs.append({"role": "user", "content": [text(prompt), image(ref)] if i == 0 else [image(ref)]})
         msgs.append({"role": "assistant", "content": [text(said)]})
     return msgs

@@ -3,132 +3,267 @@
 import pytest
 import torch
 
-from casa.attention import BACKENDS, check_backend, set_flash_fn, varlen_attention
+import casa.attention as attention
+from casa.attention import BACKENDS, check_backend, dense_mask, set_flash_fn, varlen_attention
 
-# (Lq, Lk) per segment: uneven windows with image keys (Lk > Lq), windows without image
-# (Lq == Lk), a query segment with no keys, a key segment with no queries, single tokens,
-# and Lq > Lk (the first queries see nothing under bottom-right causality)
+# (Lq, Lk) per segment. CASA windows have keys = image tokens + text tokens (Lk > Lq); a
+# window without image has Lq == Lk; plus the edge cases the primitive must accept.
 LAYOUTS = {
-    "uneven": [(3, 7), (4, 4), (2, 9)],
-    "no_keys": [(2, 5), (3, 0), (2, 2)],
-    "no_queries": [(0, 4), (3, 6)],
-    "single": [(1, 1), (1, 3), (1, 1)],
-    "more_queries": [(5, 3), (2, 2)],
+    "uneven": [(3, 7), (4, 4), (2, 9)],  # image + text keys, and one image-less window
+    "text_only": [(3, 3), (4, 4), (1, 1)],  # zero image tokens everywhere: Lq == Lk
+    "no_keys": [(2, 5), (3, 0), (2, 2)],  # a query segment without keys -> zeros
+    "no_queries": [(0, 4), (3, 6)],  # a key segment without queries
+    "single": [(1, 1), (1, 3), (1, 1)],  # single-token segments
+    "more_queries": [(5, 3), (2, 2)],  # Lq > Lk: the first 2 queries see nothing when causal
 }
+HEADS = {"gqa": (4, 2), "mha": (2, 2)}  # (H, Hkv)
+RUNNABLE = ["sdpa", "eager", "flex", "flash"]  # flex forward only, flash via a CPU stand-in
 
 
-def _inputs(layout, H=4, Hkv=2, D=8, seed=0):
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _inputs(layout, heads="gqa", D=8, seed=0):
+    H, Hkv = HEADS[heads]
     g = torch.Generator().manual_seed(seed)
     Tq, Tk = sum(a for a, _ in layout), sum(b for _, b in layout)
-    q = torch.randn(Tq, H, D, generator=g, dtype=torch.float64).float().requires_grad_()
+    q = torch.randn(Tq, H, D, generator=g).requires_grad_()
     k = torch.randn(Tk, Hkv, D, generator=g).requires_grad_()
     v = torch.randn(Tk, Hkv, D, generator=g).requires_grad_()
-    cu_q = torch.tensor([0] + torch.tensor([a for a, _ in layout]).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor([b for _, b in layout]).cumsum(0).tolist(), dtype=torch.int32)
-    return q, k, v, cu_q, cu_k
+    return q, k, v, _cu([a for a, _ in layout]), _cu([b for _, b in layout])
 
 
-def _naive(q, k, v, cu_q, cu_k, causal, masked_key=None):
-    """Per-query softmax over the keys it may see: the textbook definition."""
-    H, D = q.shape[1], q.shape[2]
-    out = torch.zeros_like(q)
-    for w in range(len(cu_q) - 1):
-        q0, q1, k0, k1 = int(cu_q[w]), int(cu_q[w + 1]), int(cu_k[w]), int(cu_k[w + 1])
-        lq, lk = q1 - q0, k1 - k0
+def _visible(layout, causal, masked_key=None):
+    """[(query, [keys it sees])] by the textbook rule, all indices global."""
+    rows, q0, k0 = [], 0, 0
+    for lq, lk in layout:
         for j in range(lq):
-            visible = [k0 + i for i in range(lk) if not causal or i <= lk - lq + j]
+            keys = [k0 + i for i in range(lk) if not causal or i <= lk - lq + j]  # bottom-right
             if masked_key is not None:
-                visible = [i for i in visible if i != int(masked_key[q0 + j])]
-            if not visible:
-                continue
-            for h in range(H):
-                kh = k[visible, h * k.shape[1] // H]
-                vh = v[visible, h * k.shape[1] // H]
-                p = torch.softmax(kh @ q[q0 + j, h] / D ** 0.5, dim=0)
-                out[q0 + j, h] = p @ vh
-    return out
+                keys = [i for i in keys if i != int(masked_key[q0 + j])]
+            rows.append((q0 + j, keys))
+        q0, k0 = q0 + lq, k0 + lk
+    return rows
 
 
+def _naive(q, k, v, layout, causal, scale=None, masked_key=None):
+    """Per-query, per-head softmax over the visible keys, in float64: independent of casa."""
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros_like(q)
+    for i, keys in _visible(layout, causal, masked_key):
+        for h in range(H):
+            if keys:
+                p = torch.softmax(k[keys, h // (H // Hkv)] @ q[i, h] * scale, dim=0)
+                out[i, h] = p @ v[keys, h // (H // Hkv)]
+    return out.float()
+
+
+def _keyless_rows(layout, causal):
+    return [i for i, keys in _visible(layout, causal) if not keys]
+
+
+@pytest.fixture
+def flash_stand_in():
+    """Route the flash backend to a reference with flash_attn_varlen_func's signature and
+    semantics (int32 boundaries, int max lengths, bottom-right causal, native GQA, zeros for
+    keyless rows), recording what it was given."""
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False):
+        calls.append(dict(cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, max_q=max_seqlen_q, max_k=max_seqlen_k,
+                          dropout_p=dropout_p, scale=softmax_scale, causal=causal))
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, "dense", scale=softmax_scale)
+
+    set_flash_fn(flash_attn_varlen_func)
+    yield calls
+    set_flash_fn(None)
+
+
+def test_dense_mask_picture():
+    """The module docstring's picture: segments (Lq=2, Lk=5) and (Lq=3, Lk=3), causal."""
+    picture = """
+        x x x x . . . .
+        x x x x x . . .
+        . . . . . x . .
+        . . . . . x x .
+        . . . . . x x x
+    """
+    want = torch.tensor([[c == "x" for c in line.split()] for line in picture.strip().splitlines()])
+    torch.testing.assert_close(dense_mask(_cu([2, 3]), _cu([5, 3]), 5, 8, causal=True), want)
+    assert dense_mask(_cu([2, 3]), _cu([5, 3]), 5, 8, causal=False).sum() == 2 * 5 + 3 * 3
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("causal", [True, False])
-def test_dense_equals_naive(layout, causal):
-    q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout])
+def test_dense_equals_naive(layout, causal, heads):
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout], heads)
     with torch.no_grad():
-        torch.testing.assert_close(varlen_attention(q, k, v, cu_q, cu_k, causal, "dense"),
-                                   _naive(q, k, v, cu_q, cu_k, causal), atol=1e-5, rtol=1e-5)
+        out = varlen_attention(q, k, v, cu_q, cu_k, causal, "dense")
+        torch.testing.assert_close(out, _naive(q, k, v, LAYOUTS[layout], causal), atol=1e-5, rtol=1e-5)
+        out = varlen_attention(q, k, v, cu_q, cu_k, causal, "dense", scale=0.3)
+        torch.testing.assert_close(out, _naive(q, k, v, LAYOUTS[layout], causal, scale=0.3), atol=1e-5, rtol=1e-5)
 
 
-def _reference_flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                     softmax_scale=None, causal=False):
-    """Stand-in for flash_attn_varlen_func with its signature and semantics (int32 boundaries,
-    int max lengths, bottom-right causal, native GQA), checking what it is given."""
-    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
-    assert isinstance(max_seqlen_q, int) and max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    assert isinstance(max_seqlen_k, int) and dropout_p == 0.0
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, "dense", scale=softmax_scale)
-
-
-@pytest.mark.parametrize("backend", ["sdpa", "eager", "flex", "flash"])
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("causal", [True, False])
-def test_backend_equals_dense_forward_and_backward(backend, layout, causal):
-    q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout])
+def test_backend_equals_dense_forward_and_backward(backend, layout, causal, heads, flash_stand_in):
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout], heads)
     ref = varlen_attention(q, k, v, cu_q, cu_k, causal, "dense")
-    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    if backend == "flex":  # forward only on CPU (no flex backward there)
+    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    grads_ref = torch.autograd.grad(ref, (q, k, v), upstream)
+    if backend == "flex":  # no flex backward on CPU: forward only
         with torch.no_grad():
             out = varlen_attention(q, k, v, cu_q, cu_k, causal, "flex")
         torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=1e-5)
         return
-    if backend == "flash":
-        set_flash_fn(_reference_flash)
-    try:
-        out = varlen_attention(q, k, v, cu_q, cu_k, causal, backend)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    finally:
-        set_flash_fn(None)
+    out = varlen_attention(q, k, v, cu_q, cu_k, causal, backend)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for g, gr in zip(grads, grads_ref):
-        assert torch.isfinite(g).all()
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    for name, g, gr in zip("qkv", grads, grads_ref):
+        assert torch.isfinite(g).all(), f"d{name} has non-finite entries"
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5, msg=f"d{name} differs from dense")
+
+
+@pytest.mark.parametrize("backend", ["dense", *RUNNABLE])
+@pytest.mark.parametrize("layout,causal", [("no_keys", True), ("no_keys", False), ("more_queries", True)])
+def test_rows_without_keys_are_zero_with_finite_grads(backend, layout, causal, flash_stand_in):
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout])
+    rows = _keyless_rows(LAYOUTS[layout], causal)
+    assert rows  # the layout does exercise the case
+    if backend == "flex":
+        with torch.no_grad():
+            out = varlen_attention(q, k, v, cu_q, cu_k, causal, backend)
+        assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+        return
+    out = varlen_attention(q, k, v, cu_q, cu_k, causal, backend)
+    assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.equal(dq[rows], torch.zeros_like(dq[rows]))  # a query that sees nothing has no gradient
+
+
+def test_flash_plumbing(flash_stand_in):
+    """Boundaries reach flash-attn as int32 (even when given int64), max lengths as Python
+    ints, the scale and causality unchanged, and the output keeps q's shape."""
+    layout = LAYOUTS["uneven"]
+    q, k, v, cu_q, cu_k = _inputs(layout)
+    out = varlen_attention(q, k, v, cu_q.long(), cu_k.long(), True, "flash", scale=0.3)
+    (call,) = flash_stand_in
+    assert call["cu_q"].dtype == torch.int32 and call["cu_k"].dtype == torch.int32
+    assert type(call["max_q"]) is int and call["max_q"] == max(a for a, _ in layout)
+    assert type(call["max_k"]) is int and call["max_k"] == max(b for _, b in layout)
+    assert call["scale"] == 0.3 and call["causal"] is True and call["dropout_p"] == 0.0
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, _naive(q.detach(), k.detach(), v.detach(), layout, True, scale=0.3),
+                               atol=1e-5, rtol=1e-5)
+    varlen_attention(q, k, v, cu_q, cu_k, False, "flash")
+    assert flash_stand_in[1]["scale"] == 8 ** -0.5 and flash_stand_in[1]["causal"] is False  # default D ** -0.5
+
+
+def test_sdpa_syncs_once(monkeypatch):
+    """The training path reads both boundary tensors with a single `.tolist()` per call."""
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS["uneven"])
+    calls = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or tolist(self))
+    varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("layout", ["uneven", "no_keys", "no_queries", "more_queries"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_eager_probabilities(layout, causal):
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout])
+    H, Hkv = q.shape[1], k.shape[1]
+    with torch.no_grad():
+        out, probs = varlen_attention(q, k, v, cu_q, cu_k, causal, "eager", return_probs=True)
+        torch.testing.assert_close(out, varlen_attention(q, k, v, cu_q, cu_k, causal, "dense"))
+    assert len(probs) == len(LAYOUTS[layout])
+    visible = dict(_visible(LAYOUTS[layout], causal))
+    for w, (lq, lk) in enumerate(LAYOUTS[layout]):
+        q0, k0 = int(cu_q[w]), int(cu_k[w])
+        p = probs[w]
+        assert p.shape == (H, lq, lk)  # a keyless segment gives [H, lq, 0]
+        for j in range(lq):
+            keys = [i - k0 for i in visible[q0 + j]]
+            torch.testing.assert_close(p[:, j].sum(-1), torch.full((H,), float(bool(keys))))
+            hidden = [i for i in range(lk) if i not in keys]
+            assert torch.equal(p[:, j, hidden], torch.zeros(H, len(hidden)))  # nothing leaks past the mask
+        vw = v[k0:k0 + lk].repeat_interleave(H // Hkv, dim=1)  # [lk, H, D]
+        torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p, vw), out[q0:q0 + lq])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_key_hides_exactly_that_key(causal):
+    layout = LAYOUTS["uneven"]
+    q, k, v, cu_q, cu_k = _inputs(layout)
+    # queries 0-2 see keys 0-6, 3-6 see 7-10, 7-8 see 11-19: in-window keys ("-rnd"), the
+    # query's own text key ("-self": keys 4-6 are text 0-2 of window 0), -1 (none) and one key
+    # of another window (hides nothing)
+    masked = torch.tensor([4, 5, -1, 7, 8, 9, 10, 19, 0])
+    ref = varlen_attention(q, k, v, cu_q, cu_k, causal, "dense", masked_key=masked)
+    torch.testing.assert_close(ref, _naive(q, k, v, layout, causal, masked_key=masked), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref, varlen_attention(q, k, v, cu_q, cu_k, causal, "dense"))  # the mask matters
+    grads_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    out, probs = varlen_attention(q, k, v, cu_q, cu_k, causal, "eager", masked_key=masked, return_probs=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(probs[0][:, 0, 4], torch.zeros(4)) and torch.equal(probs[1][:, 0, 0], torch.zeros(4))
+    for g, gr in zip(torch.autograd.grad(out.sum(), (q, k, v)), grads_ref):
         torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
 
 
-def test_rows_without_keys_are_zero():
-    q, k, v, cu_q, cu_k = _inputs(LAYOUTS["no_keys"])
-    for backend in ("dense", "sdpa", "eager"):
-        out = varlen_attention(q, k, v, cu_q, cu_k, True, backend)
-        assert torch.equal(out[2:5], torch.zeros_like(out[2:5]))
+@pytest.mark.parametrize("backend", ["dense", "eager"])
+def test_masking_the_only_visible_key_gives_zeros(backend):
+    # causal, Lq == Lk: the first query of each window sees only its own key
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS["text_only"])
+    masked = torch.full((8,), -1)
+    masked[[0, 3, 7]] = torch.tensor([0, 3, 7])  # "-self" on the window openers
+    out = varlen_attention(q, k, v, cu_q, cu_k, True, backend, masked_key=masked)
+    assert torch.equal(out[[0, 3, 7]], torch.zeros(3, 4, 8))
+    torch.testing.assert_close(out, _naive(q, k, v, LAYOUTS["text_only"], True, masked_key=masked), atol=1e-5,
+                               rtol=1e-5)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), (q, k, v)))
 
 
-def test_eager_probabilities():
+def test_error_messages_name_the_valid_backends():
     q, k, v, cu_q, cu_k = _inputs(LAYOUTS["uneven"])
-    with torch.no_grad():
-        out, probs = varlen_attention(q, k, v, cu_q, cu_k, True, "eager", return_probs=True)
-        for w, p in enumerate(probs):
-            assert p.shape == (4, int(cu_q[w + 1] - cu_q[w]), int(cu_k[w + 1] - cu_k[w]))
-            torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:2]))
-            vw = v[int(cu_k[w]):int(cu_k[w + 1])].repeat_interleave(2, dim=1)  # [lk, H, D]
-            torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p, vw), out[int(cu_q[w]):int(cu_q[w + 1])])
-
-
-def test_masked_key_hides_exactly_that_key():
-    q, k, v, cu_q, cu_k = _inputs(LAYOUTS["uneven"])
-    masked = torch.tensor([0, 5, -1, 7, 8, 9, 10, 19, 13])  # some in-window keys, one -1
-    with torch.no_grad():
-        want = _naive(q, k, v, cu_q, cu_k, True, masked)
-        for backend in ("dense", "eager"):
-            torch.testing.assert_close(varlen_attention(q, k, v, cu_q, cu_k, True, backend, masked_key=masked), want,
-                                       atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="masked_key needs backend 'dense' or 'eager'"):
-        varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa", masked_key=masked)
-
-
-def test_backend_errors_name_the_valid_backends():
-    q, k, v, cu_q, cu_k = _inputs(LAYOUTS["uneven"])
-    with pytest.raises(ValueError, match=r"backend='fast' is not one of \['dense', 'sdpa', 'eager', 'flex', 'flash'\]"):
-        varlen_attention(q, k, v, cu_q, cu_k, True, "fast")
-    with pytest.raises(ValueError, match=r"no backward on CPU.*backends that can: \['dense', 'sdpa', 'eager'\]"):
-        varlen_attention(q, k, v, cu_q, cu_k, True, "flex")
-    with pytest.raises(ValueError, match="flash-attn needs CUDA"):
-        check_backend("flash", "cpu", requires_grad=False)
     assert BACKENDS == ("dense", "sdpa", "eager", "flex", "flash")
+    with pytest.raises(ValueError, match=r"backend='foo' is not one of \['dense', 'sdpa', 'eager', 'flex', 'flash'\]"):
+        varlen_attention(q, k, v, cu_q, cu_k, True, "foo")
+    with pytest.raises(ValueError, match=r"no backward on CPU.*can run here.*\['dense', 'sdpa', 'eager'\]$"):
+        varlen_attention(q, k, v, cu_q, cu_k, True, "flex")  # q requires grad
+    with pytest.raises(ValueError, match=r"needs a CUDA device.*can run here.*\['dense', 'sdpa', 'eager', 'flex'\]$"):
+        check_backend("flash", "cpu", requires_grad=False)
+    with pytest.raises(ValueError, match=r"needs a CUDA device.*can run here.*\['dense', 'sdpa', 'eager'\]$"):
+        check_backend("flash", "cpu", requires_grad=True)  # with gradients flex drops out of the list
+    with pytest.raises(ValueError, match="masked_key needs backend 'dense' or 'eager'"):
+        varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa", masked_key=torch.full((9,), -1))
+    with pytest.raises(ValueError, match="return_probs=True needs backend 'eager'"):
+        varlen_attention(q, k, v, cu_q, cu_k, True, "dense", return_probs=True)
+
+
+def test_backends_that_can_run_pass_the_check(flash_stand_in):
+    check_backend("flex", "cpu", requires_grad=False)  # forward-only flex is fine on CPU
+    check_backend("flex", "cuda", requires_grad=True)
+    check_backend("flash", "cpu", requires_grad=True)  # the stand-in is installed
+    set_flash_fn(None)
+    if not attention._flash_installed():
+        with pytest.raises(ValueError, match="flash-attn package"):
+            check_backend("flash", "cuda", requires_grad=True)
+
+
+def test_bad_shapes_and_boundaries_fail_loudly():
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS["uneven"])
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of key/value heads \(3\)"):
+        varlen_attention(q, torch.randn(20, 3, 8), torch.randn(20, 3, 8), cu_q, cu_k, True, "sdpa")
+    with pytest.raises(ValueError, match=r"cu_seqlens_k=\[0, 7, 11, 19\] must rise from 0 to the token count 20"):
+        varlen_attention(q, k, v, cu_q, torch.tensor([0, 7, 11, 19], dtype=torch.int32), True, "sdpa")
+    with pytest.raises(ValueError, match=r"must both be \[W\+1\]"):
+        varlen_attention(q, k, v, cu_q, cu_k[:-1], True, "sdpa")

@@ -1,7 +1,9 @@
-"""Task generators of the built-in synthetic benchmark (see `data.synth`).
+"""Task generators of the built-in synthetic benchmark (see `data.synth`, docs/synth.md).
 
-Each task is a function `make(rng: random.Random, size: int) -> (conversation, files)`
-returning a conversation in the `data.format` layout and its image files.
+Each task is a function `make(rng: random.Random, size: int) -> (conversation, files)`:
+a conversation in the `data.format` layout (without `task`/`group`, which `data.synth`
+adds) and its files (`{"img0.png": bytes}` or `{"f000.jpg": bytes, ...}`). `size` is the
+image (or frame) side in pixels, set per group. The function draws only from `rng`.
 """
 
 from data.synth_tasks import coarse, ocr, reading, video
@@ -16,7 +18,10 @@ TASKS = {
     "video_direction": ("video", video.direction),
     "live_caption": ("video", video.live_caption),
 }
-"""task -> (group, generator). Groups mirror the paper's: fine-grained reading (HRES-like),
-text reading (OCR-like), coarse VQA, video."""
+"""task -> (group, generator). Groups mirror the paper's evaluation groups: coarse VQA,
+fine-grained reading (HRES-like: charts, tables), text reading (OCR-like), video."""
+
+GROUPS = ("coarse", "reading", "ocr", "video")
 
 DEFAULT_SIZES = {"coarse": 56, "reading": 112, "ocr": 112, "video": 56}
+"""Image side per group: 56 px -> 4 visual tokens after the 2x2 merge, 112 px -> 16."""

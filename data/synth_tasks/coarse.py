@@ -1,4 +1,9 @@
-"""Coarse VQA: colours, shapes and counts of large objects (learnable from a few tokens)."""
+"""Coarse VQA (paper's "coarse" group): colours, shapes and counts of large objects.
+
+These need no fine detail: a 56x56 image (4 visual tokens after the vision encoder's 2x2
+merge) holds the answer, so a tiny model learns them in a few CPU minutes. They are the
+sanity check of a fusion strategy, where the paper finds all strategies close.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +11,43 @@ import random
 
 from PIL import ImageDraw
 
-from data.format import encode_image, image, text
-from data.synth_tasks.render import COLORS, SHAPES, canvas, draw_shape, jitter
+from data.synth_tasks.render import COLORS, SHAPES, canvas, draw_shape, jitter, single_image_qa
 
-
-def _qa(question: str, answer: str, img) -> tuple[dict, dict]:
-    conv = {"messages": [{"role": "user", "content": [image("img0"), text(question)]},
-                         {"role": "assistant", "content": [text(answer)]}]}
-    return conv, {"img0.png": encode_image(img)}
+COLOR_NAMES = sorted(COLORS)
+MAX_COUNT = 5
+GRID = 3  # count: shapes sit in distinct cells of a GRID x GRID layout
 
 
 def color(rng: random.Random, size: int):
-    name = rng.choice(sorted(COLORS))
+    """One big shape of a palette colour (jittered) -> its colour word."""
+    name = rng.choice(COLOR_NAMES)
     img = canvas(size)
     r = size * rng.uniform(0.22, 0.38)
-    c = rng.uniform(r, size - r)
-    draw_shape(ImageDraw.Draw(img), rng.choice(SHAPES), c, rng.uniform(r, size - r), r, jitter(rng, COLORS[name]))
-    return _qa("What colour is the shape?", name, img)
+    draw_shape(ImageDraw.Draw(img), rng.choice(SHAPES), rng.uniform(r, size - r), rng.uniform(r, size - r), r,
+               jitter(rng, COLORS[name]))
+    return single_image_qa("What colour is the shape?", name, img)
 
 
 def shape(rng: random.Random, size: int):
+    """One big shape of a random colour -> its shape word."""
     name = rng.choice(SHAPES)
     img = canvas(size)
     r = size * rng.uniform(0.25, 0.4)
     draw_shape(ImageDraw.Draw(img), name, rng.uniform(r, size - r), rng.uniform(r, size - r), r,
-               jitter(rng, COLORS[rng.choice(sorted(COLORS))]))
-    return _qa("What shape is it?", name, img)
+               jitter(rng, COLORS[rng.choice(COLOR_NAMES)]))
+    return single_image_qa("What shape is it?", name, img)
 
 
 def count(rng: random.Random, size: int):
-    n = rng.randint(1, 5)
+    """1..MAX_COUNT shapes -> the digit. Each shape sits inside its own grid cell with a
+    margin, so the objects never touch and the count is well posed (the tests count
+    connected components)."""
+    n = rng.randint(1, MAX_COUNT)
     img = canvas(size)
     d = ImageDraw.Draw(img)
-    cells = rng.sample(range(9), n)  # a 3x3 grid keeps the objects apart, so counting is well posed
-    step = size / 3
-    for cell in cells:
-        cx, cy = (cell % 3 + 0.5) * step, (cell // 3 + 0.5) * step
-        draw_shape(d, rng.choice(SHAPES), cx, cy, step * 0.32, jitter(rng, COLORS[rng.choice(sorted(COLORS))]))
-    return _qa("How many shapes are there?", str(n), img)
+    step = size / GRID
+    for cell in rng.sample(range(GRID * GRID), n):
+        cx, cy = (cell % GRID + 0.5) * step, (cell // GRID + 0.5) * step
+        r = step * rng.uniform(0.22, 0.34)
+        draw_shape(d, rng.choice(SHAPES), cx, cy, r, jitter(rng, COLORS[rng.choice(COLOR_NAMES)]))
+    return single_image_qa("How many shapes are there?", str(n), img)

@@ -1,4 +1,10 @@
-"""Fine-grained reading (HRES-like): values printed small on charts and tables."""
+"""Fine-grained reading (paper's HRES-like group): values printed small on charts and tables.
+
+The answer is a two-digit number printed in a ~size/12 px font. The bar heights alone are
+too coarse to tell 23 from 26, and at 112x112 the digits span a few pixels of one 28x28
+visual token, so the answer needs fine detail: this is where token insertion's full-rate
+visual tokens should beat compressed fusion (Q-Former) and where CASA has to close the gap.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +12,75 @@ import random
 
 from PIL import ImageDraw
 
-from data.format import encode_image, image, text
-from data.synth_tasks.render import COLORS, canvas, font
+from data.synth_tasks.render import COLORS, INK, PAPER, canvas, font, single_image_qa, textsize
 
-LABELS = "ABCD"
+BAR_LABELS = "ABCD"
+ROW_LABELS = ("x", "y", "z")
+COL_LABELS = ("A", "B", "C")
+MIN_VALUE, MAX_VALUE = 10, 99  # always two digits: the answer length does not leak the value
 
 
-def _qa(question: str, answer: str, img):
-    conv = {"messages": [{"role": "user", "content": [image("img0"), text(question)]},
-                         {"role": "assistant", "content": [text(answer)]}]}
-    return conv, {"img0.png": encode_image(img)}
+def font_size(size: int) -> int:
+    return max(8, size // 12)
+
+
+def bar_geometry(size: int, n: int = len(BAR_LABELS)) -> dict:
+    """Pixel layout of the bar chart (pure; the tests re-derive bar heights from it):
+    `slot` px per bar, `base` the y of the axis, `top` the y a MAX_VALUE bar reaches."""
+    fs = font_size(size)
+    th = textsize("0", fs)[1]
+    base = size - th - 3  # the label row sits under the axis
+    top = th + 4          # the value of the tallest bar still fits above it
+    return {"fs": fs, "slot": size / n, "base": base, "top": top}
+
+
+def bar_height(value: int, g: dict) -> int:
+    return round((g["base"] - g["top"]) * value / MAX_VALUE)
 
 
 def bar_value(rng: random.Random, size: int):
-    """A bar chart with its values written small above the bars; the bars alone are too
-    coarse to tell 23 from 26, so the answer needs the printed digits."""
-    values = [rng.randint(10, 99) for _ in LABELS]
-    img = canvas(size, (245, 245, 245))
+    """A 4-bar chart, each value printed above its bar -> "What is the value of B?" -> "42"."""
+    values = [rng.randint(MIN_VALUE, MAX_VALUE) for _ in BAR_LABELS]
+    g = bar_geometry(size)
+    img = canvas(size, PAPER)
     d = ImageDraw.Draw(img)
-    f = font(max(8, size // 12))
-    w = size / (len(LABELS) + 1)
-    base = size - size // 8
-    for i, (lab, v) in enumerate(zip(LABELS, values)):
-        x0 = w * (i + 0.5)
-        top = base - (base - size // 5) * v / 100
-        d.rectangle([x0, top, x0 + w * 0.7, base], fill=COLORS[sorted(COLORS)[i]])
-        d.text((x0, top - size // 10), str(v), fill=(0, 0, 0), font=f)
-        d.text((x0 + w * 0.2, base + 1), lab, fill=(0, 0, 0), font=f)
-    k = rng.randrange(len(LABELS))
-    return _qa(f"What is the value of bar {LABELS[k]}?", str(values[k]), img)
+    f = font(g["fs"])
+    colors = rng.sample(sorted(COLORS), len(BAR_LABELS))
+    for i, (label, v) in enumerate(zip(BAR_LABELS, values)):
+        x0, x1 = round(g["slot"] * (i + 0.15)), round(g["slot"] * (i + 0.85))
+        y_top = g["base"] - bar_height(v, g)
+        d.rectangle([x0, y_top, x1, g["base"]], fill=COLORS[colors[i]])
+        w, h = textsize(str(v), g["fs"])
+        d.text(((x0 + x1 - w) // 2, y_top - h - 1), str(v), fill=INK, font=f)
+        lw, _ = textsize(label, g["fs"])
+        d.text(((x0 + x1 - lw) // 2, g["base"] + 2), label, fill=INK, font=f)
+    k = rng.randrange(len(BAR_LABELS))
+    return single_image_qa(f"What is the value of {BAR_LABELS[k]}?", str(values[k]), img)
 
 
 def table_value(rng: random.Random, size: int):
-    """A 2x2 table of small numbers; the question names a cell."""
-    rows, cols = ("x", "y"), ("A", "B")
-    values = {(r, c): rng.randint(0, 99) for r in rows for c in cols}
-    img = canvas(size, (255, 255, 255))
+    """A 3x3 table of two-digit numbers with row (x, y, z) and column (A, B, C) headers ->
+    "What is in row y, column C?" -> "57"."""
+    values = {(r, c): rng.randint(MIN_VALUE, MAX_VALUE) for r in ROW_LABELS for c in COL_LABELS}
+    img = canvas(size, PAPER)
     d = ImageDraw.Draw(img)
-    f = font(max(8, size // 10))
-    cell = size / 3
-    for j, c in enumerate(cols):
-        d.text(((j + 1.3) * cell, 0.3 * cell), c, fill=(0, 0, 0), font=f)
-    for i, r in enumerate(rows):
-        d.text((0.3 * cell, (i + 1.3) * cell), r, fill=(0, 0, 0), font=f)
-        for j, c in enumerate(cols):
-            d.text(((j + 1.2) * cell, (i + 1.3) * cell), str(values[(r, c)]), fill=(0, 0, 0), font=f)
-    for k in range(1, 3):
-        d.line([(k * cell, 0), (k * cell, size)], fill=(120, 120, 120))
-        d.line([(0, k * cell), (size, k * cell)], fill=(120, 120, 120))
-    r, c = rng.choice(rows), rng.choice(cols)
-    return _qa(f"What is in row {r}, column {c}?", str(values[(r, c)]), img)
+    fs = font_size(size)
+    f = font(fs)
+    cell = size / (len(COL_LABELS) + 1)
+
+    def put(s: str, col: int, row: int) -> None:  # text centred in cell (col, row); row/col 0 = headers
+        w, h = textsize(s, fs)
+        d.text((round((col + 0.5) * cell) - w // 2, round((row + 0.5) * cell) - h // 2), s, fill=INK, font=f)
+
+    for j, c in enumerate(COL_LABELS):
+        put(c, j + 1, 0)
+    for i, r in enumerate(ROW_LABELS):
+        put(r, 0, i + 1)
+        for j, c in enumerate(COL_LABELS):
+            put(str(values[(r, c)]), j + 1, i + 1)
+    grid = (150, 150, 150)  # lighter than the ink, so digits stay separable from the rules
+    for k in range(1, len(COL_LABELS) + 1):
+        d.line([(round(k * cell), 0), (round(k * cell), size)], fill=grid)
+        d.line([(0, round(k * cell)), (size, round(k * cell))], fill=grid)
+    r, c = rng.choice(ROW_LABELS), rng.choice(COL_LABELS)
+    return single_image_qa(f"What is in row {r}, column {c}?", str(values[(r, c)]), img)

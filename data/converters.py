@@ -1,0 +1,343 @@
+"""Convert public dataset layouts into `data.format` shards.
+
+    python -m data.converters llava  --json FILE --images DIR --out DIR [--prefix train]
+    python -m data.converters frames --videos DIR --out DIR [--fps 2]
+    python -m data.converters livecc --videos DIR --out DIR [--transcripts DIR] [--fps 2] [--align words|start]
+
+llava   LLaVA-style JSON: [{"id", "image": "rel/path.jpg" (or a list, or absent for text-only),
+        "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}].
+        Each `<image>` tag marks where its image goes (the n-th tag takes the n-th image); an
+        image without any tag goes first in the first human turn, as LLaVA does.
+frames  one folder per video holding extracted frames (VIDEO/000001.jpg ...) and an
+        optional VIDEO/meta.json {"fps": 2, "qa": [{"question": ..., "answer": ...}]} ->
+        "qa" video samples: the video, then the QA pairs as turns.
+livecc  the same frame folders plus a timestamped transcript [{"start": s, "end": e, "text": ...}]
+        (VIDEO/transcript.json, or TRANSCRIPTS/VIDEO.json) -> live-captioning ("caption") samples.
+
+Video files (mp4, mkv, ...) are NOT decoded: that needs a decoder library (PyAV, decord or
+ffmpeg) which this environment does not have. Extract frames first, for example
+`ffmpeg -i clip.mp4 -vf fps=2 -q:v 3 clip/%06d.jpg`, and point --videos at the folders.
+
+Bad inputs never stop a conversion: each is skipped and counted by reason, and a summary
+(written, skipped by reason) is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from data.format import ShardWriter, image, make_sample, text
+
+IMAGE_TAG = "<image>"
+ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+VIDEO_FILE_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
+NO_DECODER = ("video files are not decoded here: decoding needs a library (PyAV, decord or ffmpeg) that is not "
+              "installed; extract frames first, e.g. `ffmpeg -i clip.mp4 -vf fps=2 -q:v 3 clip/%06d.jpg`")
+
+
+class Skip(Exception):
+    """An input that cannot be converted; `reason` is the counter key of the summary."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    shards: list[str] = field(default_factory=list)
+
+    def table(self, title: str) -> Table:
+        t = Table(title=title)
+        t.add_column("outcome")
+        t.add_column("samples", justify="right")
+        t.add_row("written", str(self.written))
+        for reason, n in sorted(self.skipped.items()):
+            t.add_row(f"skipped: {reason}", str(n))
+        t.add_row("shards", str(len(self.shards)))
+        return t
+
+
+def safe_key(index: int, source_id: str) -> str:
+    """A webdataset key: unique (the index), readable (the id), and free of the dots and
+    slashes that webdataset would take for field or directory separators."""
+    return f"{index:08d}-{re.sub(r'[^A-Za-z0-9_-]+', '_', str(source_id))[:64]}"
+
+
+def convert(items: Iterable, total: int | None, to_sample: Callable[[int, object], dict], out: str | Path,
+            prefix: str, shard_size: int, desc: str, progress: bool = True) -> Summary:
+    """Run `to_sample(index, item)` over `items` into `out/prefix-%06d.tar`, counting `Skip`s."""
+    summary = Summary()
+    columns = (TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[skipped]} skipped"))
+    with Progress(*columns, disable=not progress) as bar, ShardWriter(out, prefix, max_count=shard_size) as writer:
+        job = bar.add_task(desc, total=total, skipped=0)
+        for i, item in enumerate(items):
+            try:
+                writer.write(to_sample(i, item))
+                summary.written += 1
+            except Skip as s:
+                summary.skipped[s.reason] += 1
+            bar.update(job, advance=1, skipped=sum(summary.skipped.values()))
+    summary.shards = writer.shards if summary.written else []
+    return summary
+
+
+# ---------------------------------------------------------------------------------- llava
+def read_image(path: Path) -> tuple[str, bytes]:
+    """(extension, original bytes) of an image file; Skip if missing or undecodable."""
+    if not path.is_file():
+        raise Skip("missing_image", str(path))
+    data = path.read_bytes()
+    try:
+        with Image.open(path) as im:
+            im.verify()  # header + structure check without a full decode
+            fmt = (im.format or "").lower()
+    except Exception as e:  # PIL raises many types for truncated or foreign files
+        raise Skip("corrupt_image", f"{path}: {e}") from None
+    return {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt), data
+
+
+def llava_sample(index: int, record: dict, image_root: Path, task: str, group: str) -> dict:
+    """One LLaVA record -> a webdataset sample (user turns carry the images at their tags)."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or not record["conversations"]:
+        raise Skip("malformed_record", repr(record)[:80])
+    paths = record.get("image") or []
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    turns = record["conversations"]
+    tags = sum(str(t.get("value", "")).count(IMAGE_TAG) for t in turns if isinstance(t, dict))
+    if tags not in (0, len(paths)):
+        raise Skip("image_tag_mismatch", f"{tags} tags for {len(paths)} images")
+    files = {}
+    for k, p in enumerate(paths):
+        ext, data = read_image(image_root / p)
+        files[f"img{k}.{ext}"] = data
+    messages, next_image = [], 0
+    for t in turns:
+        role = ROLE_OF.get(t.get("from")) if isinstance(t, dict) else None
+        if role is None or not isinstance(t.get("value"), str):
+            raise Skip("bad_turn", repr(t)[:80])
+        content = []
+        if role == "user" and tags == 0 and next_image == 0:
+            content += [image(f"img{k}") for k in range(len(paths))]  # untagged images open the first human turn
+            next_image = len(paths)
+        pieces = t["value"].split(IMAGE_TAG)
+        for k, piece in enumerate(pieces):
+            if k:
+                content.append(image(f"img{next_image}"))
+                next_image += 1
+            # the newline LLaVA puts next to a tag belongs to the tag, not to the text
+            piece = piece.removeprefix("\n") if k else piece
+            piece = piece.removesuffix("\n") if k < len(pieces) - 1 else piece
+            if piece.strip():
+                content.append(text(piece))
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant" or not any(c["type"] == "text" for c in messages[-1]["content"]):
+        raise Skip("no_answer", str(record.get("id")))
+    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index))}
+    return make_sample(safe_key(index, record.get("id", "")), conv, files)
+
+
+def convert_llava(json_path: str | Path, images: str | Path, out: str | Path, prefix: str = "train",
+                  shard_size: int = 1000, task: str = "llava", group: str = "general",
+                  progress: bool = True) -> Summary:
+    records = json.loads(Path(json_path).read_text())
+    if not isinstance(records, list):
+        raise ValueError(f"{json_path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
+    root = Path(images)
+    return convert(records, len(records), lambda i, r: llava_sample(i, r, root, task, group), out, prefix,
+                   shard_size, "llava", progress)
+
+
+# ---------------------------------------------------------------------------------- video folders
+def _frame_number(p: Path) -> tuple[int, str]:
+    digits = re.findall(r"\d+", p.stem)
+    return (int(digits[-1]) if digits else -1, p.name)
+
+
+def video_dirs(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """(frame folders, undecodable video files) directly under `root`, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--videos {str(root)!r} is not a directory")
+    entries = sorted(root.iterdir())
+    videos = [p for p in entries if p.is_file() and p.suffix.lower() in VIDEO_FILE_SUFFIXES]
+    dirs = [p for p in entries if p.is_dir()]
+    if videos and not dirs:
+        raise ValueError(f"{root} holds {len(videos)} video file(s) and no frame folders: {NO_DECODER}")
+    return dirs, videos
+
+
+def load_frames(folder: Path, fps: float) -> tuple[dict[str, bytes], list[str], list[float], dict]:
+    """Frames of one video folder (numeric order) -> (files, refs, timestamps, meta).
+    Timestamps come from meta.json "timestamps" if given, else frame index / fps."""
+    meta = {}
+    if (folder / "meta.json").is_file():
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except json.JSONDecodeError as e:
+            raise Skip("malformed_meta", f"{folder}: {e}") from None
+    paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_frame_number)
+    if not paths:
+        raise Skip("no_frames", str(folder))
+    rate = float(meta.get("fps", fps))
+    if rate <= 0:
+        raise Skip("malformed_meta", f"{folder}: fps={rate} must be > 0")
+    times = meta.get("timestamps") or [round(i / rate, 3) for i in range(len(paths))]
+    if len(times) != len(paths):
+        raise Skip("malformed_meta", f"{folder}: {len(times)} timestamps for {len(paths)} frames")
+    files, refs = {}, []
+    for i, p in enumerate(paths):
+        ext, data = read_image(p)
+        refs.append(f"f{i:06d}")
+        files[f"f{i:06d}.{ext}"] = data
+    return files, refs, [float(t) for t in times], meta
+
+
+def frames_sample(index: int, folder: Path, fps: float, task: str, group: str) -> dict:
+    files, refs, times, meta = load_frames(folder, fps)
+    qa = meta.get("qa") or []
+    pairs = [(q.get("question"), q.get("answer")) for q in qa if isinstance(q, dict)]
+    if not pairs or not all(isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip() for q, a in pairs):
+        raise Skip("no_qa", f"{folder}/meta.json has no usable qa pairs")
+    messages = []
+    for k, (q, a) in enumerate(pairs):
+        content = [{"type": "video"}, text(q)] if k == 0 else [text(q)]  # the clip once, before the first question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [text(a)]}]
+    conv = {"messages": messages, "task": meta.get("task", task), "group": meta.get("group", group),
+            "source_id": folder.name, "video": {"frames": refs, "timestamps": times, "layout": "qa"}}
+    return make_sample(safe_key(index, folder.name), conv, files)
+
+
+def captions_from_transcript(segments: list, times: list[float], align: str) -> list[dict]:
+    """Transcript segments -> frame-aligned captions {"t", "text"} (pure).
+
+    align="start": a segment's whole text at the frame its start falls in.
+    align="words": its words spread evenly over [start, end) (LiveCC streams words at the
+    time they are spoken), then joined per frame interval, so the caption after frame i
+    holds what is said while frame i is on screen. Speech before the first frame goes to
+    the first frame; speech after the last frame is dropped."""
+    if align not in ("start", "words"):
+        raise ValueError(f"align={align!r} is not one of ['start', 'words']")
+    per_frame: dict[int, list[str]] = {}
+    end_of_clip = times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1.0)  # the last frame lasts one step
+
+    def frame_at(t: float) -> int | None:
+        return None if t >= end_of_clip else max(0, bisect.bisect_right(times, t) - 1)
+
+    for seg in segments:
+        if not isinstance(seg, dict) or not isinstance(seg.get("text"), str) or "start" not in seg:
+            raise Skip("malformed_transcript", repr(seg)[:80])
+        start, end = float(seg["start"]), float(seg.get("end", seg["start"]))
+        words = seg["text"].split()
+        if align == "start":
+            words, stamps = [" ".join(words)] if words else [], [start]
+        else:
+            stamps = [start + (max(end, start) - start) * k / len(words) for k in range(len(words))]
+        for w, t in zip(words, stamps):
+            i = frame_at(t)
+            if i is not None:
+                per_frame.setdefault(i, []).append(w)
+    return [{"t": times[i], "text": " ".join(ws)} for i, ws in sorted(per_frame.items())]
+
+
+def livecc_sample(index: int, folder: Path, transcripts: Path | None, fps: float, align: str, task: str,
+                  group: str) -> dict:
+    path = (transcripts / f"{folder.name}.json") if transcripts else folder / "transcript.json"
+    if not path.is_file():
+        raise Skip("missing_transcript", str(path))
+    try:
+        segments = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise Skip("malformed_transcript", f"{path}: {e}") from None
+    if not isinstance(segments, list):
+        raise Skip("malformed_transcript", f"{path}: expected a list of segments")
+    files, refs, times, meta = load_frames(folder, fps)
+    captions = captions_from_transcript(segments, times, align)
+    if not captions:
+        raise Skip("empty_transcript", str(path))
+    conv = {"messages": [], "task": meta.get("task", task), "group": meta.get("group", group), "source_id": folder.name,
+            "video": {"frames": refs, "timestamps": times, "captions": captions, "layout": "caption"}}
+    return make_sample(safe_key(index, folder.name), conv, files)
+
+
+def convert_videos(kind: str, videos: str | Path, out: str | Path, prefix: str = "train", shard_size: int = 100,
+                   fps: float = 2.0, transcripts: str | Path | None = None, align: str = "words",
+                   task: str | None = None, group: str = "video", progress: bool = True) -> Summary:
+    """kind="frames" (QA from meta.json) or "livecc" (transcripts) over the folders of `videos`."""
+    dirs, undecodable = video_dirs(videos)
+    if kind == "frames":
+        fn = lambda i, d: frames_sample(i, d, fps, task or "video_qa", group)  # noqa: E731
+    elif kind == "livecc":
+        if align not in ("start", "words"):
+            raise ValueError(f"align={align!r} is not one of ['start', 'words']")
+        tdir = Path(transcripts) if transcripts else None
+        fn = lambda i, d: livecc_sample(i, d, tdir, fps, align, task or "live_caption", group)  # noqa: E731
+    else:
+        raise ValueError(f"kind={kind!r} is not one of ['frames', 'livecc']")
+    summary = convert(dirs, len(dirs), fn, out, prefix, shard_size, kind, progress)
+    if undecodable:
+        summary.skipped["video_file_not_decoded"] += len(undecodable)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> Summary:
+    p = argparse.ArgumentParser(prog="python -m data.converters", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="kind", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output directory for PREFIX-%%06d.tar")
+    common.add_argument("--prefix", default="train", help="shard name prefix, e.g. train or val")
+    common.add_argument("--shard-size", type=int, default=None, help="samples per shard")
+    common.add_argument("--task", default=None, help="task name recorded in each sample (metrics group by it)")
+    common.add_argument("--group", default=None, help="group name recorded in each sample")
+    lp = sub.add_parser("llava", parents=[common], help="LLaVA-style JSON + image folder",
+                        description="LLaVA-style JSON + image folder; missing or corrupt images are skipped "
+                                    "and counted")
+    lp.add_argument("--json", required=True, help="the LLaVA JSON list")
+    lp.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    for name, extra in (("frames", "optional VIDEO/meta.json with fps and qa pairs"),
+                        ("livecc", "timestamped transcripts")):
+        what = f"folders of extracted frames + {extra}"
+        vp = sub.add_parser(name, parents=[common], help=what, description=f"{what}. Note: {NO_DECODER}.")
+        vp.add_argument("--videos", required=True, help="folder of per-video frame folders (VIDEO/000001.jpg ...)")
+        vp.add_argument("--fps", type=float, default=2.0,
+                        help="frame rate of the extracted frames (meta.json overrides)")
+        if name == "livecc":
+            vp.add_argument("--transcripts", default=None, help="folder of VIDEO.json (default VIDEO/transcript.json)")
+            vp.add_argument("--align", choices=("words", "start"), default="words",
+                            help="words: spread each segment's words over [start, end); start: whole segment at start")
+    a = p.parse_args(argv)
+    try:
+        if a.kind == "llava":
+            s = convert_llava(a.json, a.images, a.out, a.prefix, a.shard_size or 1000, a.task or "llava",
+                              a.group or "general")
+        else:
+            s = convert_videos(a.kind, a.videos, a.out, a.prefix, a.shard_size or 100, a.fps,
+                               getattr(a, "transcripts", None), getattr(a, "align", "words"), a.task,
+                               a.group or "video")
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    Console().print(s.table(f"{a.kind} -> {a.out}"))
+    return s
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
