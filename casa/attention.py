@@ -161,7 +161,10 @@ def _dense(q, k, v, cu_q, cu_k, causal, scale, masked_key):
 
 
 def _sdpa(q, k, v, cu_q, cu_k, causal, scale):
-    """One fused SDPA per segment: O(Lq * Lk) per segment instead of O(Tq * Tk)."""
+    """One fused SDPA per segment: O(Lq * Lk) per segment instead of O(Tq * Tk).
+
+    Inputs get a batch dim of 1: with 3-D inputs PyTorch's CPU dispatcher falls back to the
+    math path, which materialises the [H, Lq, Lk] scores (docs/benchmarks.md, `attention`)."""
     Tq, H, _ = q.shape
     gqa = k.shape[1] != H  # SDPA broadcasts kv heads itself, no repeat_interleave copy
     outs = []
@@ -172,8 +175,8 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, scale):
         if lk == 0:  # SDPA would return NaN rows
             outs.append(q.new_zeros(lq, H, v.shape[-1]))
             continue
-        qs = q[q0:q1].transpose(0, 1)  # [H, lq, D]
-        ks, vs = k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)  # [Hkv, lk, D]
+        qs = q[q0:q1].transpose(0, 1)[None]  # [1, H, lq, D]
+        ks, vs = k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None]  # [1, Hkv, lk, D]
         if not causal:
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=gqa)
         elif lq == lk:  # SDPA's is_causal is top-left aligned, which equals bottom-right here
@@ -181,12 +184,12 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, scale):
         elif lq > lk:
             # the first lq - lk queries see no key (zeros; SDPA would give NaN), the last lk
             # queries and the lk keys form a square causal block
-            o = F.scaled_dot_product_attention(qs[:, lq - lk:], ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-            o = torch.cat([o.new_zeros(H, lq - lk, o.shape[-1]), o], dim=1)  # [H, lq, D]
+            o = F.scaled_dot_product_attention(qs[:, :, lq - lk:], ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            o = torch.cat([o.new_zeros(1, H, lq - lk, o.shape[-1]), o], dim=2)  # [1, H, lq, D]
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_segment_mask(lq, lk, q.device), scale=scale,
                                                enable_gqa=gqa)
-        outs.append(o.transpose(0, 1))  # [lq, H, D]
+        outs.append(o[0].transpose(0, 1))  # [lq, H, D]
     return torch.cat(outs) if outs else q.new_zeros(Tq, H, v.shape[-1])
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -105,8 +105,9 @@ class Backbone(nn.Module):
         dtype: parameter dtype when loading a checkpoint.
     """
 
-    def __init__(self, family: str = "llama", config: dict[str, Any] | None = None, path: str | None = None,
-                 freeze: bool = False, attn_backend: str = "sdpa", dtype: str = "float32"):
+    def __init__(self, family: Literal["llama", "qwen2", "qwen3", "helium", "mistral", "qwen2_5_vl"] = "llama", config: dict[str, Any] | None = None, path: str | None = None,
+                 freeze: bool = False, attn_backend: Literal["dense", "sdpa", "eager", "flex", "flash"] = "sdpa",
+                 dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"Backbone.family={family!r} is not one of {list(FAMILIES)}")

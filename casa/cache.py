@@ -30,11 +30,14 @@ class KVCache:
         self.sa: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.win: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.offset = torch.zeros(num_samples, dtype=torch.long)
+        # SA entries are views of growing buffers: appending a token copies that token only
+        # (a torch.cat of the whole past per token made streaming O(L^2) in memcpy)
+        self._sa_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def keep(self, indices: list[int]) -> None:
         """Keep only these samples (in this order), e.g. drop the ones that finished."""
-        for store in (self.sa, self.win):
+        for store in (self.sa, self.win, self._sa_buf):
             for layer, per_sample in store.items():
                 store[layer] = [per_sample[i] for i in indices]
         self.offset = self.offset[indices]
@@ -69,18 +72,40 @@ class KVCache:
         """k, v [L, Hkv, D] of the chunk, cu [S+1] -> keys/values of past + chunk per sample,
         and their boundaries cu_k [S+1]."""
         store = self.sa.setdefault(layer, [None] * self.num_samples)
+        bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
         bounds = cu.tolist()
         ks, vs, lens = [], [], [0]
         for s in range(len(bounds) - 1):
             k_new, v_new = k[bounds[s]:bounds[s + 1]], v[bounds[s]:bounds[s + 1]]
-            if store[s] is not None:
-                k_new = torch.cat([store[s][0], k_new])
-                v_new = torch.cat([store[s][1], v_new])
-            store[s] = (k_new, v_new)
-            ks.append(k_new)
-            vs.append(v_new)
-            lens.append(lens[-1] + k_new.shape[0])
+            if torch.is_grad_enabled():  # in-place buffer writes would break autograd
+                if store[s] is not None:
+                    k_new, v_new = torch.cat([store[s][0], k_new]), torch.cat([store[s][1], v_new])
+                store[s], bufs[s] = (k_new, v_new), None
+            else:
+                store[s] = self._append(bufs, s, store[s], k_new, v_new)
+            ks.append(store[s][0])
+            vs.append(store[s][1])
+            lens.append(lens[-1] + store[s][0].shape[0])
+        if len(ks) == 1:  # one sample (streaming): its cache views, no copy
+            return ks[0], vs[0], torch.tensor(lens, dtype=torch.int32, device=k.device)
         return torch.cat(ks), torch.cat(vs), torch.tensor(lens, dtype=torch.int32, device=k.device)
+
+    @staticmethod
+    def _append(bufs: list, s: int, past: tuple[torch.Tensor, torch.Tensor] | None, k_new: torch.Tensor,
+                v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v_new [m, Hkv, D] after sample s's n cached rows -> views [n + m, Hkv, D].
+        The buffer grows by 25% (at least 256 rows) when full: amortised O(m) per append,
+        at most a quarter of the cache unused."""
+        n, m = (0 if past is None else past[0].shape[0]), k_new.shape[0]
+        buf = bufs[s]
+        if buf is None or buf[0].shape[0] < n + m or (past is not None and past[0].data_ptr() != buf[0].data_ptr()):
+            cap = max(n + m + 256, (5 * (n + m)) // 4)
+            buf = (k_new.new_empty(cap, *k_new.shape[1:]), v_new.new_empty(cap, *v_new.shape[1:]))
+            if past is not None:
+                buf[0][:n], buf[1][:n] = past
+            bufs[s] = buf
+        buf[0][n:n + m], buf[1][n:n + m] = k_new, v_new
+        return buf[0][:n + m], buf[1][:n + m]
 
     def window(self, layer: int, kind: str, k_img: torch.Tensor, v_img: torch.Tensor, k_txt: torch.Tensor,
                v_txt: torch.Tensor, index):

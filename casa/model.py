@@ -12,6 +12,8 @@ The strategy is attached once here, at build time; the forward has no strategy b
 
 from __future__ import annotations
 
+from typing import Literal
+
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -45,7 +47,7 @@ class VisionLanguageModel(nn.Module):
         projector: "mlp", "linear" or "identity" (vision width -> LM width); new parameters.
     """
 
-    def __init__(self, backbone: Backbone, vision: VisionEncoder, fusion: FusionStrategy, projector: str = "mlp"):
+    def __init__(self, backbone: Backbone, vision: VisionEncoder, fusion: FusionStrategy, projector: Literal["mlp", "linear", "identity"] = "mlp"):
         super().__init__()
         self.backbone = backbone
         self.vision = vision

@@ -8,6 +8,8 @@ reference answer with `casa.metrics`, per task and per task group.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import time
 
 import lightning as L
@@ -40,7 +42,7 @@ class CasaModule(L.LightningModule):
     def __init__(self, model: VisionLanguageModel, lr_new: float = 1e-4, lr_pretrained: float = 1e-5,
                  weight_decay: float = 0.0, warmup_steps: int = 100, decay_steps: int = 0, val_generate: bool = True,
                  val_max_new_tokens: int = 16, val_max_samples: int = 256, compile: bool = False,
-                 activation_checkpointing: bool = False, fsdp_param_dtype: str | None = None,
+                 activation_checkpointing: bool = False, fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
                  init_from: str | None = None):
         super().__init__()
         if lr_new <= 0 or lr_pretrained < 0:
@@ -140,6 +142,18 @@ class CasaModule(L.LightningModule):
             for key, values in metrics.compute().items():
                 for name, v in values.items():
                     self.log(f"{prefix}/{key}/{name}", v, rank_zero_only=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    #: the full run config (YAML text) set by `experiments.fit`; stored in every checkpoint so
+    #: `casa.inference.load` can rebuild model, tokenizer and template from the file alone.
+    run_config: str | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["casa_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.run_config = checkpoint.get("casa_config", self.run_config)
 
     # ------------------------------------------------------------------ helpers
     def _load_weights(self, path: str) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -144,7 +144,8 @@ class VisionEncoder(nn.Module):
     """
 
     def __init__(self, config: dict[str, Any] | None = None, path: str | None = None, trainable_blocks: int = 4,
-                 freeze: bool = True, attn_implementation: str = "sdpa"):
+                 freeze: bool = True,
+                 attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"):
         super().__init__()
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import lightning as L
 from torch.utils.data import ChainDataset, DataLoader, IterableDataset
@@ -187,7 +187,7 @@ class ImageDataModule(_ResumableData):
         val_rows_samples: samples per validation row (small rows keep generation batches small).
     """
 
-    def __init__(self, train: str, val: str | None = None, tokenizer: str = CHAR_TOKENIZER, template: str = "helium",
+    def __init__(self, train: str, val: str | None = None, tokenizer: str = CHAR_TOKENIZER, template: Literal["helium", "qwen2_5_vl"] = "helium",
                  max_text_tokens: int = 2048, max_image_tokens: int = 20480, max_pixels: int = 896 * 896,
                  min_pixels: int = MIN_PIXELS, rows_per_batch: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, pack_buffer: int = 64, val_rows_samples: int = 16):
@@ -272,12 +272,12 @@ class VideoDataModule(ImageDataModule):
     or such samples are skipped as `oversize`.
     """
 
-    def __init__(self, train: str, val: str | None = None, tokenizer: str = CHAR_TOKENIZER, template: str = "helium",
+    def __init__(self, train: str, val: str | None = None, tokenizer: str = CHAR_TOKENIZER, template: Literal["helium", "qwen2_5_vl"] = "helium",
                  max_text_tokens: int = 2048, max_image_tokens: int = 20480, max_pixels: int = 896 * 896,
                  min_pixels: int = MIN_PIXELS, rows_per_batch: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, pack_buffer: int = 64, val_rows_samples: int = 16, fps: float = 2.0,
                  min_duration: float = 10.0, min_frames: int = 20, max_duration: float = 180.0,
-                 frame_max_pixels: int = 448 * 448, layout: str = "qa"):
+                 frame_max_pixels: int = 448 * 448, layout: Literal["qa", "caption"] = "qa"):
         super().__init__(train, val, tokenizer, template, max_text_tokens, max_image_tokens, max_pixels, min_pixels,
                          rows_per_batch, num_workers, seed, shuffle_buffer, pack_buffer, val_rows_samples)
         if fps <= 0 or max_duration <= 0 or min_frames < 1 or frame_max_pixels < min_pixels:

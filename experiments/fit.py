@@ -16,6 +16,7 @@ RUN_DIR/metrics.json (the ablation grid reads it).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,9 +80,23 @@ class CasaCLI(LightningCLI):
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         summary = {"metrics": metrics, "global_step": trainer.global_step,
-                   "finished": trainer.global_step >= (trainer.max_steps or 0), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                   "finished": trainer.global_step >= (trainer.max_steps or 0), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "peak_memory_bytes": _peak_memory_bytes(trainer)}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
         print_metrics_table(metrics, f"validation after {trainer.global_step} steps ({run_dir})")
+
+
+def _peak_memory_bytes(trainer: L.Trainer) -> int | None:
+    """This rank's peak memory over the run, from the MemoryMonitor callback (None without one)."""
+    from callbacks.memory import MemoryMonitor
+
+    monitor = next((cb for cb in trainer.callbacks if isinstance(cb, MemoryMonitor)), None)
+    if monitor is None:
+        return None
+    # the last interval was never measured (none at all in a run shorter than every_n_steps)
+    last = monitor._measure(trainer.lightning_module.device)
+    key = "peak_allocated_bytes" if "peak_allocated_bytes" in last else "peak_rss_bytes"
+    return max(monitor.run_peak.get(key, 0), last[key])
 
 
 def _get(obj, key):
@@ -128,8 +143,18 @@ def print_metrics_table(metrics: dict[str, float], title: str) -> None:
 def main(args: list[str] | None = None) -> CasaCLI:
     """Parse the config, build everything, and fit (no subcommand: fitting is the job)."""
     torch.set_float32_matmul_precision("high")
-    cli = CasaCLI(CasaModule, L.LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
-                  args=args, auto_configure_optimizers=False, run=False)
+    try:
+        cli = CasaCLI(CasaModule, L.LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
+                      args=args, auto_configure_optimizers=False, run=False)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        # a value the type system could not reject (a missing checkpoint directory, a shard
+        # pattern matching nothing, inconsistent sizes): one line naming it, no traceback
+        if os.environ.get("CASA_TRACEBACK"):
+            raise
+        print(f"experiments.fit: config error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+    # the checkpoint carries its own config, so evaluate/stream/casa.inference need only the file
+    cli.model.run_config = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     cli.after_fit()
     return cli

@@ -19,6 +19,8 @@ when the model is in eval mode; training is never masked.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -58,8 +60,10 @@ class CASA(FusionStrategy):
 
     name = "casa"
 
-    def __init__(self, mode: str = "plus", placement: str = "every_k", k: int = 1, image_ffn_updates: bool = False,
-                 inference_mask: str | None = None, mask_seed: int = 0, backend: str | None = None):
+    def __init__(self, mode: Literal["plus", "before", "replace"] = "plus",
+                 placement: Literal["every_k", "first_k", "first_last_k"] = "every_k", k: int = 1, image_ffn_updates: bool = False,
+                 inference_mask: Literal["self", "rnd", "rnd_txt"] | None = None, mask_seed: int = 0,
+                 backend: Literal["dense", "sdpa", "eager", "flex", "flash"] | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"CASA.mode={mode!r} is not one of {list(MODES)}")

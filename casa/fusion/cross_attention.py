@@ -11,6 +11,8 @@ model is exactly its backbone at initialisation (checked in the tests).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -34,8 +36,8 @@ class CrossAttention(FusionStrategy):
     name = "cross_attention"
     gated = False
 
-    def __init__(self, placement: str = "parallel", every: int = 1, image_ffn_updates: bool = False,
-                 backend: str | None = None):
+    def __init__(self, placement: Literal["parallel", "before"] = "parallel", every: int = 1, image_ffn_updates: bool = False,
+                 backend: Literal["dense", "sdpa", "eager", "flex", "flash"] | None = None):
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"{type(self).__name__}.placement={placement!r} is not one of {list(PLACEMENTS)}")

@@ -9,6 +9,8 @@ positions (all three components equal; `casa.positions.image_rope_positions`).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +54,8 @@ class QFormer(Insertion):
 
     name = "qformer"
 
-    def __init__(self, num_queries: int = 64, depth: int = 2, heads: int = 4, backend: str = "sdpa"):
+    def __init__(self, num_queries: int = 64, depth: int = 2, heads: int = 4,
+                 backend: Literal["dense", "sdpa", "eager", "flex", "flash"] = "sdpa"):
         super().__init__()
         if num_queries < 1:
             raise ValueError(f"QFormer.num_queries={num_queries!r} must be >= 1 (paper: 32, 64 or 128)")

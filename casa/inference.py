@@ -1,0 +1,426 @@
+"""Inference from a checkpoint alone: chat, batch answers, live captioning.
+
+    assistant = casa.inference.load("runs/demo/checkpoints/last.ckpt")
+    assistant.chat("What colour is the shape?", images=[img])          -> "red"
+    for rec in assistant.stream(frames, fps=2): print(rec.text)         live captioning
+
+`load` rebuilds model, tokenizer and chat template from the run config that
+`experiments.fit` stores in every checkpoint (`checkpoint["casa_config"]`, YAML), so a
+checkpoint file is all inference needs.
+
+Live captioning follows the "caption" layout the model was trained on (`data.video`): one
+window per frame, each followed by an assistant turn with what is said at that frame (often
+nothing, just the end token). Per frame the stream feeds ONE chunk -- the tail of the
+previous turn, then the frame opening a new window and the tokens that open the assistant
+turn -- and decodes the caption with the KV cache (`casa.cache`):
+
+    helium:   <|user|> prompt [F0] <|end|><|assistant|> caption <|end|> <|user|> [F1] <|end|><|assistant|> ...
+    chunk i:  [caption_{i-1} last token, <|end|>, <|user|> |  F_i  <|end|><|assistant|>]
+              (previous window's tail)                     (opens window i)
+
+The pieces are taken from the template itself (`CaptionLayout.from_template`), so any
+template lays the stream out exactly as `ChatTemplate.encode` lays out a training sample.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from PIL import Image
+
+from casa.batch import PackedBatch
+from casa.cache import KVCache
+from casa.generation import GenerationConfig, generate, next_token, text_chunk, truncate_samples
+from data.image import MIN_PIXELS, ORIGINAL_SIZE, ImageError, decode_image, patchify, to_rgb
+from data.packing import Sample, build_sample_row
+from data.templates import ChatTemplate
+from data.video import CAPTION_PROMPT
+
+ImageLike = Image.Image | str | Path | bytes
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded (missing file, not a casa checkpoint, no run config)."""
+
+
+class InputError(ValueError):
+    """An input image/frame/video that cannot be used (undecodable, wrong size)."""
+
+
+# ---------------------------------------------------------------------------------- loading
+@dataclass
+class DataSettings:
+    """What inference needs from the run's `data:` config (tokenizer, template, image sizes)."""
+
+    tokenizer: str = "char"
+    template: str = "helium"
+    max_pixels: int = 896 * 896
+    min_pixels: int = MIN_PIXELS
+    frame_max_pixels: int = 448 * 448
+    fps: float = 2.0
+    min_duration: float = 10.0
+    min_frames: int = 20
+    max_duration: float = 180.0
+    max_text_tokens: int = 2048
+    max_image_tokens: int = 20480
+    val_rows_samples: int = 16
+    layout: str = "qa"
+
+    VIDEO_FIELDS = ("frame_max_pixels", "fps", "min_duration", "min_frames", "max_duration", "layout")
+
+    @classmethod
+    def from_config(cls, data: dict | None) -> "DataSettings":
+        """`data:` of a run config (Image/Video/MixtureDataModule) -> settings; unknown keys ignored."""
+        args = dict((data or {}).get("init_args") or {})
+        if "image" in args or "video" in args:  # MixtureDataModule: images from `image`, frames from `video`
+            image = dict((args.get("image") or {}).get("init_args") or {})
+            video = dict((args.get("video") or {}).get("init_args") or {})
+            args = {**image, **{k: v for k, v in video.items() if k in cls.VIDEO_FIELDS}}
+        known = {k: v for k, v in args.items() if k in cls.__dataclass_fields__ and v is not None}
+        return cls(**known)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """-> (checkpoint dict, parsed run config); CheckpointError with a readable reason otherwise."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle/zip errors of a file that is not a torch checkpoint
+        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{p} is not a Lightning checkpoint (no 'state_dict')")
+    text = ckpt.get("casa_config")
+    if not text:
+        raise CheckpointError(f"{p} has no 'casa_config': it was written before experiments.fit stored the run "
+                              "config in checkpoints; re-train (or resume and save) with the current experiments.fit")
+    try:
+        config = yaml.safe_load(text)
+        config["model"]["model"]
+    except Exception as e:
+        raise CheckpointError(f"{p}: casa_config is not a run config with model.model ({type(e).__name__}: {e})") from None
+    return ckpt, config
+
+
+def build_model(config: dict):
+    """The `model.model` spec of a run config -> VisionLanguageModel (random weights)."""
+    from jsonargparse import ArgumentParser
+
+    from casa.model import VisionLanguageModel
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=VisionLanguageModel)
+    return parser.instantiate(parser.parse_object({"model": config["model"]["model"]})).model
+
+
+def load(ckpt_path: str | Path, device: str | torch.device = "cpu") -> "Assistant":
+    """Rebuild model + tokenizer + chat template from a checkpoint written by `experiments.fit`."""
+    from data.datamodule import resolve_tokenizer
+
+    ckpt, config = read_checkpoint(ckpt_path)
+    try:
+        model = build_model(config)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_path}: cannot rebuild the model from casa_config ({type(e).__name__}: {e})") from None
+    weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_path}: weights do not match the config's model: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    settings = DataSettings.from_config(config.get("data"))
+    try:
+        tokenizer = resolve_tokenizer(settings.tokenizer)
+        template = ChatTemplate(settings.template, tokenizer)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_path}: cannot build tokenizer {settings.tokenizer!r} / template "
+                              f"{settings.template!r} ({type(e).__name__}: {e})") from None
+    return Assistant(model.to(device).eval(), tokenizer, template, settings, config, int(ckpt.get("global_step", 0)))
+
+
+# ---------------------------------------------------------------------------------- helpers
+def to_image(x: ImageLike | Any, max_pixels: int | None = None) -> Image.Image:
+    """PIL image, path, encoded bytes or an HxWx3 uint8 array -> RGB PIL image (InputError otherwise)."""
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
+    try:
+        if isinstance(x, (str, Path)):
+            return decode_image(Path(x).read_bytes(), max_pixels)
+        if isinstance(x, (bytes, bytearray)):
+            return decode_image(bytes(x), max_pixels)
+        if hasattr(x, "__array__"):
+            import numpy as np
+
+            return to_rgb(Image.fromarray(np.asarray(x)))
+    except (OSError, ImageError, TypeError, ValueError) as e:
+        raise InputError(f"cannot read image {str(x)[:80] if isinstance(x, (str, Path)) else type(x).__name__}: {e}") from None
+    raise InputError(f"cannot use a {type(x).__name__} as an image (PIL image, path, bytes or HxWx3 array)")
+
+
+def memory_bytes(device: torch.device) -> int:
+    """CUDA: bytes allocated by tensors; CPU: process RSS (see docs/inference.md on what it includes)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    from callbacks.memory import rss_bytes
+
+    return rss_bytes()
+
+
+def frame_chunk(pre: list[int], post: list[int], pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                merge: int = 2) -> PackedBatch:
+    """One cached sample's chunk: `pre` continues its open window, then the frame opens a new
+    window followed by `post` -> PackedBatch (S = 1, local positions 0..len-1)."""
+    if not post:
+        raise ValueError("a frame needs at least one text token after it (its window's first query)")
+    dev = pixel_values.device
+    n_img = int((image_grid_thw.prod(-1) // (merge * merge)).sum())
+    T, k = len(pre) + len(post), len(pre)
+    win_t, win_i = ([0, k, T], [0, 0, n_img]) if k else ([0, T], [0, n_img])
+    ids = torch.tensor(pre + post, dtype=torch.long, device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    return PackedBatch(input_ids=ids, labels=torch.full_like(ids, -100), position_ids=torch.arange(T, device=dev),
+                       sample_cu_seqlens=torch.tensor([0, T], **i32), window_cu_seqlens_text=torch.tensor(win_t, **i32),
+                       window_cu_seqlens_image=torch.tensor(win_i, **i32), pixel_values=pixel_values,
+                       image_grid_thw=image_grid_thw,
+                       image_text_position=torch.full((image_grid_thw.shape[0],), k, dtype=torch.long, device=dev))
+
+
+@dataclass
+class CaptionLayout:
+    """Token pieces of the live-captioning conversation, read off the template.
+
+    first_pre: before frame 0 (opens the user turn, the prompt);  pre: before frame i > 0;
+    post: between a frame and its caption (closes the user turn, opens the assistant's);
+    end: the end-of-turn token (generation stops on it);  after_end: what follows it."""
+
+    first_pre: list[int]
+    pre: list[int]
+    post: list[int]
+    end: list[int]
+    after_end: list[int]
+
+    @classmethod
+    def from_template(cls, template: ChatTemplate, prompt: str = CAPTION_PROMPT) -> "CaptionLayout":
+        def probe(content):  # a user turn with one image, then an empty assistant turn
+            enc = template.encode([{"role": "user", "content": content},
+                                   {"role": "assistant", "content": [{"type": "text", "text": ""}]}])
+            (pos,) = enc.image_positions
+            return enc.input_ids[:pos], enc.input_ids[pos:enc.prompt_len], enc.input_ids[enc.prompt_len:]
+
+        image = {"type": "image", "ref": "frame"}
+        first_pre, post0, tail = probe([{"type": "text", "text": prompt}, image] if prompt else [image])
+        pre, post, _ = probe([image])
+        if post0 != post:
+            raise ValueError(f"template {template.name!r}: the tokens after a frame differ between turns")
+        end = template.stop_token_ids
+        return cls(first_pre, pre, post, end, tail[len(end):])
+
+    def close(self, last: int, stopped: bool) -> list[int]:
+        """Tokens that end a caption whose last generated token is `last` (not yet fed)."""
+        return [last] + ([] if stopped else self.end) + self.after_end
+
+
+@dataclass
+class FrameRecord:
+    """What happened at one frame of a stream."""
+
+    index: int
+    t: float
+    """Frame timestamp (s): index / fps."""
+    text: str
+    """The caption written after this frame ("" = silence)."""
+    new_tokens: int
+    """Tokens generated for this frame (the end token included)."""
+    stopped: bool
+    """The caption ended with the end token (False: it hit max_new_tokens and was closed)."""
+    wall_s: float
+    """Processing time of this frame: vision encoder, prefill of its chunk, caption decoding."""
+    delay_s: float
+    """When the caption was done, relative to the frame's timestamp (real-time when the
+    stream waits for frames, simulated from `wall_s` with `wait=False`)."""
+    kv_tokens: int
+    """Tokens in the text (SA) KV cache after this frame (image tokens too for insertion)."""
+    text_tokens: int
+    """Text tokens the model has read so far (prompt, template tokens and captions)."""
+    image_tokens: int
+    """Image tokens the model has been given so far (all frames up to this one)."""
+    window_kv_tokens: int
+    """Tokens in the fused layers' window cache (CASA/CA: the current frame's window)."""
+    kv_bytes: int
+    """Bytes held by the KV cache (all layers, keys and values)."""
+    memory_bytes: int
+    """CUDA: allocated bytes; CPU: process RSS."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------- assistant
+class Assistant:
+    """A loaded model with its tokenizer and template (build one with `load`)."""
+
+    def __init__(self, model, tokenizer, template: ChatTemplate, settings: DataSettings, config: dict | None = None,
+                 global_step: int = 0):
+        self.model, self.tokenizer, self.template, self.settings = model, tokenizer, template, settings
+        self.config, self.global_step = config or {}, global_step
+        self.stop_token_ids = tuple(template.stop_token_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def inference_mask(self) -> str | None:
+        return getattr(self.model.fusion, "inference_mask", None)
+
+    def set_inference_mask(self, mask: str | None) -> None:
+        """Table 8 masks in the CASA layers ("self", "rnd", "rnd_txt" or None).
+
+        The KV cache cannot honour them (the masked key's index is computed over the chunk's
+        windows, not over the cached ones), so generation with a mask runs uncached."""
+        from casa.fusion import CASA
+        from casa.fusion.windows import INFERENCE_MASKS
+
+        if mask is not None and mask not in INFERENCE_MASKS:
+            raise ValueError(f"inference mask {mask!r} is not one of {list(INFERENCE_MASKS)} or None")
+        if mask is not None and not isinstance(self.model.fusion, CASA):
+            raise ValueError(f"inference masks apply to CASA layers; this model's fusion is "
+                             f"{type(self.model.fusion).__name__}")
+        if isinstance(self.model.fusion, CASA):
+            self.model.fusion.inference_mask = mask
+
+    def generation_config(self, **overrides) -> GenerationConfig:
+        """Greedy, stopping at the template's end token (uncached under an inference mask),
+        unless overridden."""
+        base = {"stop_token_ids": self.stop_token_ids, "use_cache": self.inference_mask is None}
+        return GenerationConfig(**{**base, **overrides})
+
+    def decode(self, tokens: list[int]) -> str:
+        stop = set(self.stop_token_ids)
+        return self.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
+
+    def pixels(self, image: ImageLike, max_pixels: int) -> tuple[torch.Tensor, list[int]]:
+        """-> (pixel_values [P, 3*2*14*14], grid [1, h, w]) as in training (`data.image.patchify`)."""
+        try:
+            return patchify(to_image(image, max_pixels), max_pixels, self.settings.min_pixels)
+        except ImageError as e:
+            raise InputError(str(e)) from None
+
+    # ------------------------------------------------------------------ chat
+    def prompt(self, messages: list[dict], images: Iterable[ImageLike] = ()) -> PackedBatch:
+        """messages (`data.format` style) -> the generation prompt of their next assistant turn.
+
+        Image items carry their image as {"type": "image", "image": PIL | path | bytes}, or take
+        the next one of `images`; {"type": "video", "frames": [...]} puts frames in one window."""
+        pool = list(images)
+        msgs, pixels, grids = [], [], []
+        for m in messages:
+            content = []
+            for c in m["content"]:
+                kind = c.get("type")
+                if kind in ("image", "video"):
+                    cap = self.settings.max_pixels if kind == "image" else min(self.settings.max_pixels,
+                                                                               self.settings.frame_max_pixels)
+                    items = [c["image"] if "image" in c else (pool.pop(0) if pool else None)] if kind == "image" \
+                        else list(c.get("frames", []))
+                    if any(x is None for x in items) or not items:
+                        raise InputError(f"a {kind} item has no image (pass it inline or in images=)")
+                    for x in items:
+                        pv, grid = self.pixels(x, cap)
+                        pixels.append(pv)
+                        grids.append(grid)
+                        content.append({"type": "image", "ref": f"img{len(grids) - 1}"})
+                else:
+                    content.append(c)
+            msgs.append({"role": m["role"], "content": content})
+        if pool:
+            raise InputError(f"{len(pool)} image(s) in images= were not used by any image item of the messages")
+        enc = self.template.encode(msgs + [{"role": "assistant", "content": [{"type": "text", "text": ""}]}])
+        n = enc.prompt_len
+        sample = Sample(enc.input_ids[:n], [False] * n, enc.image_positions, pixels, grids, {"key": "chat"})
+        return build_sample_row(sample).to(self.device)
+
+    @torch.no_grad()
+    def chat(self, messages: list[dict] | str, images: Iterable[ImageLike] = (),
+             config: GenerationConfig | None = None) -> str:
+        """The assistant's next answer. `messages` is a conversation, or a question asked about
+        `images` (user turn: the images, then the question)."""
+        if isinstance(messages, str):
+            imgs = list(images)
+            messages = [{"role": "user", "content": [*({"type": "image", "image": x} for x in imgs),
+                                                     {"type": "text", "text": messages}]}]
+            images = ()
+        out = generate(self.model, self.prompt(messages, images), config or self.generation_config())
+        return self.decode(out[0])
+
+    @torch.no_grad()
+    def answer_batch(self, batch: PackedBatch, config: GenerationConfig | None = None) -> list[str]:
+        """An evaluation batch (`meta[s]["prompt_len"]`) -> one generated answer per sample,
+        as `CasaModule.validation_step` scores them."""
+        prompts = truncate_samples(batch.to(self.device), [m["prompt_len"] for m in batch.meta])
+        return [self.decode(g) for g in generate(self.model, prompts, config or self.generation_config())]
+
+    # ------------------------------------------------------------------ live captioning
+    @torch.no_grad()
+    def stream(self, frames: Iterable[ImageLike], fps: float = 2.0, config: GenerationConfig | None = None,
+               prompt: str = CAPTION_PROMPT, wait: bool = True,
+               generator: torch.Generator | None = None) -> Iterator[FrameRecord]:
+        """Live captioning: one record per frame, yielded as soon as its caption is written.
+
+        Frame i arrives at i / fps s. `wait=True` sleeps until then (a live source); with
+        `wait=False` frames are processed back to back and `delay_s` is what a real-time run
+        would have had: a frame starts when it arrives or when the previous one is done."""
+        if fps <= 0:
+            raise ValueError(f"fps={fps} must be > 0")
+        cfg = config or self.generation_config()
+        if cfg.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={cfg.max_new_tokens} must be >= 1 for captioning")
+        if self.inference_mask is not None:
+            raise ValueError(f"streaming decodes with the KV cache, which cannot apply the {self.inference_mask!r} mask")
+        layout = CaptionLayout.from_template(self.template, prompt)
+        model, dev, stop = self.model, self.device, set(cfg.stop_token_ids)
+        cap = min(self.settings.max_pixels, self.settings.frame_max_pixels)
+        cache, pending, size, done_at = KVCache(1), list(layout.first_pre), None, 0.0
+        text_seen = image_seen = 0
+        t0 = time.perf_counter()
+        for i, frame in enumerate(frames):
+            arrival = i / fps
+            if wait:
+                time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+            start = time.perf_counter()
+            img = to_image(frame, cap)
+            stored = img.info.get(ORIGINAL_SIZE, img.size)  # before any reduced-scale decode
+            if size is None:
+                size = stored
+            elif stored != size:
+                raise InputError(f"frame {i} is {stored[0]}x{stored[1]} but the stream's frames are "
+                                 f"{size[0]}x{size[1]} (a video keeps one frame size)")
+            pv, grid = self.pixels(img, cap)
+            chunk = frame_chunk(pending, layout.post, pv.to(dev), torch.tensor([grid], device=dev))
+            text_seen += chunk.num_text_tokens
+            image_seen += chunk.num_image_tokens
+            logits = model.backbone.head(model.hidden_states(chunk, cache=cache)[-1:])  # [1, V]
+            out: list[int] = []
+            while True:
+                tok = next_token(logits, [out], cfg, generator)[0]
+                out.append(tok)
+                if tok in stop or len(out) >= cfg.max_new_tokens:
+                    break
+                logits = model.backbone.head(model.hidden_states(text_chunk([[tok]], dev), cache=cache))
+                text_seen += 1
+            # the last token is fed with the next frame's chunk, with the turn's closing tokens
+            pending = layout.close(out[-1], out[-1] in stop) + layout.pre
+            end = time.perf_counter()
+            wall = end - start
+            delay = (end - t0) - arrival if wait else max(arrival, done_at) + wall - arrival
+            done_at = arrival + delay
+            yield FrameRecord(i, round(arrival, 3), self.decode(out), len(out), out[-1] in stop, wall, delay,
+                              cache.text_kv_tokens(), text_seen, image_seen, cache.window_kv_tokens(), cache.nbytes(),
+                              memory_bytes(dev))

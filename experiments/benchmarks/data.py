@@ -1,0 +1,82 @@
+"""Suite `data`: packed samples per second of the data pipeline, and how full the rows are.
+
+    python -m experiments.bench data [--quick] [--json] [--pattern 'shards/train-{000000..000009}.tar']
+
+Wraps `data.bench.run` (one reader in this process: decode, validate, tokenize with the
+chat template, pack). Without --pattern it first writes a small built-in synthetic set
+(`data.synth.ensure_synth`, all tasks) into a temporary directory; the generation time is
+reported apart. Two packing configurations are read from the same shards:
+
+    demo    the demo's caps: 512 text / 1024 image tokens per row, images <= 112 x 112
+    paper   the paper's caps: 2048 text / 20480 image tokens per row, images <= 896 x 896
+
+fill_text / fill_image: mean fraction of each cap a row uses. The synthetic images are
+small (56-112 px, 4-16 tokens), so rows fill on text long before the image cap.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.benchmarks import measure
+
+CONFIGS = {
+    "demo": dict(max_text_tokens=512, max_image_tokens=1024, max_pixels=112 * 112),
+    "paper": dict(max_text_tokens=2048, max_image_tokens=20480, max_pixels=896 * 896),
+}
+FULL = dict(samples=600, seconds=20.0, max_batches=None)
+QUICK = dict(samples=24, seconds=0.0, max_batches=2)
+
+
+def plot(rows: list[dict[str, Any]], out_dir: str, tag: str) -> str:
+    plt = measure.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [r["config"] for r in rows]
+    bars = axes[0].bar(names, [r["samples_per_s"] for r in rows], color="tab:blue")
+    axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
+    axes[0].set_title("packed samples / s (one reader)")
+    x = range(len(rows))
+    axes[1].bar([i - 0.2 for i in x], [r["fill_text"] for r in rows], width=0.4, label="text cap")
+    axes[1].bar([i + 0.2 for i in x], [r["fill_image"] for r in rows], width=0.4, label="image cap")
+    axes[1].set_xticks(list(x), names)
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("mean fill of each cap per row")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"data pipeline ({tag})", fontsize=10)
+    return measure.save_figure(fig, out_dir, "data")
+
+
+def run(quick: bool, out_dir: str, pattern: str | None = None) -> dict[str, Any]:
+    from data.bench import run as bench
+
+    cfg = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="casa-bench-synth-") as tmp:
+        generated = None
+        if pattern is None:
+            from data.synth import ensure_synth
+
+            start = time.perf_counter()
+            pattern = str(ensure_synth(Path(tmp) / "synth", train=cfg["samples"], val=0, test=0, progress=False))
+            generated = {"samples": cfg["samples"], "seconds": round(time.perf_counter() - start, 2)}
+        rows = []
+        for name, caps in CONFIGS.items():
+            r = bench(pattern, seconds=cfg["seconds"], max_batches=cfg["max_batches"], **caps)
+            rows.append({"config": name, **{k: v for k, v in r.items() if k != "skipped"},
+                         "samples_per_row": round(r["samples"] / max(r["batches"], 1), 2),
+                         "skipped": sum(r["skipped"].values())})
+    import torch
+
+    result: dict[str, Any] = {"meta": measure.machine_info(torch.device("cpu")) | {
+        "pattern": "built-in synthetic set (temporary)" if generated else pattern}}
+    if generated:
+        result["synth_generation"] = generated
+    for r in rows:
+        result[f"{r['config']}_samples_per_s"] = r["samples_per_s"]
+        result[f"{r['config']}_fill_text"] = r["fill_text"]
+        result[f"{r['config']}_fill_image"] = r["fill_image"]
+    result["rows"] = rows
+    result["plots"] = [plot(rows, out_dir, "quick" if quick else "one reader, this machine")]
+    return result

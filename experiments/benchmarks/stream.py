@@ -1,0 +1,251 @@
+"""Suite `stream`: the paper's Figs. 5-6, memory and wall time per frame of live captioning.
+
+    python -m experiments.bench stream [--quick] [--json]
+
+Setting: the demo-size model (`experiments/configs/demo.yaml`: 4 layers, d=128), untrained,
+with each strategy in turn; a stream of synthetic moving-shape frames at `SIZE` px (64
+image tokens per frame after the 2x2 merge) through `Assistant.stream`, the library's
+live-captioning loop (one chunk per frame: previous turn's tail + frame + assistant
+opening, then cached decoding). Every frame decodes exactly `CAPTION_TOKENS` tokens (no
+stop token), so every strategy does the same text work and only the handling of images
+differs:
+
+    casa_plus        CASA⊕: text-only SA cache; the CASA window cache holds one frame
+    casa_replace     CASA∨ (every 2nd SA layer becomes CASA)
+    cross_attention  CA: text-only SA cache; the CA cache holds one frame's image keys
+    insertion        every frame's 64 image tokens enter the SA stream and its KV cache
+    qformer_64       a Q-Former compresses each frame to 64 queries, then insertion
+
+Each strategy runs in its own process (same baseline, nothing left over from the previous
+one) with one torch thread (the tiny model's ops are far too small for intra-op threads,
+which on a shared 2-core machine only add spin-waiting) and `MALLOC_MMAP_THRESHOLD_=65536`,
+so that glibc hands freed tensor memory back to the OS and RSS follows the live tensors
+(docs/../ENVIRONMENT.md: with it the profiler's allocation peak matched RSS).
+
+Memory, two numbers per frame:
+    rss_bytes    process RSS: what the paper's Fig. 5 plots (GPU memory of the whole model).
+                 Here most of it is the Python/torch runtime (~400 MiB), the analogue of the
+                 paper's fixed cost of the 3B weights.
+    state_bytes  weights + KV cache bytes (`KVCache.nbytes`): the tensors that persist from
+                 frame to frame, without the runtime; it shows growth undiluted.
+Time: `wall_s` of each frame (vision encoder, prefill of the frame chunk, decoding).
+
+Ratios returned (names carry the frames they compare; full run = 600 frames, quick = 40):
+    {s}_memory_frame{N}_vs_frame{R}       RSS at the last frame / at frame R (20; quick 5)
+    {s}_state_bytes_frame{N}_vs_frame{R}  the same for weights + KV cache
+    {s}_time_last{W}_vs_{A}to{B}          mean wall time of the last W frames / of frames A..B
+                                          (last 100 vs 10..110; quick: last 10 vs 5..15)
+    {s}_kv_tokens_final, {s}_kv_tokens_frame{R}   text (SA) KV cache tokens
+Target (issue 6): CASA's memory at frame 600 within 2% of frame 20, its time over the last
+100 frames within 10% of frames 10-110; insertion's KV cache and time grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = {
+    "casa_plus": {"class_path": "casa.fusion.CASA", "init_args": {"mode": "plus"}},
+    "casa_replace": {"class_path": "casa.fusion.CASA", "init_args": {"mode": "replace", "placement": "every_k", "k": 2}},
+    "cross_attention": {"class_path": "casa.fusion.CrossAttention", "init_args": {"placement": "parallel"}},
+    "insertion": {"class_path": "casa.fusion.Insertion"},
+    "qformer_64": {"class_path": "casa.fusion.QFormer", "init_args": {"num_queries": 64, "depth": 2, "heads": 4}},
+}
+LABELS = {"casa_plus": "CASA⊕", "casa_replace": "CASA∨", "cross_attention": "CA", "insertion": "insertion",
+          "qformer_64": "Q-Former (64) + insertion"}
+SIZE = 224
+"""Frame side (px): 16 x 16 patches -> 64 image tokens per frame."""
+CAPTION_TOKENS = 2
+"""Decoded tokens per frame (with the turn's 4 template tokens: 6 text tokens per frame; the
+paper's live captions are "typically only a few tokens long", most frames say nothing)."""
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+# ---------------------------------------------------------------------------------- one strategy
+def build_assistant(strategy: str, size: int):
+    """The demo model with `strategy`, random weights, and its char tokenizer / helium template."""
+    import torch
+    import yaml
+
+    from casa.inference import Assistant, DataSettings, build_model
+    from data.datamodule import resolve_tokenizer
+    from data.templates import ChatTemplate
+
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    config["model"]["model"]["init_args"]["fusion"] = STRATEGIES[strategy]
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    tok = resolve_tokenizer("char")
+    settings = DataSettings(max_pixels=size * size, frame_max_pixels=size * size)
+    return Assistant(model, tok, ChatTemplate("helium", tok), settings, config)
+
+
+def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int = CAPTION_TOKENS) -> dict[str, Any]:
+    """Stream `frames` frames through one strategy -> per-frame series (run in a fresh process)."""
+    import torch
+
+    from casa.generation import GenerationConfig
+    from experiments.stream import synthetic_clips
+
+    assistant = build_assistant(strategy, size)
+    clip, _ = synthetic_clips(frames, seed=0, size=size)
+    weights = sum(p.numel() * p.element_size() for p in assistant.model.parameters())
+    cfg = GenerationConfig(max_new_tokens=tokens, stop_token_ids=())  # exactly `tokens` per frame
+    series: dict[str, list] = {"wall_s": [], "cpu_s": [], "rss_bytes": [], "state_bytes": [], "kv_bytes": [], "kv_tokens": [],
+                               "window_kv_tokens": [], "delay_s": []}
+    frames_iter = assistant.stream(clip, fps=2.0, config=cfg, wait=False)
+    while True:
+        cpu = time.process_time()  # CPU time: robust to other processes sharing the cores
+        rec = next(frames_iter, None)
+        if rec is None:
+            break
+        series["cpu_s"].append(time.process_time() - cpu)
+        series["wall_s"].append(rec.wall_s)
+        series["rss_bytes"].append(rec.memory_bytes)
+        series["state_bytes"].append(weights + rec.kv_bytes)
+        series["kv_bytes"].append(rec.kv_bytes)
+        series["kv_tokens"].append(rec.kv_tokens)
+        series["window_kv_tokens"].append(rec.window_kv_tokens)
+        series["delay_s"].append(rec.delay_s)
+    return {"strategy": strategy, "frames": frames, "size": size, "caption_tokens": tokens, "weight_bytes": weights,
+            "torch_threads": torch.get_num_threads(), **series}
+
+
+def run_isolated(strategy: str, frames: int, size: int, tokens: int) -> dict[str, Any]:
+    """`measure_strategy` in a subprocess with one thread and mmap-backed large allocations."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "experiments.benchmarks.stream", "--worker", strategy, "--frames", str(frames),
+           "--size", str(size), "--tokens", str(tokens)]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stream benchmark worker {strategy!r} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------- summary
+def windows(frames: int) -> dict[str, int]:
+    """Reference frame and time windows (1-based frame numbers as in the issue)."""
+    if frames >= 200:
+        return {"ref": 20, "last": 100, "a": 10, "b": 110}
+    return {"ref": 5, "last": 10, "a": 5, "b": 15}
+
+
+def summarize(results: dict[str, dict], frames: int) -> dict[str, Any]:
+    w = windows(frames)
+    out: dict[str, Any] = {}
+    for s, r in results.items():
+        ref, n = w["ref"] - 1, frames - 1
+        for name, key in (("time", "wall_s"), ("cpu_time", "cpu_s")):
+            series = r[key]
+            ratio = statistics.mean(series[-w["last"]:]) / statistics.mean(series[w["a"] - 1:w["b"]])
+            out[f"{s}_{name}_last{w['last']}_vs_{w['a']}to{w['b']}"] = ratio
+        out[f"{s}_memory_frame{frames}_vs_frame{w['ref']}"] = r["rss_bytes"][n] / r["rss_bytes"][ref]
+        out[f"{s}_state_bytes_frame{frames}_vs_frame{w['ref']}"] = r["state_bytes"][n] / r["state_bytes"][ref]
+        out[f"{s}_kv_tokens_frame{w['ref']}"] = r["kv_tokens"][ref]
+        out[f"{s}_kv_tokens_final"] = r["kv_tokens"][n]
+        out[f"{s}_kv_mib_final"] = r["kv_bytes"][n] / 2 ** 20
+        out[f"{s}_rss_mib_final"] = r["rss_bytes"][n] / 2 ** 20
+        out[f"{s}_ms_per_frame_first{w['b']}"] = 1000 * statistics.mean(r["wall_s"][:w["b"]])
+        out[f"{s}_ms_per_frame_last{w['last']}"] = 1000 * statistics.mean(r["wall_s"][-w["last"]:])
+        out[f"{s}_final_delay_s_at_2fps"] = r["delay_s"][n]
+    return out
+
+
+def plot(results: dict[str, dict], out_dir: str) -> dict[str, str]:
+    from experiments.benchmarks import measure
+
+    plt = measure.pyplot()
+    paths = {}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for s, r in results.items():
+        x = range(1, len(r["wall_s"]) + 1)
+        ax1.plot(x, [b / 2 ** 20 for b in r["rss_bytes"]], label=LABELS[s])
+        ax2.plot(x, [b / 2 ** 20 for b in r["state_bytes"]], label=LABELS[s])
+    ax1.set(title="process RSS (Fig. 5 analogue)", xlabel="frame", ylabel="MiB")
+    ax2.set(title="weights + KV cache", xlabel="frame", ylabel="MiB", yscale="log")
+    ax1.legend(fontsize=8)
+    paths["memory"] = measure.save_figure(fig, out_dir, "stream_memory")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("wall_s", "cpu_s"), ("wall time per frame (Fig. 6 analogue)",
+                                                           "CPU time per frame (this process)")):
+        for s, r in results.items():
+            ms = [1000 * t for t in r[key]]
+            k = max(1, len(ms) // 30)
+            smooth = [statistics.mean(ms[max(0, i - k + 1):i + 1]) for i in range(len(ms))]
+            ax.plot(range(1, len(ms) + 1), smooth, label=LABELS[s])
+        ax.set(title=f"{title}, running mean of {k}", xlabel="frame", ylabel="ms", yscale="log")
+    axes[0].legend(fontsize=8)
+    paths["time"] = measure.save_figure(fig, out_dir, "stream_time")
+    return paths
+
+
+def run_in_process(strategy: str, frames: int, size: int, tokens: int) -> dict[str, Any]:
+    """`measure_strategy` here, with one thread (quick runs: no process start-up per strategy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure_strategy(strategy, frames, size, tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = None, size: int = SIZE,
+        tokens: int = CAPTION_TOKENS, strategies: tuple[str, ...] = tuple(STRATEGIES),
+        isolate: bool | None = None) -> dict[str, Any]:
+    """Figs. 5-6: every strategy streamed over `frames` frames (600; quick: 40) -> summary dict.
+
+    `isolate` (default: not quick) runs each strategy in its own process; the quick smoke
+    run measures them one after the other in this process, so its RSS series share a baseline."""
+    from experiments.benchmarks import measure
+
+    import torch
+
+    frames = frames or (40 if quick else 600)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or frames < 20:
+        raise ValueError(f"strategies {unknown} not in {list(STRATEGIES)}, or frames={frames} < 20")
+    isolate = not quick if isolate is None else isolate
+    start = time.perf_counter()
+    measure_one = run_isolated if isolate else run_in_process
+    results = {s: measure_one(s, frames, size, tokens) for s in strategies}
+    out = {"suite": "stream", "frames": frames, "isolated_processes": isolate, "frame_px": size, "image_tokens_per_frame": (size // 28) ** 2,
+           "caption_tokens_per_frame": tokens, "machine": {**measure.machine_info(torch.device("cpu")),
+                                                           "torch_threads": 1}}
+    out.update(summarize(results, frames))
+    out["figures"] = plot(results, out_dir)
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.stream", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=list(STRATEGIES), help="internal: measure one strategy, print JSON")
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--size", type=int, default=SIZE)
+    p.add_argument("--tokens", type=int, default=CAPTION_TOKENS)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out-dir", default="docs/img")
+    a = p.parse_args(argv)
+    if a.worker:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(measure_strategy(a.worker, a.frames or 600, a.size, a.tokens)))
+        return
+    print(json.dumps(run(a.quick, a.out_dir, a.frames, a.size, a.tokens), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Evaluate a checkpoint on the test shards: generated answers scored per task and group.
+
+    python -m experiments.evaluate --ckpt CKPT --data DIR [--split test] [--json]
+                                   [--mask self|rnd|rnd_txt] [--max-samples N]
+
+Every sample's last assistant answer is generated (greedy) from its prompt, exactly as
+validation does during training (`Assistant.answer_batch` = `CasaModule.validation_step`'s
+truncate + generate + decode), and scored with exact match, relaxed accuracy (ChartQA)
+and ANLS (DocVQA) per task and per group. Live-captioning clips are ALSO run as a live
+stream (`Assistant.stream`, no teacher forcing): task `live_caption_stream` scores the
+frames where the reference or the model says something (a caption at the wrong frame
+counts as a miss and as a false alarm). It is reported per task only, so group numbers
+stay comparable with validation. `--no-stream` skips it.
+
+`--mask` applies the paper's Table 8 masks in the CASA layers; generation then runs
+without the KV cache (which cannot apply them) and the stream evaluation is skipped.
+Output: a rich table, or with `--json` exactly one JSON object on stdout,
+`{"tasks": {task: {metric: value}}, "groups": {group: {metric: value}}}`. Progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from itertools import islice
+from pathlib import Path
+
+METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
+    p.add_argument("--data", required=True, help="shard directory (or glob / brace pattern)")
+    p.add_argument("--split", default="test", help="shard prefix: DIR/SPLIT-*.tar (default test)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--mask", choices=("self", "rnd", "rnd_txt"), default=None, help="Table 8 inference mask (CASA)")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer budget (live captions are ~25 characters)")
+    p.add_argument("--batch-samples", type=int, default=None, help="samples per generation batch (default: the run's "
+                                                                    "val_rows_samples)")
+    p.add_argument("--no-stream", action="store_true", help="skip the live-stream evaluation of live_caption clips")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is much faster for tiny models on a busy machine)")
+    a = p.parse_args(argv)
+    for name in ("max_samples", "batch_samples"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    return a
+
+
+def test_stream(assistant, urls: list[str]):
+    """The shards read once, in order, with the run's image and frame settings."""
+    from data.dataset import SampleProcessor, ShardStream, VideoOptions
+
+    s = assistant.settings
+    video = VideoOptions(s.fps, s.min_duration, s.min_frames, s.max_duration, s.frame_max_pixels, layout=s.layout)
+    processor = SampleProcessor(assistant.template, s.max_pixels, s.min_pixels, video)
+    packer = dict(max_text_tokens=s.max_text_tokens, max_image_tokens=s.max_image_tokens, buffer_size=1)
+    return ShardStream(urls, processor, packer, 1, shuffle=False, repeat=False)
+
+
+def expected_samples(data: str, split: str) -> int | None:
+    """The split's size from data.synth's manifest, when there is one (for the progress bar)."""
+    m = Path(data) / "manifest.json"
+    try:
+        return int(json.loads(m.read_text())["splits"][split])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def caption_clip(raw: dict, assistant) -> tuple[list, list[str]] | None:
+    """A raw live-captioning sample -> (frames, what is said at each frame), sampled like training."""
+    from data.video import expand_video, sample_frames
+
+    conv = json.loads(raw["json"])
+    v = conv.get("video") or {}
+    if v.get("layout") != "caption":
+        return None
+    s = assistant.settings
+    keep = sample_frames(v["timestamps"], s.fps, s.min_duration, s.min_frames, s.max_duration)
+    refs, times = [v["frames"][i] for i in keep], [v["timestamps"][i] for i in keep]
+    msgs = expand_video(conv, refs, times)
+    said = [m["content"][0]["text"] for m in msgs if m["role"] == "assistant"]
+    files = {k.split(".")[0]: val for k, val in raw.items() if not k.startswith("__") and k != "json"}
+    return [files[r] for r in refs], said
+
+
+def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dict:
+    from casa.metrics import GroupedAnswerMetrics
+    from data.packing import build_row
+
+    tasks, groups = GroupedAnswerMetrics(), GroupedAnswerMetrics()
+    stream = test_stream(assistant, urls)
+    total = expected_samples(a.data, a.split)
+    total = min(total, a.max_samples) if total and a.max_samples else (total or a.max_samples)
+    job = progress.add_task(f"{a.split} answers", total=total)
+    cfg = assistant.generation_config(max_new_tokens=a.max_new_tokens)
+    per_batch = a.batch_samples or assistant.settings.val_rows_samples
+    samples = islice(stream.samples(), a.max_samples)
+    while chunk := list(islice(samples, per_batch)):
+        batch = build_row(chunk)
+        preds = assistant.answer_batch(batch, cfg)
+        refs = [m["answer"] for m in batch.meta]
+        tasks.update([m["task"] for m in batch.meta], preds, refs)
+        groups.update([m["group"] for m in batch.meta], preds, refs)
+        progress.advance(job, len(chunk))
+    out = {"tasks": tasks.compute(), "groups": groups.compute()}
+    skipped = {k: v for k, v in stream.stats().items() if v and k not in ("samples_read", "samples_kept", "epochs")}
+    if skipped:
+        progress.console.print(f"[yellow]skipped samples: {skipped}")
+    if not a.no_stream and assistant.inference_mask is None:
+        live = evaluate_stream(assistant, stream, a, progress)
+        if live is not None:
+            out["tasks"]["live_caption_stream"] = live
+    return out
+
+
+def evaluate_stream(assistant, stream, a: argparse.Namespace, progress) -> dict | None:
+    """Free-running live captioning of every caption-layout clip; frames where either the
+    reference or the model speaks are scored."""
+    from casa.metrics import GroupedAnswerMetrics
+
+    clips = [c for c in (caption_clip(raw, assistant) for raw in islice(stream.raw_samples(), a.max_samples)) if c]
+    if not clips:
+        return None
+    metrics = GroupedAnswerMetrics()
+    job = progress.add_task("live captions (stream)", total=len(clips))
+    cfg = assistant.generation_config(max_new_tokens=a.max_new_tokens)
+    for frames, said in clips:
+        for rec in assistant.stream(frames, assistant.settings.fps, cfg, wait=False):
+            if rec.text.strip() or said[rec.index].strip():
+                metrics.update(["stream"], [rec.text], [said[rec.index]])
+        progress.advance(job)
+    return metrics.compute().get("stream")
+
+
+def print_table(results: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("group / task")
+    for n in METRIC_NAMES:
+        table.add_column(n, justify="right")
+    for kind in ("groups", "tasks"):
+        for key in sorted(results[kind]):
+            vals = results[kind][key]
+            table.add_row(f"{kind[:-1]}:{key}", *(f"{100 * vals.get(n, float('nan')):.1f}" for n in METRIC_NAMES))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from casa.inference import CheckpointError, load
+    from data.datamodule import expand_shards
+
+    a = parse_args(argv)
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        try:  # everything the user can get wrong is checked before the first sample
+            urls = expand_shards(a.data, a.split)
+            assistant = load(a.ckpt, a.device)
+            assistant.set_inference_mask(a.mask)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            if os.environ.get("CASA_TRACEBACK"):
+                raise
+            print(f"experiments.evaluate: error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+            return 2
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=a.json) as progress:
+            results = evaluate(assistant, urls, a, progress)
+    finally:
+        torch.set_num_threads(threads)
+    if a.json:
+        print(json.dumps(results))
+    else:
+        mask = f", mask {a.mask}" if a.mask else ""
+        print_table(results, f"{a.ckpt} on {a.data} [{a.split}] (step {assistant.global_step}{mask})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Ablation grids: `python -m experiments.grid GRID.yaml [--dry-run] [--only NAME...] [--out DIR]`.
+
+A grid file (`experiments.grid_spec`, docs/grids.md; the paper's Tables 6a and 7 are in
+experiments/grids/) names base configs, common overrides and axes of labelled changes.
+Every combination (the cartesian product of the axes) is one run, executed as its own
+process exactly as a user would run it:
+
+    python -m experiments.fit --config BASE.. --config VALUE_CONFIGS.. --KEY VALUE.. --run_dir OUT/NAME
+
+with its output streamed to OUT/NAME/fit.log. A run whose OUT/NAME/metrics.json says
+`finished` is skipped; a failed run is recorded with its log and the grid goes on.
+OUT/results.md and OUT/results.csv hold the validation metrics per group, the peak memory
+and the median step time of every run of the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from experiments.grid_spec import Grid, GridError, Run, load_grid, select
+
+__all__ = ["Grid", "GridError", "Result", "Run", "load_grid", "main", "run_grid", "select"]
+
+METRICS = ("exact_match", "relaxed_accuracy", "anls")
+
+
+@dataclass
+class Result:
+    run: Run
+    status: str  # "finished" (ran now), "skipped" (finished earlier), "failed", "pending" (not run yet)
+    run_dir: Path
+    exit_code: int | None = None
+    seconds: float | None = None
+    summary: dict = field(default_factory=dict)  # metrics.json
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "fit.log"
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.summary.get("metrics", {})
+
+    @cached_property
+    def peak_memory_bytes(self) -> float | None:
+        peak = self.summary.get("peak_memory_bytes")
+        if peak is None:  # metrics.json from before fit recorded it: the last logged interval
+            peak = self.metrics.get("memory/peak_allocated_bytes", self.metrics.get("memory/peak_rss_bytes"))
+        return peak
+
+    @cached_property
+    def step_time_s(self) -> float | None:
+        """Median of the logged `train/step_time_s` (every log_every_n_steps), else the last step's."""
+        times = []
+        for path in self.run_dir.rglob("metrics.csv"):
+            with open(path, newline="") as f:
+                times += [float(r["train/step_time_s"]) for r in csv.DictReader(f) if r.get("train/step_time_s")]
+        return statistics.median(times) if times else self.metrics.get("train/step_time_s")
+
+
+# ---------------------------------------------------------------------------- running
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _last_line(log: Path, width: int = 70) -> str:
+    """The last non-empty line of a log (progress bars rewrite lines with \\r)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [s.strip() for s in re.split(r"[\r\n]", _ANSI.sub("", tail)) if s.strip()]
+    return lines[-1][:width] if lines else ""
+
+
+def execute(run: Run, run_dir: Path, label: str, console) -> Result:
+    """Run `experiments.fit` for one combination in its own process, output to RUN_DIR/fit.log."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
+    args = run.args(run_dir)
+    cmd = [sys.executable, "-m", "experiments.fit", *args]
+    log = run_dir / "fit.log"
+    start = time.monotonic()
+    # one live line per run: spinner, run, elapsed time, the log's last line (cut to fit)
+    columns = (SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+               TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}", table_column=Column(no_wrap=True, ratio=1)))
+    with open(log, "w") as out, Progress(*columns, console=console, transient=True,
+                                         disable=not console.is_terminal) as progress:
+        out.write(f"$ python -m experiments.fit {shlex.join(args)}\n\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        task = progress.add_task(label, last="")
+        try:
+            while proc.poll() is None:
+                progress.update(task, last=_last_line(log))
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:  # interrupted: leave no training process behind
+                proc.terminate()
+                proc.wait()
+    seconds = time.monotonic() - start
+    summary = _read_json(run_dir / "metrics.json")
+    ok = proc.returncode == 0 and summary.get("finished") is True
+    (run_dir / "grid_run.json").write_text(json.dumps(
+        {"args": args, "exit_code": proc.returncode, "seconds": round(seconds, 1), "finished": ok}, indent=1))
+    return Result(run, "finished" if ok else "failed", run_dir, proc.returncode, seconds, summary)
+
+
+def previous(run: Run, run_dir: Path) -> Result | None:
+    """The result of an earlier invocation if that run finished, else None."""
+    summary = _read_json(run_dir / "metrics.json")
+    if summary.get("finished") is not True:
+        return None
+    record = _read_json(run_dir / "grid_run.json")
+    return Result(run, "skipped", run_dir, record.get("exit_code"), record.get("seconds"), summary)
+
+
+def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool = False,
+             metric: str = "relaxed_accuracy", console=None) -> list[Result]:
+    """Run (or with dry_run, list) the selected combinations; return their results.
+
+    The results tables always cover the whole grid: runs not selected (or not reached yet)
+    appear with their earlier results, or as "pending".
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    # piped to a file, rich would wrap the results table at 80 columns
+    console = console or Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+    every = grid.runs()
+    runs = select(every, only)
+    done = {r.name: previous(r, out / r.name) for r in every}
+    results: dict[str, Result] = {}
+
+    def table() -> list[Result]:
+        return [results.get(r.name) or done[r.name] or Result(r, "pending", out / r.name) for r in every]
+
+    n_done = sum(done[r.name] is not None for r in runs)
+    console.print(f"[bold]grid {grid.path}[/]: {len(runs)} run{'s' * (len(runs) != 1)} ({n_done} finished earlier) "
+                  f"-> {out}", soft_wrap=True)
+    for i, run in enumerate(runs, 1):
+        label, run_dir = f"[{i}/{len(runs)}] {run.name}", out / run.name
+        result = done[run.name]
+        if result is not None:
+            console.print(f"[dim]{label}: skipped (finished earlier)[/]")
+            if _read_json(run_dir / "grid_run.json").get("args", run.args(run_dir)) != run.args(run_dir):
+                console.print(f"[yellow]  it ran with other arguments than this grid's; "
+                              f"delete {run_dir} to re-run it[/]", soft_wrap=True)
+        elif dry_run:
+            result = Result(run, "pending", run_dir)
+            console.print(f"{label}: would run\n  python -m experiments.fit {escape(shlex.join(run.args(run_dir)))}",
+                          soft_wrap=True)
+        else:
+            result = execute(run, run_dir, label, console)
+            took = f"{result.seconds:.0f} s"
+            if result.status == "finished":
+                loss = result.metrics.get("val/loss")
+                loss = "" if loss is None else f", val/loss {loss:.4f}"
+                console.print(f"[green]{label}: finished[/] in {took}{loss}")
+            else:
+                why = "exit code 0 but metrics.json does not say finished" if result.exit_code == 0 else \
+                    f"exit code {result.exit_code}"
+                console.print(f"[red]{label}: failed[/] ({why}) after {took}; log: {result.log}", soft_wrap=True)
+        results[run.name] = result
+        if not dry_run:
+            write_results(table(), grid, out, metric)
+    if not dry_run:
+        console.print(results_table(table(), grid, metric))
+        console.print(f"written: {out / 'results.md'}, {out / 'results.csv'}", soft_wrap=True)
+    return list(results.values())
+
+
+# ---------------------------------------------------------------------------- results
+def _groups(results: list[Result]) -> list[str]:
+    return sorted({k.split("/")[1] for r in results for k in r.metrics if k.startswith("val_group/")})
+
+
+def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the human-readable table (one metric per group, in %)."""
+    groups = _groups(results)
+    header = ["run", "status", "val/loss", *groups, "avg", "mem (MiB)", "step (s)"]
+    rows = []
+    for r in results:
+        scores = [r.metrics.get(f"val_group/{g}/{metric}") for g in groups]
+        present = [s for s in scores if s is not None]
+        loss, peak, step = r.metrics.get("val/loss"), r.peak_memory_bytes, r.step_time_s
+        rows.append([r.run.name, r.status, "" if loss is None else f"{loss:.4f}",
+                     *("" if s is None else f"{100 * s:.1f}" for s in scores),
+                     f"{100 * sum(present) / len(present):.1f}" if present else "",
+                     "" if peak is None else f"{peak / 2 ** 20:,.0f}", "" if step is None else f"{step:.3f}"])
+    return header, rows
+
+
+def results_table(results: list[Result], grid: Grid, metric: str):
+    from rich.table import Table
+
+    header, rows = _columns(results, metric)
+    table = Table(title=f"{grid.path.stem}: val {metric} per group (%)")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*row, style="red" if row[1] == "failed" else None)
+    return table
+
+
+def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> None:
+    """OUT/results.md (one metric per group) and OUT/results.csv (every group metric, raw)."""
+    header, rows = _columns(results, metric)
+    md = [f"# {grid.path.stem}", "", *([grid.description, ""] if grid.description else []),
+          f"`python -m experiments.grid {grid.path}`: val {metric} per group (%) and their mean, "
+          "peak memory (RSS on CPU, allocated on CUDA), median training step time.", "",
+          "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+          *("| " + " | ".join(row) + " |" for row in rows)]
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        md += ["", "Failed runs:", "", *(f"- `{r.run.name}`: exit code {r.exit_code}, log `{r.log}`" for r in failed)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(md) + "\n")
+
+    axes = [name for name, _ in grid.axes]
+    keys = sorted({k for r in results for k in r.metrics if k.startswith("val_group/")})
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "status", *axes, "global_step", "val/loss", *keys, "peak_memory_bytes",
+                         "step_time_s", "seconds", "exit_code", "log"])
+        for r in results:
+            writer.writerow([r.run.name, r.status, *(r.run.labels[a] for a in axes), r.summary.get("global_step"),
+                             r.metrics.get("val/loss"), *(r.metrics.get(k) for k in keys), r.peak_memory_bytes,
+                             r.step_time_s, r.seconds, r.exit_code, r.log])
+
+
+# ---------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(prog="python -m experiments.grid", description=__doc__.split("\n")[0])
+    parser.add_argument("grid", help="grid YAML file")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run names or glob patterns ('casa_*')")
+    parser.add_argument("--out", help="output directory (default runs/grids/<grid file name>)")
+    parser.add_argument("--metric", default="relaxed_accuracy", choices=METRICS,
+                        help="group metric shown in the terminal and Markdown tables (the CSV has all)")
+    args = parser.parse_args(argv)
+    # `kill` of the grid unwinds like Ctrl-C, so the running fit process is terminated too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        grid = load_grid(args.grid)
+        out = Path(args.out) if args.out else Path("runs/grids") / Path(args.grid).stem
+        return run_grid(grid, out, args.only, args.dry_run, args.metric)
+    except GridError as e:
+        print(f"experiments.grid: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("experiments.grid: interrupted; finished runs are kept, run the grid again to go on", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r.status == "failed" for r in main()) else 0)

@@ -1,0 +1,224 @@
+"""Live captioning of a video with a trained checkpoint (paper §4.5, Fig. 4).
+
+    python -m experiments.stream --ckpt CKPT --video PATH|synthetic [--fps 2] [--frames N]
+                                 [--no-wait] [--json] [--srt OUT] [--max-new-tokens 32]
+
+Frames arrive at `--fps`; each opens a window and the model writes what it says at that
+frame (usually nothing). Output: one line per caption, `[mm:ss.s|delay] text` (timestamp
+of the frame, then how late the caption was done), a summary, and an SRT file
+(`--srt`, default: next to a video, or runs/stream.srt for `synthetic`). `--no-wait`
+processes frames back to back and reports the delay a real-time run would have had.
+`--json` prints one JSON object with a `frames` list (index, t, text, new_tokens, wall_s,
+delay_s, kv_tokens, window_kv_tokens, kv_bytes, memory_bytes).
+
+Video sources:
+    synthetic        moving-shape clips of the synthetic benchmark's live_caption task
+                     (`data.synth_tasks.video`), rendered on the fly; their reference
+                     captions are shown next to the model's
+    DIR              a folder of frames (jpg/png/webp), in numeric order, one per 1/fps s
+    FILE.gif/.webp   an animated image (PIL decodes it), resampled to --fps
+    FILE.mp4 ...     not supported here: no video decoder (PyAV, decord, ffmpeg) is
+                     installed; extract frames first (`ffmpeg -i clip.mp4 -vf fps=2 DIR/%06d.jpg`)
+Bad input (missing checkpoint, checkpoint without run config, undecodable video, a frame
+of another size) ends with one message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from data.converters import FRAME_SUFFIXES, VIDEO_FILE_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------- sources
+def synthetic_clips(frames: int, seed: int = 0, size: int | None = None) -> tuple[list[bytes], list[str]]:
+    """`frames` frames of back-to-back live_caption clips -> (JPEG bytes per frame, reference
+    caption per frame). Bytes, not decoded images: a stream decodes each frame when it
+    arrives and does not keep it (a list of decoded frames would grow like a video buffer)."""
+    from data.synth_tasks import DEFAULT_SIZES
+    from data.synth_tasks.video import live_caption
+    from data.video import expand_video
+
+    out, refs, k = [], [], 0
+    while len(out) < frames:
+        conv, files = live_caption(random.Random(f"stream/{seed}/{k}"), size or DEFAULT_SIZES["video"])
+        v = conv["video"]
+        msgs = expand_video(conv, v["frames"], v["timestamps"])
+        said = [m["content"][0]["text"] for m in msgs if m["role"] == "assistant"]
+        out += [files[f"{f}.jpg"] for f in v["frames"]]
+        refs += said
+        k += 1
+    return out[:frames], refs[:frames]
+
+
+def _frame_number(p: Path) -> tuple[int, str]:
+    digits = re.findall(r"\d+", p.stem)
+    return (int(digits[-1]) if digits else -1, p.name)
+
+
+def a_fps(fps: float) -> str:
+    return f"{fps:g}"
+
+
+def video_frames(path: str, fps: float) -> Iterator:
+    """Frames of a folder, an animated image or a still image (InputError for anything else)."""
+    from PIL import Image, ImageSequence
+
+    from casa.inference import InputError
+    from data.video import sample_frames
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"--video {path!r} does not exist (a frame folder, a .gif/.webp, or 'synthetic')")
+    if p.is_dir():
+        frames = sorted((f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=_frame_number)
+        if not frames:
+            raise InputError(f"--video {path!r}: the folder holds no frames ({', '.join(FRAME_SUFFIXES)})")
+        return iter(frames)  # read lazily, one per arriving frame
+    if p.suffix.lower() in VIDEO_FILE_SUFFIXES:
+        raise InputError(f"--video {path!r} is a video file, and no video decoder library (PyAV, decord or ffmpeg) "
+                         f"is installed here; extract its frames into a folder first, e.g. "
+                         f"`ffmpeg -i {p.name} -vf fps={a_fps(fps)} DIR/%06d.jpg`, and pass --video DIR")
+    try:
+        img = Image.open(p)
+        times, t, frames = [], 0.0, []
+        for f in ImageSequence.Iterator(img):
+            times.append(t)
+            t += max(float(f.info.get("duration", 1000.0 / fps) or 1000.0 / fps), 1.0) / 1000.0
+            frames.append(f.convert("RGB"))
+    except Exception as e:  # PIL raises many types for bytes it cannot read
+        raise InputError(f"--video {path!r} cannot be decoded ({type(e).__name__}: {e}); give a frame folder, "
+                         f"an animated .gif/.webp, or 'synthetic'") from None
+    keep = sample_frames(times, fps, min_duration=0.0, max_duration=float("inf")) if len(frames) > 1 else [0]
+    return iter([frames[i] for i in keep])
+
+
+# ---------------------------------------------------------------------------------- output
+def stamp(t: float) -> str:
+    return f"{int(t // 60):02d}:{t % 60:04.1f}"
+
+
+def srt_time(t: float) -> str:
+    ms = int(round(t * 1000))
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+
+def to_srt(records: list[dict], fps: float, hold: float = 3.0) -> str:
+    """One cue per captioned frame, shown until the next caption (at most `hold` s)."""
+    said = [r for r in records if r["text"].strip()]
+    cues = []
+    for n, r in enumerate(said):
+        end = r["t"] + hold if n + 1 == len(said) else min(said[n + 1]["t"], r["t"] + hold)
+        cues.append(f"{n + 1}\n{srt_time(r['t'])} --> {srt_time(max(end, r['t'] + 1.0 / fps))}\n{r['text'].strip()}\n")
+    return "\n".join(cues)
+
+
+def summary(records: list[dict]) -> dict:
+    if not records:
+        return {"frames": 0}
+    walls = [r["wall_s"] for r in records]
+    return {"frames": len(records), "captions": sum(bool(r["text"].strip()) for r in records),
+            "mean_wall_s": sum(walls) / len(walls), "max_delay_s": max(r["delay_s"] for r in records),
+            "final_delay_s": records[-1]["delay_s"], "kv_tokens_first": records[0]["kv_tokens"],
+            "kv_tokens_last": records[-1]["kv_tokens"], "memory_bytes_first": records[0]["memory_bytes"],
+            "memory_bytes_last": records[-1]["memory_bytes"]}
+
+
+# ---------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.stream", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
+    p.add_argument("--video", required=True, help="'synthetic', a frame folder, or an animated .gif/.webp")
+    p.add_argument("--fps", type=float, default=2.0, help="frame rate of the stream (training: 2)")
+    p.add_argument("--frames", type=int, default=None, help="stop after N frames (synthetic: default 48)")
+    p.add_argument("--no-wait", action="store_true", help="do not wait for frames; report the real-time delay")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of caption lines")
+    p.add_argument("--srt", default=None, help="SRT subtitles output (default: VIDEO.srt, runs/stream.srt for synthetic)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="caption budget per frame")
+    p.add_argument("--prompt", default=None, help="the user prompt opening the stream (default: the training one)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic clips' seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is much faster for tiny models on a busy machine)")
+    a = p.parse_args(argv)
+    if a.fps <= 0 or (a.frames is not None and a.frames < 1) or a.max_new_tokens < 1:
+        p.error(f"--fps ({a.fps}) must be > 0, --frames ({a.frames}) and --max-new-tokens ({a.max_new_tokens}) >= 1")
+    return a
+
+
+def run(a: argparse.Namespace) -> int:
+    import torch
+
+    from casa.inference import load
+
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        return _run(a, load(a.ckpt, a.device))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(a: argparse.Namespace, assistant) -> int:
+    import itertools
+
+    from data.video import CAPTION_PROMPT
+
+    refs: list[str] | None = None
+    if a.video == "synthetic":
+        frames, refs = synthetic_clips(a.frames or 48, a.seed)
+        srt = Path(a.srt or "runs/stream.srt")
+    else:
+        frames = video_frames(a.video, a.fps)
+        srt = Path(a.srt) if a.srt else Path(a.video.rstrip("/")).with_suffix(".srt")
+    if a.frames:
+        frames = itertools.islice(frames, a.frames)
+    records = []
+    cfg = assistant.generation_config(max_new_tokens=a.max_new_tokens)
+    prompt = CAPTION_PROMPT if a.prompt is None else a.prompt
+    for rec in assistant.stream(frames, a.fps, cfg, prompt=prompt, wait=not a.no_wait):
+        r = rec.to_dict()
+        if refs is not None:
+            r["reference"] = refs[rec.index]
+        records.append(r)
+        if not a.json and (r["text"].strip() or (refs is not None and r["reference"])):
+            ref = f"    (reference: {r['reference'] or '-'})" if refs is not None else ""
+            print(f"[{stamp(rec.t)}|{rec.delay_s:.2f}s] {rec.text or '-'}{ref}", flush=True)
+    srt.parent.mkdir(parents=True, exist_ok=True)
+    srt.write_text(to_srt(records, a.fps))
+    s = summary(records)
+    if a.json:
+        print(json.dumps({"ckpt": a.ckpt, "video": a.video, "fps": a.fps, "fusion": type(assistant.model.fusion).__name__,
+                          "srt": str(srt), "summary": s, "frames": records}))
+    elif records:
+        print(f"{s['frames']} frames, {s['captions']} captions, {1000 * s['mean_wall_s']:.1f} ms/frame, "
+              f"final delay {s['final_delay_s']:.2f} s, text KV cache {s['kv_tokens_first']} -> {s['kv_tokens_last']} "
+              f"tokens, memory {s['memory_bytes_first'] / 2**20:.0f} -> {s['memory_bytes_last'] / 2**20:.0f} MiB; "
+              f"subtitles: {srt}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from casa.inference import CheckpointError, InputError
+
+    a = parse_args(argv)
+    try:
+        return run(a)
+    except (CheckpointError, InputError) as e:
+        if os.environ.get("CASA_TRACEBACK"):
+            raise
+        print(f"experiments.stream: error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""experiments.grid: a tiny 2x1 grid end to end (tables, skip on re-run, a failing run),
+the shipped grids expanded and parsed by the real fit CLI, and grid-file validation.
+
+Real runs are subprocesses of `experiments.fit` (~15-25 s each, mostly imports): the module
+fixture runs the 2x1 grid once and the failure test adds one run that fails at build time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from experiments.grid import GridError, load_grid, main, run_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = ROOT / "experiments" / "grids"
+TINY = ["experiments/configs/demo.yaml", "tests/configs/tiny.yaml"]
+STRATEGY = "experiments/configs/strategies/{}.yaml"
+
+# the combinations each shipped grid must expand to, in order (first axis slowest)
+EXPECTED = {
+    "table6a": ["casa_plus", "casa_before", "casa_replace", "cross_attention", "gated_cross_attention",
+                "insertion", "qformer"],
+    "table7": ["every_k-k2", "every_k-k4", "first_k-k2", "first_k-k4", "first_last_k-k2", "first_last_k-k4"],
+}
+TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
+# k=99 > the tiny backbone's 2 layers: experiments.fit fails while building the model
+BROKEN = {"label": "broken", "configs": [STRATEGY.format("casa_replace")],
+          "overrides": {"model.model.init_args.fusion.init_args.k": 99}}
+
+
+def run(grid: Path, out: Path, **kw):
+    """run_grid with its terminal output captured; returns (results, output text)."""
+    buf = io.StringIO()
+    results = run_grid(load_grid(grid), out, console=Console(file=buf, width=120), **kw)
+    return results, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The 2x1 grid, run once: (grid file, out dir, results, output)."""
+    out = tmp_path_factory.mktemp("grid") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)  # config paths and the tiny synth directory are relative to the repository
+        results, output = run(TINY_GRID, out)
+    return TINY_GRID, out, results, output
+
+
+@pytest.fixture
+def at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def test_tiny_grid_runs_every_combination_and_writes_tables(tiny):
+    _, out, results, output = tiny
+    assert [(r.run.name, r.status) for r in results] == [
+        ("casa_plus-s2", "finished"), ("casa_replace-s2", "finished")], output
+    for r in results:
+        assert "validation after 2 steps" in r.log.read_text()
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["casa_plus-s2", "casa_replace-s2"]
+    for row in rows:
+        assert row["fusion"] in ("casa_plus", "casa_replace") and row["steps"] == "s2"
+        assert row["global_step"] == "2"
+        for group in ("coarse", "video"):  # the tiny synth's groups
+            assert 0.0 <= float(row[f"val_group/{group}/relaxed_accuracy"]) <= 1.0
+        assert float(row["val/loss"]) > 0
+        assert float(row["peak_memory_bytes"]) > 2 ** 20 and float(row["step_time_s"]) > 0
+    md = (out / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    header = ["run", "status", "val/loss", "coarse", "video", "avg", "mem (MiB)", "step (s)"]
+    assert [h.strip() for h in table[0].split("|")[1:-1]] == header
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["casa_plus-s2", "casa_replace-s2"]
+
+
+def test_rerun_skips_finished_runs(tiny, at_root):
+    grid, out, first, _ = tiny
+    start = time.monotonic()
+    results, output = run(grid, out)
+    assert time.monotonic() - start < 10  # no subprocess started
+    assert [r.status for r in results] == ["skipped", "skipped"], output
+    assert output.count("skipped (finished earlier)") == 2
+    assert [r.metrics["val/loss"] for r in results] == [r.metrics["val/loss"] for r in first]
+    with open(out / "results.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["skipped", "skipped"]
+    # with --only, the tables still cover the whole grid
+    results, _ = run(grid, out, only=["casa_r*"])
+    assert [r.run.name for r in results] == ["casa_replace-s2"]
+    with open(out / "results.csv", newline="") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["casa_plus-s2", "casa_replace-s2"]
+
+
+def test_failed_run_is_recorded_and_the_grid_goes_on(tiny, at_root):
+    _, out, _, _ = tiny
+    grid = out.parent / "with_broken.yaml"
+    spec = yaml.safe_load(TINY_GRID.read_text())
+    spec["axes"][0]["values"].insert(0, BROKEN)  # the failing run comes first
+    grid.write_text(yaml.safe_dump(spec))
+    results, output = run(grid, out)
+    assert [(r.run.name, r.status) for r in results] == [
+        ("broken-s2", "failed"), ("casa_plus-s2", "skipped"), ("casa_replace-s2", "skipped")], output
+    broken = results[0]
+    assert broken.exit_code != 0 and "CASA.k=99" in broken.log.read_text()
+    assert f"log: {broken.log}" in output.replace("\n", "")
+    with open(out / "results.csv", newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows["broken-s2"]["status"] == "failed" and rows["broken-s2"]["log"] == str(broken.log)
+    assert rows["casa_plus-s2"]["val/loss"]
+    assert f"`broken-s2`: exit code {broken.exit_code}, log `{broken.log}`" in (out / "results.md").read_text()
+
+
+def test_run_arguments_put_configs_first_and_specific_overrides_last(tmp_path, at_root):
+    r = load_grid(TINY_GRID).runs()[1]
+    assert r.args(tmp_path / "x") == [
+        "--config", TINY[0], "--config", TINY[1], "--config", STRATEGY.format("casa_replace"),
+        "--trainer.enable_model_summary", "false", "--trainer.max_steps", "2", "--run_dir", str(tmp_path / "x")]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_grids_expand_and_parse_with_fit(name, tmp_path, at_root, capsys, monkeypatch):
+    assert sorted(p.stem for p in GRIDS.glob("*.yaml")) == sorted(EXPECTED)
+    results = main([str(GRIDS / f"{name}.yaml"), "--dry-run", "--out", str(tmp_path)])
+    assert [r.run.name for r in results] == EXPECTED[name]
+    assert {r.status for r in results} == {"pending"} and not any(tmp_path.iterdir())
+    for r in results:
+        assert all(Path(c).is_file() for c in r.run.configs)
+    # every combination's arguments go through the real fit parser (no model is built)
+    from experiments.fit import main as fit
+
+    monkeypatch.setattr("sys.argv", ["experiments.fit"])  # pytest's own arguments are not fit's
+    for r in results:
+        with pytest.raises(SystemExit) as e:
+            fit(r.run.args(tmp_path / r.run.name) + ["--print_config"])
+        assert e.value.code in (0, None), capsys.readouterr().err
+
+
+def test_only_selects_runs_by_name_or_pattern(at_root, tmp_path):
+    grid = GRIDS / "table7.yaml"
+    results = main([str(grid), "--dry-run", "--out", str(tmp_path), "--only", "first_*", "every_k-k4"])
+    assert [r.run.name for r in results] == ["every_k-k4", "first_k-k2", "first_k-k4", "first_last_k-k2", "first_last_k-k4"]
+    with pytest.raises(GridError, match=r"--only: 'every-k2' matches no run; runs: \['every_k-k2'"):
+        run_grid(load_grid(grid), tmp_path, only=["every-k2"], dry_run=True, console=Console(file=io.StringIO()))
+
+
+GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"base: {TINY}\naxis: []\n",
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes'\]"),
+    (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
+    (f"base: {TINY}\naxes: []\n", r"axes: expected a non-empty list of \{name, values\}, got \[\]"),
+    (f"base: {TINY}\naxes: [{{name: fusion, values: []}}]\n",
+     r"axes\[0\]\.values: axis 'fusion' needs a non-empty list of \{label, configs, overrides\}, got \[\]"),
+    (f"base: [experiments/configs/nope.yaml]\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\n",
+     r"base: config file 'experiments/configs/nope.yaml' does not exist \(paths are relative to the working directory"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a, configs: [strategies/casa_plus.yaml]}}]}}]\n",
+     r"axes\[0\]\.values\[0\]\.configs: config file 'strategies/casa_plus.yaml' does not exist"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {GOOD_VALUE}]}}]\n",
+     r"axes\[0\]\.values\[1\]\.label: duplicate label 'a' in axis 'f'; labels so far: \['a'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}, {{name: f, values: [{GOOD_VALUE}]}}]\n",
+     r"axes\[1\]\.name: duplicate axis name 'f'; axes so far: \['f'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a, mode: plus}}]}}]\n",
+     r"axes\[0\]\.values\[0\]: unknown key\(s\) \['mode'\]; valid keys: \['label', 'configs', 'overrides'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a-b}}]}}]\n",
+     r"axes\[0\]\.values\[0\]\.label: 'a-b' must be letters, digits"),
+    (f"base: {TINY}\noverrides: {{run_dir: x}}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\n",
+     r"overrides: 'run_dir' cannot be overridden here: the grid sets it"),
+    (f"base: {TINY}\noverrides: {{trainer.max_steps: 1, trainer.max_steps: 2}}\naxes: []\n",
+     r"line 2: key\(s\) \['trainer.max_steps'\] given twice in one mapping"),
+])
+def test_malformed_grid_files_name_the_field_value_and_choices(text, message, tmp_path, at_root):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(GridError, match=message):
+        load_grid(path)
+
+
+def test_cli_reports_a_malformed_grid_in_one_line(tmp_path, at_root, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"base: {TINY}\naxes: []\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith(f"experiments.grid: error: {path}: axes: expected a non-empty list")
+    assert "Traceback" not in err
