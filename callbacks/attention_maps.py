@@ -71,11 +71,14 @@ class AttentionMaps(L.Callback):
         self.capture(trainer, pl_module)
 
     def capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
-        if not trainer.is_global_zero:
+        model = getattr(pl_module, "model", pl_module)
+        if not hasattr(model, "capture_attention"):
             return None
         batch = self._fixed_batch(trainer)
-        model = getattr(pl_module, "model", pl_module)
-        if batch is None or not hasattr(model, "capture_attention"):
+        # Every rank runs the capture forward: under FSDP2 each block's forward all-gathers its
+        # parameters, so a forward on rank zero alone would wait forever for the others. The
+        # ranks agree first, so one without an image batch makes everyone skip.
+        if not trainer.strategy.reduce_boolean_decision(batch is not None, all=True):
             return None
         batch = batch.to(pl_module.device)
         was_training = model.training
@@ -85,6 +88,8 @@ class AttentionMaps(L.Callback):
                 model(batch)
         finally:
             model.train(was_training)
+        if not trainer.is_global_zero:  # rank zero writes each file once
+            return None
         if self.layers is not None:
             records = [r for r in records if r["layer"] in self.layers]
         if self.heads is not None:

@@ -2,7 +2,7 @@
 
     python -m experiments.bench SUITE [--quick] [--json] [--out-dir docs/img]
                                 [--device cpu|cuda] [--dtype bfloat16|float32] [--threads N]
-                                [--backbone helium|qwen2_5_vl] [--pattern SHARDS]
+                                [--backbone helium|helium_preview|qwen2_5_vl] [--pattern SHARDS]
 
 SUITE is one of `layer` (paper Table 11), `attention` (varlen_attention backends vs dense),
 `stream` (paper Figs. 5-6), `step` (a full training step per strategy, Table 1), `data`
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="docs/img", help="where the PNGs go")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:i]")
     p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32")
-    p.add_argument("--backbone", default=None, help="layer: helium (default) or qwen2_5_vl widths")
+    p.add_argument("--backbone", default=None, help="layer: helium (default), helium_preview or qwen2_5_vl widths")
     p.add_argument("--pattern", default=None, help="data: shard pattern to read (default: a temporary synthetic set)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)

@@ -119,7 +119,7 @@ def test_attention_quick(tmp_path):
     for k in ("sdpa_fwd_max_ratio_vs_ideal", "sdpa_fwd_bwd_max_ratio_vs_ideal", "eager_fwd_bwd_max_ratio_vs_ideal",
               "flex_fwd_max_ratio_vs_ideal"):
         assert _positive(r[k]), k
-    assert math.isfinite(r["sdpa_fwd+bwd_memory_slope_vs_image_tokens"])
+    assert math.isfinite(r["sdpa_fwd_bwd_memory_slope_vs_image_tokens"])
     for row in r["rows"]:
         assert _positive(row["time_s"]) and row["alloc_MiB"] >= 0 and _positive(row["ratio_vs_ideal"])
     # backends that cannot run here are listed with the reason check_backend gives

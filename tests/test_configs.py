@@ -152,6 +152,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("CASA_TRACEBACK", None)
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores: one thread each, no oversubscription
     return env
 
 

@@ -166,7 +166,7 @@ def memory_slopes(rows: list[dict[str, Any]], backend: str, pass_: str) -> dict[
             g = usable[-1]
             # N + 50 keys per window: the window size the memory should be linear in
             xs = [r[along] + (TEXT_PER_WINDOW if along == "image_tokens" else 0) for r in g]
-            out[f"{backend}_{pass_}_memory_slope_vs_{along}"] = loglog_slope(xs, [r["alloc_MiB"] for r in g])
+            out[f"{backend}_{pass_.replace('+', '_')}_memory_slope_vs_{along}"] = loglog_slope(xs, [r["alloc_MiB"] for r in g])
     return out
 
 

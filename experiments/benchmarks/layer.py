@@ -1,26 +1,27 @@
 """Suite `layer`: the paper's Table 11, one decoder layer, token insertion vs CASA and CA.
 
     python -m experiments.bench layer [--quick] [--json] [--device cuda] [--dtype float32]
+                                      [--backbone helium|helium_preview|qwen2_5_vl]
 
 Setting (paper App. C.2): one packed row of 10 samples, each 1024 image tokens followed
-by 50 text tokens, through one decoder layer of the Helium-1 2B backbone
-(`transformers.HeliumConfig()` defaults: d=2560, FFN 7040, 20 heads of 128; bf16 as on
-the paper's H100s). The layer is the library's own `casa.blocks.DecoderBlock`, rewritten
-by the real strategy (`fusion.attach`), fed by the strategy's real `prepare`:
+by 50 text tokens, through one decoder layer at the widths of the paper's Helium-1 2B
+backbone (d=2048, FFN 8192, 16 query / 8 key-value heads of 128; `BACKBONES` says how
+they were checked), in bf16 as on the paper's H100s. The layer is the library's own
+`casa.blocks.DecoderBlock`, rewritten by the real strategy (`fusion.attach`) and fed by
+the strategy's real `prepare`:
 
-    insertion      SA + FFN over all 10 x 1074 tokens              (image tokens in the stream)
-    casa_plus      SA + FFN over the 500 text tokens, + CASA layer  (CASA⊕)
-    casa_before    CASA layer, then SA + FFN over text             (CASA→)
-    casa_replace   the SA itself runs as CASA, FFN over text       (CASA∨, no new weights)
-    cross_attention SA + FFN over text, + CA layer                 (CA)
+    insertion        SA + FFN over all 10 x 1074 tokens (image tokens in the stream)
+    casa_plus        SA + FFN over the 500 text tokens, + a CASA layer (CASA⊕)
+    casa_replace     the block's SA runs as CASA, FFN over text (CASA∨, no new weights)
+    cross_attention  SA + FFN over text, + a CA layer (CA)
 
-Training = forward + backward of the block (inputs and weights require grad; the block
+Training = forward + backward of the block (inputs and weights require grad: the block
 is mid-stack, so its inputs get gradients too); the window index and RoPE tables are
 built once outside the timed call, as they are shared by every layer of a model.
 Inference = auto-regressive generation of the whole text of the row with the KV cache,
-the 10 samples decoded together: one prefill chunk (each sample's image + its first text
+the 10 samples decoded together: one prefill chunk (each sample's image and first text
 token), then 49 steps of one token per sample, through `VisionLanguageModel.hidden_states`
-(the library's cached path; the per-chunk glue is part of it).
+(the library's cached path, per-chunk glue included).
 
 Reported: median time and peak extra memory (`measure.py`), and CASA / insertion ratios
 (below 1 = CASA cheaper). Paper: training memory -74% (0.26) for CASA⊕ and CASA∨, time
@@ -38,8 +39,7 @@ import torch
 from experiments.benchmarks import measure
 
 STRATEGIES = ("insertion", "casa_plus", "casa_replace", "cross_attention")
-LABELS = {"insertion": "insertion", "casa_plus": "CASA⊕", "casa_before": "CASA→", "casa_replace": "CASA∨",
-          "cross_attention": "CA"}
+LABELS = {"insertion": "insertion", "casa_plus": "CASA⊕", "casa_replace": "CASA∨", "cross_attention": "CA"}
 PAPER = {  # Table 11, CASA / insertion
     ("casa_plus", "train", "memory"): 0.26, ("casa_plus", "train", "time"): 0.16,
     ("casa_replace", "train", "memory"): 0.26, ("casa_replace", "train", "time"): 0.11,
@@ -55,7 +55,7 @@ class Setting:
     image_tokens: int
     text_tokens: int
     widths: dict[str, Any]
-    """`HeliumConfig` fields overriding its defaults (empty: the Helium-1 2B widths)."""
+    """Fields overriding the backbone widths (quick: a tiny model; empty: the real widths)."""
     train_repeats: int
     infer_repeats: int
 
@@ -69,15 +69,20 @@ QUICK = Setting(samples=2, image_tokens=64, text_tokens=6,
 def make_fusion(name: str):
     from casa.fusion import CASA, CrossAttention, Insertion
 
-    return {"insertion": lambda: Insertion(), "casa_plus": lambda: CASA("plus"), "casa_before": lambda: CASA("before"),
-            "casa_replace": lambda: CASA("replace"), "cross_attention": lambda: CrossAttention("parallel")}[name]()
+    return {"insertion": lambda: Insertion(), "casa_plus": lambda: CASA("plus"), "casa_replace": lambda: CASA("replace"),
+            "cross_attention": lambda: CrossAttention("parallel")}[name]()
 
 
 BACKBONES = {
-    # transformers' HeliumConfig defaults are Helium-1 2B's widths (kyutai/helium-1-preview-2b config.json)
-    "helium": ("helium", dict(hidden_size=2560, intermediate_size=7040, num_attention_heads=20, num_key_value_heads=20,
+    # Helium-1 2B: 28 layers of d=2048, 16 query / 8 key-value heads of 128, FFN 8192. A CASA
+    # layer per block then adds 28 x (2 x 2048^2 + 2 x 2048 x 1024) = 352M parameters, the
+    # paper's own count (§3.2, "352M-680M extra training parameters").
+    "helium": ("helium", dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=16, num_key_value_heads=8,
                               head_dim=128, rms_norm_eps=1e-8)),
-    # the text model of Qwen2.5-VL-3B, the paper's other backbone (GQA: 2 key/value heads)
+    # Helium-1 preview 2B (transformers' HeliumConfig defaults): d=2560, 20 heads, no GQA
+    "helium_preview": ("helium", dict(hidden_size=2560, intermediate_size=7040, num_attention_heads=20,
+                                      num_key_value_heads=20, head_dim=128, rms_norm_eps=1e-8)),
+    # the text model of Qwen2.5-VL-3B, the paper's other backbone (2 key/value heads)
     "qwen2_5_vl": ("qwen2", dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
                                  num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-6)),
 }
