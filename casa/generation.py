@@ -124,7 +124,10 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
     out: list[list[int]] = [[] for _ in range(S)]
     stop = set(cfg.stop_token_ids)
     active = list(range(S))
-    if cfg.use_cache:
+    # Table 8 masks hide one key chosen over the whole window; the cache only sees the new
+    # chunk, so a masked model generates without it (slower, but the mask means what it says)
+    use_cache = cfg.use_cache and not _masked(model)
+    if use_cache:
         cache = KVCache(S)
         hidden = model.hidden_states(prompts, cache=cache)
         last = prompts.sample_cu_seqlens[1:].long() - 1
@@ -141,7 +144,7 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
                 still.append(s)
         if not still or _ == cfg.max_new_tokens - 1:
             break
-        if cfg.use_cache:
+        if use_cache:
             keep_pos = [active.index(s) for s in still]
             cache.keep(keep_pos)
             step = text_chunk([[out[s][-1]] for s in still], device=prompts.input_ids.device)
@@ -152,6 +155,12 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
             logits = model.backbone.head(model.hidden_states(batch)[ends])[still]
         active = still
     return out
+
+
+def _masked(model) -> bool:
+    """Whether a fusion layer applies a Table 8 inference mask right now (eval mode only)."""
+    fusion = getattr(model, "fusion", None)
+    return getattr(fusion, "inference_mask", None) is not None and not model.training
 
 
 def truncate_samples(batch: PackedBatch, lengths: list[int]) -> PackedBatch:

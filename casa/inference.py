@@ -15,8 +15,10 @@ previous turn, then the frame opening a new window and the tokens that open the 
 turn -- and decodes the caption with the KV cache (`casa.cache`):
 
     helium:   <|user|> prompt [F0] <|end|><|assistant|> caption <|end|> <|user|> [F1] <|end|><|assistant|> ...
-    chunk i:  [caption_{i-1} last token, <|end|>, <|user|> |  F_i  <|end|><|assistant|>]
-              (previous window's tail)                     (opens window i)
+    chunk i:  [<|end|> <|user|>  |  F_i <|end|><|assistant|>]
+               window i-1's tail |  opens window i
+              (<|end|>: the last token generated for frame i-1, not fed yet; a caption cut at
+              max_new_tokens is closed with its last token and an <|end|>)
 
 The pieces are taken from the template itself (`CaptionLayout.from_template`), so any
 template lays the stream out exactly as `ChatTemplate.encode` lays out a training sample.
@@ -24,7 +26,6 @@ template lays the stream out exactly as `ChatTemplate.encode` lays out a trainin
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,8 +86,24 @@ class DataSettings:
         return cls(**known)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """-> (checkpoint dict, parsed run config); CheckpointError with a readable reason otherwise."""
+def merge_configs(base: dict, override: dict) -> dict:
+    """YAML config composition (`--config a.yaml --config b.yaml`): dicts merge key by key,
+    anything else is replaced; a component whose class_path changes is replaced whole."""
+    out = dict(base)
+    for k, v in override.items():
+        old = out.get(k)
+        same_class = not (isinstance(v, dict) and "class_path" in v and isinstance(old, dict)
+                          and old.get("class_path") != v["class_path"])
+        out[k] = merge_configs(old, v) if isinstance(v, dict) and isinstance(old, dict) and same_class else v
+    return out
+
+
+def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tuple[dict, dict]:
+    """-> (checkpoint dict, parsed run config); CheckpointError with a readable reason otherwise.
+
+    The run config is the checkpoint's `casa_config`, or, when `config_files` are given
+    (the YAMLs the run was trained with, composed in order), those instead: the way to
+    load a checkpoint written before experiments.fit stored its config."""
     import yaml
 
     p = Path(path)
@@ -98,15 +115,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is not a Lightning checkpoint (no 'state_dict')")
-    text = ckpt.get("casa_config")
-    if not text:
+    texts, source = [ckpt.get("casa_config")], "casa_config"
+    if config_files:
+        missing = [str(f) for f in config_files if not Path(f).is_file()]
+        if missing:
+            raise CheckpointError(f"config file(s) {missing} do not exist")
+        texts, source = [Path(f).read_text() for f in config_files], ", ".join(map(str, config_files))
+    elif not texts[0]:
         raise CheckpointError(f"{p} has no 'casa_config': it was written before experiments.fit stored the run "
-                              "config in checkpoints; re-train (or resume and save) with the current experiments.fit")
+                              "config in checkpoints; pass the YAML config(s) it was trained with (--config), or "
+                              "re-train with the current experiments.fit")
     try:
-        config = yaml.safe_load(text)
+        config: dict = {}
+        for text in texts:
+            config = merge_configs(config, yaml.safe_load(text) or {})
         config["model"]["model"]
     except Exception as e:
-        raise CheckpointError(f"{p}: casa_config is not a run config with model.model ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{p}: {source} is not a run config with model.model ({type(e).__name__}: {e})") from None
     return ckpt, config
 
 
@@ -121,15 +146,16 @@ def build_model(config: dict):
     return parser.instantiate(parser.parse_object({"model": config["model"]["model"]})).model
 
 
-def load(ckpt_path: str | Path, device: str | torch.device = "cpu") -> "Assistant":
-    """Rebuild model + tokenizer + chat template from a checkpoint written by `experiments.fit`."""
+def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = ()) -> "Assistant":
+    """Rebuild model + tokenizer + chat template from a checkpoint written by `experiments.fit`
+    (`config_files`: the run's YAML configs, for a checkpoint without `casa_config`)."""
     from data.datamodule import resolve_tokenizer
 
-    ckpt, config = read_checkpoint(ckpt_path)
+    ckpt, config = read_checkpoint(ckpt_path, config_files)
     try:
         model = build_model(config)
     except Exception as e:
-        raise CheckpointError(f"{ckpt_path}: cannot rebuild the model from casa_config ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{ckpt_path}: cannot rebuild the model from its run config ({type(e).__name__}: {e})") from None
     weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

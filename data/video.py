@@ -45,9 +45,11 @@ def sample_frames(timestamps: list[float], fps: float = 2.0, min_duration: float
         n = min(min_frames, len(timestamps))
         wanted = [t0 + duration * i / max(n - 1, 1) for i in range(n)]
     else:
-        # 2 fps over [t0, t0 + duration): 180 s -> 360 frames; the end is exclusive so a
-        # capped clip does not get one extra frame at exactly t0 + max_duration
-        n = max(1, math.ceil(duration * fps - 1e-9))
+        # 2 fps from t0. A clip cut at max_duration samples [t0, t0 + max) (180 s -> 360
+        # frames, no extra frame at exactly the cut); an uncut clip keeps its last instant
+        # too, since that is where it ends (a live caption of what happens last sits there)
+        capped = timestamps[-1] - t0 > max_duration
+        n = max(1, math.ceil(duration * fps - 1e-9)) if capped else math.floor(duration * fps + 1e-9) + 1
         wanted = [t0 + i / fps for i in range(n)]
     picked: list[int] = []
     j = 0

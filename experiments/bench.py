@@ -129,13 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown suite {a.suite!r}; valid suites: {', '.join(SUITES)} (or 'all')")
     import torch
 
-    from experiments.benchmarks import measure
-
     if a.threads is not None:
         if a.threads < 1:
             p.error(f"--threads={a.threads} must be >= 1")
         torch.set_num_threads(a.threads)
-    measure.cache_cpu_allocations()
     options = {k: getattr(a, k) for k in OPTIONS if getattr(a, k) is not None}
     status = 0
     for name in names:

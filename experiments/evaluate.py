@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
+    p.add_argument("--config", action="append", default=[],
+                   help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
     p.add_argument("--data", required=True, help="shard directory (or glob / brace pattern)")
     p.add_argument("--split", default="test", help="shard prefix: DIR/SPLIT-*.tar (default test)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def test_stream(assistant, urls: list[str]):
+def split_stream(assistant, urls: list[str]):
     """The shards read once, in order, with the run's image and frame settings."""
     from data.dataset import SampleProcessor, ShardStream, VideoOptions
 
@@ -97,7 +99,7 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
     from data.packing import build_row
 
     tasks, groups = GroupedAnswerMetrics(), GroupedAnswerMetrics()
-    stream = test_stream(assistant, urls)
+    stream = split_stream(assistant, urls)
     total = expected_samples(a.data, a.split)
     total = min(total, a.max_samples) if total and a.max_samples else (total or a.max_samples)
     job = progress.add_task(f"{a.split} answers", total=total)
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:  # everything the user can get wrong is checked before the first sample
             urls = expand_shards(a.data, a.split)
-            assistant = load(a.ckpt, a.device)
+            assistant = load(a.ckpt, a.device, a.config)
             assistant.set_inference_mask(a.mask)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             if os.environ.get("CASA_TRACEBACK"):

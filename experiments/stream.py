@@ -136,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
+    p.add_argument("--config", action="append", default=[],
+                   help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
     p.add_argument("--video", required=True, help="'synthetic', a frame folder, or an animated .gif/.webp")
     p.add_argument("--fps", type=float, default=2.0, help="frame rate of the stream (training: 2)")
     p.add_argument("--frames", type=int, default=None, help="stop after N frames (synthetic: default 48)")
@@ -163,7 +165,7 @@ def run(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        return _run(a, load(a.ckpt, a.device))
+        return _run(a, load(a.ckpt, a.device, a.config))
     finally:
         torch.set_num_threads(threads)
 

@@ -92,6 +92,7 @@ def test_layer_quick(tmp_path):
         for phase in ("train", "infer"):
             for metric in ("memory", "time"):
                 assert _positive(r[f"{s}_vs_insertion_{phase}_{metric}"]), (s, phase, metric)
+        assert _positive(r[f"{s}_vs_insertion_train_flops"]), s
     assert {row["strategy"] for row in r["rows"]} == set(layer.STRATEGIES)
     for row in r["rows"]:
         for k in ("train_time_s", "train_alloc_MiB", "infer_time_s", "infer_alloc_MiB"):

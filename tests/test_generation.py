@@ -66,6 +66,17 @@ def test_cached_generation_equals_uncached(name):
     assert all(1 <= len(o) <= 6 for o in cached)
 
 
+@pytest.mark.parametrize("mask", ["self", "rnd", "rnd_txt"])
+def test_table8_masks_generate_the_same_with_or_without_the_cache_flag(mask):
+    """A masked key is drawn over the whole window, which the cache never holds at once:
+    `generate` must then ignore `use_cache` instead of applying the mask to a chunk."""
+    model = tiny_model(CASA("plus", inference_mask=mask)).eval()
+    prompts = random_packed_batch([SPEC, [("text", 3), ("image", (2, 2)), ("text", 5)]], seed=3)
+    cached = generate(model, prompts, GenerationConfig(max_new_tokens=6))
+    uncached = generate(model, prompts, GenerationConfig(max_new_tokens=6, use_cache=False))
+    assert cached == uncached
+
+
 def test_sampling_is_seeded_and_top_p_one_token_is_greedy():
     model = tiny_model(CASA("plus")).eval()
     prompts = random_packed_batch([SPEC], seed=9)

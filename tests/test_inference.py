@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import re
 import subprocess
 import sys
@@ -174,6 +173,19 @@ def test_mask_changes_casa_answers_and_is_refused_elsewhere(run):
         torch.testing.assert_close(a.model(batch).logits, plain)
     with pytest.raises(ValueError, match="CASA"):
         load(run["insertion"]).set_inference_mask("self")
+
+
+def test_checkpoint_without_config_loads_with_its_yaml_configs(run):
+    from casa.inference import load, merge_configs
+
+    a, b = load(run["casa"]), load(run["no_config"], config_files=[DEMO, TINY])
+    assert type(b.model.fusion) is type(a.model.fusion) and b.settings == a.settings
+    for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(p, q), name
+    # composition: dicts merge, a new class_path replaces the component with its own init_args
+    base = {"fusion": {"class_path": "CASA", "init_args": {"mode": "plus"}}, "lr": 1, "keep": {"a": 1}}
+    over = {"fusion": {"class_path": "QFormer", "init_args": {"num_queries": 8}}, "lr": 2, "keep": {"b": 2}}
+    assert merge_configs(base, over) == {"fusion": over["fusion"], "lr": 2, "keep": {"a": 1, "b": 2}}
 
 
 # ---------------------------------------------------------------------------------- CLIs

@@ -1,4 +1,4 @@
-"""How the benchmarks measure: median wall time after warm-up, and peak memory.
+"""How the benchmarks measure: median time after warm-up, and peak memory.
 
 Time: `time_call` runs `fn` `warmup` times unmeasured (first-call allocations, oneDNN
 kernel selection, lazy optimiser state), then `repeats` times, and reports medians of
@@ -18,17 +18,20 @@ before it (weights, inputs, caches built outside the call):
 
 Why two CPU numbers. `alloc_bytes` is what the paper reports ("total max memory
 allocated", PyTorch profiler) and what CUDA's counter measures: the bytes tensors ask
-for, deterministic and independent of the allocator. It does not see the allocator
-itself: glibc rounds to pages, keeps freed chunks in its arenas and serves big blocks
-with mmap. `rss_bytes` is what the process really took from the OS, allocator included.
-A plain RSS reading would be wrong after the first case (freed memory stays in glibc's
-arenas and is reused without raising RSS, and the high-water mark never goes down);
-`malloc_trim(0)` hands the cached memory back first and the `clear_refs` write resets
-the high-water mark to the current RSS, so each call is measured from a clean baseline
-in the same process, without a subprocess per case. tracemalloc is no use here: it only
-sees Python's allocator, not torch's. The two agree within a few percent on tensors of
-a MiB or more (tests/test_bench.py); ratios in the docs use `alloc_bytes`, so that CPU
-and GPU runs report the same quantity.
+for, deterministic and independent of the allocator, so CPU and GPU runs report the
+same quantity; the ratios use it. `rss_bytes` is what the process took from the OS,
+allocator included (page rounding, fragmentation of glibc's heap, its bookkeeping), the
+CPU analogue of CUDA's reserved memory. A plain RSS reading would be wrong after the
+first case: freed memory stays in glibc's arenas and is reused without raising RSS, and
+the high-water mark never goes down. `malloc_trim(0)` hands the cached memory back first
+and the `clear_refs` write resets the high-water mark, so each call is measured from a
+clean baseline in the same process, with no subprocess per case. tracemalloc is no use
+here: it only sees Python's allocator, not torch's. On a known allocation pattern the two
+agree (tests/test_bench.py); on the big cases RSS is higher by the heap's fragmentation.
+
+Allocator: the torch suites run inside `cached_cpu_allocations`, which makes glibc keep
+freed blocks for reuse, as CUDA's caching allocator does, instead of mmap-ing and
+page-faulting every big tensor anew on every step.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,26 +85,43 @@ def time_basis(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """-> (wall, process CPU) seconds of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _summary(wall: list[float], cpu: list[float], device: torch.device) -> dict[str, Any]:
+    basis = time_basis(device)
+    out = {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "min_wall_s": min(wall),
+           "repeats": len(wall), "basis": basis}
+    out["time_s"] = out["cpu_s"] if basis == "cpu" else out["wall_s"]
+    return out
+
+
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
     """Time `fn()` after `warmup` unmeasured calls -> {"time_s" (median on the `time_basis`
     clock), "wall_s", "cpu_s" (medians), "min_wall_s", "repeats", "basis"}."""
+    return time_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 5,
+                     warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """`time_call` for several functions, their repeats taken in turn (a, b, c, a, b, c, ...)
+    so that a slow spell of the machine hits them all alike -> {name: timing}."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"time_call: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    for _ in range(warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     synchronize(device)
-    wall, cpu = [], []
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        synchronize(device)
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    basis = time_basis(device)
-    out = {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "min_wall_s": min(wall),
-           "repeats": repeats, "basis": basis}
-    out["time_s"] = out["cpu_s"] if basis == "cpu" else out["wall_s"]
-    return out
+        for name, fn in fns.items():
+            samples[name].append(_timed(fn, device))
+    return {name: _summary([w for w, _ in s], [c for _, c in s], device) for name, s in samples.items()}
 
 
 # ---------------------------------------------------------------------- memory
@@ -112,14 +134,44 @@ def _malloc_trim() -> bool:
         return False
 
 
-def _profiler_peak(fn: Callable[[], Any]) -> int:
-    """Peak of the running sum of torch's CPU allocation events during `fn()`."""
+@contextmanager
+def _quiet_fd2():
+    """Silence file descriptor 2: kineto prints a line to stderr from C++ at every profiler
+    start and stop, which no logging setting reaches."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def profiled(fn: Callable[[], Any], device: torch.device, **kwargs):
+    """Run `fn()` under torch.profiler (CPU, + CUDA on a GPU) -> the profile. Only the
+    profiler's own start and stop are silenced, not `fn`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with warnings.catch_warnings():
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts, **kwargs)
+    with warnings.catch_warnings(), _quiet_fd2():
         warnings.simplefilter("ignore")  # the profiler warns about unrelated kineto settings
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
+        prof.start()
+    try:
+        fn()
+        synchronize(device)
+    finally:
+        with warnings.catch_warnings(), _quiet_fd2():
+            warnings.simplefilter("ignore")
+            prof.stop()
+    return prof
+
+
+def _profiler_peak(fn: Callable[[], Any]) -> int:
+    """Peak of the running sum of torch's CPU allocation events during `fn()`."""
+    prof = profiled(fn, torch.device("cpu"), profile_memory=True)
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())
@@ -154,32 +206,37 @@ def peak_memory(fn: Callable[[], Any], device: torch.device, rss: bool = True) -
     return out
 
 
-def cache_cpu_allocations() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS, as CUDA's
-    caching allocator does: no mmap for big blocks (M_MMAP_MAX=0) and no trimming of the
-    heap top (M_TRIM_THRESHOLD max). Without it every tensor above glibc's mmap threshold
-    (32 MiB at most) is a fresh mmap whose pages fault in on first touch, on every step:
-    measured on this machine, 1.4 s of system time per CASA⊕ layer step out of 5, more for
-    insertion, which allocates more. Process-wide and permanent; returns False off glibc."""
+@contextmanager
+def cached_cpu_allocations():
+    """Inside: glibc keeps freed memory for reuse instead of returning it to the OS, as
+    CUDA's caching allocator does: no mmap for big blocks (M_MMAP_MAX=0), no trimming of
+    the heap top (M_TRIM_THRESHOLD max). Without it every tensor above glibc's mmap
+    threshold is a fresh mmap whose pages fault in on first touch, on every step: measured
+    here, 1.4 s of system time in a 5 s CASA⊕ layer step, and more for insertion, which
+    allocates more. On exit big blocks are mmap-ed again (threshold left at its 128 KiB
+    default), so freed tensors go back to the OS and RSS follows live memory. No-op off glibc."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
+        yield
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    try:
+        yield
+    finally:
+        _malloc_trim()
+        mallopt(M_MMAP_MAX, 65536)  # glibc's defaults
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        mallopt(M_TRIM_THRESHOLD, 128 * 1024)
 
 
 # ---------------------------------------------------------------------- profile
 def profile_table(fn: Callable[[], Any], device: torch.device, row_limit: int = 12, memory: bool = False) -> str:
     """torch.profiler table of one call: where the time goes (ops by self time), or with
     `memory` where the memory goes (ops and input shapes by bytes they allocate)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(activities=acts, profile_memory=memory, record_shapes=memory) as prof:
-            fn()
-            synchronize(device)
+    prof = profiled(fn, device, profile_memory=memory, record_shapes=memory)
     kind = "cuda" if device.type == "cuda" else "cpu"
     if memory:
         return prof.key_averages(group_by_input_shape=True).table(
@@ -187,6 +244,32 @@ def profile_table(fn: Callable[[], Any], device: torch.device, row_limit: int = 
             max_shapes_column_width=44)
     return prof.key_averages().table(sort_by=f"self_{kind}_time_total", row_limit=row_limit,
                                      max_name_column_width=48)
+
+
+# ---------------------------------------------------------------------- flops
+def _register_cpu_flash_flops() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels, not the CPU flash kernel: same formulas."""
+    from torch.utils import flop_counter as fc
+
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if fwd not in fc.flop_registry:
+        fc.register_flop_formula(fwd)(
+            lambda q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_flop_count(q, k, v))
+    if bwd not in fc.flop_registry:
+        fc.register_flop_formula(bwd)(
+            lambda g, q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_backward_flop_count(g, q, k, v))
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of `fn` (matmuls and attention, forward and
+    backward; elementwise work is not counted): the FLOP-proportional floor of its time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_flash_flops()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------- machine

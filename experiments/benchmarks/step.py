@@ -15,8 +15,10 @@ shared by every strategy, built by `casa.testing.random_packed_batch`:
                  T = 512, N = 5120, the paper's 1:10 text:image caps (2048 / 20480)
 
 Reported per strategy: median step time after warm-up (the first steps allocate Adam's
-state), peak extra memory of a step (activations, gradients, temporaries; parameters and
-optimiser state excluded), tokens/s (text + image tokens of the batch per second).
+state; the seven strategies' steps are timed in turn, so a slow spell of the shared
+machine hits them alike), peak extra memory of a step (activations, gradients,
+temporaries; parameters and optimiser state excluded), tokens/s (text + image tokens of
+the batch per second).
 Table 1's ordering (insertion most expensive, CASA∨ cheapest) is checked among the
 paper's four (insertion, cross_attention, casa_plus, casa_replace).
 """
@@ -80,11 +82,12 @@ def make_batch(layout: dict[str, int], vocab_size: int):
     return random_packed_batch([sample] * layout["samples"], vocab_size=vocab_size)
 
 
-def measure_strategy(strategy: str, batch, quick: bool, device: torch.device, repeats: int) -> dict[str, Any]:
+def prepare_strategy(strategy: str, batch, quick: bool, device: torch.device):
+    """-> (a closure running one training step of the demo model with `strategy`, its row
+    without timings); the first step, which allocates Adam's state, is already done."""
     from casa.optim import build_optimizer
 
     model = build_model(strategy, quick).to(device).train()
-    batch = batch.to(device)
     opt = build_optimizer(model.parameter_groups(), lr_new=1e-3, lr_pretrained=1e-3)
 
     def step():
@@ -93,16 +96,26 @@ def measure_strategy(strategy: str, batch, quick: bool, device: torch.device, re
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # Adam's state is allocated on the first step
+    step()
     mem = measure.peak_memory(step, device, rss=False)
-    t = measure.time_call(step, device, repeats=repeats, warmup=1)
-    tokens = batch.num_text_tokens + batch.num_image_tokens
     groups = model.parameter_groups()
-    return {"strategy": strategy, "step_s": t["time_s"], "step_wall_s": t["wall_s"],
-            "alloc_MiB": mem["alloc_bytes"] / measure.MiB,
-            "tokens_per_s": tokens / t["time_s"], "text_tokens_per_s": batch.num_text_tokens / t["time_s"],
-            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "new_params_M": sum(p.numel() for _, p in groups["new"]) / 1e6}
+    return step, {"strategy": strategy, "alloc_MiB": mem["alloc_bytes"] / measure.MiB,
+                  "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+                  "new_params_M": sum(p.numel() for _, p in groups["new"]) / 1e6}
+
+
+def measure_layout(batch, quick: bool, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """Every strategy on `batch`; step times taken in turn across strategies (the demo
+    model is small enough to keep all seven alive)."""
+    steps, rows = {}, {}
+    for strategy in STRATEGIES:
+        steps[strategy], rows[strategy] = prepare_strategy(strategy, batch, quick, device)
+    times = measure.time_interleaved(steps, device, repeats=repeats, warmup=1)
+    tokens = batch.num_text_tokens + batch.num_image_tokens
+    for strategy, t in times.items():
+        rows[strategy].update(step_s=t["time_s"], step_wall_s=t["wall_s"], tokens_per_s=tokens / t["time_s"],
+                              text_tokens_per_s=batch.num_text_tokens / t["time_s"])
+    return [rows[s] for s in STRATEGIES]
 
 
 def ordering(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -129,6 +142,7 @@ def plot(results: dict[str, list[dict[str, Any]]], out_dir: str, tag: str) -> st
     return measure.save_figure(fig, out_dir, "step")
 
 
+@measure.cached_cpu_allocations()  # as CUDA's caching allocator: no page faults per step
 def run(quick: bool, out_dir: str, device: str = "cpu") -> dict[str, Any]:
     dev = measure.resolve_device(device)
     layouts = QUICK_LAYOUTS if quick else LAYOUTS
@@ -137,8 +151,8 @@ def run(quick: bool, out_dir: str, device: str = "cpu") -> dict[str, Any]:
         " (quick: 2 layers, d=32)" if quick else "")}}
     per_layout = {}
     for name, layout in layouts.items():
-        batch = make_batch(layout, vocab)
-        rows = [measure_strategy(s, batch, quick, dev, repeats=2 if quick else 5) for s in STRATEGIES]
+        batch = make_batch(layout, vocab).to(dev)
+        rows = measure_layout(batch, quick, dev, repeats=2 if quick else 7)
         per_layout[name] = rows
         result[f"{name}_batch"] = {"text_tokens": batch.num_text_tokens, "image_tokens": batch.num_image_tokens,
                                    "samples": batch.num_samples, "windows": batch.num_windows}

@@ -70,7 +70,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 # ---------------------------------------------------------------------------------- one strategy
-def build_assistant(strategy: str, size: int):
+def build_assistant(strategy: str, size: int, device: str = "cpu"):
     """The demo model with `strategy`, random weights, and its char tokenizer / helium template."""
     import torch
     import yaml
@@ -85,17 +85,18 @@ def build_assistant(strategy: str, size: int):
     model = build_model(config).eval()
     tok = resolve_tokenizer("char")
     settings = DataSettings(max_pixels=size * size, frame_max_pixels=size * size)
-    return Assistant(model, tok, ChatTemplate("helium", tok), settings, config)
+    return Assistant(model.to(device), tok, ChatTemplate("helium", tok), settings, config)
 
 
-def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int = CAPTION_TOKENS) -> dict[str, Any]:
+def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int = CAPTION_TOKENS,
+                     device: str = "cpu") -> dict[str, Any]:
     """Stream `frames` frames through one strategy -> per-frame series (run in a fresh process)."""
     import torch
 
     from casa.generation import GenerationConfig
     from experiments.stream import synthetic_clips
 
-    assistant = build_assistant(strategy, size)
+    assistant = build_assistant(strategy, size, device)
     clip, _ = synthetic_clips(frames, seed=0, size=size)
     weights = sum(p.numel() * p.element_size() for p in assistant.model.parameters())
     cfg = GenerationConfig(max_new_tokens=tokens, stop_token_ids=())  # exactly `tokens` per frame
@@ -119,11 +120,11 @@ def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int =
             "torch_threads": torch.get_num_threads(), **series}
 
 
-def run_isolated(strategy: str, frames: int, size: int, tokens: int) -> dict[str, Any]:
+def run_isolated(strategy: str, frames: int, size: int, tokens: int, device: str = "cpu") -> dict[str, Any]:
     """`measure_strategy` in a subprocess with one thread and mmap-backed large allocations."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "experiments.benchmarks.stream", "--worker", strategy, "--frames", str(frames),
-           "--size", str(size), "--tokens", str(tokens)]
+           "--size", str(size), "--tokens", str(tokens), "--device", device]
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -154,10 +155,28 @@ def summarize(results: dict[str, dict], frames: int) -> dict[str, Any]:
         out[f"{s}_kv_tokens_final"] = r["kv_tokens"][n]
         out[f"{s}_kv_mib_final"] = r["kv_bytes"][n] / 2 ** 20
         out[f"{s}_rss_mib_final"] = r["rss_bytes"][n] / 2 ** 20
-        out[f"{s}_ms_per_frame_first{w['b']}"] = 1000 * statistics.mean(r["wall_s"][:w["b"]])
+        out[f"{s}_ms_per_frame_{w['a']}to{w['b']}"] = 1000 * statistics.mean(r["wall_s"][w["a"] - 1:w["b"]])
         out[f"{s}_ms_per_frame_last{w['last']}"] = 1000 * statistics.mean(r["wall_s"][-w["last"]:])
         out[f"{s}_final_delay_s_at_2fps"] = r["delay_s"][n]
     return out
+
+
+def table_rows(summary: dict[str, Any], frames: int) -> list[dict[str, Any]]:
+    """One row per strategy of the summary's main numbers (the bench dispatcher prints it as a table)."""
+    w = windows(frames)
+    t = f"last{w['last']}_vs_{w['a']}to{w['b']}"
+    rows = []
+    for s in STRATEGIES:
+        if f"{s}_kv_tokens_final" not in summary:
+            continue
+        rows.append({"strategy": LABELS[s], f"kv tokens @{w['ref']}": summary[f"{s}_kv_tokens_frame{w['ref']}"],
+                     f"kv tokens @{frames}": summary[f"{s}_kv_tokens_final"],
+                     f"RSS @{frames} / @{w['ref']}": round(summary[f"{s}_memory_frame{frames}_vs_frame{w['ref']}"], 4),
+                     f"ms/frame {w['a']}-{w['b']}": round(summary[f"{s}_ms_per_frame_{w['a']}to{w['b']}"], 1),
+                     f"ms/frame last {w['last']}": round(summary[f"{s}_ms_per_frame_last{w['last']}"], 1),
+                     f"time {t}": round(summary[f"{s}_time_{t}"], 3),
+                     f"CPU time {t}": round(summary[f"{s}_cpu_time_{t}"], 3)})
+    return rows
 
 
 def plot(results: dict[str, dict], out_dir: str) -> dict[str, str]:
@@ -188,21 +207,21 @@ def plot(results: dict[str, dict], out_dir: str) -> dict[str, str]:
     return paths
 
 
-def run_in_process(strategy: str, frames: int, size: int, tokens: int) -> dict[str, Any]:
+def run_in_process(strategy: str, frames: int, size: int, tokens: int, device: str = "cpu") -> dict[str, Any]:
     """`measure_strategy` here, with one thread (quick runs: no process start-up per strategy)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return measure_strategy(strategy, frames, size, tokens)
+        return measure_strategy(strategy, frames, size, tokens, device)
     finally:
         torch.set_num_threads(threads)
 
 
 def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = None, size: int = SIZE,
         tokens: int = CAPTION_TOKENS, strategies: tuple[str, ...] = tuple(STRATEGIES),
-        isolate: bool | None = None) -> dict[str, Any]:
+        isolate: bool | None = None, device: str = "cpu") -> dict[str, Any]:
     """Figs. 5-6: every strategy streamed over `frames` frames (600; quick: 40) -> summary dict.
 
     `isolate` (default: not quick) runs each strategy in its own process; the quick smoke
@@ -218,11 +237,13 @@ def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = Non
     isolate = not quick if isolate is None else isolate
     start = time.perf_counter()
     measure_one = run_isolated if isolate else run_in_process
-    results = {s: measure_one(s, frames, size, tokens) for s in strategies}
+    dev = measure.resolve_device(device)
+    results = {s: measure_one(s, frames, size, tokens, str(dev)) for s in strategies}
     out = {"suite": "stream", "frames": frames, "isolated_processes": isolate, "frame_px": size, "image_tokens_per_frame": (size // 28) ** 2,
-           "caption_tokens_per_frame": tokens, "machine": {**measure.machine_info(torch.device("cpu")),
-                                                           "torch_threads": 1}}
-    out.update(summarize(results, frames))
+           "caption_tokens_per_frame": tokens, "machine": {**measure.machine_info(dev), "torch_threads": 1}}
+    summary = summarize(results, frames)
+    out["strategies"] = table_rows(summary, frames)
+    out.update(summary)
     out["figures"] = plot(results, out_dir)
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
@@ -237,14 +258,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=CAPTION_TOKENS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out-dir", default="docs/img")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     if a.worker:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(measure_strategy(a.worker, a.frames or 600, a.size, a.tokens)))
+        print(json.dumps(measure_strategy(a.worker, a.frames or 600, a.size, a.tokens, a.device)))
         return
-    print(json.dumps(run(a.quick, a.out_dir, a.frames, a.size, a.tokens), indent=1))
+    print(json.dumps(run(a.quick, a.out_dir, a.frames, a.size, a.tokens, device=a.device), indent=1))
 
 
 if __name__ == "__main__":
