@@ -31,13 +31,17 @@ OPTIONS = ("device", "dtype", "backbone", "pattern")
 
 
 class SuiteUnavailable(RuntimeError):
-    pass
+    """The suite's module does not exist (yet): reported, not raised, by `main`."""
+
+
+class UsageError(ValueError):
+    """An unknown suite, or an option the suite does not take: reported with the valid ones."""
 
 
 def load_suite(name: str):
     """-> the module `experiments.benchmarks.<name>`; SuiteUnavailable if it does not exist yet."""
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)} (or 'all')")
+        raise UsageError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)} (or 'all')")
     module = f"experiments.benchmarks.{name}"
     try:
         return importlib.import_module(module)
@@ -54,7 +58,7 @@ def run_suite(name: str, quick: bool, out_dir: str, options: dict[str, Any]) -> 
     refused = [k for k in options if k not in accepted]
     if refused:
         flags = ", ".join("--" + k for k in refused)
-        raise ValueError(f"suite {name!r} does not take {flags}; its options: "
+        raise UsageError(f"suite {name!r} does not take {flags}; its options: "
                          f"{[p for p in accepted if p not in ('quick', 'out_dir')]}")
     start = time.perf_counter()
     result = run(quick=quick, out_dir=out_dir, **options)
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {e}", file=sys.stderr)
             status = 2 if a.suite != "all" else status  # `all` runs what exists
             continue
-        except ValueError as e:
+        except UsageError as e:
             print(f"bench: {e}", file=sys.stderr)
             return 2
         if a.json:

@@ -109,7 +109,8 @@ def sweep(cfg: dict[str, Any], device: torch.device) -> tuple[list[dict[str, Any
                     rows.append({
                         "backend": backend, "pass": pass_, "windows": W, "image_tokens": N, "queries": Tq, "keys": Tk,
                         "scores": HEADS * (Tq * (N + TEXT_PER_WINDOW) if per_segment else Tq * Tk),
-                        "dense_scores": dense_elems, "time_s": t["time_s"], "wall_s": t["wall_s"], "alloc_MiB": mem["alloc_bytes"] / measure.MiB,
+                        "dense_scores": dense_elems, "time_s": t["time_s"], "wall_s": t["wall_s"],
+                        "alloc_MiB": mem["alloc_bytes"] / measure.MiB,
                     })
                 del case
     return rows, skipped
@@ -170,7 +171,8 @@ def memory_slopes(rows: list[dict[str, Any]], backend: str, pass_: str) -> dict[
             g = usable[-1]
             # N + 50 keys per window: the window size the memory should be linear in
             xs = [r[along] + (TEXT_PER_WINDOW if along == "image_tokens" else 0) for r in g]
-            out[f"{backend}_{pass_.replace('+', '_')}_memory_slope_vs_{along}"] = loglog_slope(xs, [r["alloc_MiB"] for r in g])
+            key = f"{backend}_{pass_.replace('+', '_')}_memory_slope_vs_{along}"
+            out[key] = loglog_slope(xs, [r["alloc_MiB"] for r in g])
     return out
 
 
@@ -253,7 +255,8 @@ def run(quick: bool, out_dir: str, device: str = "cpu") -> dict[str, Any]:
             result.update({k: round(v, 3) for k, v in memory_slopes(rows, backend, pass_).items()})
     for pass_ in ("fwd", "fwd+bwd"):
         result.update({k: round(v, 3) for k, v in memory_slopes(rows, "dense", pass_).items()})
-    sdpa_max = max(result.get("sdpa_fwd_max_ratio_vs_ideal", math.inf), result.get("sdpa_fwd_bwd_max_ratio_vs_ideal", math.inf))
+    sdpa_max = max(result.get("sdpa_fwd_max_ratio_vs_ideal", math.inf),
+                   result.get("sdpa_fwd_bwd_max_ratio_vs_ideal", math.inf))
     slopes = [v for k, v in result.items() if k.startswith("sdpa_") and k.endswith("slope_vs_image_tokens")]
     result["targets"] = {f"sdpa within {TARGET}x of ideal": sdpa_max <= TARGET,
                          "sdpa memory at most linear in window size": bool(slopes) and max(slopes) <= 1.1}

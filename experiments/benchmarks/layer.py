@@ -69,8 +69,8 @@ QUICK = Setting(samples=2, image_tokens=64, text_tokens=6,
 def make_fusion(name: str):
     from casa.fusion import CASA, CrossAttention, Insertion
 
-    return {"insertion": lambda: Insertion(), "casa_plus": lambda: CASA("plus"), "casa_replace": lambda: CASA("replace"),
-            "cross_attention": lambda: CrossAttention("parallel")}[name]()
+    return {"insertion": lambda: Insertion(), "casa_plus": lambda: CASA("plus"),
+            "casa_replace": lambda: CASA("replace"), "cross_attention": lambda: CrossAttention("parallel")}[name]()
 
 
 BACKBONES = {

@@ -112,7 +112,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, re
     """`time_call` for several functions, their repeats taken in turn (a, b, c, a, b, c, ...)
     so that a slow spell of the machine hits them all alike -> {name: timing}."""
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"time_call: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+        raise ValueError(f"time_interleaved: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -170,7 +170,8 @@ def profiled(fn: Callable[[], Any], device: torch.device, **kwargs):
 
 
 def _profiler_peak(fn: Callable[[], Any]) -> int:
-    """Peak of the running sum of torch's CPU allocation events during `fn()`."""
+    """Peak of the running sum of torch's CPU allocation events during `fn()` (read from
+    `kineto_results`, the raw events behind `key_averages`, which only keeps per-op totals)."""
     prof = profiled(fn, torch.device("cpu"), profile_memory=True)
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]

@@ -128,14 +128,15 @@ def ordering(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def plot(results: dict[str, list[dict[str, Any]]], out_dir: str, tag: str) -> str:
     plt = measure.pyplot()
-    metrics = (("step_s", "step time (s)"), ("alloc_MiB", "peak extra memory (MiB)"), ("tokens_per_s", "tokens / s"))
+    metrics = (("step_s", "step time (s)", "%.3g"), ("alloc_MiB", "peak extra memory (MiB)", "%.0f"),
+               ("tokens_per_s", "tokens / s", "{:,.0f}"))
     fig, axes = plt.subplots(len(results), 3, figsize=(14, 3.4 * len(results)), squeeze=False)
     for row_axes, (layout, rows) in zip(axes, results.items()):
         names = [r["strategy"] for r in rows]
         colors = ["tab:red" if n == "insertion" else "tab:green" if n.startswith("casa") else "tab:grey" for n in names]
-        for ax, (key, label) in zip(row_axes, metrics):
+        for ax, (key, label, fmt) in zip(row_axes, metrics):
             bars = ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
-            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+            ax.bar_label(bars, fmt=fmt, fontsize=7)
             ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=7)
             ax.set_title(f"{layout}: {label}", fontsize=9)
     fig.suptitle(f"One training step of the demo model per strategy ({tag})", fontsize=10)
@@ -147,8 +148,9 @@ def run(quick: bool, out_dir: str, device: str = "cpu") -> dict[str, Any]:
     dev = measure.resolve_device(device)
     layouts = QUICK_LAYOUTS if quick else LAYOUTS
     vocab = _yaml(CONFIGS / "demo.yaml")["model"]["model"]["init_args"]["backbone"]["init_args"]["config"]["vocab_size"]
-    result: dict[str, Any] = {"meta": measure.machine_info(dev) | {"time_basis": measure.time_basis(dev), "model": "experiments/configs/demo.yaml" + (
-        " (quick: 2 layers, d=32)" if quick else "")}}
+    model = "experiments/configs/demo.yaml" + (" (quick: 2 layers, d=32)" if quick else "")
+    meta = {"time_basis": measure.time_basis(dev), "model": model}
+    result: dict[str, Any] = {"meta": measure.machine_info(dev) | meta}
     per_layout = {}
     for name, layout in layouts.items():
         batch = make_batch(layout, vocab).to(dev)
