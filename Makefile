@@ -17,13 +17,14 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m experiments.fit --config experiments/configs/demo.yaml
 
-# The default test suite (CPU, offline, under 15 minutes on 2 cores).
+# The default test suite (CPU, offline, under 15 minutes on 2 cores). One torch thread per
+# worker: two workers on two cores with two threads each wait on each other.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 # Everything, including slow multi-process tests.
 test-all: setup
-	$(BIN)/python -m pytest -q -n 2 -m "slow or not slow" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "slow or not slow" tests
 
 clean:
 	rm -rf $(VENV) runs
