@@ -45,10 +45,19 @@ class VisionLanguageModel(nn.Module):
         vision: the vision tower (`casa.vision.VisionEncoder`).
         fusion: how image tokens reach the LM (a `casa.fusion` strategy).
         projector: "mlp", "linear" or "identity" (vision width -> LM width); new parameters.
+        loss_reduction: "token" averages the cross-entropy over all answer tokens of the
+            batch (long answers weigh more); "sample" averages each sample's answer tokens
+            first, then the samples, so a one-word answer counts as much as a caption track
+            (used by the demo, whose live-caption samples hold most answer tokens).
     """
 
-    def __init__(self, backbone: Backbone, vision: VisionEncoder, fusion: FusionStrategy, projector: Literal["mlp", "linear", "identity"] = "mlp"):
+    def __init__(self, backbone: Backbone, vision: VisionEncoder, fusion: FusionStrategy,
+                 projector: Literal["mlp", "linear", "identity"] = "mlp",
+                 loss_reduction: Literal["token", "sample"] = "token"):
         super().__init__()
+        if loss_reduction not in ("token", "sample"):
+            raise ValueError(f"VisionLanguageModel.loss_reduction={loss_reduction!r} is not one of ['token', 'sample']")
+        self.loss_reduction = loss_reduction
         self.backbone = backbone
         self.vision = vision
         self.projector = Projector(vision.out_dim, backbone.hidden_size, kind=projector)
@@ -97,8 +106,18 @@ class VisionLanguageModel(nn.Module):
         n = int(targets.sum())
         if n == 0:
             return ModelOutput(logits, logits.sum() * 0.0, 0)
-        loss = F.cross_entropy(logits[targets].float(), batch.labels[targets])
-        return ModelOutput(logits, loss, n)
+        per_token = F.cross_entropy(logits[targets].float(), batch.labels[targets], reduction="none")  # [n]
+        if self.loss_reduction == "token":
+            return ModelOutput(logits, per_token.mean(), n)
+        # sample of every position: sample_cu_seqlens [S+1] -> ids [T]
+        cu = batch.sample_cu_seqlens.to(logits.device)
+        pos = torch.arange(logits.shape[0], device=logits.device)
+        sample = torch.searchsorted(cu[1:].contiguous(), pos, right=True)[targets]  # [n]
+        S = cu.numel() - 1
+        sums = per_token.new_zeros(S).index_add_(0, sample, per_token)
+        counts = torch.bincount(sample, minlength=S)
+        has = counts > 0
+        return ModelOutput(logits, (sums[has] / counts[has]).mean(), n)
 
     # ------------------------------------------------------------------ parameters
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -162,3 +162,27 @@ def test_config_errors_name_field_and_choices():
         CASA(inference_mask="none")
     with pytest.raises(ValueError, match=r"CASA.k=9 must be between 1 and"):
         tiny_model(CASA("replace", "first_k", 9))
+
+
+def test_sample_loss_reduction_weighs_every_sample_equally():
+    """`loss_reduction="sample"`: the mean over samples of each sample's mean answer-token
+    cross-entropy, computed here by hand from the logits; "token" is the plain mean."""
+    model = tiny_model(CASA("plus")).eval()
+    batch = random_packed_batch([[("text", 3), ("image", (2, 2)), ("text", 12)], [("text", 4)],
+                                 [("image", (2, 4)), ("text", 6)]], seed=5)
+    with torch.no_grad():
+        out = model(batch)
+        model.loss_reduction = "sample"
+        by_sample = model(batch)
+    logits, labels, cu = out.logits, batch.labels, batch.sample_cu_seqlens.tolist()
+    per = []
+    for s in range(len(cu) - 1):
+        lab = labels[cu[s]:cu[s + 1]]
+        keep = lab != -100
+        if keep.any():
+            per.append(torch.nn.functional.cross_entropy(logits[cu[s]:cu[s + 1]][keep], lab[keep]))
+    assert len(per) == 3
+    torch.testing.assert_close(by_sample.loss, torch.stack(per).mean())
+    keep = labels != -100
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
+    assert not torch.allclose(out.loss, by_sample.loss)
