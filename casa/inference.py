@@ -135,6 +135,17 @@ def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tu
     return ckpt, config
 
 
+def add_checkpoint_arguments(parser) -> None:
+    """The options every inference CLI shares: which checkpoint, its config if the file
+    predates `casa_config`, where to run and how many CPU threads."""
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
+    parser.add_argument("--config", action="append", default=[],
+                        help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is much faster for tiny models on a busy machine)")
+
+
 def build_model(config: dict):
     """The `model.model` spec of a run config -> VisionLanguageModel (random weights)."""
     from jsonargparse import ArgumentParser

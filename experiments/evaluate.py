@@ -31,11 +31,11 @@ METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from casa.inference import add_checkpoint_arguments
+
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
-    p.add_argument("--config", action="append", default=[],
-                   help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
+    add_checkpoint_arguments(p)
     p.add_argument("--data", required=True, help="shard directory (or glob / brace pattern)")
     p.add_argument("--split", default="test", help="shard prefix: DIR/SPLIT-*.tar (default test)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -45,9 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-samples", type=int, default=None, help="samples per generation batch (default: the run's "
                                                                     "val_rows_samples)")
     p.add_argument("--no-stream", action="store_true", help="skip the live-stream evaluation of live_caption clips")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is much faster for tiny models on a busy machine)")
     a = p.parse_args(argv)
     for name in ("max_samples", "batch_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:

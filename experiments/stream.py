@@ -133,11 +133,11 @@ def summary(records: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from casa.inference import add_checkpoint_arguments
+
     p = argparse.ArgumentParser(prog="python -m experiments.stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
-    p.add_argument("--config", action="append", default=[],
-                   help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
+    add_checkpoint_arguments(p)
     p.add_argument("--video", required=True, help="'synthetic', a frame folder, or an animated .gif/.webp")
     p.add_argument("--fps", type=float, default=2.0, help="frame rate of the stream (training: 2)")
     p.add_argument("--frames", type=int, default=None, help="stop after N frames (synthetic: default 48)")
@@ -147,9 +147,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32, help="caption budget per frame")
     p.add_argument("--prompt", default=None, help="the user prompt opening the stream (default: the training one)")
     p.add_argument("--seed", type=int, default=0, help="synthetic clips' seed")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is much faster for tiny models on a busy machine)")
     a = p.parse_args(argv)
     if a.fps <= 0 or (a.frames is not None and a.frames < 1) or a.max_new_tokens < 1:
         p.error(f"--fps ({a.fps}) must be > 0, --frames ({a.frames}) and --max-new-tokens ({a.max_new_tokens}) >= 1")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -52,3 +54,13 @@ def sample(n_text: int, image_tokens: list[int] = (), positions: list[int] | Non
     pixels = [torch.zeros(4 * k, 3 * 2 * 14 * 14) for k in image_tokens]
     ids = list(range(1, n_text + 1))
     return Sample(ids, [False] * n_text, positions, pixels, grids, {"key": key or f"n{n_text}"})
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """tar -> {key: {field: bytes}} (the webdataset grouping: key = name up to the first dot)."""
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, field = m.name.split(".", 1)
+            samples[key][field] = tf.extractfile(m).read()
+    return dict(samples)

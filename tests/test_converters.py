@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -13,15 +11,7 @@ from PIL import Image
 
 from data.converters import captions_from_transcript, convert_llava, convert_videos, main
 from data.format import check_conversation
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            key, field = m.name.split(".", 1)
-            samples[key][field] = tf.extractfile(m).read()
-    return dict(samples)
+from tests.data_fixtures import read_tar
 
 
 def read_all(summary) -> dict[str, dict[str, bytes]]:

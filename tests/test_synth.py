@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,9 @@ from data.synth_tasks import reading as reading_task
 from data.synth_tasks import ocr as ocr_task
 from data.synth_tasks.render import BACKGROUND, INK, PAPER, font, nearest_color
 from data.synth_tasks.video import FPS, MAX_FRAMES, MIN_FRAMES
+from tests.data_fixtures import read_tar
 
 N_CHECK = 40  # samples per task for the pixel checks (fast: each is a few ms)
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """tar -> {key: {field: bytes}} (the webdataset grouping: key = name up to the first dot)."""
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            key, field = m.name.split(".", 1)
-            samples[key][field] = tf.extractfile(m).read()
-    return dict(samples)
 
 
 def answer(conv: dict) -> str:
