@@ -67,6 +67,14 @@ class MemoryMonitor(L.Callback):
             reset_peak_rss()
         return m
 
+    def run_peak_bytes(self, device: torch.device) -> int:
+        """This process's peak over the whole run so far, the current interval included
+        (peak allocated bytes on CUDA, peak RSS on CPU): what the ablation grid reports."""
+        last = self._measure(device)
+        for k, v in last.items():
+            self.run_peak[k] = max(self.run_peak.get(k, 0), v)
+        return self.run_peak["peak_allocated_bytes" if "peak_allocated_bytes" in last else "peak_rss_bytes"]
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure(pl_module.device)  # start the first interval clean
 

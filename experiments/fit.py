@@ -91,12 +91,7 @@ def _peak_memory_bytes(trainer: L.Trainer) -> int | None:
     from callbacks.memory import MemoryMonitor
 
     monitor = next((cb for cb in trainer.callbacks if isinstance(cb, MemoryMonitor)), None)
-    if monitor is None:
-        return None
-    # the last interval was never measured (none at all in a run shorter than every_n_steps)
-    last = monitor._measure(trainer.lightning_module.device)
-    key = "peak_allocated_bytes" if "peak_allocated_bytes" in last else "peak_rss_bytes"
-    return max(monitor.run_peak.get(key, 0), last[key])
+    return None if monitor is None else monitor.run_peak_bytes(trainer.lightning_module.device)
 
 
 def _get(obj, key):
