@@ -9,8 +9,10 @@ truncate + generate + decode), and scored with exact match, relaxed accuracy (Ch
 and ANLS (DocVQA) per task and per group. Live-captioning clips are ALSO run as a live
 stream (`Assistant.stream`, no teacher forcing): task `live_caption_stream` scores the
 frames where the reference or the model says something (a caption at the wrong frame
-counts as a miss and as a false alarm). It is reported per task only, so group numbers
-stay comparable with validation. `--no-stream` skips it.
+counts as a miss and as a false alarm). Its chance level, `live_caption_stream_other_clip`,
+scores the same references while the model watches another test clip of the same length.
+Both are reported per task only, so group numbers stay comparable with validation.
+`--no-stream` skips them.
 
 `--mask` applies the paper's Table 8 masks in the CASA layers; generation then runs
 without the KV cache (which cannot apply them) and the stream evaluation is skipped.
@@ -117,27 +119,40 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
     if not a.no_stream and assistant.inference_mask is None:
         live = evaluate_stream(assistant, stream, a, progress)
         if live is not None:
-            out["tasks"]["live_caption_stream"] = live
+            out["tasks"]["live_caption_stream"] = live["stream"]
+            if "other_clip" in live:
+                out["tasks"]["live_caption_stream_other_clip"] = live["other_clip"]
     return out
 
 
 def evaluate_stream(assistant, stream, a: argparse.Namespace, progress) -> dict | None:
     """Free-running live captioning of every caption-layout clip; frames where either the
-    reference or the model speaks are scored."""
+    reference or the model speaks are scored ("stream").
+
+    Its chance level ("other_clip"): the same scoring against the same references, but the
+    model watches ANOTHER test clip of the same length. The text prior (what captions look
+    like, when they usually come) is identical, so the gap between the two is what the
+    model reads off the frames."""
     from casa.metrics import GroupedAnswerMetrics
 
     clips = [c for c in (caption_clip(raw, assistant) for raw in islice(stream.raw_samples(), a.max_samples)) if c]
     if not clips:
         return None
     metrics = GroupedAnswerMetrics()
-    job = progress.add_task("live captions (stream)", total=len(clips))
+    runs = []  # (score as, frames watched, reference captions)
+    for i, (frames, said) in enumerate(clips):
+        runs.append(("stream", frames, said))
+        other = next((j for j in range(len(clips)) if j != i and len(clips[j][0]) == len(frames)), None)
+        if other is not None:
+            runs.append(("other_clip", clips[other][0], said))
+    job = progress.add_task("live captions (stream)", total=len(runs))
     cfg = assistant.generation_config(max_new_tokens=a.max_new_tokens)
-    for frames, said in clips:
+    for name, frames, said in runs:
         for rec in assistant.stream(frames, assistant.settings.fps, cfg, wait=False):
             if rec.text.strip() or said[rec.index].strip():
-                metrics.update(["stream"], [rec.text], [said[rec.index]])
+                metrics.update([name], [rec.text], [said[rec.index]])
         progress.advance(job)
-    return metrics.compute().get("stream")
+    return metrics.compute()
 
 
 def print_table(results: dict, title: str) -> None:
