@@ -114,9 +114,13 @@ def next_token(logits: torch.Tensor, history: list[list[int]], cfg: GenerationCo
 
 @torch.no_grad()
 def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, cache: KVCache | None = None) -> list[list[int]]:
     """Generate for every sample of `prompts` -> new token ids per sample (stop token included
-    when one was produced)."""
+    when one was produced).
+
+    `cache`: continue a conversation whose past is already in this cache (live captioning:
+    each frame's chunk is a prompt); the last generated token is not fed, so the caller
+    sends it with the next chunk. Without it a fresh cache starts from `prompts`."""
     cfg = cfg or GenerationConfig()
     S = prompts.num_samples
     cu = prompts.sample_cu_seqlens.tolist()
@@ -127,8 +131,10 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
     # Table 8 masks hide one key chosen over the whole window; the cache only sees the new
     # chunk, so a masked model generates without it (slower, but the mask means what it says)
     use_cache = cfg.use_cache and not _masked(model)
+    if cache is not None and not use_cache:
+        raise ValueError("generate(cache=...) needs use_cache=True and no Table 8 inference mask")
     if use_cache:
-        cache = KVCache(S)
+        cache = cache if cache is not None else KVCache(S)
         hidden = model.hidden_states(prompts, cache=cache)
         last = prompts.sample_cu_seqlens[1:].long() - 1
         logits = model.backbone.head(hidden[last])  # [S, V]

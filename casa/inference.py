@@ -36,7 +36,7 @@ from PIL import Image
 
 from casa.batch import PackedBatch
 from casa.cache import KVCache
-from casa.generation import GenerationConfig, generate, next_token, text_chunk, truncate_samples
+from casa.generation import GenerationConfig, generate, truncate_samples
 from data.image import MIN_PIXELS, ORIGINAL_SIZE, ImageError, decode_image, patchify, to_rgb
 from data.packing import Sample, build_sample_row
 from data.templates import ChatTemplate
@@ -443,15 +443,8 @@ class Assistant:
             chunk = frame_chunk(pending, layout.post, pv.to(dev), torch.tensor([grid], device=dev))
             text_seen += chunk.num_text_tokens
             image_seen += chunk.num_image_tokens
-            logits = model.backbone.head(model.hidden_states(chunk, cache=cache)[-1:])  # [1, V]
-            out: list[int] = []
-            while True:
-                tok = next_token(logits, [out], cfg, generator)[0]
-                out.append(tok)
-                if tok in stop or len(out) >= cfg.max_new_tokens:
-                    break
-                logits = model.backbone.head(model.hidden_states(text_chunk([[tok]], dev), cache=cache))
-                text_seen += 1
+            out = generate(model, chunk, cfg, generator, cache=cache)[0]
+            text_seen += len(out) - 1  # the last token is not fed yet
             # the last token is fed with the next frame's chunk, with the turn's closing tokens
             pending = layout.close(out[-1], out[-1] in stop) + layout.pre
             end = time.perf_counter()
