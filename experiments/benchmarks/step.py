@@ -25,7 +25,6 @@ paper's four (insertion, cross_attention, casa_plus, casa_replace).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -50,28 +49,20 @@ def _yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def _instantiate(spec: dict[str, Any], **extra):
-    module, name = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}), **extra)
-
-
 def build_model(strategy: str, quick: bool):
-    """The demo model with `strategy`, as demo.yaml + strategies/<strategy>.yaml build it."""
-    from casa.backbone import Backbone
-    from casa.model import VisionLanguageModel
-    from casa.vision import VisionEncoder
+    """The demo model with `strategy`, composed as `--config demo.yaml --config
+    strategies/<strategy>.yaml` composes it, built as checkpoints are rebuilt."""
+    from casa.inference import build_model as build, merge_configs
 
-    demo = _yaml(CONFIGS / "demo.yaml")["model"]["model"]["init_args"]
-    fusion = _yaml(CONFIGS / "strategies" / f"{strategy}.yaml")["model"]["model"]["init_args"]["fusion"]
-    b, v = dict(demo["backbone"]["init_args"]), dict(demo["vision"]["init_args"])
+    config = merge_configs(_yaml(CONFIGS / "demo.yaml"), _yaml(CONFIGS / "strategies" / f"{strategy}.yaml"))
     if quick:  # a 2-layer, 32-wide model: the code path, not the numbers
+        spec = config["model"]["model"]["init_args"]
+        b, v = spec["backbone"]["init_args"], spec["vision"]["init_args"]
         b["config"] = {**b["config"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
         v["config"] = {**v["config"], "out_hidden_size": 32}
     torch.manual_seed(0)
-    backbone = Backbone(**b)
-    vision = VisionEncoder(**v)
-    return VisionLanguageModel(backbone, vision, _instantiate(fusion), projector=demo.get("projector", "mlp"))
+    return build(config)
 
 
 def make_batch(layout: dict[str, int], vocab_size: int):
