@@ -9,7 +9,6 @@ over ranks, and the end-of-fit table lists every rank.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L

@@ -173,7 +173,7 @@ def truncate_samples(batch: PackedBatch, lengths: list[int]) -> PackedBatch:
     """Keep the first lengths[s] text tokens of every sample (and the images that precede
     them): turns an evaluation batch into its prompts (`meta[s]["prompt_len"]`)."""
     cu = batch.sample_cu_seqlens.tolist()
-    win_t, win_i = batch.window_cu_seqlens_text.tolist(), batch.window_cu_seqlens_image.tolist()
+    win_t = batch.window_cu_seqlens_text.tolist()
     counts = batch.image_grid_thw.prod(-1).tolist()
     merge2 = 4  # image tokens = patches / merge**2 (the Qwen2.5-VL 2x2 merge)
     keep_text, keep_img = [], []

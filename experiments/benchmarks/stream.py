@@ -228,8 +228,6 @@ def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = Non
     run measures them one after the other in this process, so its RSS series share a baseline."""
     from experiments.benchmarks import measure
 
-    import torch
-
     frames = frames or (40 if quick else 600)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or frames < 20:
