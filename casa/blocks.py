@@ -14,8 +14,8 @@ where F is the block's fusion layer (`casa.fusion.layers.WindowAttention`) and n
 when a `FusionStrategy` attaches itself (`set_fusion`), never per call.
 
 Image tokens are keys/values only: they are normalised with the norm that feeds the
-fusion attention and, unless the strategy asks for FFN updates (paper Table 5), they are
-never changed by a block.
+fusion attention (folded into their K/V projection, `casa.image_kv`) and, unless the
+strategy asks for FFN updates (paper Table 5), they are never changed by a block.
 """
 
 from __future__ import annotations
@@ -64,22 +64,6 @@ def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, k, v
 
 
-def project_kv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L, d] -> k, v [L, Hkv, D] (keys/values only: image tokens are never queries)."""
-    L, D = x.shape[0], attn.head_dim
-    Hkv = attn.k_proj.out_features // D
-    k = attn.k_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
-    v = attn.v_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
-    if hasattr(attn, "k_norm"):
-        k = attn.k_norm(k)
-    return k, v
-
-
-def rotate(rope_fn: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply the family's rotary function to x [L, H, D] with cos/sin [L, D]."""
-    return rope_fn(x, x, cos, sin, unsqueeze_dim=1)[0]
-
-
 class DecoderBlock(nn.Module):
     def __init__(self, layer: nn.Module, layer_idx: int, rope_fn: Callable, attn_backend: str = "sdpa"):
         super().__init__()
@@ -119,7 +103,7 @@ class DecoderBlock(nn.Module):
     def _windowed_self_attention(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
         from casa.fusion.layers import window_attention
 
-        return window_attention(self.self_attn, self.rope_fn, h, self.input_layernorm(images), ctx, self.layer_idx,
+        return window_attention(self.self_attn, self.rope_fn, h, images, self.input_layernorm, ctx, self.layer_idx,
                                 backend=self.attn_backend, kind="casa")
 
     # ------------------------------------------------------------------ forward
@@ -128,14 +112,14 @@ class DecoderBlock(nn.Module):
         mode = self.fusion_mode
         if mode == "before":
             norm = self.fusion_attn.norm  # the fusion layer's own pre-norm, copied from input_layernorm
-            x = x + self.fusion_attn(norm(x), norm(images), ctx, self.layer_idx)
+            x = x + self.fusion_attn(norm(x), images, norm, ctx, self.layer_idx)
         h = self.input_layernorm(x)
         if mode == "replace":
             a = self._windowed_self_attention(h, images, ctx)
         else:
             a = self.self_attention(h, ctx)
         if mode == "parallel":
-            a = a + self.fusion_attn(h, self.input_layernorm(images), ctx, self.layer_idx)
+            a = a + self.fusion_attn(h, images, self.input_layernorm, ctx, self.layer_idx)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         if self.image_ffn_updates and images.shape[0] > 0:

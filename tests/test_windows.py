@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from casa.fusion.casa import fused_block_indices
-from casa.fusion.windows import build_window_index, casa_kv_gather, table8_masked_key
+from casa.fusion.windows import build_window_index, casa_kv_rows, table8_masked_key, window_layout
 from casa.positions import insertion_layout, insertion_positions, window_image_positions
 
 
@@ -12,16 +12,27 @@ def test_casa_kv_layout_matches_a_naive_loop():
     # windows:  (t t | -)  (t t t | I I I I)  (t t | I I)  (t | I I I)
     cu_t = torch.tensor([0, 2, 5, 7, 8], dtype=torch.int32)
     cu_i = torch.tensor([0, 0, 4, 6, 9], dtype=torch.int32)
-    gather = casa_kv_gather(cu_t, cu_i)
-    N = 9
+    N, T = 9, 8
     expected = []
     for w in range(4):
         expected += list(range(cu_i[w], cu_i[w + 1]))  # image keys of the window (source 0..N-1)
         expected += [N + p for p in range(cu_t[w], cu_t[w + 1])]  # then its text (source N..N+T-1)
-    assert gather.tolist() == expected
+    rows_img, rows_txt = casa_kv_rows(cu_t, cu_i)
+    placed = torch.empty(N + T, dtype=torch.long)
+    placed[torch.cat([rows_img, rows_txt])] = torch.arange(N + T)
+    assert placed.tolist() == expected
     # keys laid out as:  t t | I I I I t t t | I I t t | I I I t
     index = build_window_index("casa", cu_t, cu_i, torch.zeros(N, 4), torch.zeros(N, 4))
     assert index.cu_k.tolist() == [0, 2, 9, 13, 17] and index.causal
+    # window_layout == cat + gather, values and gradients
+    img = torch.randn(N, 2, 3, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
+    out = window_layout(img, txt, index)
+    ref = torch.cat([img, txt])[torch.tensor(expected)]
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (img, txt), g),
+                                                 torch.autograd.grad(ref, (img, txt), g)))
 
 
 def test_table8_masks():

@@ -15,15 +15,18 @@ import torch
 from torch import nn
 
 from casa.attention import varlen_attention
-from casa.blocks import StreamContext, project_kv, project_qkv, rotate
+from casa.blocks import StreamContext, project_qkv
+from casa.fusion.windows import window_layout
+from casa.image_kv import image_kv
 
 
-def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext,
-                     layer_idx: int, backend: str, kind: str) -> torch.Tensor:
+def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor, image_norm: nn.Module,
+                     ctx: StreamContext, layer_idx: int, backend: str, kind: str) -> torch.Tensor:
     """Text queries attend to the image tokens of their window (+ the window's text for CASA).
 
     attn: an HF attention module (its projections are used); h [T, d] normalised text;
-    images [N, d] normalised image tokens -> [T, d] (after `o_proj`).
+    images [N, d] image tokens, normalised here by `image_norm` (inside the fused K/V
+    projection, `casa.image_kv`) -> [T, d] (after `o_proj`).
     """
     index = ctx.windows
     if index is None or index.kind != kind:
@@ -31,14 +34,13 @@ def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images
     T = h.shape[0]
     q, k_txt, v_txt = project_qkv(attn, h)
     q, k_txt = rope_fn(q, k_txt, ctx.cos, ctx.sin, unsqueeze_dim=1)
-    k_img, v_img = project_kv(attn, images)
-    k_img = rotate(rope_fn, k_img, index.image_cos, index.image_sin)
+    k_img, v_img = image_kv(attn, image_norm, images, index.image_cos, index.image_sin, rope_fn)  # [N, Hkv, D]
     cu_k = index.cu_k
     if ctx.cache is not None:
         k, v, cu_k = ctx.cache.window(layer_idx, kind, k_img, v_img, k_txt, v_txt, index)
     elif kind == "casa":
-        k = torch.cat([k_img, k_txt])[index.kv_gather]  # [N+T, Hkv, D] in [image_w | text_w] layout
-        v = torch.cat([v_img, v_txt])[index.kv_gather]
+        k = window_layout(k_img, k_txt, index)  # [N+T, Hkv, D] in [image_w | text_w] layout
+        v = window_layout(v_img, v_txt, index)
     else:
         k, v = k_img, v_img  # [N, Hkv, D]
     masked = index.masked_key
@@ -83,9 +85,11 @@ class WindowAttention(nn.Module):
         self.kind = kind
         self.backend = backend
 
-    def forward(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext, layer_idx: int) -> torch.Tensor:
-        """h [T, d], images [N, d], both already normalised -> [T, d]."""
-        out = window_attention(self.attn, self.rope_fn, h, images, ctx, layer_idx, self.backend, self.kind)
+    def forward(self, h: torch.Tensor, images: torch.Tensor, image_norm: nn.Module, ctx: StreamContext,
+                layer_idx: int) -> torch.Tensor:
+        """h [T, d] normalised text, images [N, d] raw image tokens and the norm they take
+        (the block's, or this layer's own for placement "before") -> [T, d]."""
+        out = window_attention(self.attn, self.rope_fn, h, images, image_norm, ctx, layer_idx, self.backend, self.kind)
         if self.gate is not None:
             out = out * torch.tanh(self.gate)
         return out

@@ -1,0 +1,172 @@
+"""The keys and values of image tokens, fused: RMSNorm folded into the projection, RoPE in place.
+
+Image tokens enter a CASA / CA layer only as keys and values:
+
+    k = rope(W_k · norm(x)),   v = W_v · norm(x),   norm(x) = w ⊙ x / rms(x)
+
+and they are most of a fused layer's tokens (10 x 1024 of the 10 x 1074 in the paper's
+Table 11 setting). Through autograd, Hugging Face's RMSNorm (an fp32 upcast and four
+elementwise ops) saves fp32 copies of x and of x / rms(x), the projection saves the
+normalised tokens again, and RoPE is five more passes forward and backward: in that
+setting this was more training memory than the keys and values themselves, and a third
+of the layer's time (docs/benchmarks.md, `layer`).
+
+Both factors of the norm commute with the matmul, so the normalised tokens are never
+built. With r = 1 / rms(x) per row and W' = W ⊙ w (the norm's scale folded into the
+weight's columns):
+
+    forward    y  = r ⊙ (x @ W'ᵀ)                  one matmul on x itself; k = rope(y_k)
+    backward   dy = [rope⁻¹(dk) | dv]              (RoPE is a rotation: its adjoint)
+               M  = (r ⊙ dy)ᵀ @ x                  dW = M ⊙ w,  dw = Σ_rows(M ⊙ W)
+               g  = dy @ W'                         dx = r ⊙ g - r³ · mean(g ⊙ x) ⊙ x
+
+Only x and r [N] are kept for the backward. Equal to the unfused composition up to
+rounding: ~1e-6 in fp32, within bf16 rounding in bf16 (tests/test_image_kv.py).
+
+    image_kv(attn, norm, x [N, d], cos [N, D], sin [N, D], rope_fn) -> k, v [N, Hkv, D]
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "HeliumRMSNorm", "Qwen2_5_VLRMSNorm",
+             "Qwen2_5_VLTextRMSNorm", "MistralRMSNorm")
+"""Norms known to compute w ⊙ x / sqrt(mean(x²) + variance_epsilon): the fold applies to
+them; any other norm (Gemma's 1 + w, LayerNorm, ...) runs through plain autograd."""
+
+_ROPE_LAYOUT: dict[Callable, str | None] = {}
+ROPE_LAYOUTS = ("half", "interleaved")
+"""How a family's rotary pairs dimensions: "half" (Llama, Qwen: i with i + D/2) or
+"interleaved" (Helium: 2i with 2i + 1, cos/sin taken from their first half)."""
+
+
+def rope_layout(fn: Callable) -> str | None:
+    """Which of `ROPE_LAYOUTS` a family's `apply_rotary_pos_emb` computes, or None if
+    neither (then RoPE runs unfused). Checked once per function on a random probe."""
+    if fn not in _ROPE_LAYOUT:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)
+        cos, sin = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+        try:
+            got = fn(x, x, cos, sin, unsqueeze_dim=1)[0]
+        except Exception:  # a different signature: not one of ours
+            got = None
+        _ROPE_LAYOUT[fn] = next((lay for lay in ROPE_LAYOUTS if got is not None and got.shape == x.shape
+                                 and torch.allclose(got, _rope(x, cos, sin, lay, inverse=False))), None)
+    return _ROPE_LAYOUT[fn]
+
+
+def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool) -> torch.Tensor:
+    """k [N, H, D] rotated by cos/sin [N, D], or by the inverse rotation (the adjoint: RoPE
+    is orthogonal). Each dimension pair (a, b) rotates as
+
+        out_a = a c_a - b s_a,  out_b = b c_b + a s_b      (inverse: a c_a + b s_b, b c_b - a s_a)
+
+    written as two passes per half instead of autograd's mul / neg / cat / mul / add."""
+    h = k.shape[-1] // 2
+    c, s = cos[:, None].to(k.dtype), sin[:, None].to(k.dtype)  # [N, 1, D]
+    out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if layout == "half":
+        pa, pb = slice(0, h), slice(h, None)  # k = [a | b]
+        ca, cb, sa, sb = c[..., pa], c[..., pb], s[..., pa], s[..., pb]
+    else:  # interleaved: k = [a0 b0 a1 b1 ...], both of a pair use cos/sin[i] of the first half
+        pa, pb = slice(0, None, 2), slice(1, None, 2)
+        ca = cb = c[..., :h]
+        sa = sb = s[..., :h]
+    a, b = k[..., pa], k[..., pb]
+    if not inverse:
+        torch.mul(a, ca, out=out[..., pa]).addcmul_(b, sa, value=-1)
+        torch.mul(b, cb, out=out[..., pb]).addcmul_(a, sb)
+    else:
+        torch.mul(a, ca, out=out[..., pa]).addcmul_(b, sb)
+        torch.mul(b, cb, out=out[..., pb]).addcmul_(a, sa, value=-1)
+    return out
+
+
+class _ImageKV(torch.autograd.Function):
+    """(x, w, W_k, W_v, b_k, b_v, cos, sin, rope layout, eps, heads, head_dim) -> k, v [N, Hkv, D];
+    cos = None: no RoPE (it is applied outside, e.g. after Qwen3's k_norm)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, wk, wv, bk, bv, cos, sin, layout, eps, heads, head_dim):
+        N = x.shape[0]
+        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square_() / x.shape[-1] + eps)  # [N]
+        w_folded = torch.cat([wk, wv]) * norm_weight.to(wk.dtype)  # [2 Hkv D, d] = W' = W ⊙ w
+        y = x @ w_folded.t()  # [N, 2 Hkv D]
+        y.mul_(r.to(y.dtype)[:, None])
+        if bk is not None:
+            y += torch.cat([bk, bv])
+        k = y[:, :wk.shape[0]].view(N, heads, head_dim)  # [N, Hkv, D]
+        v = y[:, wk.shape[0]:].view(N, heads, head_dim)  # [N, Hkv, D]
+        if cos is not None:
+            k = _rope(k, cos, sin, layout, inverse=False)
+        ctx.save_for_backward(x, r, norm_weight, wk, wv, cos, sin)
+        ctx.has_bias = bk is not None
+        ctx.layout = layout
+        return k, v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dk, dv):
+        x, r, norm_weight, wk, wv, cos, sin = ctx.saved_tensors
+        need_x, need_nw, need_wk, need_wv, need_bk, need_bv = ctx.needs_input_grad[:6]
+        N, O_k = x.shape[0], wk.shape[0]
+        dtype = x.dtype
+        dk = torch.zeros(N, *wk.shape[:1], dtype=dtype) if dk is None else dk.reshape(N, O_k)
+        dv = torch.zeros(N, *wv.shape[:1], dtype=dtype) if dv is None else dv.reshape(N, wv.shape[0])
+        if cos is not None:  # back through RoPE: the inverse rotation
+            dk = _rope(dk.view(N, -1, cos.shape[-1]), cos, sin, ctx.layout, inverse=True).view(N, O_k)
+        dy = torch.cat([dk, dv], dim=1)  # [N, 2 Hkv D]
+        del dk, dv
+        rc = r.to(dtype)[:, None]  # [N, 1]
+        dx = dnw = dwk = dwv = dbk = dbv = None
+        if need_wk or need_wv or need_nw:
+            # a transposed copy first: mkldnn's matmul with a transposed [N, O] operand was 1.6x slower
+            m = (dy * rc).t().contiguous() @ x  # [2 Hkv D, d] = Σ_i r_i dy_i x_iᵀ
+            if need_wk or need_wv:
+                dw = m * norm_weight.to(m.dtype)
+                dwk, dwv = dw[:O_k], dw[O_k:]
+            if need_nw:
+                dnw = (m.float() * torch.cat([wk, wv]).float()).sum(0).to(norm_weight.dtype)
+            del m
+        if need_x:
+            g = dy @ (torch.cat([wk, wv]) * norm_weight.to(wk.dtype))  # [N, d] = dy @ W'
+            s = torch.sum(g * x, dim=-1, dtype=torch.float32) / x.shape[-1]  # [N] mean(g ⊙ x)
+            coef = (r.pow(3) * s).to(dtype)[:, None]  # [N, 1]
+            dx = g.mul_(rc).addcmul_(x, coef, value=-1)  # r ⊙ g - r³ s ⊙ x, in g's storage
+        if ctx.has_bias and (need_bk or need_bv):
+            db = dy.sum(0, dtype=torch.float32).to(dtype)
+            dbk, dbv = db[:O_k], db[O_k:]
+        return dx, dnw, dwk, dwv, dbk, dbv, None, None, None, None, None, None
+
+
+def image_kv(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             rope_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of image tokens x [N, d] through an HF attention module's k/v
+    projections, after `norm` and with RoPE (`rope_fn`, tables cos/sin [N, D]) on the
+    keys -> k, v [N, Hkv, D]. The norm is folded when it is a known RMSNorm (`RMS_NORMS`),
+    RoPE applied in place when `rope_fn` is one of `ROPE_LAYOUTS`; the plain composition
+    otherwise (same values)."""
+    N, D = x.shape[0], attn.head_dim
+    Hkv = attn.k_proj.out_features // D
+    k_norm = getattr(attn, "k_norm", None)  # Qwen3: per-head RMSNorm on keys, before RoPE
+    if type(norm).__name__ not in RMS_NORMS or not hasattr(norm, "variance_epsilon"):
+        n = norm(x)
+        k, v = attn.k_proj(n).view(N, Hkv, D), attn.v_proj(n).view(N, Hkv, D)
+        if k_norm is not None:
+            k = k_norm(k)
+        return rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0], v
+    layout = rope_layout(rope_fn) if k_norm is None else None
+    fold_rope = layout is not None
+    k, v = _ImageKV.apply(x, norm.weight, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias,
+                          attn.v_proj.bias, cos if fold_rope else None, sin if fold_rope else None, layout,
+                          float(norm.variance_epsilon), Hkv, D)
+    if not fold_rope:
+        if k_norm is not None:
+            k = k_norm(k)
+        k = rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0]
+    return k, v

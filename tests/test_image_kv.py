@@ -1,0 +1,105 @@
+"""The fused image K/V projection against the plain composition it replaces:
+k = rope(W_k norm(x)), v = W_v norm(x), through each family's own HF modules."""
+
+import pytest
+import torch
+from torch import nn
+
+from casa.backbone import Backbone
+from casa.image_kv import ROPE_LAYOUTS, _ImageKV, image_kv, rope_layout
+from casa.testing import tiny_backbone_config
+
+FAMILIES = ["llama", "helium", "qwen2", "qwen3", "mistral", "qwen2_5_vl"]
+
+
+def _reference(attn, norm, x, cos, sin, rope_fn):
+    """What autograd ran before the fusion: norm, two projections, (k_norm), RoPE."""
+    N, D = x.shape[0], attn.head_dim
+    n = norm(x)
+    k, v = attn.k_proj(n).view(N, -1, D), attn.v_proj(n).view(N, -1, D)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    return rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0], v
+
+
+def _layer(family, dtype):
+    torch.manual_seed(0)
+    bb = Backbone(family, config=tiny_backbone_config(family)).to(dtype)
+    block = bb.layers[1]
+    with torch.no_grad():  # a non-trivial norm scale and biases, so every term is exercised
+        block.input_layernorm.weight.uniform_(0.5, 1.5)
+        for proj in (block.self_attn.k_proj, block.self_attn.v_proj):
+            if proj.bias is not None:
+                proj.bias.normal_()
+    return bb, block
+
+
+def _grads(outputs, params, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outputs]
+    return torch.autograd.grad(outputs, params, cot)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_image_kv_equals_the_plain_composition(family, dtype):
+    bb, block = _layer(family, dtype)
+    attn, norm = block.self_attn, block.input_layernorm
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(37, bb.hidden_size, generator=g)).to(dtype).requires_grad_(True)
+    pos = torch.randint(0, 200, (37,), generator=g)
+    cos, sin = bb.rope(pos if family != "qwen2_5_vl" else pos.expand(3, -1), dtype)
+    params = [x, norm.weight, attn.k_proj.weight, attn.v_proj.weight]
+    params += [p for p in (attn.k_proj.bias, attn.v_proj.bias) if p is not None]
+    ours = image_kv(attn, norm, x, cos, sin, block.rope_fn)
+    ref = _reference(attn, norm, x, cos, sin, block.rope_fn)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=4e-2)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **tol)
+    for name, a, b in zip(["x", "norm", "W_k", "W_v", "b_k", "b_v"], _grads(ours, params), _grads(ref, params)):
+        # weight gradients sum over all rows: compared relative to their scale
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a / scale, b / scale, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_every_supported_family_takes_the_fused_path():
+    for family in FAMILIES:
+        _, block = _layer(family, torch.float32)
+        assert type(block.input_layernorm).__name__ in __import__("casa.image_kv").image_kv.RMS_NORMS, family
+        if family != "qwen3":  # Qwen3's k_norm sits between the projection and RoPE
+            assert rope_layout(block.rope_fn) in ROPE_LAYOUTS, family
+    assert rope_layout(Backbone("helium", config=tiny_backbone_config("helium")).layers[0].rope_fn) == "interleaved"
+
+
+def test_unknown_norm_and_rope_fall_back_to_autograd(monkeypatch):
+    bb, block = _layer("llama", torch.float32)
+    attn = block.self_attn
+    norm = nn.LayerNorm(bb.hidden_size)  # not an RMSNorm: nothing to fold
+
+    def odd_rope(q, k, cos, sin, unsqueeze_dim=1):  # not a rotation we know
+        return q * cos.unsqueeze(unsqueeze_dim), k * cos.unsqueeze(unsqueeze_dim)
+
+    calls = []
+    monkeypatch.setattr(_ImageKV, "apply", lambda *a: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    x = torch.randn(5, bb.hidden_size, requires_grad=True)
+    cos, sin = bb.rope(torch.arange(5), torch.float32)
+    k, v = image_kv(attn, norm, x, cos, sin, odd_rope)
+    kr, vr = _reference(attn, norm, x, cos, sin, odd_rope)
+    assert not calls and torch.equal(k, kr) and torch.equal(v, vr)
+    assert rope_layout(odd_rope) is None
+
+
+def test_empty_and_frozen_inputs():
+    bb, block = _layer("llama", torch.float32)
+    attn, norm = block.self_attn, block.input_layernorm
+    cos, sin = bb.rope(torch.arange(0), torch.float32)
+    k, v = image_kv(attn, norm, torch.zeros(0, bb.hidden_size), cos, sin, block.rope_fn)
+    assert k.shape == (0, 2, 16) and v.shape == (0, 2, 16)
+    # frozen everything but the input: only dx is computed, and it matches
+    for p in block.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(6, bb.hidden_size, requires_grad=True)
+    cos, sin = bb.rope(torch.arange(6), torch.float32)
+    (a,), (b,) = _grads(image_kv(attn, norm, x, cos, sin, block.rope_fn), [x]), \
+        _grads(_reference(attn, norm, x, cos, sin, block.rope_fn), [x])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
