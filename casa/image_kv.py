@@ -93,7 +93,16 @@ class _ImageKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_weight, wk, wv, bk, bv, cos, sin, layout, eps, heads, head_dim):
-        N = x.shape[0]
+        N, h = x.shape[0], head_dim // 2
+        perm = None
+        if layout == "interleaved":
+            # Helium pairs dimensions (2i, 2i+1): rotating them in place is eight strided
+            # passes. Permuting W_k's rows makes the projection emit each head as [evens | odds]
+            # instead, rotated with contiguous halves and interleaved back in one copy.
+            perm = torch.arange(heads * head_dim, device=x.device).view(heads, h, 2).transpose(1, 2).reshape(-1)
+            wk = wk[perm]
+            bk = None if bk is None else bk[perm]
+            cos, sin = cos[:, :h].repeat(1, 2), sin[:, :h].repeat(1, 2)  # pair i uses cos[i] for both
         r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square_() / x.shape[-1] + eps)  # [N]
         w_folded = torch.cat([wk, wv]) * norm_weight.to(wk.dtype)  # [2 Hkv D, d] = W' = W ⊙ w
         y = x @ w_folded.t()  # [N, 2 Hkv D]
@@ -103,23 +112,29 @@ class _ImageKV(torch.autograd.Function):
         k = y[:, :wk.shape[0]].view(N, heads, head_dim)  # [N, Hkv, D]
         v = y[:, wk.shape[0]:].view(N, heads, head_dim)  # [N, Hkv, D]
         if cos is not None:
-            k = _rope(k, cos, sin, layout, inverse=False)
-        ctx.save_for_backward(x, r, norm_weight, wk, wv, cos, sin)
+            k = _rope(k, cos, sin, "half" if perm is not None else layout, inverse=False)
+            if perm is not None:  # [evens | odds] -> interleaved
+                k = k.view(N, heads, 2, h).transpose(-1, -2).reshape(N, heads, head_dim)
+        ctx.save_for_backward(x, r, norm_weight, wk, wv, cos, sin, perm)
         ctx.has_bias = bk is not None
-        ctx.layout = layout
+        ctx.layout = "half" if perm is not None else layout
         return k, v
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dk, dv):
-        x, r, norm_weight, wk, wv, cos, sin = ctx.saved_tensors
+        x, r, norm_weight, wk, wv, cos, sin, perm = ctx.saved_tensors  # wk: row-permuted if perm
         need_x, need_nw, need_wk, need_wv, need_bk, need_bv = ctx.needs_input_grad[:6]
         N, O_k = x.shape[0], wk.shape[0]
         dtype = x.dtype
         dk = torch.zeros(N, *wk.shape[:1], dtype=dtype) if dk is None else dk.reshape(N, O_k)
         dv = torch.zeros(N, *wv.shape[:1], dtype=dtype) if dv is None else dv.reshape(N, wv.shape[0])
         if cos is not None:  # back through RoPE: the inverse rotation
-            dk = _rope(dk.view(N, -1, cos.shape[-1]), cos, sin, ctx.layout, inverse=True).view(N, O_k)
+            D = cos.shape[-1]
+            dk = dk.view(N, -1, D)
+            if perm is not None:  # interleaved -> [evens | odds], the layout the forward rotated in
+                dk = dk.view(N, -1, D // 2, 2).transpose(-1, -2).reshape(N, -1, D)
+            dk = _rope(dk, cos, sin, ctx.layout, inverse=True).view(N, O_k)
         dy = torch.cat([dk, dv], dim=1)  # [N, 2 Hkv D]
         del dk, dv
         rc = r.to(dtype)[:, None]  # [N, 1]
@@ -141,6 +156,10 @@ class _ImageKV(torch.autograd.Function):
         if ctx.has_bias and (need_bk or need_bv):
             db = dy.sum(0, dtype=torch.float32).to(dtype)
             dbk, dbv = db[:O_k], db[O_k:]
+        if perm is not None:  # gradients of the permuted rows back to W_k's own order
+            inv = torch.argsort(perm)
+            dwk = None if dwk is None else dwk[inv]
+            dbk = None if dbk is None else dbk[inv]
         return dx, dnw, dwk, dwv, dbk, dbv, None, None, None, None, None, None
 
 
