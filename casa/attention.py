@@ -28,7 +28,9 @@ no key). A segment with keys but no queries contributes nothing.
 
 Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
     dense  one masked softmax over the whole stream: the reference, O(Tq * Tk) memory
-    sdpa   loop of per-segment `scaled_dot_product_attention`: the CPU training path
+    sdpa   loop of per-segment `scaled_dot_product_attention`: the CPU training path; without
+           gradients, segments of at most DECODE_MAX_QUERIES queries (cached decoding) take
+           an explicit softmax with GQA folded into the query axis (`_decode_segment`)
     eager  explicit per-segment softmax; returns the probabilities (attention maps, Fig. 7)
     flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
     flash  `flash_attn_varlen_func` (CUDA with the flash-attn package)
@@ -135,6 +137,12 @@ def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(filled, dim=-1) * mask).to(s.dtype)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] with a contiguous last dim, copied only if it has none: fused kernels (SDPA,
+    flex, flash-attn) need one, and `casa.cache` stores keys transposed for decoding."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _expand_kv(x: torch.Tensor, H: int) -> torch.Tensor:
     """[T, Hkv, D] -> [T, H, D]: each key/value head serves H / Hkv consecutive query heads."""
     return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
@@ -170,11 +178,47 @@ def _dense(q, k, v, cu_q, cu_k, causal, scale, masked_key):
     return torch.einsum("hqk,khd->qhd", p, _expand_kv(v, H))  # [Tq, H, D]
 
 
-def _sdpa(q, k, v, cu_q, cu_k, causal, scale):
+DECODE_MAX_QUERIES = 8
+"""`sdpa` without gradients: a segment with at most this many queries (and at least as many
+keys) takes `_decode_segment`, whose fp32 scores [H, lq, lk] are then at most
+8 H / (2 Hkv D) of the segment's fp32 K/V bytes (demo model, 4 heads over 2 KV heads, D = 32:
+3 % at lq = 1, 25 % at lq = 8)."""
+
+
+def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Few queries over many keys, no gradients: q [lq, H, D], k, v [lk, Hkv, D], lk >= lq > 0
+    -> [lq, H, D].
+
+    A decoding step against a long KV cache (lq = 1, or a chunk of a few new tokens). Through
+    SDPA (mask + `enable_gqa`) this was the part of a live-captioning frame that grew with the
+    transcript (docs/benchmarks.md, `stream`). Here the G = H / Hkv query heads that share a KV
+    head are folded into the query axis, so one batched matmul reads each KV head once, in
+    place: k and v may be strided views of a cache buffer (`casa.cache` stores them head-major,
+    keys transposed, the layout these two matmuls read fastest). Only the last lq - 1 keys need
+    a mask, and the softmax writes its output over the scores: one O(lk) temporary per call,
+    not two (each costs fresh page faults when the allocator returns large blocks to the OS,
+    as it does in the `stream` suite)."""
+    lq, H, D = q.shape
+    lk, Hkv = k.shape[:2]
+    G = H // Hkv  # query heads per KV head: head h reads KV head h // G
+    qf = (q * scale).view(lq, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * lq, D)  # [Hkv, G*lq, D], row g*lq + j
+    s = torch.bmm(qf, k.permute(1, 2, 0)).float()  # [Hkv, G*lq, lk] scaled scores; fp32 softmax for bf16 inputs
+    if causal and lq > 1:
+        # bottom-right: query j sees keys 0 .. lk - lq + j, so of the last lq - 1 keys
+        # (lk - lq + 1 + c, c = 0 .. lq - 2) it misses those with c >= j
+        tail = s.view(Hkv, G, lq, lk)[..., lk - lq + 1:]  # [Hkv, G, lq, lq - 1]
+        tail.masked_fill_(torch.ones(lq, lq - 1, dtype=torch.bool, device=q.device).triu_(), float("-inf"))
+    p = torch.softmax(s, dim=-1, out=s).to(v.dtype)  # every row sees >= 1 key (lk >= lq): no NaN
+    o = torch.bmm(p, v.transpose(0, 1))  # [Hkv, G*lq, D]
+    return o.view(Hkv, G, lq, D).permute(2, 0, 1, 3).reshape(lq, H, D)  # [lq, H, D]
+
+
+def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad):
     """One fused SDPA per segment: O(Lq * Lk) per segment instead of O(Tq * Tk).
 
     Inputs get a batch dim of 1: with 3-D inputs PyTorch's CPU dispatcher falls back to the
-    math path, which materialises the [H, Lq, Lk] scores (docs/benchmarks.md, `attention`)."""
+    math path, which materialises the [H, Lq, Lk] scores (docs/benchmarks.md, `attention`).
+    Without gradients (`grad` False), short query segments go to `_decode_segment`."""
     Tq, H, _ = q.shape
     gqa = k.shape[1] != H  # SDPA broadcasts kv heads itself, no repeat_interleave copy
     outs = []
@@ -186,8 +230,14 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, scale):
         if lk == 0:  # SDPA would return NaN rows
             outs.append(q.new_zeros(lq, H, v.shape[-1]))
             continue
+        # only on keys stored head-major (the SA cache's own buffers, `casa.cache`): on
+        # token-major keys (several samples' caches concatenated, CASA window caches) the
+        # permuted matmul is slower than SDPA at D = 128 (layer suite: generation 1.6-1.7x)
+        if not grad and lq <= DECODE_MAX_QUERIES and lk >= lq and kw.stride(0) == 1:
+            outs.append(_decode_segment(qw, kw, vw, causal, scale))
+            continue
         qs = qw.transpose(0, 1)[None]  # [1, H, lq, D]
-        ks, vs = kw.transpose(0, 1)[None], vw.transpose(0, 1)[None]  # [1, Hkv, lk, D]
+        ks, vs = _rows(kw.transpose(0, 1)[None]), _rows(vw.transpose(0, 1)[None])  # [1, Hkv, lk, D]
         if not causal:
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=gqa)
         elif lq == lk:  # SDPA's is_causal is top-left aligned, which equals bottom-right here
@@ -246,6 +296,7 @@ def _flex(q, k, v, cu_q, cu_k, causal, scale):
         return q.new_zeros(Tq, H, v.shape[-1])
     if not torch.is_grad_enabled():  # CPU flex refuses inputs that merely *could* need grads
         q, k, v = q.detach(), k.detach(), v.detach()
+    k, v = _rows(k), _rows(v)
     sq, oq = segment_ids(cu_q, Tq)  # [Tq], [Tq]
     sk, ok = segment_ids(cu_k, Tk)  # [Tk], [Tk]
     shift = ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).long()  # [W] Lk - Lq: bottom-right offset
@@ -276,7 +327,7 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale):
     segs = _segments(cu_q, cu_k, q.shape[0], k.shape[0])  # one sync gives both max lengths
     max_q = max((q1 - q0 for q0, q1, _, _ in segs), default=0)
     max_k = max((k1 - k0 for _, _, k0, k1 in segs), default=0)
-    return fn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+    return fn(q, _rows(k), _rows(v), cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
               dropout_p=0.0, softmax_scale=scale, causal=causal)
 
 
@@ -315,7 +366,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if backend == "dense":
         return _dense(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key)
     if backend == "sdpa":
-        return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+        return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, grad)
     if backend == "eager":
         return _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key, return_probs)
     if backend == "flex":

@@ -31,7 +31,8 @@ class KVCache:
         self.win: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.offset = torch.zeros(num_samples, dtype=torch.long)
         # SA entries are views of growing buffers: appending a token copies that token only
-        # (a torch.cat of the whole past per token made streaming O(L^2) in memcpy)
+        # (a torch.cat of the whole past per token made streaming O(L^2) in memcpy); their
+        # storage is head-major with keys transposed for one sample, see `_append`
         self._sa_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
     # ------------------------------------------------------------------ bookkeeping
@@ -82,7 +83,7 @@ class KVCache:
                     k_new, v_new = torch.cat([store[s][0], k_new]), torch.cat([store[s][1], v_new])
                 store[s], bufs[s] = (k_new, v_new), None
             else:
-                store[s] = self._append(bufs, s, store[s], k_new, v_new)
+                store[s] = self._append(bufs, s, store[s], k_new, v_new, head_major=self.num_samples == 1)
             ks.append(store[s][0])
             vs.append(store[s][1])
             lens.append(lens[-1] + store[s][0].shape[0])
@@ -92,15 +93,30 @@ class KVCache:
 
     @staticmethod
     def _append(bufs: list, s: int, past: tuple[torch.Tensor, torch.Tensor] | None, k_new: torch.Tensor,
-                v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                v_new: torch.Tensor, head_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v_new [m, Hkv, D] after sample s's n cached rows -> views [n + m, Hkv, D].
         The buffer grows by 25% (at least 256 rows) when full: amortised O(m) per append,
-        at most a quarter of the cache unused."""
+        at most a quarter of the cache unused.
+
+        With `head_major` (a one-sample cache: live captioning, chat) storage is head-major with
+        keys transposed, k [Hkv, D, cap] and v [Hkv, cap, D], held as [cap, Hkv, D] views: a
+        decoding step's q @ k^T and p @ v (`casa.attention._decode_segment`) then read each
+        head's keys and values as one contiguous block, in the layout the matmul wants, with
+        no copy (token-major keys made q @ k^T 1.6-3x slower at 3.3k keys: docs/benchmarks.md,
+        `stream`). Several samples' caches are concatenated at every step instead
+        (`self_attention`), a plain memcpy from token-major storage but a transposing copy
+        from head-major (1.3x slower batched generation in the `layer` suite): token-major."""
         n, m = (0 if past is None else past[0].shape[0]), k_new.shape[0]
         buf = bufs[s]
         if buf is None or buf[0].shape[0] < n + m or (past is not None and past[0].data_ptr() != buf[0].data_ptr()):
             cap = max(n + m + 256, (5 * (n + m)) // 4)
-            buf = (k_new.new_empty(cap, *k_new.shape[1:]), v_new.new_empty(cap, *v_new.shape[1:]))
+            Hkv, D = k_new.shape[1:]
+            if head_major:
+                k_buf = k_new.new_empty(Hkv, D, cap).permute(2, 0, 1)  # [Hkv, D, cap] -> view [cap, Hkv, D]
+                v_buf = v_new.new_empty(Hkv, cap, D).transpose(0, 1)  # [Hkv, cap, D] -> view [cap, Hkv, D]
+            else:
+                k_buf, v_buf = k_new.new_empty(cap, Hkv, D), v_new.new_empty(cap, Hkv, D)
+            buf = (k_buf, v_buf)
             if past is not None:
                 buf[0][:n], buf[1][:n] = past
             bufs[s] = buf

@@ -177,6 +177,120 @@ def test_sdpa_syncs_once(monkeypatch):
     assert len(calls) == 1
 
 
+# Cached decoding: few queries per segment against its keys, no gradients. `sdpa` sends every
+# segment with 1 <= Lq <= min(Lk, DECODE_MAX_QUERIES) whose keys are stored head-major (as a
+# one-sample KV cache stores them) to `_decode_segment`.
+DECODE_LAYOUTS = {
+    "one_token": [(1, 9), (1, 1), (1, 4)],  # one new token against a cache (and a cache of 1)
+    "chunk": [(5, 12), (3, 3), (2, 7)],  # a few new tokens: Lq < Lk and Lq == Lk
+    "empty_segments": [(1, 6), (0, 3), (2, 0), (4, 9)],  # no queries; no keys (zeros)
+    "mixed": [(1, 10), (12, 20), (3, 3), (5, 3)],  # Lq > DECODE_MAX_QUERIES, Lq > Lk: SDPA as before
+}
+DECODED = {"one_token": 3, "chunk": 3, "empty_segments": 2, "mixed": 2}  # segments that take the fast path
+
+
+def _head_major(k: torch.Tensor) -> torch.Tensor:
+    """[T, Hkv, D] with the same values, stored [Hkv, D, T] (the one-sample cache's layout)."""
+    return k.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def _spy_decode(monkeypatch):
+    calls = []
+    decode = attention._decode_segment
+    monkeypatch.setattr(attention, "_decode_segment", lambda q, *a: calls.append(q.shape[0]) or decode(q, *a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("layout", list(DECODE_LAYOUTS))
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_path_equals_dense(layout, causal, heads, dtype, monkeypatch):
+    assert attention.DECODE_MAX_QUERIES < 12  # "mixed" keeps one segment on SDPA
+    q, k, v, cu_q, cu_k = (x.detach() for x in _inputs(DECODE_LAYOUTS[layout], heads, D=16))
+    calls = _spy_decode(monkeypatch)
+    with torch.no_grad():
+        out = varlen_attention(q.to(dtype), _head_major(k.to(dtype)), v.to(dtype), cu_q, cu_k, causal, "sdpa")
+        assert len(calls) == DECODED[layout]
+        # token-major keys (several samples' caches concatenated) stay on SDPA, same values
+        token_major = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k, causal, "sdpa")
+        assert len(calls) == DECODED[layout]
+    torch.testing.assert_close(token_major.float(), out.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=0)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = varlen_attention(q, k, v, cu_q, cu_k, causal, "dense")
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, _naive(q, k, v, DECODE_LAYOUTS[layout], causal), atol=1e-5, rtol=1e-5)
+    else:  # bf16 inputs: within twice the dense reference's own bf16 error of the fp32 result
+        dense_bf16 = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k, causal, "dense")
+        tol = 2 * (dense_bf16.float() - ref).abs().max().item() + 1e-3
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=0)
+    rows = _keyless_rows(DECODE_LAYOUTS[layout], causal)
+    assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+def test_decode_path_reads_cache_views_in_place(heads):
+    """K/V as the cache hands them out (strided views of head-major buffers, keys transposed)
+    give the same result as contiguous tensors, and no op copies them (the profiler sees the
+    ops run inside the matmuls too)."""
+    from torch.profiler import profile
+
+    from casa.cache import KVCache
+
+    lk = 37  # a length no other tensor here has
+    q, k, v, cu_q, cu_k = (x.detach() for x in _inputs([(3, lk)], heads, D=16))
+    bufs = [None]
+    kc, vc = KVCache._append(bufs, 0, None, k[:30], v[:30], head_major=True)
+    kc, vc = KVCache._append(bufs, 0, (kc, vc), k[30:], v[30:], head_major=True)  # [37, Hkv, D] views of one buffer
+    assert kc.data_ptr() == bufs[0][0].data_ptr() and not kc.is_contiguous()
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        out = varlen_attention(q, kc, vc, cu_q, cu_k, True, "sdpa")
+    copies = [(e.name, e.input_shapes) for e in prof.events()
+              if e.name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+              and any(lk in shape for shape in e.input_shapes if isinstance(shape, list))]
+    assert not copies
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu_q, cu_k, True, "dense"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["dense", *RUNNABLE])
+@pytest.mark.parametrize("lq", [3, 12])  # 12 > DECODE_MAX_QUERIES: `sdpa` runs SDPA's kernel
+def test_every_backend_takes_cache_views(backend, lq):
+    """The cache's keys are transposed views; kernels that need contiguous rows get them."""
+    from casa.cache import KVCache
+
+    q, k, v, cu_q, cu_k = (x.detach() for x in _inputs([(lq, 37)], D=16))
+    kc, vc = KVCache._append([None], 0, None, k, v, head_major=True)
+    assert kc.stride(-1) != 1
+    seen = []
+
+    def flash_attn_varlen_func(q, k, v, *args, **kwargs):
+        seen.append(k.stride(-1) == 1 and v.stride(-1) == 1)  # flash-attn rejects strided rows
+        return varlen_attention(q, k, v, *args[:2], kwargs["causal"], "dense", scale=kwargs["softmax_scale"])
+
+    set_flash_fn(flash_attn_varlen_func)
+    try:
+        with torch.no_grad():
+            out = varlen_attention(q, kc, vc, cu_q, cu_k, True, backend)
+    finally:
+        set_flash_fn(None)
+    assert seen == ([True] if backend == "flash" else [])
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu_q, cu_k, True, "dense"), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_path_only_without_gradients(monkeypatch):
+    """With gradients every segment stays on SDPA (its backward, no [H, Lq, Lk] scores kept)."""
+    q, k, v, cu_q, cu_k = _inputs(DECODE_LAYOUTS["chunk"])
+    k = _head_major(k)
+    calls = _spy_decode(monkeypatch)
+    out = varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
+    assert not calls and out.requires_grad
+    with torch.no_grad():
+        varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
+    assert calls == [5, 3, 2]
+
+
 @pytest.mark.parametrize("layout", ["uneven", "no_keys", "no_queries", "more_queries"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_eager_probabilities(layout, causal):
