@@ -18,7 +18,9 @@ weight's columns):
     forward    y  = r ⊙ (x @ W'ᵀ)                  one matmul on x itself; k = rope(y_k)
     backward   dy = [rope⁻¹(dk) | dv]              (RoPE is a rotation: its adjoint)
                M  = (r ⊙ dy)ᵀ @ x                  dW = M ⊙ w,  dw = Σ_rows(M ⊙ W)
-               g  = dy @ W'                         dx = r ⊙ g - r³ · mean(g ⊙ x) ⊙ x
+               g̃  = (r ⊙ dy) @ W'                  dx = g̃ - r² · mean(g̃ ⊙ x) ⊙ x
+
+(r is folded into the rotation tables where RoPE runs anyway: no separate scaling pass.)
 
 Only x and r [N] are kept for the backward. Equal to the unfused composition up to
 rounding: ~1e-6 in fp32, within bf16 rounding in bf16 (tests/test_image_kv.py).
@@ -60,16 +62,18 @@ def rope_layout(fn: Callable) -> str | None:
     return _ROPE_LAYOUT[fn]
 
 
-def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool) -> torch.Tensor:
+def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """k [N, H, D] rotated by cos/sin [N, D], or by the inverse rotation (the adjoint: RoPE
     is orthogonal). Each dimension pair (a, b) rotates as
 
         out_a = a c_a - b s_a,  out_b = b c_b + a s_b      (inverse: a c_a + b s_b, b c_b - a s_a)
 
-    written as two passes per half instead of autograd's mul / neg / cat / mul / add."""
+    written as two passes per half instead of autograd's mul / neg / cat / mul / add. A
+    per-row scale folded into cos/sin scales the result for free (`_ImageKV`: 1 / rms)."""
     h = k.shape[-1] // 2
     c, s = cos[:, None].to(k.dtype), sin[:, None].to(k.dtype)  # [N, 1, D]
-    out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if out is None else out
     if layout == "half":
         pa, pb = slice(0, h), slice(h, None)  # k = [a | b]
         ca, cb, sa, sb = c[..., pa], c[..., pb], s[..., pa], s[..., pb]
@@ -93,7 +97,7 @@ class _ImageKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_weight, wk, wv, bk, bv, cos, sin, layout, eps, heads, head_dim):
-        N, h = x.shape[0], head_dim // 2
+        N, h, O_k = x.shape[0], head_dim // 2, wk.shape[0]
         perm = None
         if layout == "interleaved":
             # Helium pairs dimensions (2i, 2i+1): rotating them in place is eight strided
@@ -104,17 +108,21 @@ class _ImageKV(torch.autograd.Function):
             bk = None if bk is None else bk[perm]
             cos, sin = cos[:, :h].repeat(1, 2), sin[:, :h].repeat(1, 2)  # pair i uses cos[i] for both
         r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square_() / x.shape[-1] + eps)  # [N]
+        rc = r.to(x.dtype)[:, None]  # [N, 1]
         w_folded = torch.cat([wk, wv]) * norm_weight.to(wk.dtype)  # [2 Hkv D, d] = W' = W ⊙ w
-        y = x @ w_folded.t()  # [N, 2 Hkv D]
-        y.mul_(r.to(y.dtype)[:, None])
-        if bk is not None:
-            y += torch.cat([bk, bv])
-        k = y[:, :wk.shape[0]].view(N, heads, head_dim)  # [N, Hkv, D]
-        v = y[:, wk.shape[0]:].view(N, heads, head_dim)  # [N, Hkv, D]
-        if cos is not None:
-            k = _rope(k, cos, sin, "half" if perm is not None else layout, inverse=False)
-            if perm is not None:  # [evens | odds] -> interleaved
-                k = k.view(N, heads, 2, h).transpose(-1, -2).reshape(N, heads, head_dim)
+        y = x @ w_folded.t()  # [N, 2 Hkv D], still to be scaled by r
+        k_raw, v = y[:, :O_k].view(N, heads, head_dim), y[:, O_k:].view(N, heads, head_dim)  # [N, Hkv, D]
+        if cos is not None and bk is None:
+            # r is folded into the rotation tables: k = rope(r ⊙ y_k) in one rotation pass
+            k = _rope(k_raw, cos * r[:, None], sin * r[:, None], "half" if perm is not None else layout, False)
+            v = v * rc[:, :, None]  # a tensor of its own: y is freed once both are out
+        else:
+            y.mul_(rc)
+            if bk is not None:
+                y += torch.cat([bk, bv])
+            k = k_raw if cos is None else _rope(k_raw, cos, sin, "half" if perm is not None else layout, False)
+        if perm is not None:  # [evens | odds] -> interleaved
+            k = k.view(N, heads, 2, h).transpose(-1, -2).reshape(N, heads, head_dim)
         ctx.save_for_backward(x, r, norm_weight, wk, wv, cos, sin, perm)
         ctx.has_bias = bk is not None
         ctx.layout = "half" if perm is not None else layout
@@ -125,23 +133,32 @@ class _ImageKV(torch.autograd.Function):
     def backward(ctx, dk, dv):
         x, r, norm_weight, wk, wv, cos, sin, perm = ctx.saved_tensors  # wk: row-permuted if perm
         need_x, need_nw, need_wk, need_wv, need_bk, need_bv = ctx.needs_input_grad[:6]
-        N, O_k = x.shape[0], wk.shape[0]
+        N, O_k, O_v = x.shape[0], wk.shape[0], wv.shape[0]
         dtype = x.dtype
-        dk = torch.zeros(N, *wk.shape[:1], dtype=dtype) if dk is None else dk.reshape(N, O_k)
-        dv = torch.zeros(N, *wv.shape[:1], dtype=dtype) if dv is None else dv.reshape(N, wv.shape[0])
-        if cos is not None:  # back through RoPE: the inverse rotation
+        rc = r.to(dtype)[:, None]  # [N, 1]
+        # dyr = r ⊙ dy, the cotangent of the unscaled projection x @ W'ᵀ: both matmuls below
+        # take it, so r is applied once, folded into the inverse rotation for the keys
+        dyr = torch.empty(N, O_k + O_v, dtype=dtype, device=x.device)  # [N, 2 Hkv D]
+        if dk is None:
+            dyr[:, :O_k] = 0
+        elif cos is not None:
             D = cos.shape[-1]
-            dk = dk.view(N, -1, D)
+            dk = dk.reshape(N, -1, D)
             if perm is not None:  # interleaved -> [evens | odds], the layout the forward rotated in
                 dk = dk.view(N, -1, D // 2, 2).transpose(-1, -2).reshape(N, -1, D)
-            dk = _rope(dk, cos, sin, ctx.layout, inverse=True).view(N, O_k)
-        dy = torch.cat([dk, dv], dim=1)  # [N, 2 Hkv D]
+            _rope(dk, cos * r[:, None], sin * r[:, None], ctx.layout, inverse=True,
+                  out=dyr[:, :O_k].view(N, -1, D))
+        else:
+            torch.mul(dk.reshape(N, O_k), rc, out=dyr[:, :O_k])
+        if dv is None:
+            dyr[:, O_k:] = 0
+        else:
+            torch.mul(dv.reshape(N, O_v), rc, out=dyr[:, O_k:])
         del dk, dv
-        rc = r.to(dtype)[:, None]  # [N, 1]
         dx = dnw = dwk = dwv = dbk = dbv = None
         if need_wk or need_wv or need_nw:
             # a transposed copy first: mkldnn's matmul with a transposed [N, O] operand was 1.6x slower
-            m = (dy * rc).t().contiguous() @ x  # [2 Hkv D, d] = Σ_i r_i dy_i x_iᵀ
+            m = dyr.t().contiguous() @ x  # [2 Hkv D, d] = Σ_i r_i dy_i x_iᵀ
             if need_wk or need_wv:
                 dw = m * norm_weight.to(m.dtype)
                 dwk, dwv = dw[:O_k], dw[O_k:]
@@ -149,12 +166,12 @@ class _ImageKV(torch.autograd.Function):
                 dnw = (m.float() * torch.cat([wk, wv]).float()).sum(0).to(norm_weight.dtype)
             del m
         if need_x:
-            g = dy @ (torch.cat([wk, wv]) * norm_weight.to(wk.dtype))  # [N, d] = dy @ W'
-            s = torch.sum(g * x, dim=-1, dtype=torch.float32) / x.shape[-1]  # [N] mean(g ⊙ x)
-            coef = (r.pow(3) * s).to(dtype)[:, None]  # [N, 1]
-            dx = g.mul_(rc).addcmul_(x, coef, value=-1)  # r ⊙ g - r³ s ⊙ x, in g's storage
+            # with g = dy @ W': dx = r g - r³ mean(g ⊙ x) x = g̃ - r² mean(g̃ ⊙ x) x, g̃ = dyr @ W'
+            g = dyr @ (torch.cat([wk, wv]) * norm_weight.to(wk.dtype))  # [N, d] = g̃
+            s = torch.sum(g * x, dim=-1, dtype=torch.float32) / x.shape[-1]  # [N] mean(g̃ ⊙ x)
+            dx = g.addcmul_(x, (r.square() * s).to(dtype)[:, None], value=-1)  # in g's storage
         if ctx.has_bias and (need_bk or need_bv):
-            db = dy.sum(0, dtype=torch.float32).to(dtype)
+            db = (dyr.float() / r[:, None]).sum(0).to(dtype)  # Σ dy: the bias is added after the scaling
             dbk, dbv = db[:O_k], db[O_k:]
         if perm is not None:  # gradients of the permuted rows back to W_k's own order
             inv = torch.argsort(perm)
