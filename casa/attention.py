@@ -185,7 +185,8 @@ keys) takes `_decode_segment`, whose fp32 scores [H, lq, lk] are then at most
 3 % at lq = 1, 25 % at lq = 8)."""
 
 
-def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                    workspace: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
     """Few queries over many keys, no gradients: q [lq, H, D], k, v [lk, Hkv, D], lk >= lq > 0
     -> [lq, H, D].
 
@@ -202,7 +203,13 @@ def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     lk, Hkv = k.shape[:2]
     G = H // Hkv  # query heads per KV head: head h reads KV head h // G
     qf = (q * scale).view(lq, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * lq, D)  # [Hkv, G*lq, D], row g*lq + j
-    s = torch.bmm(qf, k.permute(1, 2, 0)).float()  # [Hkv, G*lq, lk] scaled scores; fp32 softmax for bf16 inputs
+    kt = k.permute(1, 2, 0)  # [Hkv, D, lk]
+    if workspace is not None and q.dtype == torch.float32:
+        # the scores are the one O(lk) temporary of a decoding step: kept in a buffer the
+        # caller reuses across steps, instead of fresh memory (and fresh pages) every call
+        s = torch.bmm(qf, kt, out=workspace(Hkv * G * lq * lk, q.dtype).view(Hkv, G * lq, lk))
+    else:
+        s = torch.bmm(qf, kt).float()  # [Hkv, G*lq, lk] scaled scores; fp32 softmax for bf16 inputs
     if causal and lq > 1:
         # bottom-right: query j sees keys 0 .. lk - lq + j, so of the last lq - 1 keys
         # (lk - lq + 1 + c, c = 0 .. lq - 2) it misses those with c >= j
@@ -213,7 +220,7 @@ def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return o.view(Hkv, G, lq, D).permute(2, 0, 1, 3).reshape(lq, H, D)  # [lq, H, D]
 
 
-def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad):
+def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad, workspace=None):
     """One fused SDPA per segment: O(Lq * Lk) per segment instead of O(Tq * Tk).
 
     Inputs get a batch dim of 1: with 3-D inputs PyTorch's CPU dispatcher falls back to the
@@ -234,7 +241,7 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad):
         # token-major keys (several samples' caches concatenated, CASA window caches) the
         # permuted matmul is slower than SDPA at D = 128 (layer suite: generation 1.6-1.7x)
         if not grad and lq <= DECODE_MAX_QUERIES and lk >= lq and kw.stride(0) == 1:
-            outs.append(_decode_segment(qw, kw, vw, causal, scale))
+            outs.append(_decode_segment(qw, kw, vw, causal, scale, workspace))
             continue
         qs = qw.transpose(0, 1)[None]  # [1, H, lq, D]
         ks, vs = _rows(kw.transpose(0, 1)[None]), _rows(vw.transpose(0, 1)[None])  # [1, Hkv, lk, D]
@@ -333,7 +340,8 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale):
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, causal: bool, backend: str = "sdpa", *, scale: float | None = None,
-                     masked_key: torch.Tensor | None = None, return_probs: bool = False):
+                     masked_key: torch.Tensor | None = None, return_probs: bool = False,
+                     workspace: Callable[[int, torch.dtype], torch.Tensor] | None = None):
     """Attention of each query segment over its key segment (see the module docstring).
 
     q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_seqlens_q / cu_seqlens_k [W+1] int32
@@ -343,6 +351,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     masked_key [Tq] int64: one key (global index into k) hidden from each query, -1 = none
         (paper Table 8 "-self"/"-rnd"; dense and eager only). A query whose only visible key
         is hidden outputs zeros.
+    workspace: `(numel, dtype) -> 1-D tensor` of at least numel elements that the caller
+        keeps between calls (`casa.cache.KVCache.workspace`); the `sdpa` decoding path
+        computes its scores there. Contents are overwritten; results never alias it.
     """
     if q.dim() != 3 or k.dim() != 3 or v.shape[:2] != k.shape[:2]:
         raise ValueError(f"expected q [Tq, H, D], k and v [Tk, Hkv, D]; got q {tuple(q.shape)}, "
@@ -366,7 +377,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if backend == "dense":
         return _dense(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key)
     if backend == "sdpa":
-        return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, grad)
+        return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, grad, workspace)
     if backend == "eager":
         return _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key, return_probs)
     if backend == "flex":

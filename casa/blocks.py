@@ -97,7 +97,8 @@ class DecoderBlock(nn.Module):
         cu_q = cu_k = ctx.cu_seqlens
         if ctx.cache is not None:
             k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens)
-        o = varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend=self.attn_backend, scale=attn.scaling)
+        o = varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend=self.attn_backend, scale=attn.scaling,
+                             workspace=None if ctx.cache is None else ctx.cache.workspace)
         return attn.o_proj(o.reshape(h.shape[0], -1))  # [L, H*D] -> [L, d]
 
     def _windowed_self_attention(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> torch.Tensor:

@@ -381,3 +381,28 @@ def test_bad_shapes_and_boundaries_fail_loudly():
         varlen_attention(q, k, v, cu_q, torch.tensor([0, 7, 11, 19], dtype=torch.int32), True, "sdpa")
     with pytest.raises(ValueError, match=r"must both be \[W\+1\]"):
         varlen_attention(q, k, v, cu_q, cu_k[:-1], True, "sdpa")
+
+
+def test_decode_path_scores_in_a_reused_workspace():
+    """With a workspace the decoding path computes its scores there (fp32), gives the same
+    outputs, and no output aliases the buffer (a second call leaves the first intact)."""
+    from casa.cache import KVCache
+
+    q, k, v, cu_q, cu_k = (x.detach() for x in _inputs(DECODE_LAYOUTS["chunk"], D=16))
+    k = _head_major(k)
+    cache = KVCache(1)
+    cache._device = q.device
+    asked = []
+
+    def workspace(numel, dtype):
+        asked.append(numel)
+        return cache.workspace(numel, dtype)
+
+    with torch.no_grad():
+        ref = varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
+        out = varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa", workspace=workspace)
+        kept = out.clone()
+        varlen_attention(q * 2, k, v, cu_q, cu_k, True, "sdpa", workspace=workspace)
+    assert len(asked) == 6 and cache._workspace.numel() >= max(asked)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out, kept)
