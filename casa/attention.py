@@ -186,7 +186,7 @@ keys) takes `_decode_segment`, whose fp32 scores [H, lq, lk] are then at most
 
 
 def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                    workspace: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
+                    workspace: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Few queries over many keys, no gradients: q [lq, H, D], k, v [lk, Hkv, D], lk >= lq > 0
     -> [lq, H, D].
 
@@ -207,7 +207,7 @@ def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if workspace is not None and q.dtype == torch.float32:
         # the scores are the one O(lk) temporary of a decoding step: kept in a buffer the
         # caller reuses across steps, instead of fresh memory (and fresh pages) every call
-        s = torch.bmm(qf, kt, out=workspace(Hkv * G * lq * lk, q.dtype).view(Hkv, G * lq, lk))
+        s = torch.bmm(qf, kt, out=workspace(Hkv * G * lq * lk, q).view(Hkv, G * lq, lk))
     else:
         s = torch.bmm(qf, kt).float()  # [Hkv, G*lq, lk] scaled scores; fp32 softmax for bf16 inputs
     if causal and lq > 1:
@@ -341,7 +341,7 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale):
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, causal: bool, backend: str = "sdpa", *, scale: float | None = None,
                      masked_key: torch.Tensor | None = None, return_probs: bool = False,
-                     workspace: Callable[[int, torch.dtype], torch.Tensor] | None = None):
+                     workspace: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
     """Attention of each query segment over its key segment (see the module docstring).
 
     q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_seqlens_q / cu_seqlens_k [W+1] int32
@@ -351,8 +351,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     masked_key [Tq] int64: one key (global index into k) hidden from each query, -1 = none
         (paper Table 8 "-self"/"-rnd"; dense and eager only). A query whose only visible key
         is hidden outputs zeros.
-    workspace: `(numel, dtype) -> 1-D tensor` of at least numel elements that the caller
-        keeps between calls (`casa.cache.KVCache.workspace`); the `sdpa` decoding path
+    workspace: `(numel, like) -> 1-D tensor` of numel elements with like's dtype and device,
+        that the caller keeps between calls (`casa.cache.KVCache.workspace`); the `sdpa` decoding path
         computes its scores there. Contents are overwritten; results never alias it.
     """
     if q.dim() != 3 or k.dim() != 3 or v.shape[:2] != k.shape[:2]:

@@ -35,7 +35,6 @@ class KVCache:
         # storage is head-major with keys transposed for one sample, see `_append`
         self._sa_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._workspace: torch.Tensor | None = None
-        self._device: torch.device | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     def keep(self, indices: list[int]) -> None:
@@ -70,23 +69,21 @@ class KVCache:
                         total += e[0].numel() * e[0].element_size() * 2
         return total
 
-    def workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A scratch buffer of at least `numel` elements, reused by every layer's decoding
+    def workspace(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A scratch buffer of `numel` elements of like's dtype and device, reused by every layer's decoding
         attention (`casa.attention.varlen_attention(workspace=...)`): the scores of a step
         over a growing cache are its only O(length) temporary, and fresh memory for them at
         every call costs page faults whenever the allocator hands large blocks back to the OS.
         Grows by 25% when too small; layers run one after another, so one buffer serves all."""
         buf = self._workspace
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = self._workspace = torch.empty(max(numel, (5 * numel) // 4), dtype=dtype,
-                                                device=self._device or "cpu")
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < numel:
+            buf = self._workspace = like.new_empty((5 * numel) // 4 + 1)
         return buf[:numel]
 
     # ------------------------------------------------------------------ layer hooks
     def self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor):
         """k, v [L, Hkv, D] of the chunk, cu [S+1] -> keys/values of past + chunk per sample,
         and their boundaries cu_k [S+1]."""
-        self._device = k.device  # where `workspace` allocates
         store = self.sa.setdefault(layer, [None] * self.num_samples)
         bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
         bounds = cu.tolist()

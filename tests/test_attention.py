@@ -391,12 +391,11 @@ def test_decode_path_scores_in_a_reused_workspace():
     q, k, v, cu_q, cu_k = (x.detach() for x in _inputs(DECODE_LAYOUTS["chunk"], D=16))
     k = _head_major(k)
     cache = KVCache(1)
-    cache._device = q.device
     asked = []
 
-    def workspace(numel, dtype):
+    def workspace(numel, like):
         asked.append(numel)
-        return cache.workspace(numel, dtype)
+        return cache.workspace(numel, like)
 
     with torch.no_grad():
         ref = varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
