@@ -103,3 +103,34 @@ def test_empty_and_frozen_inputs():
     (a,), (b,) = _grads(image_kv(attn, norm, x, cos, sin, block.rope_fn), [x]), \
         _grads(_reference(attn, norm, x, cos, sin, block.rope_fn), [x])
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "helium"])
+def test_backward_keeps_only_the_inputs_and_one_scale_per_token(family):
+    """The point of the fusion: autograd keeps x [N, d], r [N] and the rotary tables for
+    the backward, not the normalised tokens or the norm's fp32 copies (docs/benchmarks.md,
+    `layer`: those were more training memory than the keys and values themselves)."""
+    bb, block = _layer(family, torch.float32)
+    attn, norm = block.self_attn, block.input_layernorm
+    N, d = 48, bb.hidden_size  # N differs from every weight dimension
+    x = torch.randn(N, d, requires_grad=True)
+    cos, sin = bb.rope(torch.arange(N), torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    def image_bytes(fn):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        # what scales with the image tokens: tensors with N rows (weights have other shapes)
+        seen = {(t.data_ptr(), t.numel()) for t in saved if t.dim() >= 1 and t.shape[0] == N}
+        return sum(numel for _, numel in seen) * 4
+
+    fused = image_bytes(lambda: image_kv(attn, norm, x, cos, sin, block.rope_fn))
+    plain = image_bytes(lambda: _reference(attn, norm, x, cos, sin, block.rope_fn))
+    D = cos.shape[-1]
+    assert fused <= 4 * (N * d + N + 2 * N * D)  # x, r, cos, sin (Helium: half-width tables, repeated)
+    assert plain >= 2 * fused
