@@ -107,6 +107,7 @@ class _ImageKV(torch.autograd.Function):
             wk = wk[perm]
             bk = None if bk is None else bk[perm]
             cos, sin = cos[:, :h].repeat(1, 2), sin[:, :h].repeat(1, 2)  # pair i uses cos[i] for both
+        rot = "half" if perm is not None else layout  # the layout the keys are rotated in here
         r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square_() / x.shape[-1] + eps)  # [N]
         rc = r.to(x.dtype)[:, None]  # [N, 1]
         w_folded = torch.cat([wk, wv]) * norm_weight.to(wk.dtype)  # [2 Hkv D, d] = W' = W ⊙ w
@@ -114,18 +115,18 @@ class _ImageKV(torch.autograd.Function):
         k_raw, v = y[:, :O_k].view(N, heads, head_dim), y[:, O_k:].view(N, heads, head_dim)  # [N, Hkv, D]
         if cos is not None and bk is None:
             # r is folded into the rotation tables: k = rope(r ⊙ y_k) in one rotation pass
-            k = _rope(k_raw, cos * r[:, None], sin * r[:, None], "half" if perm is not None else layout, False)
+            k = _rope(k_raw, cos * r[:, None], sin * r[:, None], rot, False)
             v = v * rc[:, :, None]  # a tensor of its own: y is freed once both are out
         else:
             y.mul_(rc)
             if bk is not None:
                 y += torch.cat([bk, bv])
-            k = k_raw if cos is None else _rope(k_raw, cos, sin, "half" if perm is not None else layout, False)
+            k = k_raw if cos is None else _rope(k_raw, cos, sin, rot, False)
         if perm is not None:  # [evens | odds] -> interleaved
             k = k.view(N, heads, 2, h).transpose(-1, -2).reshape(N, heads, head_dim)
         ctx.save_for_backward(x, r, norm_weight, wk, wv, cos, sin, perm)
         ctx.has_bias = bk is not None
-        ctx.layout = "half" if perm is not None else layout
+        ctx.layout = rot
         return k, v
 
     @staticmethod
@@ -156,6 +157,7 @@ class _ImageKV(torch.autograd.Function):
             torch.mul(dv.reshape(N, O_v), rc, out=dyr[:, O_k:])
         del dk, dv
         dx = dnw = dwk = dwv = dbk = dbv = None
+        w_cat = torch.cat([wk, wv])  # [2 Hkv D, d]
         if need_wk or need_wv or need_nw:
             # a transposed copy first: mkldnn's matmul with a transposed [N, O] operand was 1.6x slower
             m = dyr.t().contiguous() @ x  # [2 Hkv D, d] = Σ_i r_i dy_i x_iᵀ
@@ -163,11 +165,11 @@ class _ImageKV(torch.autograd.Function):
                 dw = m * norm_weight.to(m.dtype)
                 dwk, dwv = dw[:O_k], dw[O_k:]
             if need_nw:
-                dnw = (m.float() * torch.cat([wk, wv]).float()).sum(0).to(norm_weight.dtype)
+                dnw = (m.float() * w_cat.float()).sum(0).to(norm_weight.dtype)
             del m
         if need_x:
             # with g = dy @ W': dx = r g - r³ mean(g ⊙ x) x = g̃ - r² mean(g̃ ⊙ x) x, g̃ = dyr @ W'
-            g = dyr @ (torch.cat([wk, wv]) * norm_weight.to(wk.dtype))  # [N, d] = g̃
+            g = dyr @ (w_cat * norm_weight.to(wk.dtype))  # [N, d] = g̃
             s = torch.sum(g * x, dim=-1, dtype=torch.float32) / x.shape[-1]  # [N] mean(g̃ ⊙ x)
             dx = g.addcmul_(x, (r.square() * s).to(dtype)[:, None], value=-1)  # in g's storage
         if ctx.has_bias and (need_bk or need_bv):
@@ -190,19 +192,17 @@ def image_kv(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos: torch.Tenso
     N, D = x.shape[0], attn.head_dim
     Hkv = attn.k_proj.out_features // D
     k_norm = getattr(attn, "k_norm", None)  # Qwen3: per-head RMSNorm on keys, before RoPE
-    if type(norm).__name__ not in RMS_NORMS or not hasattr(norm, "variance_epsilon"):
+    layout = rope_layout(rope_fn) if k_norm is None else None
+    if type(norm).__name__ in RMS_NORMS and hasattr(norm, "variance_epsilon"):
+        fold = layout is not None  # RoPE inside the function, else after it (and after k_norm)
+        k, v = _ImageKV.apply(x, norm.weight, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias,
+                              attn.v_proj.bias, cos if fold else None, sin if fold else None, layout,
+                              float(norm.variance_epsilon), Hkv, D)
+        if fold:
+            return k, v
+    else:  # a norm the fold does not know: plain autograd
         n = norm(x)
         k, v = attn.k_proj(n).view(N, Hkv, D), attn.v_proj(n).view(N, Hkv, D)
-        if k_norm is not None:
-            k = k_norm(k)
-        return rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0], v
-    layout = rope_layout(rope_fn) if k_norm is None else None
-    fold_rope = layout is not None
-    k, v = _ImageKV.apply(x, norm.weight, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias,
-                          attn.v_proj.bias, cos if fold_rope else None, sin if fold_rope else None, layout,
-                          float(norm.variance_epsilon), Hkv, D)
-    if not fold_rope:
-        if k_norm is not None:
-            k = k_norm(k)
-        k = rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0]
-    return k, v
+    if k_norm is not None:
+        k = k_norm(k)
+    return rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0], v
