@@ -307,11 +307,12 @@ def test_bad_input_from_the_command_line(run):
 
 # ---------------------------------------------------------------------------------- benchmark
 def test_stream_benchmark_quick(tmp_path):
-    from experiments.benchmarks.stream import STRATEGIES, run
+    from experiments.benchmarks.stream import CONTROL, RUNS, run
 
     out = run(quick=True, out_dir=str(tmp_path))
     assert out["frames"] == 40
-    for s in STRATEGIES:
+    assert [row["strategy"] for row in out["strategies"]][-1] == "text-only LM (control)"
+    for s in RUNS:
         for key in (f"{s}_memory_frame40_vs_frame5", f"{s}_state_bytes_frame40_vs_frame5", f"{s}_time_last10_vs_5to15",
                     f"{s}_kv_tokens_final", f"{s}_kv_tokens_frame5"):
             assert key in out, key
@@ -321,3 +322,11 @@ def test_stream_benchmark_quick(tmp_path):
     per_frame = out["image_tokens_per_frame"]
     assert out["insertion_kv_tokens_final"] == out["casa_plus_kv_tokens_final"] + 40 * per_frame
     assert out["qformer_64_kv_tokens_final"] == out["casa_plus_kv_tokens_final"] + 40 * 64
+    # the control writes CASA's transcript, token for token, and no images
+    assert out[f"{CONTROL}_kv_tokens_final"] == out["casa_plus_kv_tokens_final"]
+    assert out[f"{CONTROL}_kv_tokens_frame5"] == out["casa_plus_kv_tokens_frame5"]
+    for s in RUNS:
+        assert f"{s}_growth_ms" in out and f"{s}_rss_growth_mib" in out
+        if s != CONTROL:
+            growth, ctl = out[f"{s}_growth_ms"], out[f"{CONTROL}_growth_ms"]
+            assert out[f"{s}_growth_beyond_text_lm_ms"] == pytest.approx(growth - ctl)

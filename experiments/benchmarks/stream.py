@@ -15,6 +15,9 @@ differs:
     cross_attention  CA: text-only SA cache; the CA cache holds one frame's image keys
     insertion        every frame's 64 image tokens enter the SA stream and its KV cache
     qformer_64       a Q-Former compresses each frame to 64 queries, then insertion
+    text_lm          control: the same 4-layer LM writing the same transcript (the same
+                     chunks' text tokens, the same 2 decoded tokens per frame) with no image
+                     at all -- what any language model pays for its own growing transcript
 
 Each strategy runs in its own process (same baseline, nothing left over from the previous
 one) with one torch thread (the tiny model's ops are far too small for intra-op threads,
@@ -36,8 +39,14 @@ Ratios returned (names carry the frames they compare; full run = 600 frames, qui
     {s}_time_last{W}_vs_{A}to{B}          mean wall time of the last W frames / of frames A..B
                                           (last 100 vs 10..110; quick: last 10 vs 5..15)
     {s}_kv_tokens_final, {s}_kv_tokens_frame{R}   text (SA) KV cache tokens
+    {s}_growth_ms                         mean ms/frame of the last W frames minus frames A..B
+    {s}_rss_growth_mib                    RSS at the last frame minus at frame R
+    {s}_growth_beyond_text_lm_ms          growth_ms minus the control's (text_lm) growth_ms
 Target (issue 6): CASA's memory at frame 600 within 2% of frame 20, its time over the last
-100 frames within 10% of frames 10-110; insertion's KV cache and time grow.
+100 frames within 10% of frames 10-110; insertion's KV cache and time grow. The control
+measures, in the same run, how much of any growth is the text transcript rather than images:
+CASA⊕ and CA have the control's 4 SA layers, so their growth beyond it is what images cost
+(CASA∨ has 2 SA layers, so the control's growth is about twice its transcript term).
 """
 
 from __future__ import annotations
@@ -59,8 +68,11 @@ STRATEGIES = {
     "insertion": {"class_path": "casa.fusion.Insertion"},
     "qformer_64": {"class_path": "casa.fusion.QFormer", "init_args": {"num_queries": 64, "depth": 2, "heads": 4}},
 }
+CONTROL = "text_lm"
+"""The control run: `insertion` without images is the plain LM (no fusion layer, no vision)."""
 LABELS = {"casa_plus": "CASA⊕", "casa_replace": "CASA∨", "cross_attention": "CA", "insertion": "insertion",
-          "qformer_64": "Q-Former (64) + insertion"}
+          "qformer_64": "Q-Former (64) + insertion", CONTROL: "text-only LM (control)"}
+RUNS = (*STRATEGIES, CONTROL)
 SIZE = 224
 """Frame side (px): 16 x 16 patches -> 64 image tokens per frame."""
 CAPTION_TOKENS = 2
@@ -80,7 +92,7 @@ def build_assistant(strategy: str, size: int, device: str = "cpu"):
     from data.templates import ChatTemplate
 
     config = yaml.safe_load(DEMO_CONFIG.read_text())
-    config["model"]["model"]["init_args"]["fusion"] = STRATEGIES[strategy]
+    config["model"]["model"]["init_args"]["fusion"] = STRATEGIES["insertion" if strategy == CONTROL else strategy]
     torch.manual_seed(0)
     model = build_model(config).eval()
     tok = resolve_tokenizer("char")
@@ -102,7 +114,8 @@ def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int =
     cfg = GenerationConfig(max_new_tokens=tokens, stop_token_ids=())  # exactly `tokens` per frame
     series: dict[str, list] = {"wall_s": [], "cpu_s": [], "rss_bytes": [], "state_bytes": [], "kv_bytes": [], "kv_tokens": [],
                                "window_kv_tokens": [], "delay_s": []}
-    frames_iter = assistant.stream(clip, fps=2.0, config=cfg, wait=False)
+    frames_iter = (text_only_stream(assistant, len(clip), cfg) if strategy == CONTROL
+                   else assistant.stream(clip, fps=2.0, config=cfg, wait=False))
     while True:
         cpu = time.process_time()  # CPU time: robust to other processes sharing the cores
         rec = next(frames_iter, None)
@@ -118,6 +131,35 @@ def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int =
         series["delay_s"].append(rec.delay_s)
     return {"strategy": strategy, "frames": frames, "size": size, "caption_tokens": tokens, "weight_bytes": weights,
             "torch_threads": torch.get_num_threads(), **series}
+
+
+def text_only_stream(assistant, frames: int, cfg, fps: float = 2.0):
+    """The control: `Assistant.stream`'s chunks and decoding with the frames left out.
+
+    Chunk i holds exactly the text tokens of the live-captioning chunk (the previous turn's
+    tail, then the tokens that follow the frame), so the SA layers see the same transcript
+    and the same number of queries per frame; only the image and everything it costs (vision
+    encoder, fusion layers, image keys) is absent. Yields `FrameRecord`s."""
+    from casa.cache import KVCache
+    from casa.generation import generate, text_chunk
+    from casa.inference import CaptionLayout, FrameRecord, memory_bytes
+
+    layout = CaptionLayout.from_template(assistant.template)
+    cache, pending, stop, dev = KVCache(1), list(layout.first_pre), set(cfg.stop_token_ids), assistant.device
+    text_seen, done_at = 0, 0.0
+    for i in range(frames):
+        start = time.perf_counter()
+        chunk = text_chunk([pending + layout.post], device=dev)
+        text_seen += chunk.num_text_tokens
+        out = generate(assistant.model, chunk, cfg, cache=cache)[0]
+        text_seen += len(out) - 1
+        pending = layout.close(out[-1], out[-1] in stop) + layout.pre
+        wall = time.perf_counter() - start
+        arrival = i / fps
+        done_at = max(arrival, done_at) + wall
+        yield FrameRecord(i, arrival, assistant.decode(out), len(out), out[-1] in stop, wall, done_at - arrival,
+                          cache.text_kv_tokens(), text_seen, 0, cache.window_kv_tokens(), cache.nbytes(),
+                          memory_bytes(dev))
 
 
 def run_isolated(strategy: str, frames: int, size: int, tokens: int, device: str = "cpu") -> dict[str, Any]:
@@ -158,6 +200,13 @@ def summarize(results: dict[str, dict], frames: int) -> dict[str, Any]:
         out[f"{s}_ms_per_frame_{w['a']}to{w['b']}"] = 1000 * statistics.mean(r["wall_s"][w["a"] - 1:w["b"]])
         out[f"{s}_ms_per_frame_last{w['last']}"] = 1000 * statistics.mean(r["wall_s"][-w["last"]:])
         out[f"{s}_final_delay_s_at_2fps"] = r["delay_s"][n]
+        out[f"{s}_growth_ms"] = out[f"{s}_ms_per_frame_last{w['last']}"] - out[f"{s}_ms_per_frame_{w['a']}to{w['b']}"]
+        out[f"{s}_rss_growth_mib"] = (r["rss_bytes"][n] - r["rss_bytes"][ref]) / 2 ** 20
+    if CONTROL in results:
+        for s in results:
+            if s != CONTROL:
+                out[f"{s}_growth_beyond_text_lm_ms"] = out[f"{s}_growth_ms"] - out[f"{CONTROL}_growth_ms"]
+                out[f"{s}_rss_growth_beyond_text_lm_mib"] = out[f"{s}_rss_growth_mib"] - out[f"{CONTROL}_rss_growth_mib"]
     return out
 
 
@@ -166,7 +215,7 @@ def table_rows(summary: dict[str, Any], frames: int) -> list[dict[str, Any]]:
     w = windows(frames)
     t = f"last{w['last']}_vs_{w['a']}to{w['b']}"
     rows = []
-    for s in STRATEGIES:
+    for s in RUNS:
         if f"{s}_kv_tokens_final" not in summary:
             continue
         rows.append({"strategy": LABELS[s], f"kv tokens @{w['ref']}": summary[f"{s}_kv_tokens_frame{w['ref']}"],
@@ -175,7 +224,9 @@ def table_rows(summary: dict[str, Any], frames: int) -> list[dict[str, Any]]:
                      f"ms/frame {w['a']}-{w['b']}": round(summary[f"{s}_ms_per_frame_{w['a']}to{w['b']}"], 1),
                      f"ms/frame last {w['last']}": round(summary[f"{s}_ms_per_frame_last{w['last']}"], 1),
                      f"time {t}": round(summary[f"{s}_time_{t}"], 3),
-                     f"CPU time {t}": round(summary[f"{s}_cpu_time_{t}"], 3)})
+                     f"CPU time {t}": round(summary[f"{s}_cpu_time_{t}"], 3),
+                     "ms/frame growth": round(summary[f"{s}_growth_ms"], 2),
+                     "RSS growth (MiB)": round(summary[f"{s}_rss_growth_mib"], 2)})
     return rows
 
 
@@ -220,7 +271,7 @@ def run_in_process(strategy: str, frames: int, size: int, tokens: int, device: s
 
 
 def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = None, size: int = SIZE,
-        tokens: int = CAPTION_TOKENS, strategies: tuple[str, ...] = tuple(STRATEGIES),
+        tokens: int = CAPTION_TOKENS, strategies: tuple[str, ...] = RUNS,
         isolate: bool | None = None, device: str = "cpu") -> dict[str, Any]:
     """Figs. 5-6: every strategy streamed over `frames` frames (600; quick: 40) -> summary dict.
 
@@ -229,9 +280,9 @@ def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = Non
     from experiments.benchmarks import measure
 
     frames = frames or (40 if quick else 600)
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if s not in RUNS]
     if unknown or frames < 20:
-        raise ValueError(f"strategies {unknown} not in {list(STRATEGIES)}, or frames={frames} < 20")
+        raise ValueError(f"strategies {unknown} not in {list(RUNS)}, or frames={frames} < 20")
     isolate = not quick if isolate is None else isolate
     start = time.perf_counter()
     measure_one = run_isolated if isolate else run_in_process
@@ -250,7 +301,7 @@ def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = Non
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", choices=list(STRATEGIES), help="internal: measure one strategy, print JSON")
+    p.add_argument("--worker", choices=list(RUNS), help="internal: measure one strategy, print JSON")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--size", type=int, default=SIZE)
     p.add_argument("--tokens", type=int, default=CAPTION_TOKENS)
