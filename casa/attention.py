@@ -35,6 +35,10 @@ Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
     flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
     flash  `flash_attn_varlen_func` (CUDA with the flash-attn package)
 `masked_key` (paper Table 8 "-self"/"-rnd" inference masks) is supported by dense and eager.
+
+Keys and values may also come as *segmented* sequences, one tensor [Lk_w, Hkv, D] per
+segment (`casa.cache` passes each cached sample's buffer this way): `sdpa` and `eager` read
+them in place, the whole-stream backends (dense, flex, flash) concatenate them first.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -157,14 +161,37 @@ def _segments(cu_q: torch.Tensor, cu_k: torch.Tensor, Tq: int, Tk: int) -> list[
     return [(bq[w], bq[w + 1], bk[w], bk[w + 1]) for w in range(len(bq) - 1)]
 
 
-def _split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: list[tuple[int, int, int, int]]):
+Keys = torch.Tensor | Sequence[torch.Tensor]
+"""[Tk, Hkv, D], or one [Lk_w, Hkv, D] per segment (segmented: no concatenation needed)."""
+
+
+def _split(q: torch.Tensor, k: Keys, v: Keys, segs: list[tuple[int, int, int, int]]):
     """Per-segment views of q, k, v via `torch.split`, whose backward is one concatenation.
     Slicing each segment instead (`q[q0:q1]`) gives every segment's backward a zero-filled
     gradient of the whole tensor: O(W * T) time, 9x the ideal at 64 windows
-    (docs/benchmarks.md, `attention`)."""
+    (docs/benchmarks.md, `attention`). Segmented keys are already per segment."""
     lq = [q1 - q0 for q0, q1, _, _ in segs]
+    if not isinstance(k, torch.Tensor):
+        return q.split(lq), k, v
     lk = [k1 - k0 for _, _, k0, k1 in segs]
     return q.split(lq), k.split(lk), v.split(lk)
+
+
+def _num_keys(k: Keys) -> int:
+    return k.shape[0] if isinstance(k, torch.Tensor) else sum(x.shape[0] for x in k)
+
+
+def _check_segmented(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], cu_k: torch.Tensor) -> None:
+    """Segmented keys/values: one [Lk_w, Hkv, D] per segment, lengths as cu_k says."""
+    lens = (cu_k[1:] - cu_k[:-1]).tolist()
+    if len(k) != len(lens) or len(v) != len(lens) or not lens:
+        raise ValueError(f"segmented keys/values need one tensor per segment: {len(lens)} segments (cu_seqlens_k), "
+                         f"got {len(k)} keys and {len(v)} values")
+    first = k[0]
+    for w, (kw, vw, n) in enumerate(zip(k, v, lens)):
+        if kw.dim() != 3 or kw.shape != vw.shape or kw.shape[0] != n or kw.shape[1:] != first.shape[1:]:
+            raise ValueError(f"segment {w}: keys {tuple(kw.shape)} and values {tuple(vw.shape)} must both be "
+                             f"[{n}, {first.shape[1]}, {first.shape[2]}] (cu_seqlens_k and segment 0)")
 
 
 # ---------------------------------------------------------------------- backends
@@ -226,20 +253,20 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad, workspace=None):
     Inputs get a batch dim of 1: with 3-D inputs PyTorch's CPU dispatcher falls back to the
     math path, which materialises the [H, Lq, Lk] scores (docs/benchmarks.md, `attention`).
     Without gradients (`grad` False), short query segments go to `_decode_segment`."""
-    Tq, H, _ = q.shape
-    gqa = k.shape[1] != H  # SDPA broadcasts kv heads itself, no repeat_interleave copy
+    Tq, H, D = q.shape
+    gqa = (k if isinstance(k, torch.Tensor) else k[0]).shape[1] != H  # SDPA broadcasts kv heads itself
     outs = []
-    segs = _segments(cu_q, cu_k, Tq, k.shape[0])
+    segs = _segments(cu_q, cu_k, Tq, _num_keys(k))
     for (q0, q1, k0, k1), qw, kw, vw in zip(segs, *_split(q, k, v, segs)):
         lq, lk = q1 - q0, k1 - k0
         if lq == 0:
             continue
         if lk == 0:  # SDPA would return NaN rows
-            outs.append(q.new_zeros(lq, H, v.shape[-1]))
+            outs.append(q.new_zeros(lq, H, D))
             continue
-        # only on keys stored head-major (the SA cache's own buffers, `casa.cache`): on
-        # token-major keys (several samples' caches concatenated, CASA window caches) the
-        # permuted matmul is slower than SDPA at D = 128 (layer suite: generation 1.6-1.7x)
+        # only on keys stored head-major (a one-sample cache's buffers, `casa.cache`): on
+        # token-major keys (a cache of several samples, a training stream) the permuted
+        # matmul is slower than SDPA at D = 128 (layer suite: generation 1.6-1.7x)
         if not grad and lq <= DECODE_MAX_QUERIES and lk >= lq and kw.stride(0) == 1:
             outs.append(_decode_segment(qw, kw, vw, causal, scale, workspace))
             continue
@@ -258,14 +285,14 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad, workspace=None):
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_segment_mask(lq, lk, q.device), scale=scale,
                                                enable_gqa=gqa)
         outs.append(o[0].transpose(0, 1))  # [lq, H, D]
-    return torch.cat(outs) if outs else q.new_zeros(Tq, H, v.shape[-1])
+    return torch.cat(outs) if outs else q.new_zeros(Tq, H, D)
 
 
 def _eager(q, k, v, cu_q, cu_k, causal, scale, masked_key, return_probs):
     """Explicit per-segment softmax; probs [H, Lq_w, Lk_w] per segment when asked."""
-    Tq, H, _ = q.shape
+    Tq, H, D = q.shape
     outs, probs = [], []
-    segs = _segments(cu_q, cu_k, Tq, k.shape[0])
+    segs = _segments(cu_q, cu_k, Tq, _num_keys(k))
     for (q0, q1, k0, k1), qw, kw, vw in zip(segs, *_split(q, k, v, segs)):
         lq, lk = q1 - q0, k1 - k0
         s = torch.einsum("qhd,khd->hqk", qw, _expand_kv(kw, H)) * scale  # [H, lq, lk]
@@ -277,10 +304,10 @@ def _eager(q, k, v, cu_q, cu_k, causal, scale, masked_key, return_probs):
             mk = masked_key[q0:q1]
             rows = ((mk >= k0) & (mk < k1)).nonzero().squeeze(-1)
             mask[rows, mk[rows] - k0] = False
-        p = _masked_softmax(s, mask).to(v.dtype)  # [H, lq, lk]
+        p = _masked_softmax(s, mask).to(vw.dtype)  # [H, lq, lk]
         outs.append(torch.einsum("hqk,khd->qhd", p, _expand_kv(vw, H)))  # [lq, H, D]
         probs.append(p)
-    out = torch.cat(outs) if outs else q.new_zeros(Tq, H, v.shape[-1])
+    out = torch.cat(outs) if outs else q.new_zeros(Tq, H, D)
     return (out, probs) if return_probs else out
 
 
@@ -338,7 +365,7 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale):
               dropout_p=0.0, softmax_scale=scale, causal=causal)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, causal: bool, backend: str = "sdpa", *, scale: float | None = None,
                      masked_key: torch.Tensor | None = None, return_probs: bool = False,
                      workspace: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
@@ -346,6 +373,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_seqlens_q / cu_seqlens_k [W+1] int32
         -> out [Tq, H, D]                                       (return_probs=False)
+    k, v may instead be segmented: W tensors [Lk_w, Hkv, D] (module docstring).
         -> (out [Tq, H, D], probs: list of W [H, Lq_w, Lk_w])    (return_probs=True, eager only)
     scale: softmax scale, default D ** -0.5.
     masked_key [Tq] int64: one key (global index into k) hidden from each query, -1 = none
@@ -355,16 +383,22 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         that the caller keeps between calls (`casa.cache.KVCache.workspace`); the `sdpa` decoding path
         computes its scores there. Contents are overwritten; results never alias it.
     """
-    if q.dim() != 3 or k.dim() != 3 or v.shape[:2] != k.shape[:2]:
-        raise ValueError(f"expected q [Tq, H, D], k and v [Tk, Hkv, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) "
-                         f"and head dims must match (q {q.shape[2]}, k {k.shape[2]})")
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
                          f"must both be [W+1]")
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not isinstance(k, torch.Tensor):
+        _check_segmented(k, v, cu_seqlens_k)
+        if backend not in ("sdpa", "eager"):  # whole-stream kernels take one key tensor
+            k, v = torch.cat(list(k)), torch.cat(list(v))
+    k0, v0 = (k, v) if isinstance(k, torch.Tensor) else (k[0], v[0])
+    if q.dim() != 3 or k0.dim() != 3 or v0.shape[:2] != k0.shape[:2]:
+        raise ValueError(f"expected q [Tq, H, D], k and v [Tk, Hkv, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k0.shape)}, v {tuple(v0.shape)}")
+    if q.shape[1] % k0.shape[1] or q.shape[2] != k0.shape[2] or v0.shape[2] != k0.shape[2]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k0.shape[1]}) "
+                         f"and head dims must match (q {q.shape[2]}, k {k0.shape[2]}, v {v0.shape[2]})")
+    kv = [k, v] if isinstance(k, torch.Tensor) else [*k, *v]
+    grad = torch.is_grad_enabled() and (q.requires_grad or any(x.requires_grad for x in kv))
     check_backend(backend, q.device, grad)
     if masked_key is not None:
         if backend not in ("dense", "eager"):

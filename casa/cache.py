@@ -30,20 +30,26 @@ class KVCache:
         self.sa: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.win: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.offset = torch.zeros(num_samples, dtype=torch.long)
-        # SA entries are views of growing buffers: appending a token copies that token only
-        # (a torch.cat of the whole past per token made streaming O(L^2) in memcpy); their
-        # storage is head-major with keys transposed for one sample, see `_append`
+        # SA and CASA window entries are views of growing buffers: appending a token copies
+        # that token only (a torch.cat of the whole past per token made streaming O(L^2) in
+        # memcpy); one sample's storage is head-major with keys transposed, see `_append`
         self._sa_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self._win_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._workspace: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     def keep(self, indices: list[int]) -> None:
         """Keep only these samples (in this order), e.g. drop the ones that finished."""
-        for store in (self.sa, self.win, self._sa_buf):
+        for store in (self.sa, self.win, self._sa_buf, self._win_buf):
             for layer, per_sample in store.items():
                 store[layer] = [per_sample[i] for i in indices]
         self.offset = self.offset[indices]
         self.num_samples = len(indices)
+
+    @property
+    def head_major(self) -> bool:
+        """Layout of the buffers allocated from now on (`_append`): head-major for one sample."""
+        return self.num_samples == 1
 
     def text_kv_tokens(self) -> int:
         """Tokens held by the first SA layer's cache, summed over samples (the 'text KV
@@ -82,12 +88,13 @@ class KVCache:
 
     # ------------------------------------------------------------------ layer hooks
     def self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor):
-        """k, v [L, Hkv, D] of the chunk, cu [S+1] -> keys/values of past + chunk per sample,
-        and their boundaries cu_k [S+1]."""
+        """k, v [L, Hkv, D] of the chunk, cu [S+1] -> keys/values of past + chunk per sample
+        (segmented: one [n_s, Hkv, D] view of each sample's buffer, `casa.attention`) and
+        their boundaries cu_k [S+1]."""
         store = self.sa.setdefault(layer, [None] * self.num_samples)
         bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
         bounds = cu.tolist()
-        ks, vs, lens = [], [], [0]
+        lens = [0]
         for s in range(len(bounds) - 1):
             k_new, v_new = k[bounds[s]:bounds[s + 1]], v[bounds[s]:bounds[s + 1]]
             if torch.is_grad_enabled():  # in-place buffer writes would break autograd
@@ -95,33 +102,32 @@ class KVCache:
                     k_new, v_new = torch.cat([store[s][0], k_new]), torch.cat([store[s][1], v_new])
                 store[s], bufs[s] = (k_new, v_new), None
             else:
-                store[s] = self._append(bufs, s, store[s], k_new, v_new, head_major=self.num_samples == 1)
-            ks.append(store[s][0])
-            vs.append(store[s][1])
+                store[s] = self._append(bufs, s, store[s], k_new, v_new, self.head_major)
             lens.append(lens[-1] + store[s][0].shape[0])
-        if len(ks) == 1:  # one sample (streaming): its cache views, no copy
-            return ks[0], vs[0], torch.tensor(lens, dtype=torch.int32, device=k.device)
-        return torch.cat(ks), torch.cat(vs), torch.tensor(lens, dtype=torch.int32, device=k.device)
+        cu_k = torch.tensor(lens, dtype=torch.int32, device=k.device)
+        return [e[0] for e in store], [e[1] for e in store], cu_k
 
     @staticmethod
     def _append(bufs: list, s: int, past: tuple[torch.Tensor, torch.Tensor] | None, k_new: torch.Tensor,
-                v_new: torch.Tensor, head_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v_new [m, Hkv, D] after sample s's n cached rows -> views [n + m, Hkv, D].
-        The buffer grows by 25% (at least 256 rows) when full: amortised O(m) per append,
-        at most a quarter of the cache unused.
+                v_new: torch.Tensor, head_major: bool, extra: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v_new [m, Hkv, D] after the n rows of `past` (views of bufs[s], or None: a
+        fresh buffer) -> views [n + m, Hkv, D]. A fresh buffer has `extra` spare rows; a full
+        one grows by 25% (at least `extra` rows): amortised O(m) per append, at most a quarter
+        of the cache unused.
 
-        With `head_major` (a one-sample cache: live captioning, chat) storage is head-major with
-        keys transposed, k [Hkv, D, cap] and v [Hkv, cap, D], held as [cap, Hkv, D] views: a
-        decoding step's q @ k^T and p @ v (`casa.attention._decode_segment`) then read each
-        head's keys and values as one contiguous block, in the layout the matmul wants, with
-        no copy (token-major keys made q @ k^T 1.6-3x slower at 3.3k keys: docs/benchmarks.md,
-        `stream`). Several samples' caches are concatenated at every step instead
-        (`self_attention`), a plain memcpy from token-major storage but a transposing copy
-        from head-major (1.3x slower batched generation in the `layer` suite): token-major."""
+        Attention gets each sample's views as they are (segmented keys), so nothing
+        concatenates them. With `head_major` (`KVCache.head_major`: one sample, live
+        captioning and chat) storage is head-major with keys transposed, k [Hkv, D, cap] and
+        v [Hkv, cap, D], held as [cap, Hkv, D] views: a decoding step's q @ k^T and p @ v
+        (`casa.attention._decode_segment`) then read each head's keys and values as one
+        contiguous block, in the layout the matmul wants, with no copy (token-major keys made
+        q @ k^T 1.6-3x slower at 3.3k keys: docs/benchmarks.md, `stream`). Otherwise it is
+        token-major [cap, Hkv, D] and decoding runs SDPA's kernel, ~5% faster for the `layer`
+        suite's 10 samples at D = 128 (and no transposing copy of each window's image keys)."""
         n, m = (0 if past is None else past[0].shape[0]), k_new.shape[0]
-        buf = bufs[s]
-        if buf is None or buf[0].shape[0] < n + m or (past is not None and past[0].data_ptr() != buf[0].data_ptr()):
-            cap = max(n + m + 256, (5 * (n + m)) // 4)
+        buf = None if past is None else bufs[s]
+        if buf is None or buf[0].shape[0] < n + m or past[0].data_ptr() != buf[0].data_ptr():
+            cap = n + m + extra if past is None else max(n + m + extra, (5 * (n + m)) // 4)
             Hkv, D = k_new.shape[1:]
             if head_major:
                 k_buf = k_new.new_empty(Hkv, D, cap).permute(2, 0, 1)  # [Hkv, D, cap] -> view [cap, Hkv, D]
@@ -137,12 +143,16 @@ class KVCache:
 
     def window(self, layer: int, kind: str, k_img: torch.Tensor, v_img: torch.Tensor, k_txt: torch.Tensor,
                v_txt: torch.Tensor, index):
-        """Keys/values for the chunk's windows -> (k, v, cu_k [W+1]).
+        """Keys/values for the chunk's windows -> (k, v, cu_k [W+1]), segmented (one
+        [Lk_w, Hkv, D] per window, `casa.attention`).
 
         A chunk window that has no image continues the sample's cached window (a chunk of
-        new text tokens); one with images opens a new window."""
+        new text tokens); one with images opens a new window. CASA windows live in buffers
+        like the SA cache's ([image_w | text_w] rows, `_append`): a decoded token writes its
+        own key, not a copy of the window; CA windows are the image keys as computed."""
         cu_t, cu_i = index.cu_q.tolist(), index.window_cu_image.tolist()
         store = self.win.setdefault(layer, [None] * self.num_samples)
+        bufs = self._win_buf.setdefault(layer, [None] * self.num_samples)
         sample_cu = self._sample_cu
         # the first window of each sample in the chunk: windows start at text indices
         first_window = {}
@@ -152,25 +162,28 @@ class KVCache:
                 w += 1
             first_window[w] = s
         ks, vs, lens = [], [], [0]
-        last_of_sample: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        grad = torch.is_grad_enabled()
         for w in range(len(cu_t) - 1):
             img_k, img_v = k_img[cu_i[w]:cu_i[w + 1]], v_img[cu_i[w]:cu_i[w + 1]]
             txt_k, txt_v = k_txt[cu_t[w]:cu_t[w + 1]], v_txt[cu_t[w]:cu_t[w + 1]]
             s = self._sample_of_window(w, cu_t, sample_cu)
-            new_keys = (torch.cat([img_k, txt_k]), torch.cat([img_v, txt_v])) if kind == "casa" else (img_k, img_v)
-            if w in first_window and cu_i[w] == cu_i[w + 1] and store[s] is not None:
-                past_k, past_v = store[s]
-                if kind == "casa":
-                    new_keys = (torch.cat([past_k, txt_k]), torch.cat([past_v, txt_v]))
-                else:
-                    new_keys = (past_k, past_v)
-            ks.append(new_keys[0])
-            vs.append(new_keys[1])
-            lens.append(lens[-1] + new_keys[0].shape[0])
-            last_of_sample[s] = new_keys
-        for s, kv in last_of_sample.items():
-            store[s] = kv
-        return torch.cat(ks), torch.cat(vs), torch.tensor(lens, dtype=torch.int32, device=k_txt.device)
+            continues = w in first_window and cu_i[w] == cu_i[w + 1] and store[s] is not None
+            if kind != "casa":
+                keys = store[s] if continues else (img_k, img_v)
+            elif grad:  # in-place buffer writes would break autograd
+                past = store[s] if continues else (img_k, img_v)
+                keys = torch.cat([past[0], txt_k]), torch.cat([past[1], txt_v])
+            elif continues:
+                keys = self._append(bufs, s, store[s], txt_k, txt_v, self.head_major, extra=64)
+            else:
+                # a fresh buffer: this chunk may still read the old window (its continuation)
+                keys = self._append(bufs, s, None, img_k, img_v, self.head_major, extra=txt_k.shape[0] + 64)
+                keys = self._append(bufs, s, keys, txt_k, txt_v, self.head_major, extra=64)
+            ks.append(keys[0])
+            vs.append(keys[1])
+            lens.append(lens[-1] + keys[0].shape[0])
+            store[s] = keys  # a sample's last window of the chunk is the one that stays open
+        return ks, vs, torch.tensor(lens, dtype=torch.int32, device=k_txt.device)
 
     @staticmethod
     def _sample_of_window(w: int, cu_t: list[int], sample_cu: list[int]) -> int:

@@ -191,6 +191,10 @@ def image_kv(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos: torch.Tenso
     otherwise (same values)."""
     N, D = x.shape[0], attn.head_dim
     Hkv = attn.k_proj.out_features // D
+    if N == 0 and not torch.is_grad_enabled():
+        # a decoding step has no image: folding the norm into [W_k; W_v] would cost more than
+        # the step's own projections (training keeps the graph, and the weights' zero grads)
+        return x.new_empty(0, Hkv, D), x.new_empty(0, Hkv, D)
     k_norm = getattr(attn, "k_norm", None)  # Qwen3: per-head RMSNorm on keys, before RoPE
     layout = rope_layout(rope_fn) if k_norm is None else None
     if type(norm).__name__ in RMS_NORMS and hasattr(norm, "variance_epsilon"):

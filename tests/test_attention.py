@@ -405,3 +405,51 @@ def test_decode_path_scores_in_a_reused_workspace():
     assert len(asked) == 6 and cache._workspace.numel() >= max(asked)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     assert torch.equal(out, kept)
+
+
+# ---------------------------------------------------------------------- segmented keys
+@pytest.mark.parametrize("backend,grad", [(b, False) for b in ["dense", *RUNNABLE]] +
+                         [(b, True) for b in ["dense", "sdpa", "eager"]])  # flex: no CPU backward
+@pytest.mark.parametrize("layout", ["uneven", "no_keys", "more_queries"])
+def test_segmented_keys_equal_concatenated(backend, layout, grad, flash_stand_in):
+    """Keys/values given per segment (a cache's per-sample buffers, `casa.cache`) give what
+    the concatenated tensors give, gradients included, on every backend."""
+    q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout])
+    lens = (cu_k[1:] - cu_k[:-1]).tolist()
+    with torch.set_grad_enabled(grad):
+        ref = varlen_attention(q, k, v, cu_q, cu_k, True, backend)
+        got = varlen_attention(q, k.split(lens), v.split(lens), cu_q, cu_k, True, backend)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    if grad:
+        g = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, (q, k, v), g)
+        torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), g), want, atol=1e-6, rtol=1e-6)
+
+
+def test_segmented_keys_are_read_in_place_by_the_decoding_path(monkeypatch):
+    """No concatenation of the segments on the `sdpa` decoding path: each goes to its own
+    `_decode_segment` call as the very tensor the caller passed."""
+    q, k, v, cu_q, cu_k = (x.detach() for x in _inputs(DECODE_LAYOUTS["one_token"]))
+    lens = (cu_k[1:] - cu_k[:-1]).tolist()
+    from casa.cache import KVCache
+
+    bufs = [None] * len(lens)  # one buffer per segment, as a one-sample-per-segment cache holds them
+    ks, vs = zip(*(KVCache._append(bufs, w, None, kw, vw, head_major=True)
+                   for w, (kw, vw) in enumerate(zip(k.split(lens), v.split(lens)))))
+    seen = []
+    decode = attention._decode_segment
+    monkeypatch.setattr(attention, "_decode_segment", lambda q, k, v, *a: seen.append((k, v)) or decode(q, k, v, *a))
+    with torch.no_grad():
+        out = varlen_attention(q, ks, vs, cu_q, cu_k, True, "sdpa")
+    assert [(a.data_ptr(), b.data_ptr()) for a, b in seen] == [(a.data_ptr(), b.data_ptr()) for a, b in zip(ks, vs)]
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu_q, cu_k, True, "dense"), atol=1e-5, rtol=1e-5)
+
+
+def test_segmented_keys_that_disagree_with_cu_seqlens_are_refused():
+    q, k, v, cu_q, cu_k = (x.detach() for x in _inputs(LAYOUTS["uneven"]))
+    lens = (cu_k[1:] - cu_k[:-1]).tolist()
+    with pytest.raises(ValueError, match="one tensor per segment: 3 segments"):
+        varlen_attention(q, k.split(lens)[:2], v.split(lens)[:2], cu_q, cu_k, True, "sdpa")
+    wrong = [k[:3], k[3:8], k[8:]]  # 3, 5, 8 keys where cu_seqlens_k says 7, 4, 9
+    with pytest.raises(ValueError, match=r"segment 0: keys \(3, 2, 8\).*must both be \[7, 2, 8\]"):
+        varlen_attention(q, wrong, [v[:3], v[3:8], v[8:]], cu_q, cu_k, True, "sdpa")

@@ -119,3 +119,65 @@ def test_append_tokens_matches_a_rebuilt_batch():
     assert grown.input_ids.tolist()[5:7] == [7, 8] and grown.input_ids.tolist()[-1] == 9
     assert grown.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
     grown.validate()
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("samples", [1, 2])
+def test_a_chunk_that_closes_a_window_and_opens_the_next(name, samples):
+    """Live captioning's chunk (`casa.inference.frame_chunk`): the last tokens of the open
+    window, then a frame opening a new one, then text. The cache extends the old window
+    while it opens the new one in the same forward, so the new window's buffer must not be
+    the old one's; logits equal one full forward (one sample: head-major buffers; two:
+    token-major, `KVCache._append`)."""
+    model = tiny_model(STRATEGIES[name]()).eval()
+    _gates(model)
+    full = random_packed_batch([SPEC] * samples, seed=9)
+    cu = full.sample_cu_seqlens.tolist()
+    ids = [full.input_ids[cu[s]:cu[s + 1]].tolist() for s in range(samples)]
+    pix = full.pixel_values.view(samples, 2, 8, -1)  # [S, image A|B, 8 patches, patch_dim]
+
+    def chunk(spec, lo, hi, image):  # tokens lo..hi-1 of every sample, image A/B of each
+        b = random_packed_batch([spec] * samples, seed=0)
+        b.input_ids = torch.tensor([t for s in range(samples) for t in ids[s][lo:hi]])
+        b.pixel_values = pix[:, image].reshape(samples * 8, -1).clone()
+        return b
+
+    with torch.no_grad():
+        ref = model(full).logits.view(samples, 15, -1)  # [S, 15, V]
+        cache = KVCache(samples)
+        got = [model.backbone.head(model.hidden_states(chunk([("text", 5), ("image", (2, 4)), ("text", 2)], 0, 7, 0),
+                                                       cache=cache)).view(samples, 7, -1)]
+        for p in (7, 8):
+            step = text_chunk([[ids[s][p]] for s in range(samples)])
+            got.append(model.backbone.head(model.hidden_states(step, cache=cache)).view(samples, 1, -1))
+        # [text 9..10 (closes A's window) | image B | text 11..12 (opens B's)]
+        both = chunk([("text", 2), ("image", (4, 2)), ("text", 2)], 9, 13, 1)
+        got.append(model.backbone.head(model.hidden_states(both, cache=cache)).view(samples, 4, -1))
+        for p in (13, 14):
+            step = text_chunk([[ids[s][p]] for s in range(samples)])
+            got.append(model.backbone.head(model.hidden_states(step, cache=cache)).view(samples, 1, -1))
+    torch.testing.assert_close(torch.cat(got, dim=1), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_decoded_tokens_extend_the_casa_window_in_place(samples):
+    """A decoding step writes its key into the open window's buffer; only an image opens a
+    new buffer (the old per-token concatenation copied the whole window every step)."""
+    model = tiny_model(CASA("plus")).eval()
+    cache = KVCache(samples)
+    g = torch.Generator().manual_seed(0)
+    layer = None
+    ptrs = []
+    with torch.no_grad():
+        for frame in range(2):
+            pix = torch.randn(16 * samples, 3 * 2 * 14 * 14, generator=g)
+            opening = random_packed_batch([[("image", (4, 4)), ("text", 2)]] * samples, seed=frame)
+            opening.pixel_values = pix
+            model.hidden_states(opening, cache=cache)
+            layer = min(cache.win) if layer is None else layer
+            for t in range(3):
+                model.hidden_states(text_chunk([[5 + t]] * samples), cache=cache)
+                ptrs.append([e[0].data_ptr() for e in cache.win[layer]])
+            assert cache.window_kv_tokens() == samples * (4 + 2 + 3)
+    assert ptrs[0] == ptrs[1] == ptrs[2] and ptrs[3] == ptrs[4] == ptrs[5]
+    assert all(a != b for a, b in zip(ptrs[2], ptrs[3]))  # the second frame opened new buffers

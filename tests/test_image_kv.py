@@ -95,6 +95,14 @@ def test_empty_and_frozen_inputs():
     cos, sin = bb.rope(torch.arange(0), torch.float32)
     k, v = image_kv(attn, norm, torch.zeros(0, bb.hidden_size), cos, sin, block.rope_fn)
     assert k.shape == (0, 2, 16) and v.shape == (0, 2, 16)
+    # a decoding step (no grad, no image) builds no folded weights: no op touches W_k / W_v
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        k, v = image_kv(attn, norm, torch.zeros(0, bb.hidden_size), cos, sin, block.rope_fn)
+    assert k.shape == (0, 2, 16) and v.shape == (0, 2, 16)
+    w = list(attn.k_proj.weight.shape)
+    assert not [e.name for e in prof.events() if any(shape == w for shape in e.input_shapes)]
     # frozen everything but the input: only dx is computed, and it matches
     for p in block.parameters():
         p.requires_grad_(False)
