@@ -91,6 +91,10 @@ def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, in
     return out
 
 
+ROW_BLOCK = 1024
+"""Rows per block of the backward's one row-wise reduction over [N, d] (`_ImageKV.backward`)."""
+
+
 class _ImageKV(torch.autograd.Function):
     """(x, w, W_k, W_v, b_k, b_v, cos, sin, rope layout, eps, heads, head_dim) -> k, v [N, Hkv, D];
     cos = None: no RoPE (it is applied outside, e.g. after Qwen3's k_norm)."""
@@ -157,7 +161,9 @@ class _ImageKV(torch.autograd.Function):
             torch.mul(dv.reshape(N, O_v), rc, out=dyr[:, O_k:])
         del dk, dv
         dx = dnw = dwk = dwv = dbk = dbv = None
-        w_cat = torch.cat([wk, wv])  # [2 Hkv D, d]
+        # [W_k; W_v] is built once, after the transposed copy of dyr below, and freed (with dyr)
+        # before the g ⊙ x temporary: alive across either, it sat on the backward's memory peak
+        w_cat = None  # [2 Hkv D, d]
         if need_wk or need_wv or need_nw:
             # a transposed copy first: mkldnn's matmul with a transposed [N, O] operand was 1.6x slower
             m = dyr.t().contiguous() @ x  # [2 Hkv D, d] = Σ_i r_i dy_i x_iᵀ
@@ -165,16 +171,23 @@ class _ImageKV(torch.autograd.Function):
                 dw = m * norm_weight.to(m.dtype)
                 dwk, dwv = dw[:O_k], dw[O_k:]
             if need_nw:
+                w_cat = torch.cat([wk, wv])
                 dnw = (m.float() * w_cat.float()).sum(0).to(norm_weight.dtype)
             del m
-        if need_x:
-            # with g = dy @ W': dx = r g - r³ mean(g ⊙ x) x = g̃ - r² mean(g̃ ⊙ x) x, g̃ = dyr @ W'
-            g = dyr @ (w_cat * norm_weight.to(wk.dtype))  # [N, d] = g̃
-            s = torch.sum(g * x, dim=-1, dtype=torch.float32) / x.shape[-1]  # [N] mean(g̃ ⊙ x)
-            dx = g.addcmul_(x, (r.square() * s).to(dtype)[:, None], value=-1)  # in g's storage
         if ctx.has_bias and (need_bk or need_bv):
             db = (dyr.float() / r[:, None]).sum(0).to(dtype)  # Σ dy: the bias is added after the scaling
             dbk, dbv = db[:O_k], db[O_k:]
+        if need_x:
+            # with g = dy @ W': dx = r g - r³ mean(g ⊙ x) x = g̃ - r² mean(g̃ ⊙ x) x, g̃ = dyr @ W'
+            w_cat = torch.cat([wk, wv]) if w_cat is None else w_cat
+            g = dyr @ w_cat.mul_(norm_weight.to(wk.dtype))  # [N, d] = g̃ (W' folded in place)
+            del w_cat, dyr  # freed before the [N, d] temporary of the next line, the backward's peak
+            s = torch.empty(N, dtype=torch.float32, device=x.device)  # [N] mean(g̃ ⊙ x)
+            B = ROW_BLOCK  # in row blocks: g ⊙ x whole would be another [N, d] on the peak
+            for i in range(0, N, B):
+                torch.sum(g[i:i + B] * x[i:i + B], dim=-1, dtype=torch.float32, out=s[i:i + B])
+            s /= x.shape[-1]
+            dx = g.addcmul_(x, (r.square() * s).to(dtype)[:, None], value=-1)  # in g's storage
         if perm is not None:  # gradients of the permuted rows back to W_k's own order
             inv = torch.argsort(perm)
             dwk = None if dwk is None else dwk[inv]
