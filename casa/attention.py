@@ -373,8 +373,8 @@ def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tens
 
     q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_seqlens_q / cu_seqlens_k [W+1] int32
         -> out [Tq, H, D]                                       (return_probs=False)
-    k, v may instead be segmented: W tensors [Lk_w, Hkv, D] (module docstring).
         -> (out [Tq, H, D], probs: list of W [H, Lq_w, Lk_w])    (return_probs=True, eager only)
+    k, v may instead be segmented: W tensors [Lk_w, Hkv, D] (module docstring).
     scale: softmax scale, default D ** -0.5.
     masked_key [Tq] int64: one key (global index into k) hidden from each query, -1 = none
         (paper Table 8 "-self"/"-rnd"; dense and eager only). A query whose only visible key

@@ -181,7 +181,7 @@ class _ImageKV(torch.autograd.Function):
             # with g = dy @ W': dx = r g - r³ mean(g ⊙ x) x = g̃ - r² mean(g̃ ⊙ x) x, g̃ = dyr @ W'
             w_cat = torch.cat([wk, wv]) if w_cat is None else w_cat
             g = dyr @ w_cat.mul_(norm_weight.to(wk.dtype))  # [N, d] = g̃ (W' folded in place)
-            del w_cat, dyr  # freed before the [N, d] temporary of the next line, the backward's peak
+            del w_cat, dyr  # freed before the g ⊙ x reduction below, where the backward peaked
             s = torch.empty(N, dtype=torch.float32, device=x.device)  # [N] mean(g̃ ⊙ x)
             B = ROW_BLOCK  # in row blocks: g ⊙ x whole would be another [N, d] on the peak
             for i in range(0, N, B):
