@@ -172,6 +172,7 @@ def _split(q: torch.Tensor, k: Keys, v: Keys, segs: list[tuple[int, int, int, in
     (docs/benchmarks.md, `attention`). Segmented keys are already per segment."""
     lq = [q1 - q0 for q0, q1, _, _ in segs]
     if not isinstance(k, torch.Tensor):
+        _check_lengths(k, [k1 - k0 for _, _, k0, k1 in segs])
         return q.split(lq), k, v
     lk = [k1 - k0 for _, _, k0, k1 in segs]
     return q.split(lq), k.split(lk), v.split(lk)
@@ -181,17 +182,24 @@ def _num_keys(k: Keys) -> int:
     return k.shape[0] if isinstance(k, torch.Tensor) else sum(x.shape[0] for x in k)
 
 
-def _check_segmented(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], cu_k: torch.Tensor) -> None:
-    """Segmented keys/values: one [Lk_w, Hkv, D] per segment, lengths as cu_k says."""
-    lens = (cu_k[1:] - cu_k[:-1]).tolist()
-    if len(k) != len(lens) or len(v) != len(lens) or not lens:
-        raise ValueError(f"segmented keys/values need one tensor per segment: {len(lens)} segments (cu_seqlens_k), "
+def _check_segmented(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], W: int) -> None:
+    """Segmented keys/values: W pairs of [Lk_w, Hkv, D], Hkv and D as segment 0's. Shapes
+    only: the lengths are checked against cu_seqlens_k where it is read anyway (`_check_lengths`),
+    so that a decoding step keeps its one host sync."""
+    if len(k) != W or len(v) != W or not W:
+        raise ValueError(f"segmented keys/values need one tensor per segment: {W} segments (cu_seqlens_k), "
                          f"got {len(k)} keys and {len(v)} values")
     first = k[0]
-    for w, (kw, vw, n) in enumerate(zip(k, v, lens)):
-        if kw.dim() != 3 or kw.shape != vw.shape or kw.shape[0] != n or kw.shape[1:] != first.shape[1:]:
+    for w, (kw, vw) in enumerate(zip(k, v)):
+        if kw.dim() != 3 or kw.shape != vw.shape or kw.shape[1:] != first.shape[1:]:
             raise ValueError(f"segment {w}: keys {tuple(kw.shape)} and values {tuple(vw.shape)} must both be "
-                             f"[{n}, {first.shape[1]}, {first.shape[2]}] (cu_seqlens_k and segment 0)")
+                             f"[Lk_{w}, {first.shape[1]}, {first.shape[2]}] (segment 0's heads and head dim)")
+
+
+def _check_lengths(k: Sequence[torch.Tensor], lens: list[int]) -> None:
+    for w, (kw, n) in enumerate(zip(k, lens)):
+        if kw.shape[0] != n:
+            raise ValueError(f"segment {w}: {kw.shape[0]} keys where cu_seqlens_k says {n}")
 
 
 # ---------------------------------------------------------------------- backends
@@ -387,8 +395,9 @@ def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tens
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
                          f"must both be [W+1]")
     if not isinstance(k, torch.Tensor):
-        _check_segmented(k, v, cu_seqlens_k)
+        _check_segmented(k, v, cu_seqlens_k.numel() - 1)
         if backend not in ("sdpa", "eager"):  # whole-stream kernels take one key tensor
+            _check_lengths(k, (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist())
             k, v = torch.cat(list(k)), torch.cat(list(v))
     k0, v0 = (k, v) if isinstance(k, torch.Tensor) else (k[0], v[0])
     if q.dim() != 3 or k0.dim() != 3 or v0.shape[:2] != k0.shape[:2]:

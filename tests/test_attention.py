@@ -450,6 +450,9 @@ def test_segmented_keys_that_disagree_with_cu_seqlens_are_refused():
     lens = (cu_k[1:] - cu_k[:-1]).tolist()
     with pytest.raises(ValueError, match="one tensor per segment: 3 segments"):
         varlen_attention(q, k.split(lens)[:2], v.split(lens)[:2], cu_q, cu_k, True, "sdpa")
-    wrong = [k[:3], k[3:8], k[8:]]  # 3, 5, 8 keys where cu_seqlens_k says 7, 4, 9
-    with pytest.raises(ValueError, match=r"segment 0: keys \(3, 2, 8\).*must both be \[7, 2, 8\]"):
-        varlen_attention(q, wrong, [v[:3], v[3:8], v[8:]], cu_q, cu_k, True, "sdpa")
+    wrong = [k[:3], k[3:8], k[8:]]  # 3, 5, 12 keys where cu_seqlens_k says 7, 4, 9
+    for backend in ("sdpa", "eager", "dense"):  # read in place, or concatenated first
+        with pytest.raises(ValueError, match="segment 0: 3 keys where cu_seqlens_k says 7"):
+            varlen_attention(q, wrong, [v[:3], v[3:8], v[8:]], cu_q, cu_k, True, backend)
+    with pytest.raises(ValueError, match=r"segment 1: keys \(5, 2, 8\) and values \(4, 2, 8\) must both be"):
+        varlen_attention(q, wrong, [v[:3], v[3:7], v[7:]], cu_q, cu_k, True, "sdpa")
