@@ -102,6 +102,7 @@ class _ImageKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, wk, wv, bk, bv, cos, sin, layout, eps, heads, head_dim):
         N, h, O_k = x.shape[0], head_dim // 2, wk.shape[0]
+        w_k = wk  # the parameter itself is what the backward keeps, not a permuted copy
         perm = None
         if layout == "interleaved":
             # Helium pairs dimensions (2i, 2i+1): rotating them in place is eight strided
@@ -128,7 +129,7 @@ class _ImageKV(torch.autograd.Function):
             k = k_raw if cos is None else _rope(k_raw, cos, sin, rot, False)
         if perm is not None:  # [evens | odds] -> interleaved
             k = k.view(N, heads, 2, h).transpose(-1, -2).reshape(N, heads, head_dim)
-        ctx.save_for_backward(x, r, norm_weight, wk, wv, cos, sin, perm)
+        ctx.save_for_backward(x, r, norm_weight, w_k, wv, cos, sin, perm)
         ctx.has_bias = bk is not None
         ctx.layout = rot
         return k, v
@@ -136,7 +137,7 @@ class _ImageKV(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dk, dv):
-        x, r, norm_weight, wk, wv, cos, sin, perm = ctx.saved_tensors  # wk: row-permuted if perm
+        x, r, norm_weight, wk, wv, cos, sin, perm = ctx.saved_tensors
         need_x, need_nw, need_wk, need_wv, need_bk, need_bv = ctx.needs_input_grad[:6]
         N, O_k, O_v = x.shape[0], wk.shape[0], wv.shape[0]
         dtype = x.dtype
@@ -163,7 +164,11 @@ class _ImageKV(torch.autograd.Function):
         dx = dnw = dwk = dwv = dbk = dbv = None
         # [W_k; W_v] is built once, after the transposed copy of dyr below, and freed (with dyr)
         # before the g ⊙ x temporary: alive across either, it sat on the backward's memory peak
-        w_cat = None  # [2 Hkv D, d]
+        w_cat = None  # [2 Hkv D, d], W_k's rows in the order the forward projected them
+
+        def weights():
+            return torch.cat([wk if perm is None else wk[perm], wv])
+
         if need_wk or need_wv or need_nw:
             # a transposed copy first: mkldnn's matmul with a transposed [N, O] operand was 1.6x slower
             m = dyr.t().contiguous() @ x  # [2 Hkv D, d] = Σ_i r_i dy_i x_iᵀ
@@ -171,7 +176,7 @@ class _ImageKV(torch.autograd.Function):
                 dw = m * norm_weight.to(m.dtype)
                 dwk, dwv = dw[:O_k], dw[O_k:]
             if need_nw:
-                w_cat = torch.cat([wk, wv])
+                w_cat = weights()
                 dnw = (m.float() * w_cat.float()).sum(0).to(norm_weight.dtype)
             del m
         if ctx.has_bias and (need_bk or need_bv):
@@ -179,7 +184,7 @@ class _ImageKV(torch.autograd.Function):
             dbk, dbv = db[:O_k], db[O_k:]
         if need_x:
             # with g = dy @ W': dx = r g - r³ mean(g ⊙ x) x = g̃ - r² mean(g̃ ⊙ x) x, g̃ = dyr @ W'
-            w_cat = torch.cat([wk, wv]) if w_cat is None else w_cat
+            w_cat = weights() if w_cat is None else w_cat
             g = dyr @ w_cat.mul_(norm_weight.to(wk.dtype))  # [N, d] = g̃ (W' folded in place)
             del w_cat, dyr  # freed before the g ⊙ x reduction below, where the backward peaked
             s = torch.empty(N, dtype=torch.float32, device=x.device)  # [N] mean(g̃ ⊙ x)
