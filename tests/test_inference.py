@@ -307,7 +307,7 @@ def test_bad_input_from_the_command_line(run):
 
 # ---------------------------------------------------------------------------------- benchmark
 def test_stream_benchmark_quick(tmp_path):
-    from experiments.benchmarks.stream import CONTROL, RUNS, run
+    from experiments.benchmarks.stream import CONTROL, FLAT, RUNS, run
 
     out = run(quick=True, out_dir=str(tmp_path))
     assert out["frames"] == 40
@@ -330,3 +330,28 @@ def test_stream_benchmark_quick(tmp_path):
         if s != CONTROL:
             growth, ctl = out[f"{s}_growth_ms"], out[f"{CONTROL}_growth_ms"]
             assert out[f"{s}_growth_beyond_text_lm_ms"] == pytest.approx(growth - ctl)
+    # the flat runs are timed a second time, paired; insertion's growth needs no drift correction
+    for s in RUNS:
+        assert (f"{s}_time_paired_last10_vs_5to15" in out) == (s in FLAT), s
+    for s in FLAT:
+        if s != CONTROL:
+            growth, ctl = out[f"{s}_growth_paired_ms"], out[f"{CONTROL}_growth_paired_ms"]
+            assert out[f"{s}_growth_paired_beyond_text_lm_ms"] == pytest.approx(growth - ctl)
+
+
+@pytest.mark.parametrize("strategy", ["casa_plus", "text_lm"])
+def test_paired_timing_measures_the_streams_own_frames(strategy):
+    """The paired windows are frames A..B and the last W frames of the very stream the
+    sequential run measures (same captions, so the same KV cache at each of those frames),
+    interleaved one by one."""
+    from experiments.benchmarks.stream import measure_paired, measure_strategy, windows
+
+    frames, w = 40, windows(40)
+    seq = measure_strategy(strategy, frames)
+    paired = measure_paired(strategy, frames)
+    assert paired["early"]["index"] == list(range(w["a"] - 1, w["b"]))
+    assert paired["late"]["index"] == list(range(frames - w["last"], frames))
+    for name in ("early", "late"):
+        assert paired[name]["kv_tokens"] == [seq["kv_tokens"][i] for i in paired[name]["index"]], name
+        assert all(t > 0 for t in paired[name]["wall_s"])
+    assert paired["late"]["kv_tokens"][0] > paired["early"]["kv_tokens"][-1]  # late frames read a longer cache
