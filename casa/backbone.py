@@ -204,7 +204,7 @@ class Backbone(nn.Module):
         ctx = StreamContext(cu_seqlens.to(torch.int32), cos, sin)
         images = x.new_zeros(0, x.shape[1])
         for block in self.layers:
-            x, images = block(x, images, ctx)
+            x, _ = block(x, images, ctx)  # no images: nothing to update
         return self.head(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -108,8 +108,15 @@ class DecoderBlock(nn.Module):
                                 backend=self.attn_backend, kind="casa")
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [L, d] stream, images [N, d] image tokens (empty for insertion) -> same shapes."""
+    def forward(self, x: torch.Tensor, images: torch.Tensor,
+                ctx: StreamContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [L, d] stream, images [N, d] image tokens (empty for insertion) -> (x [L, d], the
+        updated images [N, d] if this block updates them (`image_ffn_updates`), else None).
+
+        Unchanged images come back as None, not as the input tensor: FSDP2 hooks every tensor
+        a wrapped block returns, and its inputs arrive as views, so returning the input would
+        hook the same view again at every block (and FSDP2 warns that an in-place op on it
+        would skip the all-gather)."""
         mode = self.fusion_mode
         if mode == "before":
             norm = self.fusion_attn.norm  # the fusion layer's own pre-norm, copied from input_layernorm
@@ -125,5 +132,5 @@ class DecoderBlock(nn.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         if self.image_ffn_updates and images.shape[0] > 0:
             # paper Table 5: image tokens updated by the block's FFN (costly; off by default)
-            images = images + self.mlp(self.post_attention_layernorm(images))
-        return x, images
+            return x, images + self.mlp(self.post_attention_layernorm(images))
+        return x, None

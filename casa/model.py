@@ -91,9 +91,10 @@ class VisionLanguageModel(nn.Module):
         for block in self.backbone.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # recompute the block in backward: activations of one block alive at a time
-                stream, images = torch.utils.checkpoint.checkpoint(block, stream, images, ctx, use_reentrant=False)
+                stream, updated = torch.utils.checkpoint.checkpoint(block, stream, images, ctx, use_reentrant=False)
             else:
-                stream, images = block(stream, images, ctx)
+                stream, updated = block(stream, images, ctx)
+            images = images if updated is None else updated  # None: the block left the images as they were
         if cache is not None:
             text_pos = ctx.extras.get("text_positions", batch.position_ids)
             text_pos = text_pos if text_pos.dim() == 1 else text_pos[0]
