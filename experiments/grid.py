@@ -10,7 +10,9 @@ process exactly as a user would run it:
 with its output streamed to OUT/NAME/fit.log. A run whose OUT/NAME/metrics.json says
 `finished` is skipped; a failed run is recorded with its log and the grid goes on.
 OUT/results.md and OUT/results.csv hold the validation metrics per group, the peak memory
-and the median step time of every run of the grid.
+and the median step time of every run of the grid. A grid with `aggregate: AXIS` (an axis of
+repeats, e.g. seeds) also gets, per combination of the other axes, mean ± sample std over
+the finished runs of that axis: a second table in results.md and OUT/results_mean.csv.
 """
 
 from __future__ import annotations
@@ -190,13 +192,23 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
             write_results(table(), grid, out, metric)
     if not dry_run:
         console.print(results_table(table(), grid, metric))
-        console.print(f"written: {out / 'results.md'}, {out / 'results.csv'}", soft_wrap=True)
+        written = [out / "results.md", out / "results.csv"]
+        if grid.aggregate:
+            console.print(mean_table(table(), grid, metric))
+            written.append(out / "results_mean.csv")
+        console.print(f"written: {', '.join(map(str, written))}", soft_wrap=True)
     return list(results.values())
 
 
 # ---------------------------------------------------------------------------- results
 def _groups(results: list[Result]) -> list[str]:
     return sorted({k.split("/")[1] for r in results for k in r.metrics if k.startswith("val_group/")})
+
+
+def _avg_score(r: Result, groups: list[str], metric: str) -> float | None:
+    """The mean of a run's group scores it has (the table's "avg"), None without any."""
+    scores = [r.metrics[k] for g in groups if (k := f"val_group/{g}/{metric}") in r.metrics]
+    return sum(scores) / len(scores) if scores else None
 
 
 def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[str]]]:
@@ -206,12 +218,53 @@ def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[s
     rows = []
     for r in results:
         scores = [r.metrics.get(f"val_group/{g}/{metric}") for g in groups]
-        present = [s for s in scores if s is not None]
-        loss, peak, step = r.metrics.get("val/loss"), r.peak_memory_bytes, r.step_time_s
+        avg, loss, peak, step = _avg_score(r, groups, metric), r.metrics.get("val/loss"), r.peak_memory_bytes, r.step_time_s
         rows.append([r.run.name, r.status, "" if loss is None else f"{loss:.4f}",
                      *("" if s is None else f"{100 * s:.1f}" for s in scores),
-                     f"{100 * sum(present) / len(present):.1f}" if present else "",
+                     "" if avg is None else f"{100 * avg:.1f}",
                      "" if peak is None else f"{peak / 2 ** 20:,.0f}", "" if step is None else f"{step:.3f}"])
+    return header, rows
+
+
+def _repeats(results: list[Result], grid: Grid) -> list[tuple[str, list[Result]]]:
+    """Results grouped by their labels on every axis but `grid.aggregate`, in grid order:
+    [(the group's name, its runs)]; the name joins the other axes' labels with "-"."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        key = "-".join(label for axis, label in r.run.labels.items() if axis != grid.aggregate)
+        groups.setdefault(key or "all", []).append(r)
+    return list(groups.items())
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """'mean ± std' (sample std, n - 1) of the values present; just the value when n = 1."""
+    if not values:
+        return ""
+    mean = scale * statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def _mean_columns(results: list[Result], grid: Grid, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the mean ± std table: one row per combination of the other axes,
+    over its finished runs (n of them)."""
+    groups = _groups(results)
+    others = "-".join(name for name, _ in grid.axes if name != grid.aggregate) or "runs"
+    header = [others, "n", "val/loss", *groups, "avg", "mem (MiB)", "step (s)"]
+    rows = []
+    for name, runs in _repeats(results, grid):
+        done = [r for r in runs if r.status in ("finished", "skipped")]
+
+        def present(get):
+            return [v for v in (get(r) for r in done) if v is not None]
+
+        per_group = [present(lambda r, g=g: r.metrics.get(f"val_group/{g}/{metric}")) for g in groups]
+        avg = present(lambda r: _avg_score(r, groups, metric))
+        rows.append([name, f"{len(done)}/{len(runs)}", _mean_std(present(lambda r: r.metrics.get("val/loss")), digits=4),
+                     *(_mean_std(v, 100) for v in per_group), _mean_std(avg, 100),
+                     _mean_std(present(lambda r: r.peak_memory_bytes), 2 ** -20, 0),
+                     _mean_std(present(lambda r: r.step_time_s), digits=3)])
     return header, rows
 
 
@@ -227,6 +280,18 @@ def results_table(results: list[Result], grid: Grid, metric: str):
     return table
 
 
+def mean_table(results: list[Result], grid: Grid, metric: str):
+    from rich.table import Table
+
+    header, rows = _mean_columns(results, grid, metric)
+    table = Table(title=f"{grid.path.stem}: mean ± std over {grid.aggregate!r}, val {metric} per group (%)")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> None:
     """OUT/results.md (one metric per group) and OUT/results.csv (every group metric, raw)."""
     header, rows = _columns(results, metric)
@@ -235,6 +300,11 @@ def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> 
           "peak memory (RSS on CPU, allocated on CUDA), median training step time.", "",
           "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
           *("| " + " | ".join(row) + " |" for row in rows)]
+    if grid.aggregate:
+        header, rows = _mean_columns(results, grid, metric)
+        md += ["", f"Mean ± sample standard deviation over the axis `{grid.aggregate}` (n = finished runs / runs):",
+               "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+               *("| " + " | ".join(row) + " |" for row in rows)]
     failed = [r for r in results if r.status == "failed"]
     if failed:
         md += ["", "Failed runs:", "", *(f"- `{r.run.name}`: exit code {r.exit_code}, log `{r.log}`" for r in failed)]
@@ -251,6 +321,27 @@ def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> 
             writer.writerow([r.run.name, r.status, *(r.run.labels[a] for a in axes), r.summary.get("global_step"),
                              r.metrics.get("val/loss"), *(r.metrics.get(k) for k in keys), r.peak_memory_bytes,
                              r.step_time_s, r.seconds, r.exit_code, r.log])
+    if grid.aggregate:
+        _write_mean_csv(results, grid, out / "results_mean.csv", keys)
+
+
+def _write_mean_csv(results: list[Result], grid: Grid, path: Path, keys: list[str]) -> None:
+    """One row per combination of the other axes: n, then mean and sample std (empty when
+    n < 2) of val/loss, every group metric, peak memory and step time, raw units."""
+    others = [name for name, _ in grid.axes if name != grid.aggregate]
+    columns = ["val/loss", *keys, "peak_memory_bytes", "step_time_s"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*others, "n", *(f"{c}_{stat}" for c in columns for stat in ("mean", "std"))])
+        for _, runs in _repeats(results, grid):
+            done = [r for r in runs if r.status in ("finished", "skipped")]
+            row = [runs[0].run.labels[a] for a in others] + [len(done)]
+            for c in columns:
+                values = [v for v in (getattr(r, c) if c in ("peak_memory_bytes", "step_time_s") else r.metrics.get(c)
+                                      for r in done) if v is not None]
+                row += [statistics.mean(values) if values else None,
+                        statistics.stdev(values) if len(values) > 1 else None]
+            writer.writerow(row)
 
 
 # ---------------------------------------------------------------------------- command line

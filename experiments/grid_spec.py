@@ -8,6 +8,10 @@
         values:                              # labels: letters, digits, _ . + (unique per axis)
           - {label: casa_plus, configs: [experiments/configs/strategies/casa_plus.yaml]}
           - {label: k4, overrides: {model.model.init_args.fusion.init_args.k: 4}}
+      - name: seed
+        values: [{label: s0, overrides: {seed_everything: 0}}, {label: s1, overrides: {seed_everything: 1}}]
+    aggregate: seed                          # optional: an axis whose runs are repeats (seeds);
+                                             # results add mean ± std over it per other-axes combination
 
 A run is named by its labels joined with "-" (first axis first) and passes to
 `experiments.fit`: the base configs, the values' configs, the common overrides, then the
@@ -28,7 +32,7 @@ from typing import Any
 
 import yaml
 
-GRID_KEYS = ("description", "base", "overrides", "axes")
+GRID_KEYS = ("description", "base", "overrides", "axes", "aggregate")
 AXIS_KEYS = ("name", "values")
 VALUE_KEYS = ("label", "configs", "overrides")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+]*")  # "-" joins labels into run names
@@ -74,6 +78,7 @@ class Grid:
     base: list[str]
     overrides: list[tuple[str, Any]]
     axes: list[tuple[str, list[Value]]]  # (axis name, its values)
+    aggregate: str | None = None  # an axis of repeats (seeds): results also averaged over it
 
     def runs(self) -> list[Run]:
         """The cartesian product of the axes, first axis slowest."""
@@ -183,7 +188,10 @@ def load_grid(path: str | Path) -> Grid:
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise GridError(f"{path}: description: expected text, got {description!r}")
-    return Grid(path, description.strip(), base, overrides, axes)
+    aggregate = raw.get("aggregate")
+    if aggregate is not None and aggregate not in names:
+        raise GridError(f"{path}: aggregate: {aggregate!r} is not an axis of this grid; axes: {names}")
+    return Grid(path, description.strip(), base, overrides, axes, aggregate)
 
 
 def select(runs: list[Run], only: list[str] | None) -> list[Run]:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from experiments.grid import GridError, load_grid, main, run_grid
+from experiments.grid import GridError, Result, load_grid, main, run_grid, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "experiments" / "grids"
@@ -28,6 +28,7 @@ EXPECTED = {
     "table6a": ["casa_plus", "casa_before", "casa_replace", "cross_attention", "gated_cross_attention",
                 "insertion", "qformer"],
     "table7": ["every_k-k2", "every_k-k4", "first_k-k2", "first_k-k4", "first_last_k-k2", "first_last_k-k4"],
+    "table6a_seeds": [f"{f}-s{i}" for f in ("casa_plus", "cross_attention", "insertion") for i in range(3)],
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
 # k=99 > the tiny backbone's 2 layers: experiments.fit fails while building the model
@@ -154,7 +155,9 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
 
 @pytest.mark.parametrize("text, message", [
     (f"base: {TINY}\naxis: []\n",
-     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes'\]"),
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate'\]"),
+    (f"base: {TINY}\naggregate: seed\naxes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n",
+     r"aggregate: 'seed' is not an axis of this grid; axes: \['fusion'\]"),
     (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
     (f"base: {TINY}\naxes: []\n", r"axes: expected a non-empty list of \{name, values\}, got \[\]"),
     (f"base: {TINY}\naxes: [{{name: fusion, values: []}}]\n",
@@ -192,3 +195,37 @@ def test_cli_reports_a_malformed_grid_in_one_line(tmp_path, at_root, capsys):
     assert e.value.code == 2
     assert err.startswith(f"experiments.grid: error: {path}: axes: expected a non-empty list")
     assert "Traceback" not in err
+
+
+def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
+    """`aggregate: seed`: per fusion value, mean ± sample std over its finished seeds (a
+    failed seed is left out and counted), in results.md and results_mean.csv."""
+    path = tmp_path / "seeds.yaml"
+    path.write_text(f"base: {TINY}\naggregate: seed\naxes:\n"
+                    f"  - {{name: fusion, values: [{GOOD_VALUE}, {{label: b}}]}}\n"
+                    f"  - {{name: seed, values: [{{label: s0}}, {{label: s1}}, {{label: s2}}]}}\n")
+    grid = load_grid(path)
+    coarse = {"a-s0": 0.5, "a-s1": 0.6, "a-s2": 0.7, "b-s0": 0.2, "b-s1": 0.3, "b-s2": None}  # b-s2 failed
+    results = []
+    for run in grid.runs():
+        score = coarse[run.name]
+        summary = {} if score is None else {
+            "metrics": {"val/loss": 1 - score, "val_group/coarse/relaxed_accuracy": score,
+                        "val_group/video/relaxed_accuracy": score / 2, "train/step_time_s": 0.1},
+            "peak_memory_bytes": 100 * 2 ** 20}
+        results.append(Result(run, "failed" if score is None else "finished", tmp_path / "runs" / run.name,
+                              summary=summary))
+    out = tmp_path / "out"
+    write_results(results, grid, out, "relaxed_accuracy")
+    md = (out / "results.md").read_text()
+    mean_rows = md.split("Mean ± sample standard deviation over the axis `seed`")[1]
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in mean_rows.splitlines() if line.startswith("|")]
+    assert table[0] == ["fusion", "n", "val/loss", "coarse", "video", "avg", "mem (MiB)", "step (s)"]
+    assert table[2] == ["a", "3/3", "0.4000 ± 0.1000", "60.0 ± 10.0", "30.0 ± 5.0", "45.0 ± 7.5", "100 ± 0", "0.100 ± 0.000"]
+    assert table[3][:5] == ["b", "2/3", "0.7500 ± 0.0707", "25.0 ± 7.1", "12.5 ± 3.5"]
+    with open(out / "results_mean.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["fusion"], r["n"]) for r in rows] == [("a", "3"), ("b", "2")]
+    assert float(rows[0]["val_group/coarse/relaxed_accuracy_mean"]) == pytest.approx(0.6)
+    assert float(rows[0]["val_group/coarse/relaxed_accuracy_std"]) == pytest.approx(0.1)
+    assert float(rows[1]["val/loss_std"]) == pytest.approx(0.0707107, rel=1e-4)
