@@ -268,11 +268,10 @@ def _mean_columns(results: list[Result], grid: Grid, metric: str) -> tuple[list[
     return header, rows
 
 
-def results_table(results: list[Result], grid: Grid, metric: str):
+def _rich_table(title: str, header: list[str], rows: list[list[str]]):
     from rich.table import Table
 
-    header, rows = _columns(results, metric)
-    table = Table(title=f"{grid.path.stem}: val {metric} per group (%)")
+    table = Table(title=title)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
     for row in rows:
@@ -280,16 +279,19 @@ def results_table(results: list[Result], grid: Grid, metric: str):
     return table
 
 
-def mean_table(results: list[Result], grid: Grid, metric: str):
-    from rich.table import Table
+def results_table(results: list[Result], grid: Grid, metric: str):
+    return _rich_table(f"{grid.path.stem}: val {metric} per group (%)", *_columns(results, metric))
 
-    header, rows = _mean_columns(results, grid, metric)
-    table = Table(title=f"{grid.path.stem}: mean ± std over {grid.aggregate!r}, val {metric} per group (%)")
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    for row in rows:
-        table.add_row(*row)
-    return table
+
+def mean_table(results: list[Result], grid: Grid, metric: str):
+    return _rich_table(f"{grid.path.stem}: mean ± std over {grid.aggregate!r}, val {metric} per group (%)",
+                       *_mean_columns(results, grid, metric))
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: two left-aligned label columns, the numbers right-aligned."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> None:
@@ -298,13 +300,11 @@ def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> 
     md = [f"# {grid.path.stem}", "", *([grid.description, ""] if grid.description else []),
           f"`python -m experiments.grid {grid.path}`: val {metric} per group (%) and their mean, "
           "peak memory (RSS on CPU, allocated on CUDA), median training step time.", "",
-          "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
-          *("| " + " | ".join(row) + " |" for row in rows)]
+          *_markdown(header, rows)]
     if grid.aggregate:
         header, rows = _mean_columns(results, grid, metric)
         md += ["", f"Mean ± sample standard deviation over the axis `{grid.aggregate}` (n = finished runs / runs):",
-               "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
-               *("| " + " | ".join(row) + " |" for row in rows)]
+               "", *_markdown(header, rows)]
     failed = [r for r in results if r.status == "failed"]
     if failed:
         md += ["", "Failed runs:", "", *(f"- `{r.run.name}`: exit code {r.exit_code}, log `{r.log}`" for r in failed)]
