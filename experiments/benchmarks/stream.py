@@ -121,16 +121,11 @@ def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int =
     """Stream `frames` frames through one strategy -> per-frame series (run in a fresh process)."""
     import torch
 
-    from casa.generation import GenerationConfig
-    from experiments.stream import synthetic_clips
-
-    assistant = build_assistant(strategy, size, device)
-    clip, _ = synthetic_clips(frames, seed=0, size=size)
+    assistant, start_stream = stream_setup(strategy, frames, size, tokens, device)
     weights = sum(p.numel() * p.element_size() for p in assistant.model.parameters())
-    cfg = GenerationConfig(max_new_tokens=tokens, stop_token_ids=())  # exactly `tokens` per frame
     series: dict[str, list] = {"wall_s": [], "cpu_s": [], "rss_bytes": [], "state_bytes": [], "kv_bytes": [], "kv_tokens": [],
                                "window_kv_tokens": [], "delay_s": []}
-    frames_iter = frame_records(assistant, strategy, clip, cfg)
+    frames_iter = start_stream()
     while True:
         cpu = time.process_time()  # CPU time: robust to other processes sharing the cores
         rec = next(frames_iter, None)
@@ -148,11 +143,24 @@ def measure_strategy(strategy: str, frames: int, size: int = SIZE, tokens: int =
             "torch_threads": torch.get_num_threads(), **series}
 
 
-def frame_records(assistant, strategy: str, clip, cfg):
-    """The live-captioning stream of `clip` for `strategy` (the control: its text only) -> FrameRecords."""
-    if strategy == CONTROL:
-        return text_only_stream(assistant, len(clip), cfg)
-    return assistant.stream(clip, fps=2.0, config=cfg, wait=False)
+def stream_setup(strategy: str, frames: int, size: int, tokens: int, device: str):
+    """-> (the `Assistant` of `strategy`, a function that starts a live-captioning stream of
+    the `frames`-frame synthetic clip: FrameRecords, the control's from its text only, every
+    frame decoding exactly `tokens` tokens). Each call starts an independent stream (its own
+    cache) over the same weights."""
+    from casa.generation import GenerationConfig
+    from experiments.stream import synthetic_clips
+
+    assistant = build_assistant(strategy, size, device)
+    clip, _ = synthetic_clips(frames, seed=0, size=size)
+    cfg = GenerationConfig(max_new_tokens=tokens, stop_token_ids=())  # exactly `tokens` per frame
+
+    def start():
+        if strategy == CONTROL:
+            return text_only_stream(assistant, len(clip), cfg)
+        return assistant.stream(clip, fps=2.0, config=cfg, wait=False)
+
+    return assistant, start
 
 
 def measure_paired(strategy: str, frames: int, size: int = SIZE, tokens: int = CAPTION_TOKENS,
@@ -170,14 +178,9 @@ def measure_paired(strategy: str, frames: int, size: int = SIZE, tokens: int = C
     weights (read-only) and keep their own caches, as two `Assistant.stream` calls do."""
     import torch
 
-    from casa.generation import GenerationConfig
-    from experiments.stream import synthetic_clips
-
     w = windows(frames)
-    assistant = build_assistant(strategy, size, device)
-    clip, _ = synthetic_clips(frames, seed=0, size=size)
-    cfg = GenerationConfig(max_new_tokens=tokens, stop_token_ids=())
-    lead, trail = frame_records(assistant, strategy, clip, cfg), frame_records(assistant, strategy, clip, cfg)
+    _, start_stream = stream_setup(strategy, frames, size, tokens, device)
+    lead, trail = start_stream(), start_stream()
     for _ in range(frames - w["last"]):
         next(lead)
     for _ in range(w["a"] - 1):
