@@ -63,6 +63,10 @@ class Result:
             peak = self.metrics.get("memory/peak_allocated_bytes", self.metrics.get("memory/peak_rss_bytes"))
         return peak
 
+    def value(self, column: str) -> float | None:
+        """A results column of this run: `peak_memory_bytes`, `step_time_s` or a metric key."""
+        return getattr(self, column) if column in ("peak_memory_bytes", "step_time_s") else self.metrics.get(column)
+
     @cached_property
     def step_time_s(self) -> float | None:
         """Median of the logged `train/step_time_s` (every log_every_n_steps), else the last step's."""
@@ -226,14 +230,20 @@ def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[s
     return header, rows
 
 
-def _repeats(results: list[Result], grid: Grid) -> list[tuple[str, list[Result]]]:
+def _repeats(results: list[Result], grid: Grid) -> list[tuple[str, list[Result], list[Result]]]:
     """Results grouped by their labels on every axis but `grid.aggregate`, in grid order:
-    [(the group's name, its runs)]; the name joins the other axes' labels with "-"."""
+    [(the group's name, its runs, its finished runs)]; the name joins the other axes' labels
+    with "-"."""
     groups: dict[str, list[Result]] = {}
     for r in results:
         key = "-".join(label for axis, label in r.run.labels.items() if axis != grid.aggregate)
         groups.setdefault(key or "all", []).append(r)
-    return list(groups.items())
+    return [(name, runs, [r for r in runs if r.status in ("finished", "skipped")]) for name, runs in groups.items()]
+
+
+def _present(runs: list[Result], get) -> list[float]:
+    """`get(run)` of the runs that have it."""
+    return [v for v in map(get, runs) if v is not None]
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -253,18 +263,14 @@ def _mean_columns(results: list[Result], grid: Grid, metric: str) -> tuple[list[
     others = "-".join(name for name, _ in grid.axes if name != grid.aggregate) or "runs"
     header = [others, "n", "val/loss", *groups, "avg", "mem (MiB)", "step (s)"]
     rows = []
-    for name, runs in _repeats(results, grid):
-        done = [r for r in runs if r.status in ("finished", "skipped")]
+    for name, runs, done in _repeats(results, grid):
+        def present(column):
+            return _present(done, lambda r: r.value(column))
 
-        def present(get):
-            return [v for v in (get(r) for r in done) if v is not None]
-
-        per_group = [present(lambda r, g=g: r.metrics.get(f"val_group/{g}/{metric}")) for g in groups]
-        avg = present(lambda r: _avg_score(r, groups, metric))
-        rows.append([name, f"{len(done)}/{len(runs)}", _mean_std(present(lambda r: r.metrics.get("val/loss")), digits=4),
-                     *(_mean_std(v, 100) for v in per_group), _mean_std(avg, 100),
-                     _mean_std(present(lambda r: r.peak_memory_bytes), 2 ** -20, 0),
-                     _mean_std(present(lambda r: r.step_time_s), digits=3)])
+        rows.append([name, f"{len(done)}/{len(runs)}", _mean_std(present("val/loss"), digits=4),
+                     *(_mean_std(present(f"val_group/{g}/{metric}"), 100) for g in groups),
+                     _mean_std(_present(done, lambda r: _avg_score(r, groups, metric)), 100),
+                     _mean_std(present("peak_memory_bytes"), 2 ** -20, 0), _mean_std(present("step_time_s"), digits=3)])
     return header, rows
 
 
@@ -333,12 +339,10 @@ def _write_mean_csv(results: list[Result], grid: Grid, path: Path, keys: list[st
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*others, "n", *(f"{c}_{stat}" for c in columns for stat in ("mean", "std"))])
-        for _, runs in _repeats(results, grid):
-            done = [r for r in runs if r.status in ("finished", "skipped")]
+        for _, runs, done in _repeats(results, grid):
             row = [runs[0].run.labels[a] for a in others] + [len(done)]
             for c in columns:
-                values = [v for v in (getattr(r, c) if c in ("peak_memory_bytes", "step_time_s") else r.metrics.get(c)
-                                      for r in done) if v is not None]
+                values = _present(done, lambda r: r.value(c))
                 row += [statistics.mean(values) if values else None,
                         statistics.stdev(values) if len(values) > 1 else None]
             writer.writerow(row)
