@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from data.format import ShardWriter, make_sample
-from data.synth_tasks import DEFAULT_SIZES, GROUPS, TASKS
+from data.synth_tasks import DEFAULT_SIZES, TASKS
 
 VERSION = 2  # bump whenever a generator changes its output: ensure_synth then regenerates
 SPLITS = ("train", "val", "test")
@@ -38,11 +38,12 @@ def resolve_sizes(image_size: int | dict[str, int] | None) -> dict[str, int]:
     if image_size is None:
         sizes = dict(DEFAULT_SIZES)
     elif isinstance(image_size, int):
-        sizes = {g: image_size for g in GROUPS}
+        sizes = {g: image_size for g in DEFAULT_SIZES}
     else:
-        unknown = sorted(set(image_size) - set(GROUPS))
+        unknown = sorted(set(image_size) - set(DEFAULT_SIZES))
         if unknown:
-            raise ValueError(f"image_size names unknown groups {unknown}; valid: {list(GROUPS)}")
+            raise ValueError(f"image_size names unknown groups {unknown}; valid (groups with images): "
+                             f"{list(DEFAULT_SIZES)}")
         sizes = {**DEFAULT_SIZES, **image_size}
     for g, px in sizes.items():
         # below 28 px the vision encoder (14 px patches, 2x2 merge) has no full token
@@ -67,7 +68,7 @@ def split_counts(total: int, tasks: list[str]) -> dict[str, int]:
 def make_one(seed: int, split: str, task: str, index: int, size: int) -> dict:
     """The webdataset sample `index` of `task` in `split` (a pure function of its arguments)."""
     group, fn = TASKS[task]
-    conv, files = fn(random.Random(f"{seed}/{split}/{task}/{index}"), size)
+    conv, files = fn(random.Random(f"{seed}/{split}/{task}/{index}"), size)  # size: 0 for the text group
     conv.update(task=task, group=group)
     return make_sample(f"{split}-{task}-{index:06d}", conv, files)
 
@@ -111,7 +112,7 @@ def generate(out_dir: str | Path, seed: int = 0, train: int = 4000, val: int = 2
                     for j in range(max(per_task.values(), default=0)):
                         for t in tasks:
                             if j < per_task[t]:
-                                w.write(make_one(seed, split, t, j, sizes[TASKS[t][0]]))
+                                w.write(make_one(seed, split, t, j, sizes.get(TASKS[t][0], 0)))
                                 bar.advance(job)
                     names = [Path(s).name for s in w.shards] if counts[split] else []
                 per_split[split], shards[split] = per_task, names
@@ -173,7 +174,7 @@ def parse_image_size(spec: str) -> int | dict[str, int]:
         return {g.strip(): int(px) for g, px in (item.split("=") for item in spec.split(",") if item)}
     except ValueError:
         raise argparse.ArgumentTypeError(f"--image-size {spec!r}: expected PX or GROUP=PX[,GROUP=PX] "
-                                         f"with groups from {list(GROUPS)}") from None
+                                         f"with groups from {list(DEFAULT_SIZES)}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

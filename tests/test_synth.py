@@ -32,7 +32,7 @@ def question(conv: dict) -> str:
 
 def sample(task: str, i: int, size: int | None = None) -> tuple[dict, dict[str, bytes]]:
     group = TASKS[task][0]
-    s = make_one(0, "test", task, i, size or DEFAULT_SIZES[group])
+    s = make_one(0, "test", task, i, DEFAULT_SIZES.get(group, 0) if size is None else size)
     return json.loads(s["json"]), {k: v for k, v in s.items() if not k.startswith("__") and k != "json"}
 
 
@@ -340,3 +340,15 @@ def test_live_caption_events_are_frame_accurate():
         else:
             assert all(np.diff(pos) > 0)
     assert 0 < bounces < N_CHECK  # both kinds of clip occur
+
+
+def test_arithmetic_is_text_only_and_its_answers_are_right():
+    """The text group: no image file, no image content item, and the answer is the
+    question's arithmetic (checked by evaluating it, not by a stored value)."""
+    for i in range(N_CHECK):
+        conv, files = sample("arithmetic", i, size=0)
+        assert files == {} and conv["group"] == "text"
+        assert all(c["type"] == "text" for m in conv["messages"] for c in m["content"])
+        a, op, b = question(conv).removeprefix("What is ").removesuffix("?").split()
+        want = int(a) + int(b) if op == "plus" else int(a) - int(b)
+        assert answer(conv) == str(want) and want >= 0

@@ -6,7 +6,7 @@ adds) and its files (`{"img0.png": bytes}` or `{"f000.jpg": bytes, ...}`). `size
 image (or frame) side in pixels, set per group. The function draws only from `rng`.
 """
 
-from data.synth_tasks import coarse, ocr, reading, video
+from data.synth_tasks import coarse, ocr, reading, text, video
 
 TASKS = {
     "color": ("coarse", coarse.color),
@@ -17,11 +17,14 @@ TASKS = {
     "word": ("ocr", ocr.word),
     "video_direction": ("video", video.direction),
     "live_caption": ("video", video.live_caption),
+    "arithmetic": ("text", text.arithmetic),
 }
 """task -> (group, generator). Groups mirror the paper's evaluation groups: coarse VQA,
-fine-grained reading (HRES-like: charts, tables), text reading (OCR-like), video."""
+fine-grained reading (HRES-like: charts, tables), text reading (OCR-like), video; and
+text-only conversations, which have no image."""
 
-GROUPS = ("coarse", "reading", "ocr", "video")
+GROUPS = ("coarse", "reading", "ocr", "video", "text")
 
 DEFAULT_SIZES = {"coarse": 56, "reading": 112, "ocr": 112, "video": 56}
-"""Image side per group: 56 px -> 4 visual tokens after the 2x2 merge, 112 px -> 16."""
+"""Image side per group with images: 56 px -> 4 visual tokens after the 2x2 merge, 112 px -> 16.
+The text group has no image and no size."""
