@@ -56,9 +56,9 @@ def _rows(batches) -> list[list[tuple[str, bool]]]:
 def test_lazily_created_metric_sets_live_on_the_module_device():
     metrics = GroupedAnswerMetrics(["declared"]).to("meta")  # .to(device) before any key is seen, as Lightning does
     metrics.update(["seen.later"], ["1"], ["1"])
-    states = {name: (m.total.device.type, m.count.device.type)
+    states = {(key, name): (m.total.device.type, m.count.device.type)
               for key, ms in metrics.sets.items() for name, m in ms.items()}
-    assert set(states.values()) == {("meta", "meta")}, states
+    assert len(states) == 2 * 3 and set(states.values()) == {("meta", "meta")}, states
 
 
 # ---------------------------------------------------------------------------- even validation batches
