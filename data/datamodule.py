@@ -11,6 +11,10 @@ it, `load_state_dict()` makes the next train loader fast-forward to it (see
 `data.dataset`). `StreamLoader` also keeps its iterator alive across Lightning epochs
 (with `limit_train_batches`), replaying the few batches Lightning prefetched but did not
 use, so an epoch boundary neither restarts nor skips data.
+
+Validation gives every rank the same number of batches (FSDP2 forwards are collectives):
+the ranks split the batches of one deterministic pass, and a rank left one short ends with
+a padding batch whose samples carry meta "padding" (see `data.dataset`).
 """
 
 from __future__ import annotations
@@ -187,7 +191,7 @@ class ImageDataModule(_ResumableData):
         max_pixels: images above are downscaled, aspect ratio kept (paper: 896*896).
         min_pixels: images below are upscaled.
         rows_per_batch: packed rows per training step.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (validation uses at most one, see `_val_loader`).
         seed: shuffling seed (shards and samples, per epoch).
         shuffle_buffer: samples in the shuffle buffer.
         pack_buffer: look-ahead of the packer.
