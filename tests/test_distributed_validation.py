@@ -26,9 +26,12 @@ from torch.utils.data import DataLoader
 
 import casa.module
 from casa.metrics import GroupedAnswerMetrics
+from casa.module import _is_padding
 from data.datamodule import ImageDataModule
+from data.dataset import ShardStream
 from data.format import make_sample
-from tests.data_fixtures import conv, png, write
+from data.packing import build_row
+from tests.data_fixtures import conv, png, sample, write
 from tests.helpers import tiny_module
 
 TASKS = ["a", "b", "b", "a", "c", "a", "b", "b", "c"]
@@ -80,6 +83,16 @@ def test_every_rank_gets_the_same_number_of_validation_batches_and_each_sample_o
     # DataLoader workers of one rank take its rows in turn: same rows, same order
     workers = _rows(DataLoader(dm.val_stream(), batch_size=None, num_workers=2))
     assert workers == per_rank[1]
+
+
+def test_even_batches_need_one_pass_and_padding_batches_are_whole(tmp_path):
+    dm = _datamodule(_data(tmp_path))
+    with pytest.raises(ValueError, match="equal_batches=True .* not repeat=True"):
+        ShardStream(dm.val_urls, dm.processor(), dm._packer(eval_rows=True), repeat=True, equal_batches=True)
+    row = build_row([sample(3, key="real"), sample(2, key="filler")])
+    row.meta[1]["padding"] = True
+    with pytest.raises(ValueError, match=r"mixes padding and real samples: meta padding flags \[False, True\]"):
+        _is_padding(row)
 
 
 # ---------------------------------------------------------------------------- 2 ranks == 1 process
