@@ -12,6 +12,7 @@ coarse, video) so the validation table reads like the paper's.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torchmetrics import Metric
@@ -98,28 +99,58 @@ class ANLS(_MeanScore):
         return anls_score(pred, ref, self.threshold)
 
 
+class WeightedMean(Metric):
+    """sum(value * weight) / sum(weight), e.g. the validation loss per answer token from the
+    batch losses and their answer-token counts. States are sums (float64), so the mean over
+    ranks is exact; a NaN value stays NaN (a diverged run must show it). Written out because
+    torchmetrics 1.9's MeanMetric either drops NaN values or, with nan_strategy="disable",
+    ignores the weights."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: float) -> None:
+        """value: [] tensor; weight: its weight (0 adds nothing, whatever the value)."""
+        if weight:
+            self.total += value.detach().to(self.total.dtype) * weight
+            self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.weight).float()
+
+
 METRICS = {"exact_match": ExactMatch, "relaxed_accuracy": RelaxedAccuracy, "anls": ANLS}
 
 
 class GroupedAnswerMetrics(torch.nn.Module):
     """Per-key (task or group) metric sets, created on first sight of a key.
 
-    The key set must be the same on every rank before `compute` under DDP, so callers
-    declare the known keys up front (`keys=`) when they can."""
+    Distributed (one process per rank): every metric's `compute` is a collective, so all
+    ranks must compute the same metrics in the same order. `compute` therefore first
+    gathers the union of keys seen by any rank, creates those this rank never saw (empty
+    states, which add nothing to the sums), and computes keys in sorted order.
+
+    New metric sets live on the module's device (`.to(device)` moves a non-persistent
+    anchor buffer with the states; torchmetrics states themselves are not buffers)."""
 
     def __init__(self, keys: list[str] | None = None) -> None:
         super().__init__()
         self.sets = torch.nn.ModuleDict()
+        # an empty tensor that follows .to(device) so that lazily created sets land on that device
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         for k in keys or []:
             self._get(k)
 
     def _get(self, key: str) -> torch.nn.ModuleDict:
         safe = key.replace(".", "_")
         if safe not in self.sets:
-            self.sets[safe] = torch.nn.ModuleDict({name: cls() for name, cls in METRICS.items()})
-            device = next((b.device for b in self.buffers()), None)
-            if device is not None:
-                self.sets[safe].to(device)
+            self.sets[safe] = torch.nn.ModuleDict({name: cls() for name, cls in METRICS.items()}).to(
+                self._device_anchor.device)
         return self.sets[safe]
 
     def update(self, keys: list[str], preds: list[str], refs: list[str]) -> None:
@@ -127,8 +158,26 @@ class GroupedAnswerMetrics(torch.nn.Module):
             for m in self._get(k).values():
                 m.update([p], [r])
 
+    def _sync_keys(self) -> list[str]:
+        """-> the sorted union of the keys of every rank (creating the missing ones here)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(self.sets.keys()))
+            for keys in gathered:
+                for k in keys or []:
+                    self._get(k)
+        return sorted(self.sets.keys())
+
     def compute(self) -> dict[str, dict[str, float]]:
-        return {k: {name: float(m.compute()) for name, m in ms.items()} for k, ms in self.sets.items()}
+        """-> {key: {metric name: value}}, synchronised across ranks (a collective: call it on every rank)."""
+        out: dict[str, dict[str, float]] = {}
+        with warnings.catch_warnings():
+            # a key this rank never saw is computed for the sync: its empty states are expected
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            for k in self._sync_keys():
+                out[k] = {name: float(m.compute()) for name, m in self.sets[k].items()}
+        return out
 
     def reset(self) -> None:
         for ms in self.sets.values():

@@ -3,7 +3,9 @@
 Training: loss on answer tokens only (labels are -100 elsewhere). Optimiser: Adam with
 the new / pretrained learning rates of `casa.optim`, warmup-constant-decay schedule.
 Validation: the loss, and greedy generation from each sample's prompt scored against its
-reference answer with `casa.metrics`, per task and per task group.
+reference answer with `casa.metrics`, per task and per task group. `val/loss` is the mean of
+the batch losses weighted by their answer tokens over the whole validation set (with
+`loss_reduction="token"`: the cross-entropy per answer token), the same on 1 or N ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from casa.batch import PackedBatch
 from casa.generation import GenerationConfig, generate, truncate_samples
-from casa.metrics import GroupedAnswerMetrics
+from casa.metrics import GroupedAnswerMetrics, WeightedMean
 from casa.model import VisionLanguageModel
 from casa.optim import build_optimizer, build_scheduler
 
@@ -32,7 +34,10 @@ class CasaModule(L.LightningModule):
         decay_steps: final linear decay steps (0 = constant to the end).
         val_generate: run generation metrics during validation.
         val_max_new_tokens: generation budget per validation answer.
-        val_max_samples: cap on generated validation samples per validation run (per rank).
+        val_max_samples: cap on generated validation samples per validation run, counted over
+            all ranks: a validation batch is generated on every rank while the ranks together
+            have generated fewer (so the last generated step may pass the cap by up to one
+            batch per rank); padding batches do not count.
         compile: `torch.compile` every decoder block (GPU runs).
         activation_checkpointing: recompute each decoder block in the backward pass.
         fsdp_param_dtype: under FSDP2 (`ModelParallelStrategy`), the parameter dtype of the
@@ -56,7 +61,9 @@ class CasaModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.task_metrics = GroupedAnswerMetrics()
         self.group_metrics = GroupedAnswerMetrics()
-        self._val_generated = 0
+        # sum of loss x answer tokens over sum of answer tokens, synced once per epoch
+        self.val_loss = WeightedMean()
+        self._val_generated = 0  # generated validation samples, summed over ranks
         self._step_start = 0.0
 
     # ------------------------------------------------------------------ sharding
@@ -109,33 +116,60 @@ class CasaModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ validation
+    # Rank lock-step: under FSDP2 every block forward is a collective, and every metric sync
+    # is one too, so each rank makes the same calls in the same order whatever its batch
+    # holds. The datamodule gives every rank the same number of validation batches (short
+    # ranks get a padding batch: meta "padding"), each batch runs the forward, the generation
+    # decision is taken over all ranks, and the loss and answer metrics are synced once, at
+    # the end of the epoch.
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
+        self.val_loss.reset()
         self.task_metrics.reset()
         self.group_metrics.reset()
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         out = self.model(batch)
-        if out.num_targets:
-            self.log("val/loss", out.loss, batch_size=out.num_targets, sync_dist=True, prog_bar=True)
-        if not self.hparams.val_generate or self._val_generated >= self.hparams.val_max_samples:
+        padding = _is_padding(batch)
+        # token-weighted; a padding batch has weight 0: it counts nothing but is still an update
+        self.val_loss.update(out.loss, 0 if padding else out.num_targets)
+        if not self._generation_wanted():
             return
-        if not batch.meta or "answer" not in batch.meta[0] or "prompt_len" not in batch.meta[0]:
+        generatable = bool(batch.meta) and all("answer" in m and "prompt_len" in m for m in batch.meta)
+        real = 0 if padding or not generatable else len(batch.meta)
+        # one all-reduce: [samples scored this step, ranks whose batch cannot be generated]
+        counts = self._sum_over_ranks(torch.tensor([real, int(not generatable)], device=self.device))
+        scored, refusals = (int(c) for c in counts.tolist())
+        if refusals:  # no rank generates, or some would generate alone
             return
         tok = self._tokenizer()
-        if tok is None:
-            return
         prompts = truncate_samples(batch, [m["prompt_len"] for m in batch.meta])
         gen = generate(self.model, prompts, GenerationConfig(max_new_tokens=self.hparams.val_max_new_tokens,
                                                              stop_token_ids=tuple(self._stop_ids())))
+        self._val_generated += scored
+        if padding:
+            return
         stop = set(self._stop_ids())
         preds = [tok.decode([t for t in g if t not in stop], skip_special_tokens=True) for g in gen]
         refs = [m["answer"] for m in batch.meta]
         self.task_metrics.update([m.get("task", "all") for m in batch.meta], preds, refs)
         self.group_metrics.update([m.get("group", "all") for m in batch.meta], preds, refs)
-        self._val_generated += len(preds)
+
+    def _generation_wanted(self) -> bool:
+        """Generate this batch? The same answer on every rank: `_val_generated` counts all ranks."""
+        return (self.hparams.val_generate and self._val_generated < self.hparams.val_max_samples
+                and self._tokenizer() is not None)
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        return t
 
     def on_validation_epoch_end(self) -> None:
+        # every rank ran the same number of validation steps, so update_count agrees across ranks
+        if self.val_loss.update_count:
+            self.log("val/loss", self.val_loss.compute(), prog_bar=True, rank_zero_only=False)
         if not self.hparams.val_generate:
             return
         for prefix, metrics in (("val_task", self.task_metrics), ("val_group", self.group_metrics)):
@@ -182,3 +216,11 @@ class CasaModule(L.LightningModule):
             return list(ids)
         tok = self._tokenizer()
         return [tok.eos_token_id] if tok is not None and tok.eos_token_id is not None else []
+
+
+def _is_padding(batch: PackedBatch) -> bool:
+    """A padding batch (the datamodule's filler that evens out validation batches per rank)?"""
+    flags = [bool(m.get("padding", False)) for m in batch.meta]
+    if any(flags) and not all(flags):
+        raise ValueError(f"a validation batch mixes padding and real samples: meta padding flags {flags}")
+    return bool(flags) and all(flags)

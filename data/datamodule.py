@@ -11,6 +11,10 @@ it, `load_state_dict()` makes the next train loader fast-forward to it (see
 `data.dataset`). `StreamLoader` also keeps its iterator alive across Lightning epochs
 (with `limit_train_batches`), replaying the few batches Lightning prefetched but did not
 use, so an epoch boundary neither restarts nor skips data.
+
+Validation gives every rank the same number of batches (FSDP2 forwards are collectives):
+the ranks split the batches of one deterministic pass, and a rank left one short ends with
+a padding batch whose samples carry meta "padding" (see `data.dataset`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ def resolve_tokenizer(spec: str):
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(d)
+
+
+def _val_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    """At most one worker: every validation reader processes the whole pass (see
+    `ShardStream.equal_batches`), so more workers would repeat the work, not share it."""
+    workers = min(num_workers, 1)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
 
 
 class StreamLoader(DataLoader):
@@ -180,7 +191,7 @@ class ImageDataModule(_ResumableData):
         max_pixels: images above are downscaled, aspect ratio kept (paper: 896*896).
         min_pixels: images below are upscaled.
         rows_per_batch: packed rows per training step.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (validation uses at most one, see `_val_loader`).
         seed: shuffling seed (shards and samples, per epoch).
         shuffle_buffer: samples in the shuffle buffer.
         pack_buffer: look-ahead of the packer.
@@ -238,10 +249,12 @@ class ImageDataModule(_ResumableData):
                            skip_batches=skip_batches, rank=rank, world_size=world)
 
     def val_stream(self) -> ShardStream:
-        """One deterministic pass (no shuffle), rows of at most `val_rows_samples` samples."""
+        """One deterministic pass (no shuffle), rows of at most `val_rows_samples` samples,
+        the same number of batches on every rank (`ShardStream(equal_batches=True)`: the
+        short ranks end with a padding batch, meta "padding")."""
         rank, world = self._rank()
         return ShardStream(self.val_urls, self.processor(), self._packer(eval_rows=True), 1, shuffle=False,
-                           repeat=False, seed=self.seed, rank=rank, world_size=world)
+                           repeat=False, seed=self.seed, rank=rank, world_size=world, equal_batches=True)
 
     def train_dataloader(self) -> StreamLoader:
         self._anchor = None
@@ -253,8 +266,7 @@ class ImageDataModule(_ResumableData):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
-        return DataLoader(self.val_stream(), batch_size=None, num_workers=self.num_workers,
-                          prefetch_factor=2 if self.num_workers else None)
+        return _val_loader(self.val_stream(), self.num_workers)
 
 
 class VideoDataModule(ImageDataModule):
@@ -350,6 +362,4 @@ class MixtureDataModule(_ResumableData):
         streams = [dm.val_stream() for dm in (self.image, self.video) if dm.val_urls]
         if not streams:
             return []
-        workers = self.image.num_workers
-        return DataLoader(ChainDataset(streams), batch_size=None, num_workers=workers,
-                          prefetch_factor=2 if workers else None)
+        return _val_loader(ChainDataset(streams), self.image.num_workers)

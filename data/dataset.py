@@ -13,6 +13,16 @@ shard, two workers on two ranks), every slot reads every shard and keeps the sam
 whose index modulo the slot count is its own. Either way each sample is read exactly once
 per epoch (webdataset's own splitters would instead raise "No samples found").
 
+Validation (`equal_batches=True`) splits batches instead: under FSDP2 every forward is a
+collective, so every rank must see the same number of batches. Every reader packs the
+whole pass identically, rank r keeps batches r, r + world_size, ...; a rank left one short
+gets a padding batch (a copy of batch 0 whose samples carry meta "padding": True, scored
+by nobody). Each real batch goes to exactly one rank:
+
+    batches of the pass   b0 b1 b2 b3 b4        world_size 2
+    rank 0                b0    b2    b4
+    rank 1                   b1    b3    pad(b0)
+
 Determinism and resume: the stream of a slot depends only on (seed, epoch, slot), so a
 resumed run fast-forwards by regenerating and discarding the batches already consumed
 (`skip_batches`) and continues exactly where it stopped. The DataLoader serves workers
@@ -27,7 +37,7 @@ import logging
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -178,6 +188,15 @@ class SampleProcessor:
         return messages, min(self.max_pixels, o.frame_max_pixels)
 
 
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) as given, or from torch.distributed (single process: (0, 1))."""
+    if rank is None or world_size is None:
+        rank, world_size = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return rank, world_size
+
+
 def reader_slot(skip_batches: int = 0, rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int]:
     """-> (slot, number of slots, batches to skip) of this reader: rank-major, then worker.
 
@@ -185,10 +204,7 @@ def reader_slot(skip_batches: int = 0, rank: int | None = None, world_size: int 
     comes from worker i % nw. After consuming C batches, resumed output j must be original
     batch C + j: worker w therefore continues the stream of original worker (C + w) % nw,
     from that stream's batch (C + w) // nw."""
-    if rank is None or world_size is None:
-        rank, world_size = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size = _rank_world(rank, world_size)
     info = get_worker_info()
     wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
     original = (wid + skip_batches) % nw
@@ -209,12 +225,19 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples in the shuffle buffer.
         skip_batches: batches to fast-forward (resume); set by the DataModule.
         rank / world_size: set by the DataModule from the trainer (None: torch.distributed).
+        equal_batches: split batches, not samples, across ranks so that every rank gets the
+            same number (see the module doc); needs repeat=False. Every reader then reads and
+            processes the whole pass, so more than one DataLoader worker adds no speed.
     """
 
     def __init__(self, urls: list[str], processor: SampleProcessor, packer: dict[str, Any], rows_per_batch: int = 1,
                  shuffle: bool = True, repeat: bool = True, seed: int = 0, shuffle_buffer: int = 256,
-                 skip_batches: int = 0, rank: int | None = None, world_size: int | None = None):
+                 skip_batches: int = 0, rank: int | None = None, world_size: int | None = None,
+                 equal_batches: bool = False):
         super().__init__()
+        if equal_batches and (repeat or skip_batches):
+            raise ValueError(f"ShardStream.equal_batches=True evens out one pass: it needs repeat=False and "
+                             f"skip_batches=0, not repeat={repeat}, skip_batches={skip_batches}")
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
@@ -225,7 +248,7 @@ class ShardStream(IterableDataset):
         self.urls, self.processor, self.packer_args = list(urls), processor, dict(packer)
         self.rows_per_batch, self.shuffle, self.repeat = rows_per_batch, shuffle, repeat
         self.seed, self.shuffle_buffer, self.skip_batches = seed, shuffle_buffer, skip_batches
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.equal_batches = rank, world_size, equal_batches
         self.counts: Counter = Counter()
         self.last_packer: Packer | None = None
         probe = Packer(**self.packer_args)
@@ -316,10 +339,29 @@ class ShardStream(IterableDataset):
                                    f"counts {dict(self.counts)}")
 
     def __iter__(self) -> Iterator[PackedBatch]:
+        if self.equal_batches:
+            yield from self._equal_batches()
+            return
         slot, slots, skip = reader_slot(self.skip_batches, self.rank, self.world_size)
         for i, b in enumerate(self.batches(slot, slots)):
             if i >= skip:
                 yield b
+
+    def _equal_batches(self) -> Iterator[PackedBatch]:
+        """This rank's share of one pass, padded to ceil(batches / world_size); a rank's
+        DataLoader workers take its batches in turn (the loader serves them round-robin)."""
+        rank, world = _rank_world(self.rank, self.world_size)
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        first, n = None, 0
+        for i, b in enumerate(self.batches(0, 1)):
+            first = b if first is None else first
+            n = i + 1
+            if i % world == rank and (i // world) % nw == wid:
+                yield b
+        mine = len(range(rank, n, world))
+        if first is not None and mine < -(-n // world) and mine % nw == wid:
+            yield replace(first, meta=[{**m, "padding": True} for m in first.meta])
 
     def stats(self) -> dict[str, int]:
         """Counters of this process: samples_read, samples_kept, epochs and one per skip reason."""
