@@ -127,7 +127,8 @@ class CasaModule(L.LightningModule):
             return
         prompts = truncate_samples(batch, [m["prompt_len"] for m in batch.meta])
         gen = generate(self.model, prompts, GenerationConfig(max_new_tokens=self.hparams.val_max_new_tokens,
-                                                             stop_token_ids=tuple(self._stop_ids())))
+                                                             stop_token_ids=tuple(self._stop_ids())),
+                       sync=self.trainer.world_size > 1)
         stop = set(self._stop_ids())
         preds = [tok.decode([t for t in g if t not in stop], skip_special_tokens=True) for g in gen]
         refs = [m["answer"] for m in batch.meta]
