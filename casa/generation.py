@@ -4,7 +4,8 @@ The prompts are one `PackedBatch` (several samples, images anywhere). With the c
 prompt is run once (`KVCache` keeps what each layer needs, see `casa.cache`) and every
 step feeds one token per unfinished sample; without it every step re-runs the whole
 sequence (the reference the cached path is tested against, and the path used with the
-Table 8 masks, whose key indices refer to full windows).
+Table 8 masks, whose key indices refer to full windows). With several ranks, `sync=True`
+keeps them stepping together (every FSDP2 block forward is a collective).
 """
 
 from __future__ import annotations

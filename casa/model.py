@@ -121,7 +121,8 @@ class VisionLanguageModel(nn.Module):
 
         `images_on_any_rank=False`: the caller knows that no rank's batch holds an image
         (cached decoding steps), so no idle sample is added (`needs_idle_sample`); with a
-        cache the caller adds it itself (`casa.generation.generate`), sizing the cache for it."""
+        cache the caller adds it itself (`casa.generation.generate`), sizing the cache for it;
+        with `image_embeds` given the batch runs as it is (the caller's images)."""
         if images_on_any_rank is False and batch.num_images:
             raise ValueError(f"hidden_states(images_on_any_rank=False) got a batch with {batch.num_images} images")
         T = batch.num_text_tokens
