@@ -4,7 +4,8 @@ The prompts are one `PackedBatch` (several samples, images anywhere). With the c
 prompt is run once (`KVCache` keeps what each layer needs, see `casa.cache`) and every
 step feeds one token per unfinished sample; without it every step re-runs the whole
 sequence (the reference the cached path is tested against, and the path used with the
-Table 8 masks, whose key indices refer to full windows).
+Table 8 masks, whose key indices refer to full windows). With several ranks, `sync=True`
+keeps them stepping together (every FSDP2 block forward is a collective).
 """
 
 from __future__ import annotations
@@ -114,14 +115,28 @@ def next_token(logits: torch.Tensor, history: list[list[int]], cfg: GenerationCo
 
 @torch.no_grad()
 def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
-             generator: torch.Generator | None = None, cache: KVCache | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, cache: KVCache | None = None,
+             sync: bool = False) -> list[list[int]]:
     """Generate for every sample of `prompts` -> new token ids per sample (stop token included
     when one was produced).
 
     `cache`: continue a conversation whose past is already in this cache (live captioning:
     each frame's chunk is a prompt); the last generated token is not fed, so the caller
-    sends it with the next chunk. Without it a fresh cache starts from `prompts`."""
+    sends it with the next chunk. Without it a fresh cache starts from `prompts`.
+
+    `sync`: step in lock-step with every rank of the default process group (validation
+    under FSDP2, where every block forward is an all-gather, so all ranks must make the same
+    forward calls). Each step all-reduces "is any sample of any rank still running?"; a rank
+    whose samples are all done runs a one-token dummy forward per step (output discarded)
+    until every rank is done. Outputs per sample are those of `sync=False`.
+
+    An FSDP2-wrapped model (`fully_shard` on the model) runs every step as a forward of its
+    root (`model.last_logits`, registered with `register_fsdp_forward_method`): the root's
+    parameters are gathered by its own pre-forward, with or without a forward before."""
     cfg = cfg or GenerationConfig()
+    if sync and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("generate(sync=True) needs an initialised torch.distributed process group")
+    _forward_through_fsdp_root(model)
     S = prompts.num_samples
     cu = prompts.sample_cu_seqlens.tolist()
     history = [prompts.input_ids[cu[s]:cu[s + 1]].tolist() for s in range(S)]
@@ -134,33 +149,67 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
     if cache is not None and not use_cache:
         raise ValueError("generate(cache=...) needs use_cache=True and no Table 8 inference mask")
     if use_cache:
-        cache = cache if cache is not None else KVCache(S)
-        hidden = model.hidden_states(prompts, cache=cache)
-        last = prompts.sample_cu_seqlens[1:].long() - 1
-        logits = model.backbone.head(hidden[last])  # [S, V]
-    else:
-        batch = prompts
-        logits = model.backbone.head(model.hidden_states(batch)[prompts.sample_cu_seqlens[1:].long() - 1])
-    for _ in range(cfg.max_new_tokens):
-        toks = next_token(logits, [history[s] + out[s] for s in active], cfg, generator)
-        still = []
-        for s, t in zip(active, toks):
-            out[s].append(t)
-            if t not in stop:
-                still.append(s)
-        if not still or _ == cfg.max_new_tokens - 1:
-            break
-        if use_cache:
-            keep_pos = [active.index(s) for s in still]
-            cache.keep(keep_pos)
-            step = text_chunk([[out[s][-1]] for s in still], device=prompts.input_ids.device)
-            logits = model.backbone.head(model.hidden_states(step, cache=cache))  # [S', V]
+        if model.needs_idle_sample(prompts):
+            # text-only prompts on one of several ranks: the idle sample goes through the
+            # cache too (the prompt step is the one cached step that may hold images), then
+            # leaves it, so the decoding steps see only the real samples
+            if cache is not None:
+                raise ValueError("generate(cache=...) continues a conversation in one process; with several "
+                                 "ranks and text-only prompts the idle sample would enter that cache")
+            cache = KVCache(S + 1)
+            logits = model.last_logits(model.with_idle_sample(prompts), cache=cache)[:S]  # [S, V]
+            cache.keep(list(range(S)))
         else:
-            batch = append_tokens(prompts, [out[s] for s in range(S)])
-            ends = batch.sample_cu_seqlens[1:].long() - 1
-            logits = model.backbone.head(model.hidden_states(batch)[ends])[still]
+            cache = cache if cache is not None else KVCache(S)
+            logits = model.last_logits(prompts, cache=cache)  # [S, V]
+    else:
+        logits = model.last_logits(prompts)
+    for step in range(cfg.max_new_tokens):
+        still = []
+        if active:
+            toks = next_token(logits, [history[s] + out[s] for s in active], cfg, generator)
+            for s, t in zip(active, toks):
+                out[s].append(t)
+                if t not in stop:
+                    still.append(s)
+        if step == cfg.max_new_tokens - 1 or not _any_rank(bool(still), sync, prompts.input_ids.device):
+            break
+        if not still:
+            # done here, not on another rank: the same forward calls as a decoding step there
+            # (cached steps are text-only on every rank; uncached ones run the tower, see
+            # `needs_idle_sample`), on one throwaway token outside the cache
+            model.last_logits(text_chunk([[0]], device=prompts.input_ids.device), images_on_any_rank=not use_cache)
+        elif use_cache:
+            cache.keep([active.index(s) for s in still])
+            step_batch = text_chunk([[out[s][-1]] for s in still], device=prompts.input_ids.device)
+            logits = model.last_logits(step_batch, cache=cache, images_on_any_rank=False)  # [S', V]
+        else:
+            logits = model.last_logits(append_tokens(prompts, [out[s] for s in range(S)]))[still]
         active = still
     return out
+
+
+def _any_rank(running: bool, sync: bool, device: torch.device) -> bool:
+    """Whether this rank (`sync=False`) or any rank of the default group (`sync=True`) has a
+    sample still generating: one all-reduce of one flag per step."""
+    if not sync:
+        return running
+    flag = torch.tensor([int(running)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _forward_through_fsdp_root(model) -> None:
+    """Under FSDP2 the root's parameters (embeddings, norm, lm_head, projector, patch
+    embedding) are gathered only by the root's pre-forward, which also runs FSDP's lazy
+    initialisation (which module is the root); calling `hidden_states` and `backbone.head`
+    directly worked only when a root forward had run before. `register_fsdp_forward_method`
+    (torch.distributed.fsdp's documented API) makes `last_logits` such a forward; once per
+    model, and a no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(model, FSDPModule) and "last_logits" not in vars(model):
+        register_fsdp_forward_method(model, "last_logits")
 
 
 def _masked(model) -> bool:

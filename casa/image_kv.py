@@ -149,11 +149,12 @@ class _ImageKV(torch.autograd.Function):
             dyr[:, :O_k] = 0
         elif cos is not None:
             D = cos.shape[-1]
-            dk = dk.reshape(N, -1, D)
+            Hkv = O_k // D  # explicit, not -1: a text-only batch has N = 0 image tokens
+            dk = dk.reshape(N, Hkv, D)
             if perm is not None:  # interleaved -> [evens | odds], the layout the forward rotated in
-                dk = dk.view(N, -1, D // 2, 2).transpose(-1, -2).reshape(N, -1, D)
+                dk = dk.view(N, Hkv, D // 2, 2).transpose(-1, -2).reshape(N, Hkv, D)
             _rope(dk, cos * r[:, None], sin * r[:, None], ctx.layout, inverse=True,
-                  out=dyr[:, :O_k].view(N, -1, D))
+                  out=dyr[:, :O_k].view(N, Hkv, D))
         else:
             torch.mul(dk.reshape(N, O_k), rc, out=dyr[:, :O_k])
         if dv is None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from casa.backbone import Backbone
-from casa.batch import PackedBatch
+from casa.batch import PackedBatch, collate_packed
 from casa.fusion.base import FusionStrategy
 from casa.positions import sample_of_text
 from casa.projector import Projector
@@ -37,6 +37,12 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     """Mean cross-entropy over answer tokens (None without labels, 0 with no answer token)."""
     num_targets: int = 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class VisionLanguageModel(nn.Module):
@@ -70,13 +76,63 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, batch: PackedBatch) -> torch.Tensor:
-        """-> image_embeds [N, d] in the LM's width."""
+        """-> image_embeds [N, d] in the LM's width ([0, d] for a batch without image)."""
         if batch.num_images == 0:
             return self.backbone.embed_tokens.weight.new_zeros(0, self.backbone.hidden_size)
         return self.projector(self.vision(batch.pixel_values, batch.image_grid_thw))
 
-    def hidden_states(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """-> [T, d] final hidden states at the text positions (before the final norm)."""
+    def needs_idle_sample(self, batch: PackedBatch, images_on_any_rank: bool = True) -> bool:
+        """Whether a forward over `batch` must carry the idle sample (`with_idle_sample`).
+
+        The rule: with several ranks (torch.distributed initialised, world size > 1), every
+        forward whose batch has no image runs one, unless the caller knows that no rank's
+        batch has an image (`images_on_any_rank=False`: the text-only decoding steps of
+        `casa.generation.generate`, identical on every rank, pay no tower forward per token).
+        Why: the ranks' collectives must match call for call. Under FSDP2 every vision block
+        is its own `fully_shard` unit (an all-gather per forward, a reduce-scatter per
+        backward); under DDP every trainable parameter must get a gradient on every rank
+        before the bucketed all-reduce. A text-only batch skips the tower and projector, and
+        CA / gated CA layers and the Q-Former use none of their parameters without an image,
+        so a rank holding one would stall (NCCL) or abort (gloo) the others, in training and
+        in no-grad validation alike (FSDP2 all-gathers in no-grad forwards too).
+        One process: never (nothing to match), so single-process numbers are unchanged."""
+        return batch.num_images == 0 and images_on_any_rank and _world_size() > 1
+
+    def with_idle_sample(self, batch: PackedBatch) -> PackedBatch:
+        """batch + one sample [idle image | one text token, id 0] at its end: T+1 text tokens,
+        one more window, one image token (`VisionEncoder.idle_image`). Samples never see each
+        other (block-diagonal attention), so the first T positions compute what they would
+        without it; its one position has no target, so it adds nothing to the loss, but it
+        runs every parameter a batch with an image runs (zero gradients)."""
+        dev = batch.input_ids.device
+        pixel_values, grid = self.vision.idle_image(dev)
+        one = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        idle = PackedBatch(input_ids=torch.zeros(1, dtype=torch.long, device=dev),
+                           labels=torch.full((1,), -100, dtype=torch.long, device=dev),
+                           position_ids=batch.position_ids.new_zeros(*batch.position_ids.shape[:-1], 1),
+                           sample_cu_seqlens=one, window_cu_seqlens_text=one.clone(), window_cu_seqlens_image=one.clone(),
+                           pixel_values=pixel_values.to(batch.pixel_values.dtype), image_grid_thw=grid,
+                           image_text_position=torch.zeros(1, dtype=torch.long, device=dev))
+        return replace(collate_packed([replace(batch, meta=[]), idle]), meta=[])
+
+    def hidden_states(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None, cache=None,
+                      images_on_any_rank: bool = True) -> torch.Tensor:
+        """-> [T, d] final hidden states at the text positions (before the final norm).
+
+        `images_on_any_rank=False`: the caller knows that no rank's batch holds an image
+        (cached decoding steps), so no idle sample is added (`needs_idle_sample`); with a
+        cache the caller adds it itself (`casa.generation.generate`), sizing the cache for it;
+        with `image_embeds` given the batch runs as it is (the caller's images)."""
+        if images_on_any_rank is False and batch.num_images:
+            raise ValueError(f"hidden_states(images_on_any_rank=False) got a batch with {batch.num_images} images")
+        T = batch.num_text_tokens
+        idle = image_embeds is None and self.needs_idle_sample(batch, images_on_any_rank)
+        if idle:
+            if cache is not None:
+                raise ValueError("hidden_states(cache=...) with several ranks and a batch without image: add "
+                                 "`with_idle_sample(batch)` and size the cache for it (see casa.generation.generate), "
+                                 "or pass images_on_any_rank=False when no rank has an image")
+            batch = self.with_idle_sample(batch)
         if image_embeds is None:
             image_embeds = self.encode_images(batch)
         if cache is not None:
@@ -99,7 +155,15 @@ class VisionLanguageModel(nn.Module):
             text_pos = ctx.extras.get("text_positions", batch.position_ids)
             text_pos = text_pos if text_pos.dim() == 1 else text_pos[0]
             cache.advance(text_pos[batch.sample_cu_seqlens[1:].long() - 1])
-        return self.fusion.text_states(stream, ctx)
+        hidden = self.fusion.text_states(stream, ctx)  # [T(+1), d]
+        return hidden[:T] if idle else hidden  # the idle sample is last
+
+    def last_logits(self, batch: PackedBatch, cache=None, images_on_any_rank: bool = True) -> torch.Tensor:
+        """-> [S, V] logits at the last text position of every sample: one generation step.
+        `casa.generation.generate` makes it an FSDP2 forward method of the root, so that the
+        root's parameters (embeddings, norm, lm_head, projector) are gathered for it."""
+        hidden = self.hidden_states(batch, cache=cache, images_on_any_rank=images_on_any_rank)
+        return self.backbone.head(hidden[batch.sample_cu_seqlens[1:].long() - 1])  # [S, V]
 
     def forward(self, batch: PackedBatch) -> ModelOutput:
         logits = self.backbone.head(self.hidden_states(batch))  # [T, V]

@@ -145,7 +145,8 @@ class CasaModule(L.LightningModule):
         tok = self._tokenizer()
         prompts = truncate_samples(batch, [m["prompt_len"] for m in batch.meta])
         gen = generate(self.model, prompts, GenerationConfig(max_new_tokens=self.hparams.val_max_new_tokens,
-                                                             stop_token_ids=tuple(self._stop_ids())))
+                                                             stop_token_ids=tuple(self._stop_ids())),
+                       sync=self.trainer.world_size > 1)
         self._val_generated += scored
         if padding:
             return

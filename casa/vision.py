@@ -212,6 +212,15 @@ class VisionEncoder(nn.Module):
         out = self.tower(pixel_values.to(dtype), grid_thw=image_grid_thw)
         return out.pooler_output  # [N, out_dim]: merged tokens, already back in raster order per image
 
+    def idle_image(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest image the tower takes, all zeros: one temporal patch of merge x merge
+        patches -> pixel_values [merge**2, C*tp*p*p], image_grid_thw [1, 3]; one token out.
+        A text-only batch on one of several ranks runs it so that every rank makes the same
+        collective calls (`casa.model.VisionLanguageModel.needs_idle_sample`)."""
+        merge = self.spatial_merge_size
+        pixel_values = torch.zeros(merge * merge, self._patch_dim, device=device)
+        return pixel_values, torch.tensor([[1, merge, merge]], dtype=torch.long, device=device)
+
     def save_pretrained(self, directory: str | Path) -> None:
         """Write `config.json` ({model_type, vision_config}) and `model.safetensors` (`visual.*`):
         a vision-only Qwen2.5-VL checkpoint that `VisionEncoder(path=directory)` reads back."""
