@@ -91,6 +91,11 @@ class CasaModule(L.LightningModule):
         self._sharded = True
 
     # ------------------------------------------------------------------ training
+    #: FLOPs (forward + backward, `casa.flops.training_flops`) of the batch being measured, which
+    #: Lightning's `ThroughputMonitor` reads for FLOPs/s and MFU; `callbacks.throughput.TokenThroughput`
+    #: sets it per batch (None: not counted, e.g. validation's generation).
+    flops_per_batch: int | None = None
+
     def forward(self, batch: PackedBatch):
         return self.model(batch)
 
