@@ -60,7 +60,7 @@ class ReduceScatterProbe(L.Callback):
         self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rows.append({"epoch": trainer.current_epoch, "batch_idx": batch_idx,
+        self.rows.append({"epoch": trainer.current_epoch, "batch_idx": batch_idx, "image_tokens": batch.num_image_tokens,
                           "reduce_scatters": self.counter.calls - self._before, "stepped": self._stepped})
 
     def teardown(self, trainer, pl_module, stage) -> None:
@@ -74,12 +74,18 @@ def test_fsdp2_reduce_scatters_only_on_the_micro_batch_that_steps(tmp_path):
     """2 gloo processes, the FSDP2 recipe (fsdp2_h100.yaml on CPU), accumulate 2 over epochs of
     3 batches: Lightning steps after batches 2 and 3 of the first epoch (the epoch's last
     batch ends the accumulation early) and after batch 2 of the next, 3 steps in all. Gradients
-    must be reduce-scattered on those micro-batches only: before the fix, on all five."""
-    from tests.test_configs import DEMO, FSDP2_CPU, TINY, _env, fit_args
+    must be reduce-scattered on those micro-batches only: before the fix, on all five.
+
+    The same run checks `TokenThroughput`'s global image tokens/s (instruments.yaml: a window
+    of 2 micro-batches, logged every step): it sums both ranks' image tokens of the window,
+    so global / device = (rank 0's + rank 1's) / rank 0's tokens of the step's micro-batch."""
+    import csv
+
+    from tests.test_configs import DEMO, FSDP2_CPU, INSTRUMENTS, TINY, _env, fit_args
 
     shared = tmp_path / "runs" / "test-synth"
     shared.parent.mkdir()
-    files = [DEMO, TINY, CONFIGS / "trainer" / "fsdp2_h100.yaml", FSDP2_CPU]
+    files = [DEMO, TINY, CONFIGS / "trainer" / "fsdp2_h100.yaml", FSDP2_CPU, INSTRUMENTS]
     run = tmp_path / "acc"
     args = fit_args(files, run, "--trainer.max_steps", "3", "--trainer.limit_train_batches", "3",
                     "--trainer.limit_val_batches", "0", "--trainer.callbacks+=tests.test_accumulation.ReduceScatterProbe")
@@ -93,6 +99,16 @@ def test_fsdp2_reduce_scatters_only_on_the_micro_batch_that_steps(tmp_path):
         per_step = {x["reduce_scatters"] for x in rows if x["stepped"]}
         assert len(per_step) == 1 and per_step.pop() > 0, rows  # every parameter group, once per step
         assert [x["reduce_scatters"] for x in rows if not x["stepped"]] == [0, 0], rows
+    ranks = [json.loads((run / f"reduce_scatters_rank{r}.json").read_text()) for r in (0, 1)]
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("train/image_tokens_per_sec")]
+    assert len(logged) == 3  # one per optimizer step (the window of 2 is full from the first)
+    stepping = [i for i, x in enumerate(ranks[0]) if x["stepped"]]
+    for row, i in zip(logged, stepping):
+        mine, both = ranks[0][i]["image_tokens"], ranks[0][i]["image_tokens"] + ranks[1][i]["image_tokens"]
+        assert mine > 0 and both > mine, (mine, both)
+        device, total = float(row["train/device/image_tokens_per_sec"]), float(row["train/image_tokens_per_sec"])
+        assert total * mine == pytest.approx(device * both, rel=1e-5), (row, mine, both)
 
 
 def _accumulate(rank: int, init: str, out: Path) -> None:
