@@ -16,12 +16,19 @@ import time
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from casa.batch import PackedBatch
 from casa.generation import GenerationConfig, generate, truncate_samples
 from casa.metrics import GroupedAnswerMetrics, WeightedMean
 from casa.model import VisionLanguageModel
 from casa.optim import build_optimizer, build_scheduler
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA only; CPU work is already done when it returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class CasaModule(L.LightningModule):
@@ -64,7 +71,7 @@ class CasaModule(L.LightningModule):
         # sum of loss x answer tokens over sum of answer tokens, synced once per epoch
         self.val_loss = WeightedMean()
         self._val_generated = 0  # generated validation samples, summed over ranks
-        self._step_start = 0.0
+        self._step_start: float | None = None  # host clock at the first micro-batch of the current optimizer step
 
     # ------------------------------------------------------------------ sharding
     def configure_model(self) -> None:
@@ -91,20 +98,47 @@ class CasaModule(L.LightningModule):
         self._sharded = True
 
     # ------------------------------------------------------------------ training
+    #: FLOPs (forward + backward, `casa.flops.training_flops`) of the batch being measured, which
+    #: Lightning's `ThroughputMonitor` reads for FLOPs/s and MFU; `callbacks.throughput.TokenThroughput`
+    #: sets it per batch (None: not counted, e.g. validation's generation).
+    flops_per_batch: int | None = None
+
     def forward(self, batch: PackedBatch):
         return self.model(batch)
 
+    def _steps_on_this_batch(self) -> bool:
+        """Whether Lightning runs the optimizer after the current micro-batch: the last of
+        `accumulate_grad_batches`, or the last batch of an epoch (Lightning steps there even
+        mid-accumulation). The signal Lightning's own loop uses (`_AutomaticOptimization.run`)."""
+        return not self.trainer.fit_loop._should_accumulate()
+
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
+        if self._step_start is None:  # the first micro-batch of an optimizer step
+            _synchronize(self.device)  # work queued before (validation, callbacks) is not this step's
+            self._step_start = time.perf_counter()
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        if isinstance(self.model, FSDPModule):
+            # FSDP2 reduce-scatters every backward unless told not to, and Lightning's
+            # accumulation only blocks DDP's sync (`no_sync`): without this, each of the
+            # `accumulate_grad_batches` micro-batches pays a full gradient reduce-scatter. Between
+            # syncs each rank accumulates unsharded fp32 (`reduce_dtype`) gradients locally, the
+            # documented trade of memory for communication.
+            self.model.set_requires_gradient_sync(self._steps_on_this_batch())
         out = self.model(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=max(out.num_targets, 1))
         self.log("train/answer_tokens", float(out.num_targets), reduce_fx="sum")
         return out.loss
 
     def on_train_batch_end(self, outputs, batch: PackedBatch, batch_idx: int) -> None:
+        """`train/step_time_s`: one optimizer step (all its micro-batches, backward and
+        optimizer included), measured after the device has finished it (CUDA is asynchronous:
+        without the synchronize, the host clock measures kernel launches)."""
+        if not self._steps_on_this_batch():
+            return
+        _synchronize(self.device)
         self.log("train/step_time_s", time.perf_counter() - self._step_start)
+        self._step_start = None
 
     def configure_optimizers(self):
         h = self.hparams

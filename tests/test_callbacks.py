@@ -121,3 +121,86 @@ def test_gate_monitor_and_throughput(tmp_path):
     assert len(gm.history) == 4 and set(gm.history[0][1]) == {0, 1}
     assert gm.history[0][1][0] != 0.0  # the gates moved away from their zero init
     assert (tmp_path / "run" / "gates.png").is_file()
+
+
+class _Metrics(L.pytorch.loggers.logger.Logger):
+    """Keeps every `log_metrics` call: [(step, {key: value})]."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, dict]] = []
+
+    name, version = "memory", 0
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+
+class _Batches(L.Callback):
+    """What each training micro-batch held: (text tokens, image tokens, `training_flops`)."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from casa.flops import training_flops
+
+        self.rows.append((batch.num_text_tokens, batch.num_image_tokens, training_flops(pl_module.model, batch)))
+
+
+def test_token_throughput_logs_image_tokens_and_flops_over_lightnings_window(tmp_path, recwarn):
+    """Over each logged window (the last `window_size` micro-batches, so the tokens of all but
+    the first of them), image tokens/s and FLOPs/s relate to Lightning's text tokens/s
+    (`items_per_sec`) as the counted image tokens and FLOPs to the counted text tokens; logged
+    once per optimizer step (accumulation 2), with no "flops_per_batch" warning."""
+    window = 3
+    logger, batches = _Metrics(), _Batches()
+    module = tiny_module()
+    dm = tiny_datamodule(tmp_path)
+    trainer = L.Trainer(default_root_dir=tmp_path / "run", max_steps=5, accelerator="cpu", logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, accumulate_grad_batches=2, log_every_n_steps=1,
+                        callbacks=[batches, TokenThroughput(window_size=window)])
+    trainer.fit(module, datamodule=dm)
+    assert not [w for w in recwarn if "flops_per_batch" in str(w.message)]
+    logged = [m for _, m in logger.calls if "train/device/image_tokens_per_sec" in m]
+    rates = [m for _, m in logger.calls if "train/device/items_per_sec" in m]
+    assert len(logged) == len(rates) == 4  # steps 2..5: the window of 3 micro-batches is full from step 2
+    assert len(batches.rows) == 10
+    for i, (mine, lightning) in enumerate(zip(logged, rates)):
+        last = 2 * (i + 2)  # micro-batches seen when optimizer step i + 2 closes
+        rows = batches.rows[last - window + 1:last]  # the window's tokens: all but its first batch
+        text, image, flops = (sum(r[j] for r in rows) for j in range(3))
+        assert image > 0
+        ratio = mine["train/device/image_tokens_per_sec"] / lightning["train/device/items_per_sec"]
+        assert ratio == pytest.approx(image / text, rel=1e-6)
+        ratio = lightning["train/device/flops_per_sec"] / lightning["train/device/items_per_sec"]
+        assert ratio == pytest.approx(flops / text, rel=1e-6)
+    assert "train/image_tokens_per_sec" not in logged[0]  # one process: device rates only, as Lightning's
+
+
+class _SlowBackward(L.Callback):
+    def on_before_backward(self, trainer, pl_module, loss):
+        import time
+
+        time.sleep(0.2)
+
+
+def test_step_time_covers_every_micro_batch_of_an_optimizer_step(tmp_path):
+    """`train/step_time_s` times an optimizer step: with 2 micro-batches of >= 0.2 s each, every
+    logged value is at least 0.4 s (a per-micro-batch timer logged about 0.2 s)."""
+    logger = _Metrics()
+    trainer = L.Trainer(default_root_dir=tmp_path / "run", max_steps=3, accelerator="cpu", logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, accumulate_grad_batches=2, log_every_n_steps=1,
+                        callbacks=[_SlowBackward()])
+    trainer.fit(tiny_module(), datamodule=tiny_datamodule(tmp_path))
+    times = [m["train/step_time_s"] for _, m in logger.calls if "train/step_time_s" in m]
+    assert len(times) == 3 and min(times) >= 0.4, times
