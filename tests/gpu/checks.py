@@ -319,7 +319,8 @@ def not_counted() -> Iterator[None]:
 @contextmanager
 def count_cpu_syncs() -> Iterator[SyncCount]:
     """On CPU: count the calls that would sync a CUDA host (`_READS`, `_data_dependent`).
-    Sees Python-level calls only, as the forward does; autograd's backward runs in C++."""
+    It sees calls made from Python (the forward, custom autograd functions, the optimizer),
+    not autograd's C++ backward kernels; on CUDA `count_cuda_syncs` sees both."""
     count = SyncCount()
     with _SyncMode(count):
         yield count
