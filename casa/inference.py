@@ -129,7 +129,8 @@ def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tu
 def add_checkpoint_arguments(parser) -> None:
     """The options every inference CLI shares: which checkpoint, its config if the file
     predates `casa_config`, where to run and how many CPU threads."""
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint written by experiments.fit (a file, or the directory FSDP2 writes)")
     parser.add_argument("--config", action="append", default=[],
                         help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
     parser.add_argument("--device", default="cpu")

@@ -161,3 +161,18 @@ def test_metadata_file_names_are_lightning_and_torch_ones():
     from casa.checkpoint import DCP_METADATA, LIGHTNING_METADATA
 
     assert (LIGHTNING_METADATA, DCP_METADATA) == (_METADATA_FILENAME, _metadata_fn)
+
+
+def test_consolidate_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+    from experiments.consolidate import main
+
+    monkeypatch.delenv("CASA_TRACEBACK", raising=False)
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"experiments.consolidate: error: checkpoint '{tmp_path / 'nope'}' does not exist")
+    _write_dcp(tmp_path / "last.ckpt", {"model.w": torch.ones(2)}, {"global_step": 3})
+    assert main([str(tmp_path / "last.ckpt"), str(tmp_path / "last.ckpt")]) == 2
+    assert "is the checkpoint itself" in capsys.readouterr().err
+    assert main([str(tmp_path / "last.ckpt"), str(tmp_path / "full" / "out.ckpt")]) == 0
+    full = torch.load(tmp_path / "full" / "out.ckpt", weights_only=False)
+    assert full["global_step"] == 3 and torch.equal(full["state_dict"]["model.w"], torch.ones(2))
