@@ -1,6 +1,6 @@
 """Attention-map capture: what text tokens look at inside CASA / CA layers.
 
-Every `every_n_steps` training steps (and at the end of fit) the callback runs one fixed
+Every `every_n_steps` optimizer steps (and at the end of fit) the callback runs one fixed
 validation batch through the model inside `capture_attention` (the eager backend, for
 that batch only) and writes, under `<run_dir>/attention/step_XXXXXX/`:
 
@@ -27,7 +27,8 @@ from callbacks.attention_stats import fig7, layer_masses
 
 class AttentionMaps(L.Callback):
     """Args:
-        every_n_steps: capture interval in training steps.
+        every_n_steps: capture interval in optimizer steps (once per step whatever
+            accumulate_grad_batches is).
         layers: fused layer indices to keep (None: all).
         heads: heads averaged in the heatmaps (None: all).
         num_windows: windows drawn per layer heatmap (the first ones that have image keys).
@@ -43,6 +44,7 @@ class AttentionMaps(L.Callback):
         self.num_windows, self.max_samples, self.out_dir = num_windows, max_samples, out_dir
         self._batch = None
         self.captures = 0
+        self._step = 0  # the global step of the last optimizer step seen
 
     # ------------------------------------------------------------------ batch
     def _fixed_batch(self, trainer: L.Trainer):
@@ -63,7 +65,15 @@ class AttentionMaps(L.Callback):
         return Path(self.out_dir or Path(trainer.default_root_dir) / "attention")
 
     # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step  # a resumed run starts from its checkpoint's step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # once per optimizer step: micro-batches of an accumulation window leave global_step
+        # as it was, and only the last one of the window advances it
+        if trainer.global_step == self._step:
+            return
+        self._step = trainer.global_step
         if trainer.global_step % self.every_n_steps == 0:
             self.capture(trainer, pl_module)
 
@@ -88,6 +98,14 @@ class AttentionMaps(L.Callback):
                 model(batch)
         finally:
             model.train(was_training)
+        # a batch with images gives one record per fused layer call; none from a layer means
+        # the records were lost on the way (e.g. a capture list copied by FSDP2's input cast)
+        fusion = getattr(model, "fusion", None)
+        missing = sorted(set(fusion.fused_layers() if fusion is not None else ()) - {r["layer"] for r in records})
+        if missing:
+            raise RuntimeError(f"AttentionMaps: the capture forward at step {trainer.global_step} recorded nothing for "
+                               f"fused layers {missing} of {type(fusion).__name__} (got {len(records)} records): the "
+                               "attention records did not reach VisionLanguageModel.capture_attention")
         if not trainer.is_global_zero:  # rank zero writes each file once
             return None
         if self.layers is not None:

@@ -45,7 +45,7 @@ def reset_peak_rss() -> bool:
 
 class MemoryMonitor(L.Callback):
     """Args:
-        every_n_steps: logging interval (training steps).
+        every_n_steps: logging interval (optimizer steps).
     """
 
     def __init__(self, every_n_steps: int = 10):
@@ -54,6 +54,7 @@ class MemoryMonitor(L.Callback):
         self.every_n_steps = every_n_steps
         self.run_peak: dict[str, int] = {}
         self.history: list[dict[str, int]] = []
+        self._step = 0  # the global step of the last optimizer step seen
 
     def _measure(self, device: torch.device) -> dict[str, int]:
         if device.type == "cuda":
@@ -76,8 +77,14 @@ class MemoryMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure(pl_module.device)  # start the first interval clean
+        self._step = trainer.global_step  # a resumed run starts from its checkpoint's step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # once per optimizer step, after its last micro-batch: an interval holds whole steps
+        # (micro-batches of an accumulation window leave global_step as it was)
+        if trainer.global_step == self._step:
+            return
+        self._step = trainer.global_step
         if (trainer.global_step % self.every_n_steps) != 0:
             return
         local = self._measure(pl_module.device)

@@ -31,6 +31,21 @@ from casa.attention import varlen_attention
 FUSION_MODES = ("none", "parallel", "before", "replace")
 
 
+class AttentionRecorder:
+    """Where fusion layers put their attention records during `capture_attention`.
+
+    Deliberately not a list, dict or dataclass: FSDP2 with a MixedPrecisionPolicy casts a
+    block's inputs by rebuilding those containers (`torch.distributed.utils._apply_to_tensors`),
+    so a list in the StreamContext reached the layers as a copy and every record was lost.
+    Objects of other types are handed to the block as they are."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+
+
 @dataclass
 class StreamContext:
     """Everything a block needs about the current batch, built once per forward.
@@ -39,7 +54,8 @@ class StreamContext:
     cos, sin [L, D]: rotary tables of the stream tokens.
     windows: the strategy's per-batch window index (`casa.fusion.windows.WindowIndex`),
         or None for strategies without windowed fusion.
-    capture: a list that fusion layers append attention records to (attention maps), or None.
+    capture: an AttentionRecorder that fusion layers append attention records to (attention
+        maps), or None.
     cache: a `casa.cache.KVCache` during cached generation, or None.
     """
 
@@ -47,7 +63,7 @@ class StreamContext:
     cos: torch.Tensor
     sin: torch.Tensor
     windows: Any = None
-    capture: list | None = None
+    capture: AttentionRecorder | None = None
     cache: Any = None
     extras: dict = field(default_factory=dict)
 

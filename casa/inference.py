@@ -36,6 +36,7 @@ from PIL import Image
 
 from casa.batch import PackedBatch
 from casa.cache import KVCache
+from casa.checkpoint import CheckpointError, read_checkpoint as read_checkpoint_dict
 from casa.generation import GenerationConfig, generate, truncate_samples
 from data.image import MIN_PIXELS, ORIGINAL_SIZE, ImageError, decode_image, patchify, to_rgb
 from data.packing import Sample, build_sample_row
@@ -43,10 +44,6 @@ from data.templates import ChatTemplate
 from data.video import CAPTION_PROMPT
 
 ImageLike = Image.Image | str | Path | bytes
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded (missing file, not a casa checkpoint, no run config)."""
 
 
 class InputError(ValueError):
@@ -99,7 +96,8 @@ def merge_configs(base: dict, override: dict) -> dict:
 
 
 def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tuple[dict, dict]:
-    """-> (checkpoint dict, parsed run config); CheckpointError with a readable reason otherwise.
+    """A checkpoint file or directory (`casa.checkpoint.read_checkpoint`) -> (checkpoint dict,
+    parsed run config); CheckpointError with a readable reason otherwise.
 
     The run config is the checkpoint's `casa_config`, or, when `config_files` are given
     (the YAMLs the run was trained with, composed in order), those instead: the way to
@@ -107,14 +105,7 @@ def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tu
     import yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist" + (" (it is a directory)" if p.is_dir() else ""))
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle/zip errors of a file that is not a torch checkpoint
-        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{p} is not a Lightning checkpoint (no 'state_dict')")
+    ckpt = read_checkpoint_dict(p)
     texts, source = [ckpt.get("casa_config")], "casa_config"
     if config_files:
         missing = [str(f) for f in config_files if not Path(f).is_file()]
@@ -138,7 +129,8 @@ def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tu
 def add_checkpoint_arguments(parser) -> None:
     """The options every inference CLI shares: which checkpoint, its config if the file
     predates `casa_config`, where to run and how many CPU threads."""
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by experiments.fit")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint written by experiments.fit (a file, or the directory FSDP2 writes)")
     parser.add_argument("--config", action="append", default=[],
                         help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
     parser.add_argument("--device", default="cpu")

@@ -24,6 +24,7 @@ from torch import nn
 
 from casa.backbone import Backbone
 from casa.batch import PackedBatch, collate_packed
+from casa.blocks import AttentionRecorder
 from casa.fusion.base import FusionStrategy
 from casa.positions import sample_of_text
 from casa.projector import Projector
@@ -69,7 +70,7 @@ class VisionLanguageModel(nn.Module):
         self.projector = Projector(vision.out_dim, backbone.hidden_size, kind=projector)
         self.fusion = fusion
         fusion.attach(backbone, vision.spatial_merge_size)
-        self._capture: list | None = None
+        self._capture: AttentionRecorder | None = None
         self.activation_checkpointing = False
         self._pretrained = {f"backbone.{n}" for n in backbone.pretrained_names} | {
             f"vision.{n}" for n, _ in vision.named_parameters()}
@@ -199,9 +200,9 @@ class VisionLanguageModel(nn.Module):
     def capture_attention(self):
         """Inside: fusion attention layers run the eager backend and append one record per
         layer call to the yielded list (see `casa.fusion.layers.window_attention`)."""
-        records: list = []
-        self._capture = records
+        recorder = AttentionRecorder()
+        self._capture = recorder
         try:
-            yield records
+            yield recorder.records
         finally:
             self._capture = None

@@ -226,11 +226,13 @@ class CasaModule(L.LightningModule):
 
     # ------------------------------------------------------------------ helpers
     def _load_weights(self, path: str) -> None:
-        from pathlib import Path
+        """Weights of a previous stage: what `fit` wrote under any trainer (file or FSDP2 directory)."""
+        from casa.checkpoint import CheckpointError, read_checkpoint
 
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"CasaModule.init_from={path!r}: no such checkpoint file")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        try:
+            state = read_checkpoint(path)["state_dict"]
+        except CheckpointError as e:
+            raise CheckpointError(f"CasaModule.init_from={path!r}: {e}") from None
         weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if missing or unexpected:

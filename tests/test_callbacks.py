@@ -204,3 +204,72 @@ def test_step_time_covers_every_micro_batch_of_an_optimizer_step(tmp_path):
     trainer.fit(tiny_module(), datamodule=tiny_datamodule(tmp_path))
     times = [m["train/step_time_s"] for _, m in logger.calls if "train/step_time_s" in m]
     assert len(times) == 3 and min(times) >= 0.4, times
+def test_attention_maps_and_memory_fire_once_per_optimizer_step(tmp_path):
+    """accumulate_grad_batches=2: eight micro-batches make four optimizer steps, so four
+    captures (and one at the end of fit) and four memory intervals, each after its step's
+    last micro-batch; firing per micro-batch gave eight (global_step 0, 1, 1, 2, 2, ...)."""
+    cb, mem = AttentionMaps(every_n_steps=1), MemoryMonitor(every_n_steps=1)
+    module = tiny_module()
+    calls = []
+    orig = module.model.capture_attention
+
+    def counting():
+        calls.append((module.trainer.global_step, module.trainer.fit_loop.epoch_loop.batch_progress.current.ready))
+        return orig()
+
+    module.model.capture_attention = counting
+    _trainer(tmp_path, [cb, mem], steps=4, accumulate_grad_batches=2).fit(module, datamodule=tiny_datamodule(tmp_path))
+    assert calls == [(1, 2), (2, 4), (3, 6), (4, 8), (4, 8)]  # (optimizer step, micro-batches so far)
+    assert [h["step"] for h in mem.history] == [1, 2, 3, 4]
+
+
+def test_attention_capture_records_under_fsdp2_mixed_precision(tmp_path):
+    """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16), as fsdp2_h100.yaml: the cast of each
+    block's inputs rebuilds lists and dataclasses, so a capture list in the StreamContext was
+    copied and the capture came back empty. The records must arrive, one per fused layer call,
+    close to the plain fp32 model's (bf16 tolerances)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from casa.fusion import CASA
+    from casa.testing import random_packed_batch, tiny_model
+
+    samples = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 6)]]
+    batch = random_packed_batch(samples, seed=1)
+    plain, wrapped = tiny_model(CASA("plus")).eval(), tiny_model(CASA("plus")).eval()
+    with torch.no_grad(), plain.capture_attention() as reference:
+        plain(batch)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in wrapped.backbone.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(wrapped, mp_policy=mp)
+        with torch.no_grad(), wrapped.capture_attention() as records:
+            wrapped(batch)
+    finally:
+        dist.destroy_process_group()
+    assert [r["layer"] for r in records] == [r["layer"] for r in reference] == wrapped.fusion.fused_layers()
+    for r, ref in zip(records, reference):
+        assert r["probs"][0].dtype == torch.bfloat16  # the capture ran under the bf16 cast
+        for p, q in zip(r["probs"], ref["probs"]):
+            torch.testing.assert_close(p.float(), q, atol=2e-2, rtol=0)
+
+
+def test_attention_maps_fail_loudly_when_a_capture_records_nothing(tmp_path):
+    """A capture that loses its records (as under FSDP2 mixed precision before the
+    AttentionRecorder) must stop the run, not write nothing."""
+    from contextlib import contextmanager
+
+    module = tiny_module()
+
+    @contextmanager
+    def losing():
+        with orig():
+            yield []  # the layers record into the model's recorder; the caller sees another list
+
+    orig = module.model.capture_attention
+    module.model.capture_attention = losing
+    with pytest.raises(RuntimeError, match=r"AttentionMaps: the capture forward at step 1 recorded nothing for fused "
+                                           r"layers \[0, 1\] of CASA \(got 0 records\)"):
+        _trainer(tmp_path, [AttentionMaps(every_n_steps=1)], steps=1).fit(module, datamodule=tiny_datamodule(tmp_path))
