@@ -376,6 +376,20 @@ def flash_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
                      f"model.fsdp_param_dtype in ['bfloat16', 'float16'], or Backbone.dtype in ['bfloat16', 'float16']")
 
 
+def half_precision_modules(model: torch.nn.Module) -> dict[str, str]:
+    """{module name: what it runs} for the modules of `model` whose attention kernel takes fp16 /
+    bf16 only: casa backends set to `flash` (`attn_backend` / `backend` attributes of blocks,
+    fusion and Q-Former layers) and Hugging Face modules configured with `flash_attention_2`
+    (the vision tower). `experiments.fit` checks these against the precision at startup."""
+    found = {}
+    for name, m in model.named_modules():
+        if "flash" in (getattr(m, "attn_backend", None), getattr(m, "backend", None)):
+            found[name] = "backend='flash'"
+        elif getattr(getattr(m, "config", None), "_attn_implementation", None) == "flash_attention_2":
+            found[name] = "attn_implementation='flash_attention_2'"
+    return found
+
+
 def _flash(q, k, v, cu_q, cu_k, causal, scale, max_q: int | None, max_k: int | None):
     """flash_attn_varlen_func: bottom-right causal and GQA are native, keyless rows give 0.
 

@@ -131,3 +131,62 @@ def test_strict_flash_stand_in_enforces_the_contract(case):
     make, message = CONTRACT[case]
     with pytest.raises(RuntimeError, match=message):
         strict_flash_attn_varlen_func(*make(q, k, v, cu, cu), causal=True)
+
+
+# ---------------------------------------------------------------------- through experiments.fit
+def test_fit_with_bf16_mixed_precision_trains_the_tiny_config(in_tmp):
+    """`--trainer.precision bf16-mixed` (what trainer/ddp.yaml sets) on the tiny config: trains
+    and validates, on CPU autocast. It raised in CASA's window layout before."""
+    from experiments.fit import main
+    from tests.test_configs import DEMO, TINY, finished, fit_args
+
+    main(fit_args([DEMO, TINY], in_tmp / "run", "--trainer.precision", "bf16-mixed"))
+    assert "val/loss" in finished(in_tmp / "run", 2)["metrics"]
+
+
+def test_fit_runs_flash_under_bf16_mixed_and_refuses_it_in_fp32(in_tmp, capsys):
+    """The paper configs' `attn_backend: flash` (CPU stand-in here): bf16-mixed reaches the
+    kernel in bf16 through fit; 32-true fails at startup naming the fields and choices."""
+    from experiments.fit import main
+    from tests.test_configs import DEMO, TINY, finished, fit_args
+
+    flash = ["--model.model.init_args.backbone.init_args.attn_backend", "flash"]
+    with flash_stand_in():
+        main(fit_args([DEMO, TINY], in_tmp / "bf16", *flash, "--trainer.precision", "bf16-mixed"))
+        finished(in_tmp / "bf16", 2)
+        with pytest.raises(SystemExit) as exit_:
+            main(fit_args([DEMO, TINY], in_tmp / "fp32", *flash, "--trainer.precision", "32-true"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    for needle in ("backend='flash'", "fp16/bf16 only", "trainer.precision='32-true'", "bf16-mixed",
+                   "fsdp_param_dtype"):
+        assert needle in err, err[-2000:]
+    with pytest.raises(SystemExit):  # no stand-in, no CUDA: flash cannot run here at all
+        main(fit_args([DEMO, TINY], in_tmp / "cpu", *flash, "--trainer.precision", "bf16-mixed"))
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_inference_picks_bf16_for_flash_on_cuda():
+    from casa.inference import inference_dtype
+
+    flash, sdpa = (tiny_model(CASA(mode="plus"), num_layers=2, attn_backend=b) for b in ("flash", "sdpa"))
+    assert inference_dtype(flash, "cuda") == torch.bfloat16
+    assert inference_dtype(flash, "cpu") is None and inference_dtype(sdpa, "cuda") is None
+
+
+def test_vision_flash_attention_2_without_flash_attn_fails_naming_the_field():
+    import importlib.util
+
+    from casa.vision import VisionEncoder, tiny_vision_config
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: the tower builds")  # the GPU lane
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' needs the flash-attn.*'sdpa'"):
+        VisionEncoder(config=tiny_vision_config(), attn_implementation="flash_attention_2")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, tmp_path_factory, monkeypatch):
+    from tests.test_configs import in_tmp as fixture
+
+    return fixture.__wrapped__(tmp_path, tmp_path_factory, monkeypatch)
