@@ -33,7 +33,9 @@ Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
            an explicit softmax with GQA folded into the query axis (`_decode_segment`)
     eager  explicit per-segment softmax; returns the probabilities (attention maps, Fig. 7)
     flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
-    flash  `flash_attn_varlen_func` (CUDA with the flash-attn package)
+    flash  `flash_attn_varlen_func` (CUDA with the flash-attn package): fp16/bf16 only, fp32
+           inputs go down to the autocast dtype (`flash_dtype`); tests run it through the
+           strict stand-in `casa.testing.strict_flash_attn_varlen_func`
 `masked_key` (paper Table 8 "-self"/"-rnd" inference masks) is supported by dense and eager.
 
 Keys and values may also come as *segmented* sequences, one tensor [Lk_w, Hkv, D] per
