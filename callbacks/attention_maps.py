@@ -94,7 +94,9 @@ class AttentionMaps(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), model.capture_attention() as records:
+            # in the trainer's precision (bf16 autocast under bf16-mixed), as training runs:
+            # a flash backbone refuses the fp32 it would get outside it
+            with torch.no_grad(), trainer.precision_plugin.forward_context(), model.capture_attention() as records:
                 model(batch)
         finally:
             model.train(was_training)

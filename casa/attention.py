@@ -33,7 +33,9 @@ Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
            an explicit softmax with GQA folded into the query axis (`_decode_segment`)
     eager  explicit per-segment softmax; returns the probabilities (attention maps, Fig. 7)
     flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
-    flash  `flash_attn_varlen_func` (CUDA with the flash-attn package)
+    flash  `flash_attn_varlen_func` (CUDA with the flash-attn package): fp16/bf16 only, fp32
+           inputs go down to the autocast dtype (`flash_dtype`); tests run it through the
+           strict stand-in `casa.testing.strict_flash_attn_varlen_func`
 `masked_key` (paper Table 8 "-self"/"-rnd" inference masks) is supported by dense and eager.
 
 Keys and values may also come as *segmented* sequences, one tensor [Lk_w, Hkv, D] per
@@ -52,6 +54,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("dense", "sdpa", "eager", "flex", "flash")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+"""What flash-attn takes (fp16 / bf16 only; `casa.testing.strict_flash_attn_varlen_func`)."""
 
 _FLASH_FN: Callable | None = None
 """Stand-in for `flash_attn.flash_attn_varlen_func` (same signature and semantics); tests set
@@ -361,14 +365,52 @@ def _flex(q, k, v, cu_q, cu_k, causal, scale):
     return torch.where(visible[:, None, None], o, 0.0)
 
 
-def _flash(q, k, v, cu_q, cu_k, causal, scale):
-    """flash_attn_varlen_func: bottom-right causal and GQA are native, keyless rows give 0."""
+def flash_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype `flash` runs inputs of `dtype` in: their own if half precision, else the
+    autocast dtype when autocast is on with a half dtype (as Hugging Face's flash path does).
+    Raises ValueError naming the settings that give half precision otherwise."""
+    if dtype in FLASH_DTYPES:
+        return dtype
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in FLASH_DTYPES:
+        return torch.get_autocast_dtype(device_type)
+    raise ValueError(f"backend='flash' takes {[str(d) for d in FLASH_DTYPES]} inputs, got {dtype}: run it under "
+                     f"trainer.precision in ['bf16-mixed', '16-mixed', 'bf16-true'], or FSDP2 with "
+                     f"model.fsdp_param_dtype in ['bfloat16', 'float16'], or Backbone.dtype in ['bfloat16', 'float16']")
+
+
+def half_precision_modules(model: torch.nn.Module) -> dict[str, str]:
+    """{module name: what it runs} for the modules of `model` whose attention kernel takes fp16 /
+    bf16 only: casa backends set to `flash` (`attn_backend` / `backend` attributes of blocks,
+    fusion and Q-Former layers) and Hugging Face modules configured with `flash_attention_2`
+    (the vision tower). `experiments.fit` checks these against the precision at startup."""
+    found = {}
+    for name, m in model.named_modules():
+        if "flash" in (getattr(m, "attn_backend", None), getattr(m, "backend", None)):
+            found[name] = "backend='flash'"
+        elif getattr(getattr(m, "config", None), "_attn_implementation", None) == "flash_attention_2":
+            found[name] = "attn_implementation='flash_attention_2'"
+    return found
+
+
+def _flash(q, k, v, cu_q, cu_k, causal, scale, max_q: int | None, max_k: int | None):
+    """flash_attn_varlen_func: bottom-right causal and GQA are native, keyless rows give 0.
+
+    max_q / max_k: the longest segments as host ints (`casa.batch.SeqLens`); None reads them
+    from the boundaries (one host sync), except for a single segment, whose lengths are the
+    totals (a one-sample decoding step: no sync)."""
     fn = _FLASH_FN
     if fn is None:
         from flash_attn import flash_attn_varlen_func as fn  # lazy: optional CUDA-only package
-    segs = _segments(cu_q, cu_k, q.shape[0], k.shape[0])  # one sync gives both max lengths
-    max_q = max((q1 - q0 for q0, q1, _, _ in segs), default=0)
-    max_k = max((k1 - k0 for _, _, k0, k1 in segs), default=0)
+    if max_q is None or max_k is None:
+        if cu_q.numel() == 2:
+            max_q, max_k = q.shape[0], k.shape[0]
+        else:
+            segs = _segments(cu_q, cu_k, q.shape[0], k.shape[0])  # one sync gives both max lengths
+            max_q = max((q1 - q0 for q0, q1, _, _ in segs), default=0)
+            max_k = max((k1 - k0 for _, _, k0, k1 in segs), default=0)
+    # fp32 inputs go down to the autocast dtype; a half-precision mix is left for the kernel to refuse
+    dtype = flash_dtype(q.dtype, q.device.type)
+    q, k, v = (x if x.dtype in FLASH_DTYPES else x.to(dtype) for x in (q, k, v))
     return fn(q, _rows(k), _rows(v), cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
               dropout_p=0.0, softmax_scale=scale, causal=causal)
 
@@ -376,7 +418,8 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale):
 def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, causal: bool, backend: str = "sdpa", *, scale: float | None = None,
                      masked_key: torch.Tensor | None = None, return_probs: bool = False,
-                     workspace: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+                     workspace: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None):
     """Attention of each query segment over its key segment (see the module docstring).
 
     q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_seqlens_q / cu_seqlens_k [W+1] int32
@@ -390,13 +433,21 @@ def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tens
     workspace: `(numel, like) -> 1-D tensor` of numel elements with like's dtype and device,
         that the caller keeps between calls (`casa.cache.KVCache.workspace`); the `sdpa` decoding path
         computes its scores there. Contents are overwritten; results never alias it.
+    max_seqlen_q, max_seqlen_k: the longest query / key segment as host ints, if the caller
+        knows them (`casa.batch.SeqLens`): `flash` needs them and otherwise reads them from
+        the boundaries, a host sync; the other backends ignore them.
     """
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
                          f"must both be [W+1]")
     if not isinstance(k, torch.Tensor):
         _check_segmented(k, v, cu_seqlens_k.numel() - 1)
-        if backend not in ("sdpa", "eager"):  # whole-stream kernels take one key tensor
+        if backend not in ("sdpa", "eager") and len(k) == 1:
+            # one sample's cache (decoding): its buffer view, read in place, no copy per token
+            # (`casa.cache` keeps it token-major for these backends); dense and flex check its
+            # length against cu_seqlens_k as they read the boundaries anyway
+            k, v = k[0], v[0]
+        elif backend not in ("sdpa", "eager"):  # whole-stream kernels take one key tensor
             _check_lengths(k, (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist())
             k, v = torch.cat(list(k)), torch.cat(list(v))
     k0, v0 = (k, v) if isinstance(k, torch.Tensor) else (k[0], v[0])
@@ -414,6 +465,9 @@ def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tens
             raise ValueError(f"masked_key needs backend 'dense' or 'eager', not backend={backend!r}")
         if masked_key.shape != (q.shape[0],):
             raise ValueError(f"masked_key must be [Tq={q.shape[0]}], got {tuple(masked_key.shape)}")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"{name}={n!r} must be a Python int >= 0 (a host value, not a tensor) or None")
     if return_probs and backend != "eager":
         raise ValueError(f"return_probs=True needs backend 'eager', not backend={backend!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -425,4 +479,4 @@ def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tens
         return _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key, return_probs)
     if backend == "flex":
         return _flex(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, max_seqlen_q, max_seqlen_k)

@@ -32,10 +32,48 @@ Windows never cross a sample boundary, and every sample boundary is a window bou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import astuple, dataclass, field, fields, replace
+from functools import reduce
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class SeqLens:
+    """Longest segments of a batch, as host ints: what flash-attn's `max_seqlen_q/k` need.
+    Computed where the batch is built, from host lists or CPU tensors (`seqlens_of`), so
+    attention never reads them back from the device: one `.tolist()` per fused layer per
+    step (and again under activation checkpointing) was a host sync each."""
+
+    sample_text: int
+    """Text tokens of the longest sample (self-attention of the windowed strategies)."""
+    sample_all: int
+    """Text + image tokens of the longest sample (self-attention over insertion's merged stream)."""
+    window_text: int
+    """Text tokens of the longest window (CA / CASA queries)."""
+    window_image: int
+    """Image tokens of the window with the most (CA keys)."""
+    window_all: int
+    """Image + text tokens of the longest window (CASA keys, `[image_w | text_w]`)."""
+
+    def max(self, other: "SeqLens") -> "SeqLens":
+        return SeqLens(*(max(a, b) for a, b in zip(astuple(self), astuple(other))))
+
+
+def seqlens_of(sample_cu: list[int], window_cu_text: list[int], window_cu_image: list[int]) -> SeqLens:
+    """Host boundary lists [S+1], [W+1], [W+1] -> SeqLens (pure). Every sample boundary is a
+    window boundary, so a sample's image tokens are read at its first and last window."""
+    lt = [b - a for a, b in zip(window_cu_text, window_cu_text[1:])]
+    li = [b - a for a, b in zip(window_cu_image, window_cu_image[1:])]
+    first = {}
+    for w, t in enumerate(window_cu_text):
+        first.setdefault(t, w)
+    sample_all = max((b - a + window_cu_image[first[b]] - window_cu_image[first[a]]
+                      for a, b in zip(sample_cu, sample_cu[1:])), default=0)
+    return SeqLens(sample_text=max((b - a for a, b in zip(sample_cu, sample_cu[1:])), default=0),
+                   sample_all=sample_all, window_text=max(lt, default=0), window_image=max(li, default=0),
+                   window_all=max((a + b for a, b in zip(lt, li)), default=0))
 
 
 @dataclass
@@ -67,6 +105,9 @@ class PackedBatch:
     meta: list[dict[str, Any]] = field(default_factory=list)
     """[S] per-sample metadata: at least `key`, `task`, `group`; evaluation batches also
     carry `answer` (reference text) and `prompt_len` (text tokens before the answer)."""
+    seqlens: SeqLens | None = None
+    """Longest sample and window as host ints (`collate_packed` fills it in); None for a
+    batch built on the device (generation chunks): attention then reads the boundaries."""
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -89,13 +130,24 @@ class PackedBatch:
     def num_image_tokens(self) -> int:
         return int(self.window_cu_seqlens_image[-1])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> "PackedBatch":
+        """Every tensor to `device`. non_blocking None: asynchronous exactly when it is safe,
+        for a pinned source (`pin_memory`) going to CUDA; a copy from pageable memory blocks
+        the host whatever the flag says."""
+        device = torch.device(device)
+        moved = {}
+        for name, t in self._tensors().items():
+            nb = (t.is_pinned() and device.type == "cuda") if non_blocking is None else non_blocking
+            moved[name] = t.to(device, non_blocking=nb)
         return replace(self, **moved)
+
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copies of the tensors: the DataLoader calls this (`pin_memory=True`) in
+        its pinning thread, so the host-to-GPU copy of `to` can run asynchronously."""
+        return replace(self, **{name: t.pin_memory() for name, t in self._tensors().items()})
 
     def validate(self) -> None:
         """Raise ValueError with the offending field if the batch is inconsistent."""
@@ -118,6 +170,11 @@ class PackedBatch:
         sample_edges = set(self.sample_cu_seqlens.tolist())
         if not sample_edges.issubset(set(self.window_cu_seqlens_text.tolist())):
             raise ValueError("PackedBatch: every sample boundary must also be a window boundary")
+        if self.seqlens is not None:
+            want = seqlens_of(self.sample_cu_seqlens.tolist(), self.window_cu_seqlens_text.tolist(),
+                              self.window_cu_seqlens_image.tolist())
+            if self.seqlens != want:
+                raise ValueError(f"PackedBatch.seqlens={self.seqlens} disagrees with the boundaries ({want})")
 
 
 def _offset(cu: torch.Tensor, by: int) -> torch.Tensor:
@@ -125,9 +182,15 @@ def _offset(cu: torch.Tensor, by: int) -> torch.Tensor:
 
 
 def collate_packed(rows: list[PackedBatch]) -> PackedBatch:
-    """Concatenate packed rows into one flat batch (boundaries offset, no padding)."""
+    """Concatenate packed rows into one flat batch (boundaries offset, no padding).
+    `seqlens` is the rows' (computed for a row on the CPU that lacks it), or None if a
+    row on another device lacks it."""
+    lens = [r.seqlens if r.seqlens is not None or r.sample_cu_seqlens.device.type != "cpu"
+            else seqlens_of(r.sample_cu_seqlens.tolist(), r.window_cu_seqlens_text.tolist(),
+                            r.window_cu_seqlens_image.tolist()) for r in rows]
+    seqlens = None if any(x is None for x in lens) else reduce(SeqLens.max, lens)
     if len(rows) == 1:
-        return rows[0]
+        return replace(rows[0], seqlens=seqlens)
     t_off = 0
     n_off = 0
     sample_cu = [rows[0].sample_cu_seqlens[:1]]
@@ -152,4 +215,5 @@ def collate_packed(rows: list[PackedBatch]) -> PackedBatch:
         image_grid_thw=torch.cat([r.image_grid_thw for r in rows]),
         image_text_position=torch.cat(img_pos),
         meta=[m for r in rows for m in r.meta],
+        seqlens=seqlens,
     )

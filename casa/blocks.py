@@ -66,6 +66,9 @@ class StreamContext:
     capture: AttentionRecorder | None = None
     cache: Any = None
     extras: dict = field(default_factory=dict)
+    max_seqlen: int | None = None
+    """Longest segment of cu_seqlens as a host int (`casa.batch.SeqLens`), or None: flash-attn's
+    max_seqlen, then read from cu_seqlens (a host sync per layer)."""
 
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,7 +79,8 @@ def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     k = attn.k_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
     v = attn.v_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
     if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on queries and keys, before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        # HF norms return their weight's dtype: fp32 under autocast, where v is bf16
+        q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)
     return q, k, v
 
 
@@ -112,9 +116,11 @@ class DecoderBlock(nn.Module):
         q, k = self.rope_fn(q, k, ctx.cos, ctx.sin, unsqueeze_dim=1)
         cu_q = cu_k = ctx.cu_seqlens
         if ctx.cache is not None:
-            k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens)
+            k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens, self.attn_backend)
+        max_len = ctx.max_seqlen if ctx.cache is None else None  # cached keys: the cache's lengths
         o = varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend=self.attn_backend, scale=attn.scaling,
-                             workspace=None if ctx.cache is None else ctx.cache.workspace)
+                             workspace=None if ctx.cache is None else ctx.cache.workspace,
+                             max_seqlen_q=max_len, max_seqlen_k=max_len)
         return attn.o_proj(o.reshape(h.shape[0], -1))  # [L, H*D] -> [L, d]
 
     def _windowed_self_attention(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> torch.Tensor:

@@ -51,6 +51,12 @@ class KVCache:
         """Layout of the buffers allocated from now on (`_append`): head-major for one sample."""
         return self.num_samples == 1
 
+    def _head_major(self, backend: str) -> bool:
+        """Head-major buffers serve the backends that read strided keys in place (`sdpa`'s
+        decoding path, `eager`); for flash, flex and dense one sample's token-major buffer is
+        itself the contiguous key tensor they take (`casa.attention`: no copy, no concatenation)."""
+        return self.head_major and backend in ("sdpa", "eager")
+
     def text_kv_tokens(self) -> int:
         """Tokens held by the first SA layer's cache, summed over samples (the 'text KV
         cache' of the paper; image tokens appear here only for insertion strategies)."""
@@ -87,10 +93,10 @@ class KVCache:
         return buf[:numel]
 
     # ------------------------------------------------------------------ layer hooks
-    def self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor):
+    def self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, backend: str = "sdpa"):
         """k, v [L, Hkv, D] of the chunk, cu [S+1] -> keys/values of past + chunk per sample
         (segmented: one [n_s, Hkv, D] view of each sample's buffer, `casa.attention`) and
-        their boundaries cu_k [S+1]."""
+        their boundaries cu_k [S+1]. backend: the attention backend that reads them (layout)."""
         store = self.sa.setdefault(layer, [None] * self.num_samples)
         bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
         bounds = cu.tolist()
@@ -102,7 +108,7 @@ class KVCache:
                     k_new, v_new = torch.cat([store[s][0], k_new]), torch.cat([store[s][1], v_new])
                 store[s], bufs[s] = (k_new, v_new), None
             else:
-                store[s] = self._append(bufs, s, store[s], k_new, v_new, self.head_major)
+                store[s] = self._append(bufs, s, store[s], k_new, v_new, self._head_major(backend))
             lens.append(lens[-1] + store[s][0].shape[0])
         cu_k = torch.tensor(lens, dtype=torch.int32, device=k.device)
         return [e[0] for e in store], [e[1] for e in store], cu_k
@@ -142,7 +148,7 @@ class KVCache:
         return buf[0][:n + m], buf[1][:n + m]
 
     def window(self, layer: int, kind: str, k_img: torch.Tensor, v_img: torch.Tensor, k_txt: torch.Tensor,
-               v_txt: torch.Tensor, index):
+               v_txt: torch.Tensor, index, backend: str = "sdpa"):
         """Keys/values for the chunk's windows -> (k, v, cu_k [W+1]), segmented (one
         [Lk_w, Hkv, D] per window, `casa.attention`).
 
@@ -163,6 +169,7 @@ class KVCache:
             first_window[w] = s
         ks, vs, lens = [], [], [0]
         grad = torch.is_grad_enabled()
+        head_major = self._head_major(backend)
         for w in range(len(cu_t) - 1):
             img_k, img_v = k_img[cu_i[w]:cu_i[w + 1]], v_img[cu_i[w]:cu_i[w + 1]]
             txt_k, txt_v = k_txt[cu_t[w]:cu_t[w + 1]], v_txt[cu_t[w]:cu_t[w + 1]]
@@ -174,11 +181,11 @@ class KVCache:
                 past = store[s] if continues else (img_k, img_v)
                 keys = torch.cat([past[0], txt_k]), torch.cat([past[1], txt_v])
             elif continues:
-                keys = self._append(bufs, s, store[s], txt_k, txt_v, self.head_major, extra=64)
+                keys = self._append(bufs, s, store[s], txt_k, txt_v, head_major, extra=64)
             else:
                 # a fresh buffer: this chunk may still read the old window (its continuation)
-                keys = self._append(bufs, s, None, img_k, img_v, self.head_major, extra=txt_k.shape[0] + 64)
-                keys = self._append(bufs, s, keys, txt_k, txt_v, self.head_major, extra=64)
+                keys = self._append(bufs, s, None, img_k, img_v, head_major, extra=txt_k.shape[0] + 64)
+                keys = self._append(bufs, s, keys, txt_k, txt_v, head_major, extra=64)
             ks.append(keys[0])
             vs.append(keys[1])
             lens.append(lens[-1] + keys[0].shape[0])

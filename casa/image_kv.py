@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from casa.rope import compute_dtype
+
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "HeliumRMSNorm", "Qwen2_5_VLRMSNorm",
              "Qwen2_5_VLTextRMSNorm", "MistralRMSNorm")
 """Norms known to compute w ⊙ x / sqrt(mean(x²) + variance_epsilon): the fold applies to
@@ -210,22 +212,28 @@ def image_kv(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos: torch.Tenso
     otherwise (same values)."""
     N, D = x.shape[0], attn.head_dim
     Hkv = attn.k_proj.out_features // D
+    dtype = compute_dtype(x.dtype, x.device)  # what k_proj(x) would give: autocast's dtype under autocast
     if N == 0 and not torch.is_grad_enabled():
         # a decoding step has no image: folding the norm into [W_k; W_v] would cost more than
         # the step's own projections (training keeps the graph, and the weights' zero grads)
-        return x.new_empty(0, Hkv, D), x.new_empty(0, Hkv, D)
+        return x.new_empty(0, Hkv, D, dtype=dtype), x.new_empty(0, Hkv, D, dtype=dtype)
     k_norm = getattr(attn, "k_norm", None)  # Qwen3: per-head RMSNorm on keys, before RoPE
     layout = rope_layout(rope_fn) if k_norm is None else None
     if type(norm).__name__ in RMS_NORMS and hasattr(norm, "variance_epsilon"):
         fold = layout is not None  # RoPE inside the function, else after it (and after k_norm)
-        k, v = _ImageKV.apply(x, norm.weight, attn.k_proj.weight, attn.v_proj.weight, attn.k_proj.bias,
-                              attn.v_proj.bias, cos if fold else None, sin if fold else None, layout,
-                              float(norm.variance_epsilon), Hkv, D)
+        # autocast does not reach inside an autograd.Function's backward: the casts it would
+        # make are made here, so forward and backward both run in `dtype` (bf16 under
+        # bf16-mixed, as autocast runs the projections) and k, v come out in one dtype
+        cast = (lambda t: t) if dtype == x.dtype else (lambda t: None if t is None else t.to(dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            k, v = _ImageKV.apply(cast(x), norm.weight, cast(attn.k_proj.weight), cast(attn.v_proj.weight),
+                                  cast(attn.k_proj.bias), cast(attn.v_proj.bias), cos if fold else None,
+                                  sin if fold else None, layout, float(norm.variance_epsilon), Hkv, D)
         if fold:
             return k, v
     else:  # a norm the fold does not know: plain autograd
         n = norm(x)
         k, v = attn.k_proj(n).view(N, Hkv, D), attn.v_proj(n).view(N, Hkv, D)
     if k_norm is not None:
-        k = k_norm(k)
-    return rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0], v
+        k = k_norm(k)  # HF norms return their weight's dtype: fp32 under autocast
+    return rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0].to(v.dtype), v

@@ -171,7 +171,16 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot build tokenizer {settings.tokenizer!r} / template "
                               f"{settings.template!r} ({type(e).__name__}: {e})") from None
-    return Assistant(model.to(device).eval(), tokenizer, template, settings, config, int(ckpt.get("global_step", 0)))
+    return Assistant(model.to(device, dtype=inference_dtype(model, device)).eval(), tokenizer, template, settings,
+                     config, int(ckpt.get("global_step", 0)))
+
+
+def inference_dtype(model, device: str | torch.device) -> torch.dtype | None:
+    """bf16 for a model with flash attention on CUDA (flash-attn takes fp16/bf16 only, and
+    inference has no trainer to autocast), else None: the weights keep their dtype."""
+    from casa.attention import half_precision_modules
+
+    return torch.bfloat16 if torch.device(device).type == "cuda" and half_precision_modules(model) else None
 
 
 # ---------------------------------------------------------------------------------- helpers

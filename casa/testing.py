@@ -8,7 +8,10 @@ that a forward+backward of every strategy takes milliseconds on a laptop CPU.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 TINY_VOCAB = 160
 """Large enough for the char-level tokenizer of `data.tokenizer` (printable ASCII + specials)."""
@@ -115,3 +118,162 @@ def tiny_model(fusion, family: str = "llama", hidden_size: int = 64, num_layers:
                         freeze=freeze_backbone, attn_backend=attn_backend)
     vision = VisionEncoder(config=tiny_vision_config(out_hidden_size=hidden_size), trainable_blocks=1)
     return VisionLanguageModel(backbone, vision, fusion, projector=projector)
+
+
+# ---------------------------------------------------------------------- flash-attn stand-in
+FLASH_MAX_HEAD_DIM = 256
+"""flash-attn 2's forward supports head dims up to 256 (its Python wrapper pads D to a multiple of 8)."""
+
+
+def strict_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                  softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                  alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+    """`flash_attn.flash_attn_varlen_func` on any device: its signature, and the input contract
+    its kernel enforces (flash-attn 2, `csrc/flash_attn/flash_api.cpp`, `mha_varlen_fwd`),
+    checked first; then the dense reference, computed in fp32 and returned in q's dtype.
+
+    q [Tq, H, D], k, v [Tk, Hkv, D]: fp16 or bf16 only, all three one dtype, on one device,
+    contiguous last dim, D <= 256, H a multiple of Hkv; cu_seqlens_q / _k [B+1] int32,
+    contiguous, on q's device, rising from 0 to Tq / Tk; max_seqlen_q / _k Python ints no
+    smaller than the longest segment (the real kernel sizes its grid with them and would
+    silently skip the rest). Features casa never uses (dropout, sliding windows, softcap,
+    ALiBi, paged KV, returned probabilities) are refused rather than ignored.
+
+    Its own checks read the device (`.tolist()`), which the real kernel does not: they run
+    inside `SyncCounter.paused()`, so sync counts see only the caller's syncs."""
+    from casa.attention import FLASH_DTYPES, varlen_attention
+
+    with SyncCounter.paused():
+        bad = []
+        if q.dtype not in FLASH_DTYPES:
+            bad.append(f"FlashAttention only supports fp16 and bf16 data types, got q {q.dtype}")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            bad.append(f"query, key and value must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if t.dtype != torch.int32:
+                bad.append(f"{name} must have dtype int32, got {t.dtype}")
+            if t.device != q.device:
+                bad.append(f"{name} must be on q's device {q.device}, got {t.device}")
+            if t.dim() != 1 or not t.is_contiguous():
+                bad.append(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 3:
+                bad.append(f"{name} must be [total, heads, head_dim], got shape {tuple(t.shape)}")
+            elif t.stride(-1) != 1:
+                bad.append(f"{name}: input tensor must have contiguous last dimension")
+            if t.device != q.device:
+                bad.append(f"{name} must be on q's device {q.device}, got {t.device}")
+        for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if type(n) is not int:
+                bad.append(f"{name} must be a Python int, got {type(n).__name__}")
+        if bad:
+            raise RuntimeError("flash_attn_varlen_func: " + "; ".join(bad))
+        H, D, Hkv = q.shape[1], q.shape[2], k.shape[1]
+        if D > FLASH_MAX_HEAD_DIM or k.shape[2] != D or v.shape != k.shape:
+            raise RuntimeError(f"flash_attn_varlen_func: head dim {D} must be <= {FLASH_MAX_HEAD_DIM} and shared by "
+                               f"q, k, v (k {tuple(k.shape)}, v {tuple(v.shape)})")
+        if H % Hkv:
+            raise RuntimeError(f"flash_attn_varlen_func: number of heads in key/value ({Hkv}) must divide number "
+                               f"of heads in query ({H})")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise RuntimeError(f"flash_attn_varlen_func: cu_seqlens_k must have shape ({cu_seqlens_q.numel()},), "
+                               f"got {tuple(cu_seqlens_k.shape)}")
+        if dropout_p != 0.0 or tuple(window_size) != (-1, -1) or softcap != 0.0 or alibi_slopes is not None \
+                or return_attn_probs or block_table is not None:
+            raise RuntimeError("flash_attn_varlen_func stand-in: dropout, window_size, softcap, alibi_slopes, "
+                               "return_attn_probs and block_table are not used by casa")
+        lq = cu_seqlens_q.diff().tolist()
+        lk = cu_seqlens_k.diff().tolist()
+        if max(lq, default=0) > max_seqlen_q or max(lk, default=0) > max_seqlen_k:
+            raise RuntimeError(f"flash_attn_varlen_func: max_seqlen_q={max_seqlen_q} / max_seqlen_k={max_seqlen_k} "
+                               f"below the longest segments ({max(lq, default=0)}, {max(lk, default=0)})")
+        with torch.autocast(q.device.type, enabled=False):
+            out = varlen_attention(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, causal, "dense",
+                                   scale=softmax_scale)
+    return out.to(q.dtype)
+
+
+@contextmanager
+def flash_stand_in(fn=None):
+    """Route casa's `flash` backend to `fn` (default `strict_flash_attn_varlen_func`) inside."""
+    from casa.attention import set_flash_fn
+
+    set_flash_fn(fn or strict_flash_attn_varlen_func)
+    try:
+        yield
+    finally:
+        set_flash_fn(None)
+
+
+# ---------------------------------------------------------------------- host syncs
+class SyncCounter:
+    """Counts the operations that make the host wait for a CUDA device, on any device (CPU
+    included): `.item()`, `bool()` / `int()` / `float()` of a tensor, `.tolist()`, `nonzero`,
+    `masked_select`, boolean-mask indexing, `repeat_interleave` without `output_size`,
+    `unique`. Use as a context manager; `count` and `where` (op names) after it.
+
+        with SyncCounter() as syncs:
+            model(batch).loss.backward()
+        assert syncs.count == ...
+
+    On CUDA, `torch.cuda.set_sync_debug_mode("warn")` is the ground truth; this is the CPU
+    proxy for it. Code that reads the device on purpose where the real kernel would not
+    (a stand-in's own validation) runs inside `SyncCounter.paused()`."""
+
+    _paused = 0
+
+    def __init__(self):
+        self.where: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.where)
+
+    @classmethod
+    @contextmanager
+    def paused(cls):
+        cls._paused += 1
+        try:
+            yield
+        finally:
+            cls._paused -= 1
+
+    def __enter__(self) -> "SyncCounter":
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        syncing = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                   "unique_consecutive", "unique_dim"}
+
+        class _Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") == "tolist" and not SyncCounter._paused:
+                    counter.where.append("tolist")
+                    with SyncCounter.paused():  # its element reads are this one sync
+                        return func(*args, **(kwargs or {}))
+                return func(*args, **(kwargs or {}))
+
+        class _Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                kwargs = kwargs or {}
+                if not SyncCounter._paused:
+                    if name in syncing:
+                        counter.where.append(name)
+                    elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                 for i in (args[1] if len(args) > 1 else ())):
+                        counter.where.append("index[bool]")
+                    elif name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") \
+                            and kwargs.get("output_size") is None:
+                        counter.where.append("repeat_interleave")
+                return func(*args, **kwargs)
+
+        self._modes = [_Function(), _Dispatch()]
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in reversed(self._modes):
+            m.__exit__(*exc)

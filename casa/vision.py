@@ -20,6 +20,7 @@ paper; the tower's own t > 1 grids (two frames fused per patch) are never produc
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -158,6 +159,11 @@ class VisionEncoder(nn.Module):
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"VisionEncoder.attn_implementation={attn_implementation!r} is not one of "
                              f"{list(ATTN_IMPLEMENTATIONS)}")
+        if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            # Hugging Face would raise an ImportError at build time: the same, naming the field
+            raise ValueError(f"VisionEncoder.attn_implementation={attn_implementation!r} needs the flash-attn "
+                             f"package (CUDA), which is not installed; one of {list(ATTN_IMPLEMENTATIONS)} "
+                             f"('sdpa' on CPU)")
 
         if path is not None:
             tower_config, state = _read_checkpoint(Path(path), attn_implementation)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import ChainDataset, DataLoader, IterableDataset
 
 from casa.batch import PackedBatch
@@ -96,8 +97,10 @@ class StreamLoader(DataLoader):
     """
 
     def __init__(self, dataset: IterableDataset, num_workers: int = 0, position: Callable[[], int] | None = None):
+        # pinned batches (`PackedBatch.pin_memory`, in the loader's pinning thread) let
+        # `transfer_batch_to_device` copy to the GPU without blocking the host
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         prefetch_factor=2 if num_workers else None)
+                         prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available())
         self.position = position
         self.next_index = int(getattr(dataset, "skip_batches", 0))
         self._live: Iterator | None = None
@@ -173,7 +176,7 @@ class _ResumableData(L.LightningDataModule):
         self._train_loader = None
 
     def transfer_batch_to_device(self, batch: PackedBatch, device, dataloader_idx: int) -> PackedBatch:
-        return batch.to(device)
+        return batch.to(device, non_blocking=True)  # the loader pins batches when CUDA is there
 
     def teardown(self, stage: str) -> None:
         if self._train_loader is not None:

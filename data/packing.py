@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from casa.batch import PackedBatch, collate_packed
+from casa.batch import PackedBatch, collate_packed, seqlens_of
 from data.image import MERGE, PATCH_DIM
 
 
@@ -102,6 +102,7 @@ def build_sample_row(s: Sample) -> PackedBatch:
                          " (an image needs text after it, or it would fall into the next sample)")
     cu_t, cu_i = sample_windows(s.image_positions, s.image_tokens, T)
     return PackedBatch(
+        seqlens=seqlens_of([0, T], cu_t, cu_i),  # host ints for flash-attn's max_seqlen (`SeqLens`)
         input_ids=torch.tensor(s.input_ids, dtype=torch.long),
         labels=shifted_labels(s.input_ids, s.answer_mask),
         position_ids=torch.arange(T),  # 1-D; the model derives M-RoPE positions itself

@@ -135,12 +135,49 @@ def print_metrics_table(metrics: dict[str, float], title: str) -> None:
             console.print(f"{k}: {metrics[k]:.4f}")
 
 
+HALF_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true")
+
+
+def check_attention_precision(cli: CasaCLI) -> None:
+    """Fail at startup (ValueError naming fields, values and choices) when a flash kernel would
+    get fp32 inputs, or would run off CUDA: half precision comes from the trainer's precision,
+    from FSDP2's `fsdp_param_dtype`, or from the module's own weights (`Backbone.dtype`)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from casa import attention
+
+    users = attention.half_precision_modules(cli.model.model)
+    if not users:
+        return
+    trainer = cli.trainer
+    device = trainer.strategy.root_device.type
+    if device != "cuda" and attention._FLASH_FN is None:  # no CPU flash-attn (tests install a stand-in)
+        name, what = next(iter(users.items()))
+        raise ValueError(f"{name} runs {what}, which needs CUDA, but the trainer runs on {device!r} "
+                         f"(trainer.accelerator={trainer.accelerator.__class__.__name__}); use a GPU, or "
+                         f"attn_backend in ['dense', 'sdpa', 'eager', 'flex'] / attn_implementation in "
+                         f"['sdpa', 'eager'] on CPU")
+    precision = str(trainer.precision)
+    fsdp_dtype = cli.model.hparams.fsdp_param_dtype if isinstance(trainer.strategy, ModelParallelStrategy) else None
+    if precision in HALF_PRECISIONS or fsdp_dtype in ("bfloat16", "float16"):
+        return
+    modules = dict(cli.model.model.named_modules())
+    fp32 = [n for n in users if any(p.dtype not in attention.FLASH_DTYPES for p in modules[n].parameters())]
+    if fp32:
+        raise ValueError(f"{fp32[0]} runs {users[fp32[0]]}, which takes fp16/bf16 only, but its weights are fp32 "
+                         f"under trainer.precision={precision!r}"
+                         f"{'' if fsdp_dtype is None else f' and model.fsdp_param_dtype={fsdp_dtype!r}'}: set "
+                         f"trainer.precision in {list(HALF_PRECISIONS)}, or under FSDP2 model.fsdp_param_dtype in "
+                         f"['bfloat16', 'float16'] (trainer/ddp.yaml and trainer/fsdp2_h100.yaml do)")
+
+
 def main(args: list[str] | None = None) -> CasaCLI:
     """Parse the config, build everything, and fit (no subcommand: fitting is the job)."""
     torch.set_float32_matmul_precision("high")
     try:
         cli = CasaCLI(CasaModule, L.LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
                       args=args, auto_configure_optimizers=False, run=False)
+        check_attention_precision(cli)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         # a value the type system could not reject (a missing checkpoint directory, a shard
         # pattern matching nothing, inconsistent sizes): one line naming it, no traceback

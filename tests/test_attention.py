@@ -5,6 +5,7 @@ import torch
 
 import casa.attention as attention
 from casa.attention import BACKENDS, check_backend, dense_mask, set_flash_fn, varlen_attention
+from casa.testing import strict_flash_attn_varlen_func
 
 # (Lq, Lk) per segment. CASA windows have keys = image tokens + text tokens (Lk > Lq); a
 # window without image has Lq == Lk; plus the edge cases the primitive must accept.
@@ -61,22 +62,37 @@ def _naive(q, k, v, layout, causal, scale=None, masked_key=None):
     return out.float()
 
 
+BF16_TOL = dict(atol=3e-2, rtol=3e-2)
+"""bf16 inputs against the fp32 reference on the same (rounded) values: bf16 output rounding."""
+
+
+def _for(backend, *tensors):
+    """flash-attn takes bf16/fp16 only: its inputs in bf16 (leaves, gradients kept), others as given."""
+    if backend != "flash":
+        return tensors
+    return tuple(t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) for t in tensors)
+
+
+def _tol(backend, atol=1e-5, rtol=1e-5):
+    return BF16_TOL if backend == "flash" else dict(atol=atol, rtol=rtol)
+
+
 def _keyless_rows(layout, causal):
     return [i for i, keys in _visible(layout, causal) if not keys]
 
 
 @pytest.fixture
 def flash_stand_in():
-    """Route the flash backend to a reference with flash_attn_varlen_func's signature and
-    semantics (int32 boundaries, int max lengths, bottom-right causal, native GQA, zeros for
-    keyless rows), recording what it was given."""
+    """Route the flash backend to the strict stand-in (`casa.testing`: flash-attn's input
+    contract, then the reference; bf16/fp16 only), recording what it was given."""
     calls = []
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                softmax_scale=None, causal=False):
         calls.append(dict(cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, max_q=max_seqlen_q, max_k=max_seqlen_k,
                           dropout_p=dropout_p, scale=softmax_scale, causal=causal))
-        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, "dense", scale=softmax_scale)
+        return strict_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal)
 
     set_flash_fn(flash_attn_varlen_func)
     yield calls
@@ -115,8 +131,9 @@ def test_dense_equals_naive(layout, causal, heads):
 @pytest.mark.parametrize("causal", [True, False])
 def test_backend_equals_dense_forward_and_backward(backend, layout, causal, heads, flash_stand_in):
     q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout], heads)
-    ref = varlen_attention(q, k, v, cu_q, cu_k, causal, "dense")
-    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    q, k, v = _for(backend, q, k, v)
+    ref = varlen_attention(*(x.float() for x in (q, k, v)), cu_q, cu_k, causal, "dense")
+    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype).float()
     grads_ref = torch.autograd.grad(ref, (q, k, v), upstream)
     if backend == "flex":  # no flex backward on CPU: forward only
         with torch.no_grad():
@@ -124,17 +141,19 @@ def test_backend_equals_dense_forward_and_backward(backend, layout, causal, head
         torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=1e-5)
         return
     out = varlen_attention(q, k, v, cu_q, cu_k, causal, backend)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    assert out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), ref, **_tol(backend))
+    grads = torch.autograd.grad(out, (q, k, v), upstream.to(out.dtype))
     for name, g, gr in zip("qkv", grads, grads_ref):
         assert torch.isfinite(g).all(), f"d{name} has non-finite entries"
-        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5, msg=f"d{name} differs from dense")
+        torch.testing.assert_close(g.float(), gr.float(), **_tol(backend), msg=f"d{name} differs from dense")
 
 
 @pytest.mark.parametrize("backend", ["dense", *RUNNABLE])
 @pytest.mark.parametrize("layout,causal", [("no_keys", True), ("no_keys", False), ("more_queries", True)])
 def test_rows_without_keys_are_zero_with_finite_grads(backend, layout, causal, flash_stand_in):
     q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout])
+    q, k, v = _for(backend, q, k, v)
     rows = _keyless_rows(LAYOUTS[layout], causal)
     assert rows  # the layout does exercise the case
     if backend == "flex":
@@ -154,17 +173,32 @@ def test_flash_plumbing(flash_stand_in):
     ints, the scale and causality unchanged, and the output keeps q's shape."""
     layout = LAYOUTS["uneven"]
     q, k, v, cu_q, cu_k = _inputs(layout)
+    q, k, v = _for("flash", q, k, v)
     out = varlen_attention(q, k, v, cu_q.long(), cu_k.long(), True, "flash", scale=0.3)
     (call,) = flash_stand_in
     assert call["cu_q"].dtype == torch.int32 and call["cu_k"].dtype == torch.int32
     assert type(call["max_q"]) is int and call["max_q"] == max(a for a, _ in layout)
     assert type(call["max_k"]) is int and call["max_k"] == max(b for _, b in layout)
     assert call["scale"] == 0.3 and call["causal"] is True and call["dropout_p"] == 0.0
-    assert out.shape == q.shape
-    torch.testing.assert_close(out, _naive(q.detach(), k.detach(), v.detach(), layout, True, scale=0.3),
-                               atol=1e-5, rtol=1e-5)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _naive(q.detach(), k.detach(), v.detach(), layout, True, scale=0.3),
+                               **BF16_TOL)
     varlen_attention(q, k, v, cu_q, cu_k, False, "flash")
     assert flash_stand_in[1]["scale"] == 8 ** -0.5 and flash_stand_in[1]["causal"] is False  # default D ** -0.5
+    # host max lengths from the caller (`casa.batch.SeqLens`) reach the kernel as given, with no sync
+    calls = []
+    tolist = torch.Tensor.tolist
+    torch.Tensor.tolist = lambda self: calls.append(1) or tolist(self)
+    try:
+        from casa.testing import SyncCounter
+
+        with SyncCounter() as syncs:
+            varlen_attention(q, k, v, cu_q, cu_k, True, "flash", max_seqlen_q=4, max_seqlen_k=9)
+    finally:
+        torch.Tensor.tolist = tolist
+    assert flash_stand_in[2]["max_q"] == 4 and flash_stand_in[2]["max_k"] == 9 and syncs.count == 0
+    with pytest.raises(ValueError, match=r"max_seqlen_q=tensor\(4\) must be a Python int"):
+        varlen_attention(q, k, v, cu_q, cu_k, True, "flash", max_seqlen_q=torch.tensor(4), max_seqlen_k=9)
 
 
 def test_sdpa_syncs_once(monkeypatch):
@@ -266,9 +300,10 @@ def test_every_backend_takes_cache_views(backend, lq):
     seen = []
 
     def flash_attn_varlen_func(q, k, v, *args, **kwargs):
-        seen.append(k.stride(-1) == 1 and v.stride(-1) == 1)  # flash-attn rejects strided rows
-        return varlen_attention(q, k, v, *args[:2], kwargs["causal"], "dense", scale=kwargs["softmax_scale"])
+        seen.append(k.stride(-1) == 1 and v.stride(-1) == 1)  # the strict stand-in refuses strided rows
+        return strict_flash_attn_varlen_func(q, k, v, *args, **kwargs)
 
+    q, kc, vc = _for(backend, q, kc, vc)
     set_flash_fn(flash_attn_varlen_func)
     try:
         with torch.no_grad():
@@ -276,7 +311,8 @@ def test_every_backend_takes_cache_views(backend, lq):
     finally:
         set_flash_fn(None)
     assert seen == ([True] if backend == "flash" else [])
-    torch.testing.assert_close(out, varlen_attention(q, k, v, cu_q, cu_k, True, "dense"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.float(), varlen_attention(q.float(), kc.float(), vc.float(), cu_q, cu_k, True, "dense"),
+                               **_tol(backend))
 
 
 def test_decode_path_only_without_gradients(monkeypatch):
@@ -415,6 +451,7 @@ def test_segmented_keys_equal_concatenated(backend, layout, grad, flash_stand_in
     """Keys/values given per segment (a cache's per-sample buffers, `casa.cache`) give what
     the concatenated tensors give, gradients included, on every backend."""
     q, k, v, cu_q, cu_k = _inputs(LAYOUTS[layout])
+    q, k, v = _for(backend, q, k, v)
     lens = (cu_k[1:] - cu_k[:-1]).tolist()
     with torch.set_grad_enabled(grad):
         ref = varlen_attention(q, k, v, cu_q, cu_k, True, backend)

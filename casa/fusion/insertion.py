@@ -41,7 +41,9 @@ class Insertion(FusionStrategy):
         pos[..., text_dst] = text_pos
         pos[..., image_dst] = image_pos
         cos, sin = backbone.rope(pos, text_embeds.dtype)  # [T+N, D]
-        ctx = StreamContext(merged_cu, cos, sin)
+        # the merged samples' longest, as a host int when the batch knows it (`SeqLens`)
+        known = batch.seqlens is not None and new_counts is None
+        ctx = StreamContext(merged_cu, cos, sin, max_seqlen=batch.seqlens.sample_all if known else None)
         ctx.extras["text_dst"] = text_dst
         ctx.extras["image_dst"] = image_dst
         ctx.extras["positions"] = pos

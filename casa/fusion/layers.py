@@ -37,7 +37,7 @@ def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images
     k_img, v_img = image_kv(attn, image_norm, images, index.image_cos, index.image_sin, rope_fn)  # [N, Hkv, D]
     cu_k = index.cu_k
     if ctx.cache is not None:
-        k, v, cu_k = ctx.cache.window(layer_idx, kind, k_img, v_img, k_txt, v_txt, index)
+        k, v, cu_k = ctx.cache.window(layer_idx, kind, k_img, v_img, k_txt, v_txt, index, backend)
     elif kind == "casa":
         k = window_layout(k_img, k_txt, index)  # [N+T, Hkv, D] in [image_w | text_w] layout
         v = window_layout(v_img, v_txt, index)
@@ -52,8 +52,10 @@ def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images
     else:
         if masked is not None:
             backend = "eager"  # only the explicit-softmax backends can hide one key per query
+        cached = ctx.cache is not None  # cached keys: the cache's lengths, not the batch's
         o = varlen_attention(q, k, v, index.cu_q, cu_k, causal=index.causal, backend=backend, scale=attn.scaling,
-                             masked_key=masked)
+                             masked_key=masked, max_seqlen_q=None if cached else index.max_q,
+                             max_seqlen_k=None if cached else index.max_k)
     return attn.o_proj(o.reshape(T, -1))  # [T, H*D] -> [T, d]
 
 

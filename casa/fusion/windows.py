@@ -47,6 +47,9 @@ class WindowIndex:
     """[W+1] int32, kept for attention-map capture (how many image keys each window has)."""
     masked_key: torch.Tensor | None = None
     """[T] int64 key hidden from each query (Table 8 inference masks), -1 = none."""
+    max_q: int | None = None
+    max_k: int | None = None
+    """Longest query / key window as host ints (`casa.batch.SeqLens`), or None (unknown)."""
 
 
 def window_of(cu: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -94,13 +97,17 @@ def window_layout(image: torch.Tensor, text: torch.Tensor, index: "WindowIndex")
 
 
 def build_window_index(kind: str, window_cu_text: torch.Tensor, window_cu_image: torch.Tensor,
-                       image_cos: torch.Tensor, image_sin: torch.Tensor) -> WindowIndex:
+                       image_cos: torch.Tensor, image_sin: torch.Tensor, seqlens=None) -> WindowIndex:
+    """seqlens: the batch's `casa.batch.SeqLens` (host maxima), or None."""
     if kind not in KINDS:
         raise ValueError(f"window index kind={kind!r} is not one of {list(KINDS)}")
+    max_q = None if seqlens is None else seqlens.window_text
     if kind == "casa":
         return WindowIndex(kind, window_cu_text, (window_cu_text + window_cu_image).to(torch.int32), True,
-                           casa_kv_rows(window_cu_text, window_cu_image), image_cos, image_sin, window_cu_image)
-    return WindowIndex(kind, window_cu_text, window_cu_image, False, None, image_cos, image_sin, window_cu_image)
+                           casa_kv_rows(window_cu_text, window_cu_image), image_cos, image_sin, window_cu_image,
+                           max_q=max_q, max_k=None if seqlens is None else seqlens.window_all)
+    return WindowIndex(kind, window_cu_text, window_cu_image, False, None, image_cos, image_sin, window_cu_image,
+                       max_q=max_q, max_k=None if seqlens is None else seqlens.window_image)
 
 
 def table8_masked_key(index: WindowIndex, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -145,8 +152,10 @@ def prepare_windowed(kind: str, batch, text_embeds: torch.Tensor, image_embeds: 
     img_pos = window_image_positions(batch.position_ids, batch.window_cu_seqlens_text, batch.window_cu_seqlens_image,
                                      batch.image_grid_thw, merge, mrope)
     icos, isin = backbone.rope(img_pos, dtype)  # [N, D]
-    index = build_window_index(kind, batch.window_cu_seqlens_text, batch.window_cu_seqlens_image, icos, isin)
+    lens = batch.seqlens
+    index = build_window_index(kind, batch.window_cu_seqlens_text, batch.window_cu_seqlens_image, icos, isin, lens)
     if inference_mask is not None:
         index.masked_key = table8_masked_key(index, inference_mask, generator)
-    ctx = StreamContext(batch.sample_cu_seqlens, cos, sin, windows=index)
+    ctx = StreamContext(batch.sample_cu_seqlens, cos, sin, windows=index,
+                        max_seqlen=None if lens is None else lens.sample_text)
     return text_embeds, image_embeds.to(dtype), ctx
