@@ -134,6 +134,9 @@ def add_checkpoint_arguments(parser) -> None:
     parser.add_argument("--config", action="append", default=[],
                         help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="run",
+                        help="run: the precision the run validated in (bf16-mixed: autocast; bf16-true: bf16 "
+                             "parameters, as FSDP2's fsdp_param_dtype); 32 forces fp32")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is much faster for tiny models on a busy machine)")
 
@@ -149,9 +152,13 @@ def build_model(config: dict):
     return parser.instantiate(parser.parse_object({"model": config["model"]["model"]})).model
 
 
-def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = ()) -> "Assistant":
+def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = (),
+         precision: str = "run") -> "Assistant":
     """Rebuild model + tokenizer + chat template from a checkpoint written by `experiments.fit`
-    (`config_files`: the run's YAML configs, for a checkpoint without `casa_config`)."""
+    (`config_files`: the run's YAML configs, for a checkpoint without `casa_config`).
+
+    precision: one of `PRECISIONS`; "run" (default) is the precision the run validated in
+    (`run_precision`), so evaluating a checkpoint reproduces the metrics its validation logged."""
     from data.datamodule import resolve_tokenizer
 
     ckpt, config = read_checkpoint(ckpt_path, config_files)
@@ -171,16 +178,53 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot build tokenizer {settings.tokenizer!r} / template "
                               f"{settings.template!r} ({type(e).__name__}: {e})") from None
-    return Assistant(model.to(device, dtype=inference_dtype(model, device)).eval(), tokenizer, template, settings,
-                     config, int(ckpt.get("global_step", 0)))
+    precision = resolve_precision(precision, config, model, device)
+    model = model.to(device).eval()
+    dtype = HALF[precision.split("-")[0]] if precision != "32" else None
+    if precision.endswith("-true"):
+        # parameters only, as FSDP2's MixedPrecisionPolicy(param_dtype=...) casts them: buffers
+        # such as the rotary inverse frequencies stay fp32
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return Assistant(model, tokenizer, template, settings, config, int(ckpt.get("global_step", 0)),
+                     autocast_dtype=dtype if precision.endswith("-mixed") else None)
+
+
+PRECISIONS = ("run", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+"""Inference precisions: Lightning's names. "-mixed" autocasts (as `precision: bf16-mixed`
+trains), "-true" holds the parameters in half precision (as FSDP2's `fsdp_param_dtype` does)."""
+HALF = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def run_precision(config: dict) -> str:
+    """The precision a run validated in, from its config: FSDP2's `model.fsdp_param_dtype`,
+    else `trainer.precision` ("32" when neither asks for half precision)."""
+    param = (config.get("model") or {}).get("fsdp_param_dtype")
+    # fsdp_param_dtype applies only under ModelParallelStrategy, the one strategy that reads it
+    if param in ("bfloat16", "float16") and "ModelParallelStrategy" in str((config.get("trainer") or {}).get("strategy")):
+        return {"bfloat16": "bf16-true", "float16": "16-true"}[param]
+    trained = str((config.get("trainer") or {}).get("precision") or "32-true")
+    trained = {"bf16": "bf16-mixed", "16": "16-mixed"}.get(trained, trained)  # Lightning's short aliases
+    return trained if trained in PRECISIONS else "32"
+
+
+def resolve_precision(precision: str, config: dict, model, device: str | torch.device) -> str:
+    """`precision` ("run": the run's own) -> one of PRECISIONS without "run". A model with flash
+    attention on CUDA runs in bf16 at least (flash-attn takes fp16/bf16 only)."""
+    from casa.attention import half_precision_modules
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+    precision = run_precision(config) if precision == "run" else precision
+    if precision == "32" and torch.device(device).type == "cuda" and half_precision_modules(model):
+        return "bf16-true"
+    return precision
 
 
 def inference_dtype(model, device: str | torch.device) -> torch.dtype | None:
     """bf16 for a model with flash attention on CUDA (flash-attn takes fp16/bf16 only, and
     inference has no trainer to autocast), else None: the weights keep their dtype."""
-    from casa.attention import half_precision_modules
-
-    return torch.bfloat16 if torch.device(device).type == "cuda" and half_precision_modules(model) else None
+    return torch.bfloat16 if resolve_precision("32", {}, model, device) == "bf16-true" else None
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -305,10 +349,20 @@ class Assistant:
     """A loaded model with its tokenizer and template (build one with `load`)."""
 
     def __init__(self, model, tokenizer, template: ChatTemplate, settings: DataSettings, config: dict | None = None,
-                 global_step: int = 0):
+                 global_step: int = 0, autocast_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.template, self.settings = model, tokenizer, template, settings
         self.config, self.global_step = config or {}, global_step
         self.stop_token_ids = tuple(template.stop_token_ids)
+        self.autocast_dtype = autocast_dtype
+        """Set: every generation runs under `torch.autocast` in this dtype (`precision="bf16-mixed"`)."""
+
+    def _autocast(self):
+        """The assistant's precision: autocast under `precision="bf16-mixed"`, else nothing."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _generate(self, *args, **kwargs) -> list[list[int]]:
+        with self._autocast():
+            return generate(self.model, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -395,7 +449,7 @@ class Assistant:
             messages = [{"role": "user", "content": [*({"type": "image", "image": x} for x in imgs),
                                                      {"type": "text", "text": messages}]}]
             images = ()
-        out = generate(self.model, self.prompt(messages, images), config or self.generation_config())
+        out = self._generate(self.prompt(messages, images), config or self.generation_config())
         return self.decode(out[0])
 
     @torch.no_grad()
@@ -403,7 +457,15 @@ class Assistant:
         """An evaluation batch (`meta[s]["prompt_len"]`) -> one generated answer per sample,
         as `CasaModule.validation_step` scores them."""
         prompts = truncate_samples(batch.to(self.device), [m["prompt_len"] for m in batch.meta])
-        return [self.decode(g) for g in generate(self.model, prompts, config or self.generation_config())]
+        return [self.decode(g) for g in self._generate(prompts, config or self.generation_config())]
+
+    @torch.no_grad()
+    def answer_loss(self, batch: PackedBatch) -> tuple[float, int]:
+        """An evaluation batch -> (sum of the answer-token losses, answer tokens): teacher-forced,
+        as `CasaModule.validation_step` computes `val/loss` (token-weighted over batches)."""
+        with self._autocast():
+            out = self.model(batch.to(self.device))
+        return float(out.loss) * out.num_targets, out.num_targets
 
     # ------------------------------------------------------------------ live captioning
     @torch.no_grad()
@@ -423,7 +485,7 @@ class Assistant:
         if self.inference_mask is not None:
             raise ValueError(f"streaming decodes with the KV cache, which cannot apply the {self.inference_mask!r} mask")
         layout = CaptionLayout.from_template(self.template, prompt)
-        model, dev, stop = self.model, self.device, set(cfg.stop_token_ids)
+        dev, stop = self.device, set(cfg.stop_token_ids)
         cap = min(self.settings.max_pixels, self.settings.frame_max_pixels)
         cache, pending, size, done_at = KVCache(1), list(layout.first_pre), None, 0.0
         text_seen = image_seen = 0
@@ -444,7 +506,7 @@ class Assistant:
             chunk = frame_chunk(pending, layout.post, pv.to(dev), torch.tensor([grid], device=dev))
             text_seen += chunk.num_text_tokens
             image_seen += chunk.num_image_tokens
-            out = generate(model, chunk, cfg, generator, cache=cache)[0]
+            out = self._generate(chunk, cfg, generator, cache=cache)[0]
             text_seen += len(out) - 1  # the last token is not fed yet
             # the last token is fed with the next frame's chunk, with the turn's closing tokens
             pending = layout.close(out[-1], out[-1] in stop) + layout.pre

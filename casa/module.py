@@ -31,6 +31,23 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def block_precision_policies(dtype: torch.dtype | None):
+    """-> (root policy, per-block policy) of FSDP2 mixed precision: parameters gathered in
+    `dtype` (None: as stored), gradients reduced in fp32.
+
+    Only the root casts its floating inputs (the batch's pixels); the blocks take what the
+    model hands them. With the default input cast, FSDP2 would also round the fp32 rotary
+    tables the Qwen2.5-VL tower computes for its blocks (and copy our StreamContext per block),
+    so a sharded bf16 model would compute something other than the same model with bf16
+    parameters; without it the two are equal (tests/test_h100_recipe.py compares the answers)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if dtype is None:
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    return (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
+
+
 class CasaModule(L.LightningModule):
     """Args:
         model: the vision-language model (backbone + vision + fusion).
@@ -41,6 +58,9 @@ class CasaModule(L.LightningModule):
         decay_steps: final linear decay steps (0 = constant to the end).
         val_generate: run generation metrics during validation.
         val_max_new_tokens: generation budget per validation answer.
+        val_predictions: write every generated validation answer, with its sample key, task and
+            reference, to `<run_dir>/predictions/val_step_XXXXXX.jsonl` (rank zero, all ranks'
+            answers, sorted by key): what the metrics scored, to read or to diff across runs.
         val_max_samples: cap on generated validation samples per validation run, counted over
             all ranks: a validation batch is generated on every rank while the ranks together
             have generated fewer (so the last generated step may pass the cap by up to one
@@ -53,7 +73,7 @@ class CasaModule(L.LightningModule):
 
     def __init__(self, model: VisionLanguageModel, lr_new: float = 1e-4, lr_pretrained: float = 1e-5,
                  weight_decay: float = 0.0, warmup_steps: int = 100, decay_steps: int = 0, val_generate: bool = True,
-                 val_max_new_tokens: int = 16, val_max_samples: int = 256, compile: bool = False,
+                 val_max_new_tokens: int = 16, val_predictions: bool = True, val_max_samples: int = 256, compile: bool = False,
                  activation_checkpointing: bool = False, fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
                  init_from: str | None = None):
         super().__init__()
@@ -71,6 +91,7 @@ class CasaModule(L.LightningModule):
         # sum of loss x answer tokens over sum of answer tokens, synced once per epoch
         self.val_loss = WeightedMean()
         self._val_generated = 0  # generated validation samples, summed over ranks
+        self._val_answers: list[dict] = []  # this rank's generated answers of the current validation run
         self._step_start: float | None = None  # host clock at the first micro-batch of the current optimizer step
 
     # ------------------------------------------------------------------ sharding
@@ -84,17 +105,17 @@ class CasaModule(L.LightningModule):
         mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
         if mesh is None or getattr(self, "_sharded", False):
             return
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
             self.hparams.fsdp_param_dtype or "", None)
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        root, blocks = block_precision_policies(dtype)
         dp_mesh = mesh["data_parallel"]
         for block in self.model.backbone.layers:
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+            fully_shard(block, mesh=dp_mesh, mp_policy=blocks)
         for block in self.model.vision.tower.blocks:
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-        fully_shard(self.model, mesh=dp_mesh, mp_policy=mp)
+            fully_shard(block, mesh=dp_mesh, mp_policy=blocks)
+        fully_shard(self.model, mesh=dp_mesh, mp_policy=root)
         self._sharded = True
 
     # ------------------------------------------------------------------ training
@@ -158,6 +179,7 @@ class CasaModule(L.LightningModule):
     # the end of the epoch.
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
+        self._val_answers = []
         self.val_loss.reset()
         self.task_metrics.reset()
         self.group_metrics.reset()
@@ -189,6 +211,8 @@ class CasaModule(L.LightningModule):
         refs = [m["answer"] for m in batch.meta]
         self.task_metrics.update([m.get("task", "all") for m in batch.meta], preds, refs)
         self.group_metrics.update([m.get("group", "all") for m in batch.meta], preds, refs)
+        self._val_answers += [{"key": m.get("key"), "task": m.get("task", "all"), "group": m.get("group", "all"),
+                               "prediction": p, "reference": r} for m, p, r in zip(batch.meta, preds, refs)]
 
     def _generation_wanted(self) -> bool:
         """Generate this batch? The same answer on every rank: `_val_generated` counts all ranks."""
@@ -211,6 +235,25 @@ class CasaModule(L.LightningModule):
             for key, values in metrics.compute().items():
                 for name, v in values.items():
                     self.log(f"{prefix}/{key}/{name}", v, rank_zero_only=False)
+        if self.hparams.val_predictions and not self.trainer.sanity_checking:
+            self._write_answers()
+
+    def _write_answers(self) -> None:
+        """All ranks' generated answers -> one JSONL file, written by rank zero."""
+        import json
+        from pathlib import Path
+
+        answers = self._val_answers
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, answers)  # every rank calls it: the same collectives everywhere
+            answers = [a for part in gathered for a in part]
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "predictions" / f"val_step_{self.global_step:06d}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(a) + "\n" for a in sorted(answers, key=lambda a: str(a["key"]))))
 
     # ------------------------------------------------------------------ checkpoints
     #: the full run config (YAML text) set by `experiments.fit`; stored in every checkpoint so

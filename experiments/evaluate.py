@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on the test shards: generated answers scored per task and group.
 
     python -m experiments.evaluate --ckpt CKPT --data DIR [--split test] [--json]
-                                   [--mask self|rnd|rnd_txt] [--max-samples N]
+                                   [--mask self|rnd|rnd_txt] [--max-samples N] [--precision run|32|bf16-mixed|...]
+                                   [--predictions FILE.jsonl]
 
 Every sample's last assistant answer is generated (greedy) from its prompt, exactly as
 validation does during training (`Assistant.answer_batch` = `CasaModule.validation_step`'s
@@ -14,10 +15,16 @@ scores the same references while the model watches another test clip of the same
 Both are reported per task only, so group numbers stay comparable with validation.
 `--no-stream` skips them.
 
+`--precision run` (the default) evaluates in the precision the run validated in (its
+trainer's `bf16-mixed` autocast, or FSDP2's bf16 parameters), so the scores and the
+`--predictions` file reproduce the run's own validation on the same samples.
+
 `--mask` applies the paper's Table 8 masks in the CASA layers; generation then runs
 without the KV cache (which cannot apply them) and the stream evaluation is skipped.
 Output: a rich table, or with `--json` exactly one JSON object on stdout,
-`{"tasks": {task: {metric: value}}, "groups": {group: {metric: value}}}`. Progress on stderr.
+`{"tasks": {task: {metric: value}}, "groups": {group: {metric: value}},
+"loss": {"answer_loss": mean cross-entropy per answer token (teacher-forced, as val/loss),
+"answer_tokens": N}}`. Progress on stderr.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-samples", type=int, default=None, help="samples per generation batch (default: the run's "
                                                                     "val_rows_samples)")
     p.add_argument("--no-stream", action="store_true", help="skip the live-stream evaluation of live_caption clips")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="write every generated answer (key, task, group, prediction, reference), sorted by key: "
+                        "the format of a training run's predictions/val_step_*.jsonl")
     a = p.parse_args(argv)
     for name in ("max_samples", "batch_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
@@ -105,14 +115,25 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
     cfg = assistant.generation_config(max_new_tokens=a.max_new_tokens)
     per_batch = a.batch_samples or assistant.settings.val_rows_samples
     samples = islice(stream.samples(), a.max_samples)
+    answers, loss_sum, answer_tokens = [], 0.0, 0
     while chunk := list(islice(samples, per_batch)):
         batch = build_row(chunk)
+        batch_loss, n = assistant.answer_loss(batch)
+        loss_sum, answer_tokens = loss_sum + batch_loss, answer_tokens + n
         preds = assistant.answer_batch(batch, cfg)
         refs = [m["answer"] for m in batch.meta]
         tasks.update([m["task"] for m in batch.meta], preds, refs)
         groups.update([m["group"] for m in batch.meta], preds, refs)
+        answers += [{"key": m.get("key"), "task": m["task"], "group": m["group"], "prediction": p, "reference": r}
+                    for m, p, r in zip(batch.meta, preds, refs)]
         progress.advance(job, len(chunk))
-    out = {"tasks": tasks.compute(), "groups": groups.compute()}
+    if a.predictions:
+        out = Path(a.predictions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(x) + "\n" for x in sorted(answers, key=lambda x: str(x["key"]))))
+    out = {"tasks": tasks.compute(), "groups": groups.compute(),
+           # teacher-forced, token-weighted like validation's val/loss
+           "loss": {"answer_loss": loss_sum / max(answer_tokens, 1), "answer_tokens": answer_tokens}}
     skipped = {k: v for k, v in stream.stats().items() if v and k not in ("samples_read", "samples_kept", "epochs")}
     if skipped:
         progress.console.print(f"[yellow]skipped samples: {skipped}")
@@ -167,7 +188,11 @@ def print_table(results: dict, title: str) -> None:
         for key in sorted(results[kind]):
             vals = results[kind][key]
             table.add_row(f"{kind[:-1]}:{key}", *(f"{100 * vals.get(n, float('nan')):.1f}" for n in METRIC_NAMES))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if "loss" in results:
+        loss = results["loss"]
+        console.print(f"answer loss: {loss['answer_loss']:.4f} over {loss['answer_tokens']} answer tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:  # everything the user can get wrong is checked before the first sample
             urls = expand_shards(a.data, a.split)
-            assistant = load(a.ckpt, a.device, a.config)
+            assistant = load(a.ckpt, a.device, a.config, a.precision)
             assistant.set_inference_mask(a.mask)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             if os.environ.get("CASA_TRACEBACK"):

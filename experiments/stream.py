@@ -162,7 +162,7 @@ def run(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        return _run(a, load(a.ckpt, a.device, a.config))
+        return _run(a, load(a.ckpt, a.device, a.config, a.precision))
     finally:
         torch.set_num_threads(threads)
 
