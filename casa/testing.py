@@ -8,7 +8,10 @@ that a forward+backward of every strategy takes milliseconds on a laptop CPU.
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -206,21 +209,42 @@ def flash_stand_in(fn=None):
 
 
 # ---------------------------------------------------------------------- host syncs
+def _caller() -> str:
+    """file:line of the innermost frame outside torch and this file (who asked for the value)."""
+    frame = sys._getframe(1)
+    while frame is not None and (f"{os.sep}torch{os.sep}" in frame.f_code.co_filename
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return "?" if frame is None else f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+
+
 class SyncCounter:
     """Counts the operations that make the host wait for a CUDA device, on any device (CPU
-    included): `.item()`, `bool()` / `int()` / `float()` of a tensor, `.tolist()`, `nonzero`,
-    `masked_select`, boolean-mask indexing, `repeat_interleave` without `output_size`,
-    `unique`. Use as a context manager; `count` and `where` (op names) after it.
+    included). Use as a context manager; after it, `count` and `where` ("op at file:line",
+    the line being the innermost caller outside torch and this file):
 
         with SyncCounter() as syncs:
             model(batch).loss.backward()
-        assert syncs.count == ...
+        assert syncs.count == ..., syncs.where
 
-    On CUDA, `torch.cuda.set_sync_debug_mode("warn")` is the ground truth; this is the CPU
-    proxy for it. Code that reads the device on purpose where the real kernel would not
+    Counted, by the name in `where`:
+    - value reads called from Python: `item`, `tolist`, `__bool__` / `__int__` / `__float__` /
+      `__index__` of a tensor, `numpy` (on CUDA, the `.cpu()` before it);
+    - at the dispatcher, so also inside C++ code and autograd's backward: `_local_scalar_dense`
+      (a value read made in C++, e.g. a tensor passed where an int is taken), and ops whose
+      output size depends on the data: `nonzero`, `masked_select`, `unique*`, `index[bool]`
+      (indexing with a bool mask), `repeat_interleave` with tensor repeats and no `output_size`.
+
+    On CUDA `torch.cuda.set_sync_debug_mode` is the ground truth (`tests/gpu/checks.py`'s
+    `count_cuda_syncs`, which fills a `SyncCounter`'s `where` from its warnings); this is the
+    CPU proxy for it. Code that reads the device on purpose where the real kernel would not
     (a stand-in's own validation) runs inside `SyncCounter.paused()`."""
 
     _paused = 0
+    READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"})
+    """Tensor methods read from Python (one sync each; what they dispatch is not counted again)."""
+    SIZED_BY_DATA = frozenset({"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+                               "unique_dim"})
 
     def __init__(self):
         self.where: list[str] = []
@@ -232,25 +256,28 @@ class SyncCounter:
     @classmethod
     @contextmanager
     def paused(cls):
+        """Inside: no `SyncCounter` counts anything."""
         cls._paused += 1
         try:
             yield
         finally:
             cls._paused -= 1
 
+    def _add(self, op: str) -> None:
+        self.where.append(f"{op} at {_caller()}")
+
     def __enter__(self) -> "SyncCounter":
         from torch.overrides import TorchFunctionMode
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counter = self
-        syncing = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-                   "unique_consecutive", "unique_dim"}
 
         class _Function(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
-                if getattr(func, "__name__", "") == "tolist" and not SyncCounter._paused:
-                    counter.where.append("tolist")
-                    with SyncCounter.paused():  # its element reads are this one sync
+                name = getattr(func, "__name__", "")
+                if name in SyncCounter.READS and not SyncCounter._paused:
+                    counter._add(name)
+                    with SyncCounter.paused():  # its `_local_scalar_dense` / element reads are this one sync
                         return func(*args, **(kwargs or {}))
                 return func(*args, **(kwargs or {}))
 
@@ -259,14 +286,14 @@ class SyncCounter:
                 name = func.overloadpacket.__name__
                 kwargs = kwargs or {}
                 if not SyncCounter._paused:
-                    if name in syncing:
-                        counter.where.append(name)
+                    if name in SyncCounter.SIZED_BY_DATA or name == "_local_scalar_dense":
+                        counter._add(name)
                     elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                                  for i in (args[1] if len(args) > 1 else ())):
-                        counter.where.append("index[bool]")
+                        counter._add("index[bool]")
                     elif name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") \
                             and kwargs.get("output_size") is None:
-                        counter.where.append("repeat_interleave")
+                        counter._add("repeat_interleave")
                 return func(*args, **kwargs)
 
         self._modes = [_Function(), _Dispatch()]

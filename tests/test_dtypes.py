@@ -113,7 +113,10 @@ CONTRACT = {  # what the strict stand-in refuses, as flash-attn's kernel does
     "int64 cu_seqlens": (lambda q, k, v, cq, ck: (q, k, v, cq.long(), ck, 3, 3), "int32"),
     "strided rows": (lambda q, k, v, cq, ck: (q, k.transpose(0, 2).contiguous().transpose(0, 2), v, cq, ck, 3, 3),
                      "contiguous last dimension"),
-    "tensor max_seqlen": (lambda q, k, v, cq, ck: (q, k, v, cq, ck, torch.tensor(3), 3), "Python int"),
+    "tensor max_seqlen": (lambda q, k, v, cq, ck: (q, k, v, cq, ck, torch.tensor(3), 3),
+                          "max_seqlen_q must be a Python int"),
+    "cu_seqlens elsewhere": (lambda q, k, v, cq, ck: (q, k, v, cq, ck.to("meta"), 3, 3), "cu_seqlens_k must be on q's"),
+    "dropout": (lambda q, k, v, cq, ck: (q, k, v, cq, ck, 3, 3, 0.1), "dropout"),
     "short max_seqlen": (lambda q, k, v, cq, ck: (q, k, v, cq, ck, 2, 3), "below the longest"),
     "gqa": (lambda q, k, v, cq, ck: (q, k[:, :1].expand(-1, 3, -1).contiguous(), v[:, :1].expand(-1, 3, -1)
                                      .contiguous(), cq, ck, 3, 3), "must divide"),

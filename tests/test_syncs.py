@@ -42,14 +42,19 @@ def test_host_syncs_per_step_do_not_grow_with_layers(strategy):
 
 
 def test_sync_counter_sees_the_usual_syncs():
+    """What would sync a CUDA host is counted once each, in order, at its caller's line;
+    reads made in C++ (`torch.arange` of a tensor) and tensor repeats of one element too."""
     t = torch.tensor([1, 2, 3])
     with SyncCounter() as syncs:
-        t.tolist(), t[0].item(), bool(t[0] > 0), int(t[1]), t.nonzero(), t[t > 1]
-        torch.repeat_interleave(t, t)
+        t + 1, t.sum(), t[1:], torch.searchsorted(t, t), t.repeat_interleave(2)  # no sync
+        t.tolist(), t[0].item(), bool(t[0] > 0), int(t[1]), float(t[1]), t.nonzero(), t[t > 1]
+        torch.repeat_interleave(t, t), t.repeat_interleave(torch.tensor(2)), torch.arange(t[2]), t.numpy()
         with SyncCounter.paused():
             t.tolist()
-    assert syncs.where == ["tolist", "_local_scalar_dense", "_local_scalar_dense", "_local_scalar_dense", "nonzero",
-                           "index[bool]", "repeat_interleave"]
+    assert [w.split(" at ")[0] for w in syncs.where] == [
+        "tolist", "item", "__bool__", "__int__", "__float__", "nonzero", "index[bool]", "repeat_interleave",
+        "repeat_interleave", "_local_scalar_dense", "numpy"]
+    assert all(w.split(" at ")[1].startswith("test_syncs.py:") for w in syncs.where), syncs.where  # the caller
 
 
 # ---------------------------------------------------------------------- SeqLens

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from casa.attention import varlen_attention
+from casa.testing import SyncCounter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -232,19 +233,14 @@ def fsdp2_step(workdir: Path, accelerator: str, attn_backend: str, param_dtype: 
 
 
 # ---------------------------------------------------------------------------- host syncs
-class SyncCount:
-    """What a sync counter yields: `n` grows by one per host-device synchronisation seen."""
-
-    def __init__(self):
-        self.n = 0
-        self.where: list[str] = []
-
-
+# On CPU the lane counts with `casa.testing.SyncCounter` (the ops that would sync a CUDA
+# host); on CUDA with `count_cuda_syncs`, which yields the same record.
 @contextmanager
-def count_cuda_syncs() -> Iterator[SyncCount]:
+def count_cuda_syncs() -> Iterator[SyncCounter]:
     """Count the host syncs CUDA's sync debug mode reports (one warning each, backward
-    included: autograd replays its threads' warnings on the caller's thread)."""
-    count = SyncCount()
+    included: autograd replays its threads' warnings on the caller's thread), into a
+    `SyncCounter`'s `where` ("sync at file:line"); its own CPU counting is not entered."""
+    count = SyncCounter()
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -255,75 +251,7 @@ def count_cuda_syncs() -> Iterator[SyncCount]:
             torch.cuda.set_sync_debug_mode(previous)
     for w in seen:
         if "synchroniz" in str(w.message):
-            count.n += 1
             count.where.append(f"sync at {Path(w.filename).name}:{w.lineno}")
-
-
-# Tensor methods and functions that make a CUDA host wait for the device: reading a value
-# (item, tolist, bool/int/float of a tensor), or an output whose size depends on the data
-# (nonzero, masked_select, unique, indexing with a bool mask, repeat_interleave with tensor
-# repeats and no output_size). On CPU nothing waits; this counts where CUDA would.
-_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
-          torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
-          torch.Tensor.masked_select, torch.masked_select, torch.Tensor.unique, torch.unique,
-          torch.Tensor.numpy}
-
-
-class _SyncMode(torch.overrides.TorchFunctionMode):
-    def __init__(self, count: SyncCount):
-        super().__init__()
-        self.count = count
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not _UNCOUNTED and (func in _READS or _data_dependent(func, args, kwargs)):
-            self.count.n += 1
-            self.count.where.append(f"{getattr(func, '__name__', func)} at {_caller()}")
-        return func(*args, **kwargs)
-
-
-def _caller() -> str:
-    """file:line of the innermost frame outside torch and this file (who asked for the value)."""
-    frame = sys._getframe(2)
-    while frame is not None and (f"{os.sep}torch{os.sep}" in frame.f_code.co_filename
-                                 or frame.f_code.co_filename == __file__):
-        frame = frame.f_back
-    return "?" if frame is None else f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
-
-
-def _data_dependent(func, args, kwargs) -> bool:
-    if func is torch.Tensor.__getitem__:
-        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx)
-    if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
-        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
-        return isinstance(repeats, torch.Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None
-    return False
-
-
-_UNCOUNTED = False
-
-
-@contextmanager
-def not_counted() -> Iterator[None]:
-    """Inside: `count_cpu_syncs` counts nothing. For CPU stand-ins of CUDA kernels, whose
-    own host work (validation, a reference computed by a loop) the real kernel does not do."""
-    global _UNCOUNTED
-    before, _UNCOUNTED = _UNCOUNTED, True
-    try:
-        yield
-    finally:
-        _UNCOUNTED = before
-
-
-@contextmanager
-def count_cpu_syncs() -> Iterator[SyncCount]:
-    """On CPU: count the calls that would sync a CUDA host (`_READS`, `_data_dependent`).
-    It sees calls made from Python (the forward, custom autograd functions, the optimizer),
-    not autograd's C++ backward kernels; on CUDA `count_cuda_syncs` sees both."""
-    count = SyncCount()
-    with _SyncMode(count):
-        yield count
 
 
 def tiny_train_step(num_layers: int, attn_backend: str, device, dtype: torch.dtype) -> Callable[[], float]:
@@ -332,7 +260,7 @@ def tiny_train_step(num_layers: int, attn_backend: str, device, dtype: torch.dty
     text-only sample) already on `device`; the step returns the loss.
 
     SGD, not Adam: the model's syncs are what is counted, and Adam reads its per-parameter
-    step counters, host tensors that never sync a GPU but that `count_cpu_syncs` would count
+    step counters, host tensors that never sync a GPU but that `SyncCounter` would count
     (one per parameter, so growing with depth)."""
     from casa.fusion import CASA
     from casa.testing import random_packed_batch, tiny_model
@@ -357,7 +285,9 @@ def check_syncs_per_step(make_step: Callable[[int], Callable], count_syncs: Call
     """Host syncs of one training step do not grow with the number of layers.
 
     `make_step(n)` -> a step of an n-layer model; each is warmed up once (lazy state,
-    kernel selection), then one step is counted under `count_syncs()`; its loss must be finite."""
+    kernel selection), then one step is counted under `count_syncs()` (`casa.testing.SyncCounter`
+    on CPU, `count_cuda_syncs` on CUDA: anything yielding `count` and `where`); its loss must
+    be finite."""
     counts, where = {}, {}
     for n in layers:
         step = make_step(n)
@@ -365,7 +295,7 @@ def check_syncs_per_step(make_step: Callable[[int], Callable], count_syncs: Call
         with count_syncs() as c:
             loss = step()
         assert math.isfinite(float(loss)), f"{n} layers: loss {float(loss)}"
-        counts[n], where[n] = c.n, c.where
+        counts[n], where[n] = c.count, c.where
     few, many = layers[0], layers[-1]
     extra = Counter(where[many]) - Counter(where[few])  # the syncs the deeper model adds, by site
     assert counts[many] <= counts[few], (

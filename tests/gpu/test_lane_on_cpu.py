@@ -12,35 +12,13 @@ import pytest
 import torch
 
 from casa.attention import varlen_attention
+from casa.testing import SyncCounter, flash_stand_in, strict_flash_attn_varlen_func
 from tests.gpu import checks
 
 ROOT = checks.ROOT
 
 
 # ---------------------------------------------------------------------------- stand-ins
-def strict_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                                  softmax_scale=None, causal=False):
-    """flash-attn 2.x's `flash_attn_varlen_func` on CPU: its documented input contract
-    enforced (fp16/bf16, one dtype for q, k, v, contiguous last dim, int32 boundaries on the
-    inputs' device, int max lengths), then the dense reference in fp32 (flash accumulates in
-    fp32), returned in the input dtype."""
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise RuntimeError(f"FlashAttention only supports fp16 and bf16, one dtype: q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if any(x.stride(-1) != 1 for x in (q, k, v)):
-        raise RuntimeError("Input tensor must have contiguous last dimension")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if cu.dtype != torch.int32 or cu.device != q.device:
-            raise RuntimeError(f"{name} must be int32 on {q.device}, got {cu.dtype} on {cu.device}")
-    for name, n, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_seqlens_k)):
-        if type(n) is not int or n < int((cu[1:] - cu[:-1]).max()):
-            raise RuntimeError(f"{name}={n!r} must be an int >= the longest segment")
-    if dropout_p != 0.0:
-        raise RuntimeError(f"dropout_p={dropout_p}: the checks run without dropout")
-    out = varlen_attention(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, causal, "dense",
-                           scale=softmax_scale)
-    return out.to(q.dtype)
-
-
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -83,13 +61,8 @@ def test_attention_check_through_strict_flash(layout):
     backend), against a stand-in enforcing flash-attn's contract, in bf16."""
     checks.check_attention(checks.flash_varlen_kernel(strict_flash_attn_varlen_func), layout, "gqa",
                            torch.bfloat16, "cpu")
-    from casa.attention import set_flash_fn
-
-    set_flash_fn(strict_flash_attn_varlen_func)
-    try:
+    with flash_stand_in():
         checks.check_attention(checks.varlen_kernel("flash"), layout, "gqa", torch.bfloat16, "cpu")
-    finally:
-        set_flash_fn(None)
 
 
 def test_attention_check_at_helium_heads():
@@ -127,19 +100,6 @@ def test_attention_check_fails_on_wrong_kernels():
         checks.check_attention(sloppy, "self_attention", "gqa", torch.bfloat16, "cpu")
 
 
-def test_strict_flash_stand_in_refuses_what_flash_attn_refuses():
-    q, k, v, _, cu_q, cu_k = checks.attention_inputs("casa_windows", "gqa", torch.bfloat16, "cpu")
-    args = (cu_q, cu_k, 1024 + 17, 1024 + 17)
-    with pytest.raises(RuntimeError, match="fp16 and bf16"):
-        strict_flash_attn_varlen_func(q.float(), k.float(), v.float(), *args)
-    with pytest.raises(RuntimeError, match="int32"):
-        strict_flash_attn_varlen_func(q, k, v, cu_q.long(), *args[1:])
-    with pytest.raises(RuntimeError, match="max_seqlen_q"):
-        strict_flash_attn_varlen_func(q, k, v, cu_q, cu_k, torch.tensor(40), 1041)
-    with pytest.raises(RuntimeError, match="contiguous last dimension"):
-        strict_flash_attn_varlen_func(q, k.transpose(0, 2).contiguous().transpose(0, 2), v, *args)
-
-
 def test_kvcache_check_with_cpu_stand_in():
     assert "appended in place" in checks.check_kvcache(flash_attn_with_kvcache, torch.bfloat16, "cpu")
 
@@ -151,18 +111,6 @@ def test_kvcache_check_with_cpu_stand_in():
 
 
 # ---------------------------------------------------------------------------- host syncs
-def test_cpu_sync_counter_counts_what_cuda_would_sync_on():
-    x = torch.arange(6)
-    with checks.count_cpu_syncs() as count:
-        x + 1, x.sum(), x[1:], torch.searchsorted(x, x)  # no sync
-        x.tolist(), x[0].item(), bool(x[0] > 1), int(x[1]), x[x > 2], torch.nonzero(x), x.repeat_interleave(x)
-        with checks.not_counted():
-            x.tolist()
-    assert [w.split(" at ")[0] for w in count.where] == ["tolist", "item", "__bool__", "__int__", "__getitem__",
-                                                          "nonzero", "repeat_interleave"]
-    assert all(w.split(" at ")[1].startswith("test_lane_on_cpu.py:") for w in count.where)  # the caller, not torch
-
-
 def test_sync_check_fails_when_syncs_grow_with_layers():
     def make_step(layers, per_layer):
         x = torch.ones(3)
@@ -173,34 +121,20 @@ def test_sync_check_fails_when_syncs_grow_with_layers():
             return x.sum()
         return step
 
-    assert checks.check_syncs_per_step(lambda n: make_step(n, False), checks.count_cpu_syncs) == \
+    assert checks.check_syncs_per_step(lambda n: make_step(n, False), SyncCounter) == \
         "2 layers: 1 / 4 layers: 1 syncs per step"
     with pytest.raises(AssertionError, match=r"grow with depth: \{2: 2, 4: 4\}; 4 layers add item at test_lane_on_cpu.py:\d+ x2"):
-        checks.check_syncs_per_step(lambda n: make_step(n, True), checks.count_cpu_syncs)
+        checks.check_syncs_per_step(lambda n: make_step(n, True), SyncCounter)
 
 
 def test_sync_check_runs_the_tiny_model_through_strict_flash():
-    """The lane's step (tiny CASA⊕, bf16, flash backend) runs on CPU through the strict
-    stand-in (its own host work not counted: flash-attn does none) and is counted for both
-    depths. Whether the count grows is issue 14 item 8 (the `flash` backend reading
-    `cu_seqlens` per call); until that lands this asserts the counts were taken and, if the
-    check fails, that it failed on growth, not on a crash."""
-    from casa.attention import set_flash_fn
-
-    def flash(*args, **kwargs):
-        with checks.not_counted():
-            return strict_flash_attn_varlen_func(*args, **kwargs)
-
-    set_flash_fn(flash)
-    try:
-        try:
-            result = checks.check_syncs_per_step(lambda n: checks.tiny_train_step(n, "flash", "cpu", torch.bfloat16),
-                                                 checks.count_cpu_syncs)
-            assert result.startswith("2 layers: ")
-        except AssertionError as e:
-            assert "grow with depth" in str(e), e
-    finally:
-        set_flash_fn(None)
+    """The lane's step (tiny CASA⊕, bf16, flash backend) on CPU through the strict stand-in
+    (its own host work not counted: flash-attn does none) passes the check: the collate's
+    host max lengths reach every flash call, so no layer reads `cu_seqlens` back."""
+    with flash_stand_in():
+        result = checks.check_syncs_per_step(lambda n: checks.tiny_train_step(n, "flash", "cpu", torch.bfloat16),
+                                             SyncCounter)
+    assert result.startswith("2 layers: ") and result.endswith(" syncs per step"), result
 
 
 # ---------------------------------------------------------------------------- FSDP2, memory, runner
