@@ -41,12 +41,15 @@ Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
 Keys and values may also come as *segmented* sequences, one tensor [Lk_w, Hkv, D] per
 segment (`casa.cache` passes each cached sample's buffer this way): `sdpa` and `eager` read
 them in place, the whole-stream backends (dense, flex, flash) concatenate them first.
+A decoding step of a several-sample cache under `flash` instead hands over the cache itself
+(`CachedKV`: one [S, capacity, Hkv, D] buffer per layer, `flash_attn_with_kvcache`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -66,6 +69,39 @@ def set_flash_fn(fn: Callable | None) -> None:
     """Route the `flash` backend to `fn` (None restores `flash_attn.flash_attn_varlen_func`)."""
     global _FLASH_FN
     _FLASH_FN = fn
+
+
+_FLASH_KVCACHE_FN: Callable | None = None
+"""Stand-in for `flash_attn.flash_attn_with_kvcache` (same signature and semantics). None =
+the real one, or, while a `set_flash_fn` stand-in is set, the strict CPU stand-in
+`casa.flash_stand_in_kvcache.strict_flash_attn_with_kvcache`."""
+
+
+def set_flash_kvcache_fn(fn: Callable | None) -> None:
+    """Route `flash`'s batched decoding step (`CachedKV`) to `fn` (None: see `_FLASH_KVCACHE_FN`)."""
+    global _FLASH_KVCACHE_FN
+    _FLASH_KVCACHE_FN = fn
+
+
+@dataclass
+class CachedKV:
+    """The keys and values of a `flash` decoding step over a several-sample cache
+    (`casa.cache.KVCache`), passed as both k and v of `varlen_attention`:
+
+        k_cache, v_cache [B, cap, Hkv, D]  row b holds sample b's cached keys in [:cache_seqlens[b]]
+        cache_seqlens    [B] int32 on the queries' device: keys cached before this step
+        k, v             [B, m, Hkv, D] the step's new keys: `flash_attn_with_kvcache` writes them
+                         into the cache at cache_seqlens in place, then attends over
+                         cache[b, :cache_seqlens[b] + m] (bottom-right causal)
+
+    The queries are [B * m, H, D], m per sample: every sample has the same number of new
+    tokens (the cache takes the varlen path otherwise)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 @lru_cache(maxsize=1)
@@ -415,6 +451,26 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale, max_q: int | None, max_k: int | N
               dropout_p=0.0, softmax_scale=scale, causal=causal)
 
 
+def _flash_decode(q: torch.Tensor, kv: CachedKV, causal: bool, scale: float) -> torch.Tensor:
+    """q [B * m, H, D] over a `CachedKV` -> [B * m, H, D]: one `flash_attn_with_kvcache` call
+    reads every sample's keys where the cache keeps them (no concatenation, no copy) and
+    appends the new ones in place."""
+    fn = _FLASH_KVCACHE_FN
+    if fn is None and _FLASH_FN is not None:  # a CPU stand-in for flash: its decoding kernel too
+        from casa.flash_stand_in_kvcache import strict_flash_attn_with_kvcache as fn
+    if fn is None:
+        from flash_attn import flash_attn_with_kvcache as fn  # lazy: optional CUDA-only package
+    B, m = kv.k.shape[:2]
+    if q.dim() != 3 or q.shape[0] != B * m:
+        raise ValueError(f"expected q [B * m = {B * m}, H, D] for a cached decoding step of {B} samples x {m} "
+                         f"new tokens, got {tuple(q.shape)}")
+    # fp32 queries go down to the autocast dtype; the cache is stored in it already (`casa.cache`)
+    q = q if q.dtype in FLASH_DTYPES else q.to(flash_dtype(q.dtype, q.device.type))
+    out = fn(_rows(q).view(B, m, *q.shape[1:]), kv.k_cache, kv.v_cache, k=kv.k, v=kv.v,
+             cache_seqlens=kv.cache_seqlens, softmax_scale=scale, causal=causal)  # [B, m, H, D]
+    return out.reshape(q.shape)
+
+
 def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, causal: bool, backend: str = "sdpa", *, scale: float | None = None,
                      masked_key: torch.Tensor | None = None, return_probs: bool = False,
@@ -436,7 +492,15 @@ def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tens
     max_seqlen_q, max_seqlen_k: the longest query / key segment as host ints, if the caller
         knows them (`casa.batch.SeqLens`): `flash` needs them and otherwise reads them from
         the boundaries, a host sync; the other backends ignore them.
+    k = v = `CachedKV` (`flash` only): a decoding step over a several-sample cache; the
+        cache's buffers are read and appended to in place, cu_seqlens_k may be None.
     """
+    if isinstance(k, CachedKV):
+        if v is not k or backend != "flash":
+            raise ValueError(f"CachedKV keys need backend='flash' and v passed as the same CachedKV, got "
+                             f"backend={backend!r}, v {type(v).__name__}")
+        check_backend(backend, q.device, False)
+        return _flash_decode(q, k, causal, q.shape[-1] ** -0.5 if scale is None else scale)
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
                          f"must both be [W+1]")

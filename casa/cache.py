@@ -17,11 +17,45 @@ new state. Samples can be dropped when they finish (`keep`).
 Positions: `offset[s]` is the position the next token of sample s takes (text positions
 for windowed strategies, merged-stream positions for insertion); the model adds it to the
 chunk's local positions and advances it after each forward.
+
+Under `flash`, the SA layers of a cache of several samples keep all samples in one buffer
+per layer (`_FlashRows`): a decoding step, where every sample has the same number of new
+tokens, hands that buffer to `flash_attn_with_kvcache` (`casa.attention.CachedKV`) instead of
+concatenating every sample's past per layer per token.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from casa.attention import CachedKV, flash_dtype
+
+
+@dataclass
+class _FlashRows:
+    """One SA layer's cache for `flash` with several samples: sample s's keys are
+    k[s, :lens[s]] (k, v [S, cap, Hkv, D] in flash's dtype; lens host ints)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: list[int]
+
+    def grow(self, need: int) -> None:
+        """Room for `need` keys per row: capacity doubles with one copy (amortised O(1) per token)."""
+        cap = self.k.shape[1]
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap)
+        k, v = self.k.new_empty(self.k.shape[0], cap, *self.k.shape[2:]), self.v.new_empty(
+            self.v.shape[0], cap, *self.v.shape[2:])
+        n = max(self.lens, default=0)
+        k[:, :n], v[:, :n] = self.k[:, :n], self.v[:, :n]
+        self.k, self.v = k, v
+
+    def views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.k[s, :n], self.v[s, :n]) for s, n in enumerate(self.lens)]
 
 
 class KVCache:
@@ -36,6 +70,8 @@ class KVCache:
         self._sa_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._win_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._workspace: torch.Tensor | None = None
+        self._flash_sa: dict[int, _FlashRows] = {}  # SA layers under flash with several samples
+        self._seqlens: tuple[tuple[int, ...], torch.Tensor] | None = None  # one per step, shared by the layers
 
     # ------------------------------------------------------------------ bookkeeping
     def keep(self, indices: list[int]) -> None:
@@ -43,6 +79,13 @@ class KVCache:
         for store in (self.sa, self.win, self._sa_buf, self._win_buf):
             for layer, per_sample in store.items():
                 store[layer] = [per_sample[i] for i in indices]
+        if indices != list(range(self.num_samples)):  # generation calls this every step
+            for layer, rows in self._flash_sa.items():
+                # compact once per finished sample (not per token): the kernel's rows stay 0..S'-1
+                idx = torch.tensor(indices, dtype=torch.long, device=rows.k.device)
+                rows.k, rows.v = rows.k.index_select(0, idx), rows.v.index_select(0, idx)
+                rows.lens = [rows.lens[i] for i in indices]
+                self.sa[layer] = rows.views()
         self.offset = self.offset[indices]
         self.num_samples = len(indices)
 
@@ -98,6 +141,9 @@ class KVCache:
         (segmented: one [n_s, Hkv, D] view of each sample's buffer, `casa.attention`) and
         their boundaries cu_k [S+1]. backend: the attention backend that reads them (layout)."""
         store = self.sa.setdefault(layer, [None] * self.num_samples)
+        if backend == "flash" and not torch.is_grad_enabled() and (
+                layer in self._flash_sa or (self.num_samples > 1 and all(e is None for e in store))):
+            return self._flash_self_attention(layer, k, v, cu)
         bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
         bounds = cu.tolist()
         lens = [0]
@@ -112,6 +158,41 @@ class KVCache:
             lens.append(lens[-1] + store[s][0].shape[0])
         cu_k = torch.tensor(lens, dtype=torch.int32, device=k.device)
         return [e[0] for e in store], [e[1] for e in store], cu_k
+
+    def _flash_self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor):
+        """`self_attention` for flash with several samples (`_FlashRows`). A step where every
+        sample has m new tokens -> (CachedKV, CachedKV, None): the kernel appends k, v to the
+        layer's buffer itself. Otherwise (a prefill chunk, unequal counts: once per prompt) the
+        chunk is written here and the keys go back segmented, as `self_attention`'s."""
+        bounds = cu.tolist()
+        S, (Hkv, D) = len(bounds) - 1, k.shape[1:]
+        new = [bounds[s + 1] - bounds[s] for s in range(S)]
+        rows = self._flash_sa.get(layer)
+        if rows is None:
+            # flash's dtype (as `casa.attention._flash` casts fp32 under autocast): a step casts
+            # its new keys only, never the cache
+            dtype = flash_dtype(k.dtype, k.device.type)
+            rows = self._flash_sa[layer] = _FlashRows(k.new_empty(S, 0, Hkv, D, dtype=dtype),
+                                                      v.new_empty(S, 0, Hkv, D, dtype=dtype), [0] * S)
+        past = rows.lens
+        rows.grow(max(n + m for n, m in zip(past, new)) + (256 if rows.k.shape[1] == 0 else 0))
+        rows.lens = [n + m for n, m in zip(past, new)]
+        self.sa[layer] = rows.views()
+        if len(set(new)) == 1 and new[0] > 0:
+            if self._seqlens is None or self._seqlens[0] != tuple(past) or self._seqlens[1].device != k.device:
+                self._seqlens = (tuple(past), torch.tensor(past, dtype=torch.int32, device=k.device))
+            m = new[0]
+            kv = CachedKV(rows.k, rows.v, self._seqlens[1], k.to(rows.k.dtype).reshape(S, m, Hkv, D).contiguous(),
+                          v.to(rows.v.dtype).reshape(S, m, Hkv, D).contiguous())
+            return kv, kv, None
+        for s in range(S):
+            rows.k[s, past[s]:rows.lens[s]] = k[bounds[s]:bounds[s + 1]]
+            rows.v[s, past[s]:rows.lens[s]] = v[bounds[s]:bounds[s + 1]]
+        lens = [0]
+        for n in rows.lens:
+            lens.append(lens[-1] + n)
+        keys = self.sa[layer]
+        return [e[0] for e in keys], [e[1] for e in keys], torch.tensor(lens, dtype=torch.int32, device=k.device)
 
     @staticmethod
     def _append(bufs: list, s: int, past: tuple[torch.Tensor, torch.Tensor] | None, k_new: torch.Tensor,
