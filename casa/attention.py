@@ -72,9 +72,8 @@ def set_flash_fn(fn: Callable | None) -> None:
 
 
 _FLASH_KVCACHE_FN: Callable | None = None
-"""Stand-in for `flash_attn.flash_attn_with_kvcache` (same signature and semantics). None =
-the real one, or, while a `set_flash_fn` stand-in is set, the strict CPU stand-in
-`casa.flash_stand_in_kvcache.strict_flash_attn_with_kvcache`."""
+"""Stand-in for `flash_attn.flash_attn_with_kvcache` (same signature and semantics; tests set
+`casa.testing.strict_flash_attn_with_kvcache` with `casa.testing.flash_stand_in`). None = the real one."""
 
 
 def set_flash_kvcache_fn(fn: Callable | None) -> None:
@@ -456,8 +455,6 @@ def _flash_decode(q: torch.Tensor, kv: CachedKV, causal: bool, scale: float) -> 
     reads every sample's keys where the cache keeps them (no concatenation, no copy) and
     appends the new ones in place."""
     fn = _FLASH_KVCACHE_FN
-    if fn is None and _FLASH_FN is not None:  # a CPU stand-in for flash: its decoding kernel too
-        from casa.flash_stand_in_kvcache import strict_flash_attn_with_kvcache as fn
     if fn is None:
         from flash_attn import flash_attn_with_kvcache as fn  # lazy: optional CUDA-only package
     B, m = kv.k.shape[:2]

@@ -1,6 +1,6 @@
 """Cached decoding with `flash` over several samples (issue 14, item 8): a decoding step hands
 the layer's whole cache to `flash_attn_with_kvcache` (no per-token concatenation of every
-sample's keys), through the strict CPU stand-in `casa.flash_stand_in_kvcache`."""
+sample's keys), through the strict CPU stand-in `casa.testing.strict_flash_attn_with_kvcache`."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 from casa.attention import CachedKV, varlen_attention
 from casa.cache import KVCache
-from casa.flash_stand_in_kvcache import flash_kvcache_stand_in, strict_flash_attn_with_kvcache
+from casa.testing import flash_stand_in, strict_flash_attn_with_kvcache
 from casa.fusion import CASA, Insertion
 from casa.testing import flash_stand_in, random_packed_batch, tiny_model
 
@@ -52,7 +52,7 @@ def test_a_decoding_step_hands_the_cache_to_the_kernel_without_concatenating():
         calls.append((k_cache.data_ptr(), v_cache.data_ptr()))
         return strict_flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
 
-    with torch.no_grad(), flash_kvcache_stand_in(kvcache_fn=spy):
+    with torch.no_grad(), flash_stand_in(kvcache_fn=spy):
         # prefill (unequal lengths): the varlen path, written into the layer's buffer
         k, v, cu_k = cache.self_attention(0, torch.cat(keys), torch.cat(values), cu, "flash")
         q = rnd(22, H, D)
@@ -86,7 +86,7 @@ def test_the_cache_grows_by_doubling_and_keeps_its_keys():
     H, Hkv, D, dt = 2, 1, 8, torch.float16
     cache = KVCache(2)
     keys = [torch.randn(n, Hkv, D).to(dt) for n in (2, 5)]
-    with torch.no_grad(), flash_kvcache_stand_in():
+    with torch.no_grad(), flash_stand_in():
         cache.self_attention(0, torch.cat(keys), torch.cat(keys), torch.tensor([0, 2, 7], dtype=torch.int32),
                              "flash")
         cap = cache._flash_sa[0].k.shape[1]
@@ -118,7 +118,7 @@ def test_cached_generation_of_several_samples_with_flash_equals_sdpa(strategy):
     out = {}
     for backend in ("flash", "sdpa"):
         model = tiny_model(fusion(), num_layers=2, attn_backend=backend).to(torch.bfloat16).eval()
-        with flash_kvcache_stand_in(kvcache_fn=spy):
+        with flash_stand_in(kvcache_fn=spy):
             out[backend] = generate(model, prompts, GenerationConfig(max_new_tokens=5, stop_token_ids=()))
     assert out["flash"] == out["sdpa"]
     assert len(calls) == 4 * 2 and set(calls) == {3}  # 4 decoding steps x 2 SA layers, 3 samples each
