@@ -3,8 +3,10 @@
 The Hugging Face rotary modules (1-D RoPE for Llama/Qwen2/Qwen3/Helium, M-RoPE for the
 Qwen2.5-VL text model) return `cos, sin` of shape `[1, L, D]` for position ids `[1, L]`
 (or `[3, 1, L]` for M-RoPE: transformers already recomposes the three sections into one
-`[1, L, D]` table). Every attention in casa (SA, CA, CASA, Q-Former) applies them through
-`apply_rope`, so 1-D and multimodal RoPE need no separate code paths.
+`[1, L, D]` table). Every rotary attention in casa (SA, CA, CASA; the Q-Former's own
+attention has no RoPE) applies them with the family's own `apply_rotary_pos_emb` (a block's
+`rope_fn`), and image keys through `casa.image_kv`, which rotates in place for the layouts it
+knows; so 1-D and multimodal RoPE need no separate code paths.
 
 The tables come in the dtype the projections produce (`compute_dtype`): under autocast
 (`precision: bf16-mixed`) a projection of the fp32 stream is bf16, and fp32 tables would
@@ -16,19 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [..., D]: (x1, x2) -> (-x2, x1), the split-half convention of HF Llama."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [L, H, D], cos/sin [L, D] -> [L, H, D]."""
-    cos = cos.unsqueeze(1)  # [L, 1, D]
-    sin = sin.unsqueeze(1)  # [L, 1, D]
-    return x * cos + rotate_half(x) * sin
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:

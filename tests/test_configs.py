@@ -203,6 +203,7 @@ def _run_distributed(in_tmp: Path, files: list[Path], run: str, *extra: str) -> 
     return r
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes(in_tmp):
     _run_distributed(in_tmp, [DEMO, TINY, CONFIGS / "trainer" / "ddp.yaml", INSTRUMENTS], "ddp",
                      "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3")
@@ -217,6 +218,7 @@ def test_ddp_two_processes(in_tmp):
     assert any(k.startswith("memory/") for k in _csv_keys(run))
 
 
+@pytest.mark.distributed
 def test_fsdp2_two_processes_saves_and_resumes(in_tmp):
     files = [DEMO, TINY, CONFIGS / "trainer" / "fsdp2_h100.yaml", FSDP2_CPU, INSTRUMENTS]
     ckpt: list[str] = []

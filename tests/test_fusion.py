@@ -137,6 +137,51 @@ def test_capture_records_probabilities():
     assert model._capture is None
 
 
+@pytest.mark.parametrize("name", ["casa_plus", "casa_before", "casa_replace", "cross_attention",
+                                  "gated_cross_attention"])
+def test_captured_probabilities_reproduce_the_fusion_layer_output(name, monkeypatch):
+    """The recorded maps are the attention the layer computed: per window, probs @ V (V as
+    the layer attended to it, GQA heads expanded) then `o_proj` gives the output of
+    `window_attention`, and that output is the one the layer gives without capture (the
+    eager capture path changes no number). Sums to 1 alone would pass for probabilities of
+    the wrong window, before the mask, or at another scale."""
+    import casa.fusion.layers as layers
+
+    model = tiny_model(STRATEGIES[name]()).eval()
+    _perturb_gates(model)
+    batch = random_packed_batch(SAMPLES, seed=5)
+    calls = []  # per window_attention call: {"attn", "out", "v", "cu_k"}
+    window_attention, varlen_attention = layers.window_attention, layers.varlen_attention
+
+    def recording_window_attention(attn, *args, **kwargs):
+        calls.append({"attn": attn})
+        calls[-1]["out"] = out = window_attention(attn, *args, **kwargs)
+        return out
+
+    def recording_varlen_attention(q, k, v, cu_q, cu_k, *args, **kwargs):
+        calls[-1].update(v=v, cu_k=cu_k, cu_q=cu_q)
+        return varlen_attention(q, k, v, cu_q, cu_k, *args, **kwargs)
+
+    # DecoderBlock imports window_attention at call time (CASA∨): patching the module reaches both callers
+    monkeypatch.setattr(layers, "window_attention", recording_window_attention)
+    monkeypatch.setattr(layers, "varlen_attention", recording_varlen_attention)
+    with torch.no_grad():
+        model(batch)
+        plain = [c["out"] for c in calls]
+        calls.clear()
+        with model.capture_attention() as records:
+            model(batch)
+    assert len(records) == len(calls) == len(plain) == len(model.fusion.fused_layers()) > 0
+    for r, c, ref in zip(records, calls, plain):
+        torch.testing.assert_close(c["out"], ref, atol=1e-5, rtol=1e-5)  # capture changes nothing
+        attn, v, cu_k, cu_q = c["attn"], c["v"], c["cu_k"].tolist(), c["cu_q"].tolist()
+        assert r["window_cu_text"] == cu_q and len(r["probs"]) == len(cu_q) - 1
+        H = r["probs"][0].shape[0]
+        o = torch.cat([torch.einsum("hqk,khd->qhd", p, v[cu_k[w]:cu_k[w + 1]].repeat_interleave(H // v.shape[1], 1))
+                       for w, p in enumerate(r["probs"])])  # [T, H, D]
+        torch.testing.assert_close(attn.o_proj(o.reshape(o.shape[0], -1)), c["out"], atol=1e-5, rtol=1e-5)
+
+
 def test_table8_masks_change_casa_outputs_in_eval_only():
     model = tiny_model(CASA("plus"))
     batch = random_packed_batch(SAMPLES, seed=6)

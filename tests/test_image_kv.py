@@ -64,12 +64,31 @@ def test_fused_image_kv_equals_the_plain_composition(family, dtype, monkeypatch)
         torch.testing.assert_close(a / scale, b / scale, **tol, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_every_supported_family_takes_the_fused_path():
+def test_every_supported_family_takes_the_fused_path(monkeypatch):
+    """Observed, not inferred from the name tables: `_ImageKV.apply` runs once per call, and
+    with the rotary tables (RoPE inside the function) for every family but Qwen3, whose
+    k_norm sits between the projection and RoPE."""
+    calls = []
+    apply = _ImageKV.apply
+
+    def counting_apply(*args):
+        calls.append(args)
+        return apply(*args)
+
+    monkeypatch.setattr(_ImageKV, "apply", counting_apply)
     for family in FAMILIES:
-        _, block = _layer(family, torch.float32)
-        assert type(block.input_layernorm).__name__ in __import__("casa.image_kv").image_kv.RMS_NORMS, family
-        if family != "qwen3":  # Qwen3's k_norm sits between the projection and RoPE
-            assert rope_layout(block.rope_fn) in ROPE_LAYOUTS, family
+        bb, block = _layer(family, torch.float32)
+        x = torch.randn(5, bb.hidden_size, requires_grad=True)
+        pos = torch.arange(5)
+        cos, sin = bb.rope(pos if family != "qwen2_5_vl" else pos.expand(3, -1), torch.float32)
+        calls.clear()
+        image_kv(block.self_attn, block.input_layernorm, x, cos, sin, block.rope_fn)
+        assert len(calls) == 1, family
+        cos_arg, layout = calls[0][6], calls[0][8]
+        if family == "qwen3":
+            assert cos_arg is None, family
+        else:
+            assert cos_arg is cos and layout in ROPE_LAYOUTS, (family, layout)
     assert rope_layout(Backbone("helium", config=tiny_backbone_config("helium")).layers[0].rope_fn) == "interleaved"
 
 

@@ -45,8 +45,6 @@ class Insertion(FusionStrategy):
         known = batch.seqlens is not None and new_counts is None
         ctx = StreamContext(merged_cu, cos, sin, max_seqlen=batch.seqlens.sample_all if known else None)
         ctx.extras["text_dst"] = text_dst
-        ctx.extras["image_dst"] = image_dst
-        ctx.extras["positions"] = pos
         ctx.extras["text_positions"] = text_pos if text_pos.dim() == 1 else text_pos[0]
         return stream, text_embeds.new_zeros(0, d), ctx
 
