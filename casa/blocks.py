@@ -81,7 +81,7 @@ class DecoderBlock(nn.Module):
             raise ValueError(f"fusion mode {mode!r} is not one of {list(FUSION_MODES)}")
         if (fusion_attn is None) != (mode in ("none", "replace")):
             raise ValueError(f"fusion mode {mode!r} {'needs' if fusion_attn is None else 'takes no'} fusion layer")
-        if (windowed_attention is None) != (mode != "replace"):
+        if (windowed_attention is not None) != (mode == "replace"):
             raise ValueError(f"fusion mode {mode!r} {'needs' if windowed_attention is None else 'takes no'} "
                              "windowed_attention")
         self.fusion_mode = mode
