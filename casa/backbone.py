@@ -197,7 +197,7 @@ class Backbone(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Text-only language modelling over packed samples (no fusion):
         input_ids [T], position_ids [T] (restarting per sample), cu_seqlens [S+1] -> logits [T, V]."""
-        from casa.blocks import StreamContext
+        from casa.context import StreamContext
 
         x = self.embed_tokens(input_ids)  # [T, d]
         cos, sin = self.rope(position_ids, x.dtype)

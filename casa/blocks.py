@@ -20,55 +20,15 @@ strategy asks for FFN updates (paper Table 5), they are never changed by a block
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from casa.attention import varlen_attention
+from casa.context import StreamContext
 
 FUSION_MODES = ("none", "parallel", "before", "replace")
-
-
-class AttentionRecorder:
-    """Where fusion layers put their attention records during `capture_attention`.
-
-    Deliberately not a list, dict or dataclass: FSDP2 with a MixedPrecisionPolicy casts a
-    block's inputs by rebuilding those containers (`torch.distributed.utils._apply_to_tensors`),
-    so a list in the StreamContext reached the layers as a copy and every record was lost.
-    Objects of other types are handed to the block as they are."""
-
-    def __init__(self):
-        self.records: list[dict] = []
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-
-
-@dataclass
-class StreamContext:
-    """Everything a block needs about the current batch, built once per forward.
-
-    cu_seqlens [S+1] int32: sample boundaries in the stream (SA is block-diagonal causal).
-    cos, sin [L, D]: rotary tables of the stream tokens.
-    windows: the strategy's per-batch window index (`casa.fusion.windows.WindowIndex`),
-        or None for strategies without windowed fusion.
-    capture: an AttentionRecorder that fusion layers append attention records to (attention
-        maps), or None.
-    cache: a `casa.cache.KVCache` during cached generation, or None.
-    """
-
-    cu_seqlens: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    windows: Any = None
-    capture: AttentionRecorder | None = None
-    cache: Any = None
-    extras: dict = field(default_factory=dict)
-    max_seqlen: int | None = None
-    """Longest segment of cu_seqlens as a host int (`casa.batch.SeqLens`), or None: flash-attn's
-    max_seqlen, then read from cu_seqlens (a host sync per layer)."""
 
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,6 +44,18 @@ def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, k, v
 
 
+class WindowedSelfAttention(Protocol):
+    """What a CASA∨ block runs in place of its SA, with the block's own SA weights:
+    `casa.fusion.layers.window_attention` with its kind bound, handed to the block by the
+    strategy when it attaches (`set_fusion`), so that the block never imports the fusion package.
+
+    attn: the block's SA module; h [T, d] normalised text; images [N, d] raw image tokens and
+    the norm they take -> [T, d] (after `o_proj`)."""
+
+    def __call__(self, attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor,
+                 image_norm: nn.Module, ctx: StreamContext, layer_idx: int, backend: str) -> torch.Tensor: ...
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, layer: nn.Module, layer_idx: int, rope_fn: Callable, attn_backend: str = "sdpa"):
         super().__init__()
@@ -96,16 +68,25 @@ class DecoderBlock(nn.Module):
         self.rope_fn = rope_fn
         self.fusion_mode = "none"
         self.fusion_attn: nn.Module | None = None
+        self.windowed_attention: WindowedSelfAttention | None = None
         self.image_ffn_updates = False
 
-    def set_fusion(self, mode: str, fusion_attn: nn.Module | None, image_ffn_updates: bool = False) -> None:
-        """Turn this block into a fused block (build time only)."""
+    def set_fusion(self, mode: str, fusion_attn: nn.Module | None, image_ffn_updates: bool = False,
+                   windowed_attention: WindowedSelfAttention | None = None) -> None:
+        """Turn this block into a fused block (build time only).
+
+        fusion_attn: the fusion layer of modes "parallel" and "before" (a new module, so new keys);
+        windowed_attention: what mode "replace" runs in place of SA (a function, no parameters)."""
         if mode not in FUSION_MODES:
             raise ValueError(f"fusion mode {mode!r} is not one of {list(FUSION_MODES)}")
         if (fusion_attn is None) != (mode in ("none", "replace")):
             raise ValueError(f"fusion mode {mode!r} {'needs' if fusion_attn is None else 'takes no'} fusion layer")
+        if (windowed_attention is not None) != (mode == "replace"):
+            raise ValueError(f"fusion mode {mode!r} {'needs' if windowed_attention is None else 'takes no'} "
+                             "windowed_attention")
         self.fusion_mode = mode
         self.fusion_attn = fusion_attn
+        self.windowed_attention = windowed_attention
         self.image_ffn_updates = image_ffn_updates and mode != "none"
 
     # ------------------------------------------------------------------ attention
@@ -124,10 +105,8 @@ class DecoderBlock(nn.Module):
         return attn.o_proj(o.reshape(h.shape[0], -1))  # [L, H*D] -> [L, d]
 
     def _windowed_self_attention(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        from casa.fusion.layers import window_attention
-
-        return window_attention(self.self_attn, self.rope_fn, h, images, self.input_layernorm, ctx, self.layer_idx,
-                                backend=self.attn_backend, kind="casa")
+        return self.windowed_attention(self.self_attn, self.rope_fn, h, images, self.input_layernorm, ctx,
+                                       self.layer_idx, backend=self.attn_backend)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, images: torch.Tensor,

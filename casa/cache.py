@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from casa.attention import CachedKV, flash_dtype
+from casa.context import WindowIndex
 
 
 @dataclass
@@ -229,7 +230,7 @@ class KVCache:
         return buf[0][:n + m], buf[1][:n + m]
 
     def window(self, layer: int, kind: str, k_img: torch.Tensor, v_img: torch.Tensor, k_txt: torch.Tensor,
-               v_txt: torch.Tensor, index, backend: str = "sdpa"):
+               v_txt: torch.Tensor, index: WindowIndex, backend: str = "sdpa"):
         """Keys/values for the chunk's windows -> (k, v, cu_k [W+1]), segmented (one
         [Lk_w, Hkv, D] per window, `casa.attention`).
 

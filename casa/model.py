@@ -24,7 +24,7 @@ from torch import nn
 
 from casa.backbone import Backbone
 from casa.batch import PackedBatch, collate_packed
-from casa.blocks import AttentionRecorder
+from casa.context import AttentionRecorder
 from casa.fusion.base import FusionStrategy
 from casa.positions import sample_of_text
 from casa.projector import Projector
@@ -153,7 +153,7 @@ class VisionLanguageModel(nn.Module):
                 stream, updated = block(stream, images, ctx)
             images = images if updated is None else updated  # None: the block left the images as they were
         if cache is not None:
-            text_pos = ctx.extras.get("text_positions", batch.position_ids)
+            text_pos = batch.position_ids if ctx.text_positions is None else ctx.text_positions
             text_pos = text_pos if text_pos.dim() == 1 else text_pos[0]
             cache.advance(text_pos[batch.sample_cu_seqlens[1:].long() - 1])
         hidden = self.fusion.text_states(stream, ctx)  # [T(+1), d]

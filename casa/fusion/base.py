@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from casa.batch import PackedBatch
-from casa.blocks import StreamContext
+from casa.context import StreamContext
 
 
 class FusionStrategy(nn.Module):

@@ -19,15 +19,16 @@ when the model is in eval mode; training is never masked.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 from torch import nn
 
 from casa.batch import PackedBatch
-from casa.blocks import StreamContext
+from casa.context import StreamContext
 from casa.fusion.base import FusionStrategy
-from casa.fusion.layers import WindowAttention
+from casa.fusion.layers import WindowAttention, window_attention
 from casa.fusion.windows import INFERENCE_MASKS, prepare_windowed
 
 MODES = ("plus", "before", "replace")
@@ -89,7 +90,8 @@ class CASA(FusionStrategy):
                 # CASA∨: the block's own SA becomes a CASA layer, no new parameters
                 if self.backend is not None:
                     block.attn_backend = self.backend
-                block.set_fusion("replace", None, self.image_ffn_updates)
+                block.set_fusion("replace", None, self.image_ffn_updates,
+                                 windowed_attention=functools.partial(window_attention, kind="casa"))
                 continue
             layer = WindowAttention(block.self_attn, block.rope_fn, "casa", self.backend or block.attn_backend,
                                     norm=block.input_layernorm if self.mode == "before" else None)

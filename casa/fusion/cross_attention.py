@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from casa.batch import PackedBatch
-from casa.blocks import StreamContext
+from casa.context import StreamContext
 from casa.fusion.base import FusionStrategy
 from casa.fusion.layers import WindowAttention
 from casa.fusion.windows import prepare_windowed

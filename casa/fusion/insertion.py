@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from casa.batch import PackedBatch
-from casa.blocks import StreamContext
+from casa.context import StreamContext
 from casa.fusion.base import FusionStrategy
 from casa.positions import image_token_counts, insertion_layout, insertion_positions
 
@@ -43,10 +43,12 @@ class Insertion(FusionStrategy):
         cos, sin = backbone.rope(pos, text_embeds.dtype)  # [T+N, D]
         # the merged samples' longest, as a host int when the batch knows it (`SeqLens`)
         known = batch.seqlens is not None and new_counts is None
-        ctx = StreamContext(merged_cu, cos, sin, max_seqlen=batch.seqlens.sample_all if known else None)
-        ctx.extras["text_dst"] = text_dst
-        ctx.extras["text_positions"] = text_pos if text_pos.dim() == 1 else text_pos[0]
+        ctx = StreamContext(merged_cu, cos, sin, max_seqlen=batch.seqlens.sample_all if known else None,
+                            text_rows=text_dst, text_positions=text_pos if text_pos.dim() == 1 else text_pos[0])
         return stream, text_embeds.new_zeros(0, d), ctx
 
     def text_states(self, stream: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        return stream[ctx.extras["text_dst"]]  # [T, d]
+        if ctx.text_rows is None:
+            raise ValueError(f"{type(self).__name__}.text_states got a StreamContext without text_rows "
+                             "(it was not built by this strategy's prepare)")
+        return stream[ctx.text_rows]  # [T, d]

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from casa.attention import varlen_attention
-from casa.blocks import StreamContext, project_qkv
+from casa.blocks import project_qkv
+from casa.context import StreamContext
 from casa.fusion.windows import window_layout
 from casa.image_kv import image_kv
 

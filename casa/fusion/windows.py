@@ -1,5 +1,5 @@
-"""The window index: what CA and CASA layers need about a batch, built once per forward
-and shared by every fused layer.
+"""The window index (`casa.context.WindowIndex`): what CA and CASA layers need about a
+batch, built here once per forward and shared by every fused layer.
 
 CASA (paper eq. 3): the text queries of window w attend causally to the window's image
 tokens followed by the window's own text tokens. The keys of each window are laid out as
@@ -22,34 +22,12 @@ row `n + window_cu_text[w]`, text token p of window w to `p + window_cu_image[w 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from casa.context import StreamContext, WindowIndex
 
 KINDS = ("casa", "cross_attention")
 INFERENCE_MASKS = ("self", "rnd", "rnd_txt")
-
-
-@dataclass
-class WindowIndex:
-    kind: str
-    cu_q: torch.Tensor
-    """[W+1] int32 window boundaries of the queries (text tokens)."""
-    cu_k: torch.Tensor
-    """[W+1] int32 window boundaries of the keys ([image_w | text_w] for CASA, image_w for CA)."""
-    causal: bool
-    kv_rows: tuple[torch.Tensor, torch.Tensor] | None
-    """([N], [T]) int64: the layout row of each image key and each text key (CASA only)."""
-    image_cos: torch.Tensor
-    image_sin: torch.Tensor
-    """[N, D] rotary tables of the image tokens (positions of `casa.positions.window_image_positions`)."""
-    window_cu_image: torch.Tensor
-    """[W+1] int32, kept for attention-map capture (how many image keys each window has)."""
-    masked_key: torch.Tensor | None = None
-    """[T] int64 key hidden from each query (Table 8 inference masks), -1 = none."""
-    max_q: int | None = None
-    max_k: int | None = None
-    """Longest query / key window as host ints (`casa.batch.SeqLens`), or None (unknown)."""
 
 
 def window_of(cu: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -90,7 +68,7 @@ class _WindowLayout(torch.autograd.Function):
         return ga, gb, None, None
 
 
-def window_layout(image: torch.Tensor, text: torch.Tensor, index: "WindowIndex") -> torch.Tensor:
+def window_layout(image: torch.Tensor, text: torch.Tensor, index: WindowIndex) -> torch.Tensor:
     """image [N, ...], text [T, ...] -> [N + T, ...] in the per-window [image_w | text_w]
     layout of a CASA index."""
     return _WindowLayout.apply(image, text, *index.kv_rows)
@@ -144,7 +122,6 @@ def prepare_windowed(kind: str, batch, text_embeds: torch.Tensor, image_embeds: 
     alone; image tokens are kept aside with the RoPE positions of `window_image_positions`.
 
     -> (stream [T, d], images [N, d], StreamContext)."""
-    from casa.blocks import StreamContext
     from casa.positions import window_image_positions
 
     dtype = text_embeds.dtype
