@@ -1,6 +1,8 @@
 """Every fusion strategy against references: packed vs alone, causality, gated init vs
 backbone, parameter accounting, trainable sets."""
 
+import functools
+
 import pytest
 import torch
 
@@ -162,9 +164,13 @@ def test_captured_probabilities_reproduce_the_fusion_layer_output(name, monkeypa
         calls[-1].update(v=v, cu_k=cu_k, cu_q=cu_q)
         return varlen_attention(q, k, v, cu_q, cu_k, *args, **kwargs)
 
-    # DecoderBlock imports window_attention at call time (CASA∨): patching the module reaches both callers
+    # the fusion layers call window_attention through their module; a CASA∨ block holds the
+    # function the strategy gave it at attach time, so it is re-pointed too
     monkeypatch.setattr(layers, "window_attention", recording_window_attention)
     monkeypatch.setattr(layers, "varlen_attention", recording_varlen_attention)
+    for block in model.backbone.layers:
+        if block.windowed_attention is not None:
+            monkeypatch.setattr(block, "windowed_attention", functools.partial(recording_window_attention, kind="casa"))
     with torch.no_grad():
         model(batch)
         plain = [c["out"] for c in calls]
