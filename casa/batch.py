@@ -5,7 +5,7 @@ Shape glossary (used across `casa/`, `data/`, `callbacks/`):
     N  image tokens in the batch (after the vision encoder's 2x2 merge)
     P  vision patches in the batch (before the merge; N = P / merge**2)
     I  images (a video frame is an image)
-    W  windows (a window starts at an image, or a run of consecutive images, and runs to
+    W  windows (`window_boundaries`: a window starts at an image, or a run of consecutive images, and runs to
        the next image or the end of the sample; text before a sample's first image forms
        a window with no image)
     S  samples (conversations)
