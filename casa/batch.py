@@ -5,7 +5,7 @@ Shape glossary (used across `casa/`, `data/`, `callbacks/`):
     N  image tokens in the batch (after the vision encoder's 2x2 merge)
     P  vision patches in the batch (before the merge; N = P / merge**2)
     I  images (a video frame is an image)
-    W  windows (a window starts at an image, or a run of consecutive images, and runs to
+    W  windows (`window_boundaries`: a window starts at an image, or a run of consecutive images, and runs to
        the next image or the end of the sample; text before a sample's first image forms
        a window with no image)
     S  samples (conversations)
@@ -76,6 +76,93 @@ def seqlens_of(sample_cu: list[int], window_cu_text: list[int], window_cu_image:
                    window_all=max((a + b for a, b in zip(lt, li)), default=0))
 
 
+def image_token_count(grid_thw, merge: int):
+    """Tokens of each image after the vision encoder's merge x merge spatial merge: t*h*w / merge**2.
+
+    grid_thw: [I, 3] int tensor of (t, h, w) patch grids -> [I] int64 tensor (same device);
+    or a sequence of (t, h, w) int triples -> list[int] (host, no device read)."""
+    if isinstance(grid_thw, torch.Tensor):
+        return (grid_thw.reshape(-1, 3).prod(-1) // (merge * merge)).long()
+    return [int(t) * int(h) * int(w) // (merge * merge) for t, h, w in grid_thw]
+
+
+def _host(x) -> list:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+def window_boundaries(sample_cu_seqlens, image_text_position, image_token_counts) -> tuple[list[int], list[int]]:
+    """The CASA window rule (pure, host lists or tensors in, host lists out):
+    sample boundaries [S+1], text index each image precedes [I] (sorted), tokens per image [I]
+    -> (window_cu_seqlens_text [W+1], window_cu_seqlens_image [W+1]).
+
+    Every sample opens a window at its first text token; each image at a text index past
+    the current window's start opens a new window there (consecutive images, at the same
+    index, share one); the text of a sample before its first image is a window without
+    image (none when the sample starts with an image). So windows never cross a sample
+    boundary and every sample boundary is a window boundary. An image precedes the text
+    of the sample holding its index; one at index T (after all the text) belongs to the
+    last sample and ends it with a window without text.
+
+        sample 0:  t t [I I I I] t t t         sample 1: [I I] t t [I I I] t
+        text idx   0 1           2 3 4                   5 6       7
+        sample_cu_seqlens [0, 5, 8]   image_text_position [2, 5, 7]   tokens [4, 2, 3]
+        windows    (t t | -) (t t t | IIII)              (t t | II) (t | III)
+        -> window_cu_seqlens_text  [0, 2, 5, 7, 8]
+           window_cu_seqlens_image [0, 0, 4, 6, 9]
+    """
+    sample_cu, pos, counts = _host(sample_cu_seqlens), _host(image_text_position), _host(image_token_counts)
+    if len(pos) != len(counts):
+        raise ValueError(f"window_boundaries: {len(pos)} image positions but {len(counts)} image token counts")
+    cu_t, cu_i = [], []
+    seen = i = 0
+    S = len(sample_cu) - 1
+    for s in range(S):
+        a, b = sample_cu[s], sample_cu[s + 1]
+        cu_t.append(a)
+        cu_i.append(seen)
+        while i < len(pos) and (pos[i] < b or (s == S - 1 and pos[i] == b)):
+            if pos[i] < a:
+                raise ValueError(f"window_boundaries: image_text_position={pos} must be sorted "
+                                 f"(image {i} at {pos[i]} comes before sample {s}'s start {a})")
+            if pos[i] > cu_t[-1]:  # an image past the window's start opens a new window
+                cu_t.append(pos[i])
+                cu_i.append(seen)
+            seen += counts[i]
+            i += 1
+    if i < len(pos):
+        raise ValueError(f"window_boundaries: image {i} at text index {pos[i]} is past the text "
+                         f"(T={sample_cu[-1]}, sample_cu_seqlens={sample_cu})")
+    cu_t.append(sample_cu[-1] if sample_cu else 0)
+    cu_i.append(seen)
+    return cu_t, cu_i
+
+
+def window_samples(sample_cu_seqlens, window_cu_seqlens_text) -> tuple[list[int], list[bool]]:
+    """-> (sample of each window [W], whether it is its sample's first window [W]), host lists.
+    A window belongs to the sample its text starts in (every sample boundary is a window
+    boundary, `window_boundaries`)."""
+    sample_cu, cu_t = _host(sample_cu_seqlens), _host(window_cu_seqlens_text)
+    owner, first = [], []
+    s = 0
+    for w in range(len(cu_t) - 1):
+        while s + 1 < len(sample_cu) - 1 and sample_cu[s + 1] <= cu_t[w]:
+            s += 1
+        first.append(not owner or owner[-1] != s)
+        owner.append(s)
+    return owner, first
+
+
+def continues_open_window(sample_cu_seqlens, window_cu_seqlens_text, window_cu_seqlens_image) -> list[bool]:
+    """For a chunk that continues cached samples: [W] whether window w continues its
+    sample's open (cached) window rather than opening a new one. By the rule of
+    `window_boundaries` a window is opened by an image, so the one that continues is a
+    sample's first window of the chunk when it holds no image (the text before the
+    chunk's first image)."""
+    cu_i = _host(window_cu_seqlens_image)
+    _, first = window_samples(sample_cu_seqlens, window_cu_seqlens_text)
+    return [f and cu_i[w] == cu_i[w + 1] for w, f in enumerate(first)]
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor
@@ -106,8 +193,8 @@ class PackedBatch:
     """[S] per-sample metadata: at least `key`, `task`, `group`; evaluation batches also
     carry `answer` (reference text) and `prompt_len` (text tokens before the answer)."""
     seqlens: SeqLens | None = None
-    """Longest sample and window as host ints (`collate_packed` fills it in); None for a
-    batch built on the device (generation chunks): attention then reads the boundaries."""
+    """Longest sample and window as host ints (`build_batch` fills it in, `collate_packed`
+    combines the rows'); None when unknown: attention then reads the boundaries."""
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -177,12 +264,61 @@ class PackedBatch:
                 raise ValueError(f"PackedBatch.seqlens={self.seqlens} disagrees with the boundaries ({want})")
 
 
+def build_batch(input_ids, sample_cu_seqlens, *, pixel_values: torch.Tensor, image_grid_thw, image_text_position,
+                merge: int, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                meta: list[dict[str, Any]] | None = None) -> PackedBatch:
+    """The one way to make a PackedBatch (`collate_packed` concatenates batches made here):
+    the windows come from `window_boundaries`, the host max lengths from `seqlens_of`.
+
+    input_ids [T] (tensor or list; its device, else pixel_values', is the batch's);
+    sample_cu_seqlens [S+1], image_grid_thw [I, 3], image_text_position [I]: host lists or
+    tensors (tensors are read back once, here; give host lists on a hot path);
+    pixel_values [P, C*tp*p*p]; merge: the vision encoder's spatial merge (image tokens
+    `image_token_count(image_grid_thw, merge)`); labels [T] (default: no target, -100);
+    position_ids [T] or [3, T] (default: 0..n-1 within each sample); meta [S] or None."""
+    dev = input_ids.device if isinstance(input_ids, torch.Tensor) else pixel_values.device
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.long, device=dev)
+    sample_cu = _host(sample_cu_seqlens)
+    grids = [list(g) for g in _host(image_grid_thw)]
+    img_pos = _host(image_text_position)
+    win_t, win_i = window_boundaries(sample_cu, img_pos, image_token_count(grids, merge))
+
+    def i32(x):
+        return torch.tensor(x, dtype=torch.int32, device=dev)
+
+    if position_ids is None:
+        position_ids = torch.cat([torch.arange(b - a, device=dev) for a, b in zip(sample_cu, sample_cu[1:])]
+                                 or [torch.zeros(0, dtype=torch.long, device=dev)])
+    if isinstance(sample_cu_seqlens, torch.Tensor) and sample_cu_seqlens.dtype == torch.int32:
+        sample_cu_t = sample_cu_seqlens.to(dev)
+    else:
+        sample_cu_t = i32(sample_cu)
+    return PackedBatch(
+        input_ids=ids,
+        labels=labels if labels is not None else torch.full_like(ids, -100),
+        position_ids=position_ids,
+        sample_cu_seqlens=sample_cu_t,
+        window_cu_seqlens_text=i32(win_t),
+        window_cu_seqlens_image=i32(win_i),
+        pixel_values=pixel_values,
+        image_grid_thw=(image_grid_thw if isinstance(image_grid_thw, torch.Tensor)
+                        else torch.tensor(grids, dtype=torch.long, device=dev)).reshape(-1, 3),
+        image_text_position=(image_text_position if isinstance(image_text_position, torch.Tensor)
+                             else torch.tensor(img_pos, dtype=torch.long, device=dev)),
+        meta=list(meta) if meta is not None else [],
+        seqlens=seqlens_of(sample_cu, win_t, win_i),
+    )
+
+
 def _offset(cu: torch.Tensor, by: int) -> torch.Tensor:
     return cu[1:] + by
 
 
 def collate_packed(rows: list[PackedBatch]) -> PackedBatch:
     """Concatenate packed rows into one flat batch (boundaries offset, no padding).
+    The rows come from `build_batch`, and the window rule is per sample, so the windows of
+    the concatenation are the rows' windows offset: what `window_boundaries` gives on the
+    concatenated samples (tests/test_window_rule.py), without reading the rows back.
     `seqlens` is the rows' (computed for a row on the CPU that lacks it), or None if a
     row on another device lacks it."""
     lens = [r.seqlens if r.seqlens is not None or r.sample_cu_seqlens.device.type != "cpu"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from casa.attention import CachedKV, flash_dtype
+from casa.batch import continues_open_window, window_samples
 from casa.context import WindowIndex
 
 
@@ -241,22 +242,18 @@ class KVCache:
         cu_t, cu_i = index.cu_q.tolist(), index.window_cu_image.tolist()
         store = self.win.setdefault(layer, [None] * self.num_samples)
         bufs = self._win_buf.setdefault(layer, [None] * self.num_samples)
-        sample_cu = self._sample_cu
-        # the first window of each sample in the chunk: windows start at text indices
-        first_window = {}
-        w = 0
-        for s in range(len(sample_cu) - 1):
-            while w < len(cu_t) - 1 and cu_t[w] < sample_cu[s]:
-                w += 1
-            first_window[w] = s
+        # which window continues a sample's open window and which opens one: the window
+        # rule's (`casa.batch.continues_open_window`), on the chunk's boundaries
+        owner, _ = window_samples(self._sample_cu, cu_t)
+        continued = continues_open_window(self._sample_cu, cu_t, cu_i)
         ks, vs, lens = [], [], [0]
         grad = torch.is_grad_enabled()
         head_major = self._head_major(backend)
         for w in range(len(cu_t) - 1):
             img_k, img_v = k_img[cu_i[w]:cu_i[w + 1]], v_img[cu_i[w]:cu_i[w + 1]]
             txt_k, txt_v = k_txt[cu_t[w]:cu_t[w + 1]], v_txt[cu_t[w]:cu_t[w + 1]]
-            s = self._sample_of_window(w, cu_t, sample_cu)
-            continues = w in first_window and cu_i[w] == cu_i[w + 1] and store[s] is not None
+            s = owner[w]
+            continues = continued[w] and store[s] is not None
             if kind != "casa":
                 keys = store[s] if continues else (img_k, img_v)
             elif grad:  # in-place buffer writes would break autograd
@@ -273,15 +270,6 @@ class KVCache:
             lens.append(lens[-1] + keys[0].shape[0])
             store[s] = keys  # a sample's last window of the chunk is the one that stays open
         return ks, vs, torch.tensor(lens, dtype=torch.int32, device=k_txt.device)
-
-    @staticmethod
-    def _sample_of_window(w: int, cu_t: list[int], sample_cu: list[int]) -> int:
-        # a window belongs to the sample its text starts in (chunks always hold text)
-        start = cu_t[w]
-        s = 0
-        while s + 1 < len(sample_cu) - 1 and sample_cu[s + 1] <= start:
-            s += 1
-        return s
 
     def begin(self, sample_cu: torch.Tensor) -> None:
         """Called by the model before a chunk's forward: the chunk's sample boundaries."""

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from casa.batch import image_token_count
+
 
 @dataclass(frozen=True)
 class VisionDims:
@@ -124,7 +126,7 @@ class BatchLayout:
         # windows never cross samples: a sample's image tokens are its windows'; images are in
         # stream order, so they are handed to the samples in turn until those tokens are used up
         at = {t: i for i, t in enumerate(win_t)}
-        tokens_of_image = [t * h * w // merge ** 2 for t, h, w in grids]
+        tokens_of_image = image_token_count(grids, merge)
         samples, image = [], 0
         for s in range(len(sample_cu) - 1):
             n = win_i[at[sample_cu[s + 1]]] - win_i[at[sample_cu[s]]]
@@ -200,7 +202,7 @@ def _projector(c: FlopCount, m: ModelDims, N: int, x: bool) -> bool:
 def _qformer(c: FlopCount, m: ModelDims, layout: BatchLayout, image: bool) -> None:
     """Q learned queries per image through `depth` layers (all new parameters: they train)."""
     d, Q = m.d, m.qformer.num_queries
-    tokens = [t * h * w // m.vision.merge ** 2 for t, h, w in layout.images]
+    tokens = image_token_count(layout.images, m.vision.merge)
     L, N = Q * len(tokens), sum(tokens)
     for _ in range(m.qformer.depth):
         c.matmul(L, d, 3 * d, True, True)

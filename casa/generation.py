@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from casa.batch import PackedBatch
+from casa.batch import PackedBatch, build_batch
 from casa.cache import KVCache
 
 
@@ -32,15 +32,12 @@ class GenerationConfig:
 
 def text_chunk(tokens: list[list[int]], device: torch.device | str = "cpu", patch_dim: int = 3 * 2 * 14 * 14) -> PackedBatch:
     """One text-only segment per sample (local positions 0..n-1; a cache adds its offsets)."""
-    lens = [len(t) for t in tokens]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
-    ids = torch.tensor([x for t in tokens for x in t], dtype=torch.long, device=device)
-    pos = torch.cat([torch.arange(n, device=device) for n in lens])
-    return PackedBatch(input_ids=ids, labels=torch.full_like(ids, -100), position_ids=pos, sample_cu_seqlens=cu,
-                       window_cu_seqlens_text=cu.clone(), window_cu_seqlens_image=torch.zeros_like(cu),
-                       pixel_values=torch.zeros(0, patch_dim, device=device),
-                       image_grid_thw=torch.zeros(0, 3, dtype=torch.long, device=device),
-                       image_text_position=torch.zeros(0, dtype=torch.long, device=device))
+    cu = [0]
+    for t in tokens:
+        cu.append(cu[-1] + len(t))
+    return build_batch(torch.tensor([x for t in tokens for x in t], dtype=torch.long, device=device), cu,
+                       pixel_values=torch.zeros(0, patch_dim, device=device), image_grid_thw=[],
+                       image_text_position=[], merge=1)  # no image: the merge is never used
 
 
 def image_chunk(tokens: list[int], pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, merge: int = 2) -> PackedBatch:
@@ -49,18 +46,13 @@ def image_chunk(tokens: list[int], pixel_values: torch.Tensor, image_grid_thw: t
     if n == 0:
         raise ValueError("an image chunk needs at least one text token after the image (its window's first query)")
     dev = pixel_values.device
-    N = int((image_grid_thw.prod(-1) // (merge * merge)).sum())
-    ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-    return PackedBatch(input_ids=ids, labels=torch.full_like(ids, -100), position_ids=torch.arange(n, device=dev),
-                       sample_cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=dev),
-                       window_cu_seqlens_text=torch.tensor([0, n], dtype=torch.int32, device=dev),
-                       window_cu_seqlens_image=torch.tensor([0, N], dtype=torch.int32, device=dev),
-                       pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                       image_text_position=torch.zeros(image_grid_thw.shape[0], dtype=torch.long, device=dev))
+    return build_batch(torch.tensor(tokens, dtype=torch.long, device=dev), [0, n], pixel_values=pixel_values,
+                       image_grid_thw=image_grid_thw, image_text_position=[0] * image_grid_thw.shape[0], merge=merge)
 
 
-def append_tokens(batch: PackedBatch, new: list[list[int]]) -> PackedBatch:
-    """Append new[s] to the end of sample s (extending its last window) -> a new batch."""
+def append_tokens(batch: PackedBatch, new: list[list[int]], merge: int = 2) -> PackedBatch:
+    """Append new[s] to the end of sample s (extending its last window) -> a new batch.
+    merge: the vision encoder's spatial merge (the batch's image token counts)."""
     cu = batch.sample_cu_seqlens.tolist()
     ids, pos, labels = [], [], []
     add = [0]
@@ -73,23 +65,13 @@ def append_tokens(batch: PackedBatch, new: list[list[int]]) -> PackedBatch:
         pos.append(torch.cat([p, last + 1 + torch.arange(len(new[s]), device=seg.device)], dim=-1))
         labels.append(torch.cat([batch.labels[cu[s]:cu[s + 1]], torch.full_like(extra, -100)]))
         add.append(add[-1] + len(new[s]))
-    shift = torch.tensor(add, dtype=torch.int32, device=batch.input_ids.device)
-    sample_cu = batch.sample_cu_seqlens + shift
-    orig = batch.window_cu_seqlens_text.tolist()
-    # boundary b in sample s (cu[s] < b <= cu[s+1]): a sample's end moves with the tokens added
-    # up to and including s, a boundary inside s only with those added before s
-    new_win = [0]
-    for b in orig[1:]:
-        s = next(i for i in range(len(cu) - 1) if cu[i] < b <= cu[i + 1])
-        new_win.append(b + (add[s + 1] if b == cu[s + 1] else add[s]))
-    img_pos = batch.image_text_position.clone()
-    for i, p in enumerate(batch.image_text_position.tolist()):
+    img_pos = []
+    for p in batch.image_text_position.tolist():
         s = next(j for j in range(len(cu) - 1) if cu[j] <= p < cu[j + 1])
-        img_pos[i] = p + add[s]
-    return PackedBatch(input_ids=torch.cat(ids), labels=torch.cat(labels), position_ids=torch.cat(pos, dim=-1),
-                       sample_cu_seqlens=sample_cu, window_cu_seqlens_text=torch.tensor(new_win, dtype=torch.int32, device=shift.device),
-                       window_cu_seqlens_image=batch.window_cu_seqlens_image, pixel_values=batch.pixel_values,
-                       image_grid_thw=batch.image_grid_thw, image_text_position=img_pos, meta=batch.meta)
+        img_pos.append(p + add[s])
+    return build_batch(torch.cat(ids), [c + a for c, a in zip(cu, add)], labels=torch.cat(labels),
+                       position_ids=torch.cat(pos, dim=-1), pixel_values=batch.pixel_values,
+                       image_grid_thw=batch.image_grid_thw, image_text_position=img_pos, merge=merge, meta=batch.meta)
 
 
 def next_token(logits: torch.Tensor, history: list[list[int]], cfg: GenerationConfig,
@@ -184,7 +166,8 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
             step_batch = text_chunk([[out[s][-1]] for s in still], device=prompts.input_ids.device)
             logits = model.last_logits(step_batch, cache=cache, images_on_any_rank=False)  # [S', V]
         else:
-            logits = model.last_logits(append_tokens(prompts, [out[s] for s in range(S)]))[still]
+            logits = model.last_logits(append_tokens(prompts, [out[s] for s in range(S)],
+                                                     merge=model.vision.spatial_merge_size))[still]
         active = still
     return out
 
@@ -218,50 +201,32 @@ def _masked(model) -> bool:
     return getattr(fusion, "inference_mask", None) is not None and not model.training
 
 
-def truncate_samples(batch: PackedBatch, lengths: list[int]) -> PackedBatch:
+def truncate_samples(batch: PackedBatch, lengths: list[int], merge: int = 2) -> PackedBatch:
     """Keep the first lengths[s] text tokens of every sample (and the images that precede
-    them): turns an evaluation batch into its prompts (`meta[s]["prompt_len"]`)."""
+    them): turns an evaluation batch into its prompts (`meta[s]["prompt_len"]`).
+    merge: the vision encoder's spatial merge (the Qwen2.5-VL 2x2 merge by default)."""
     cu = batch.sample_cu_seqlens.tolist()
-    win_t = batch.window_cu_seqlens_text.tolist()
-    counts = batch.image_grid_thw.prod(-1).tolist()
-    merge2 = 4  # image tokens = patches / merge**2 (the Qwen2.5-VL 2x2 merge)
+    patch_counts = batch.image_grid_thw.prod(-1).tolist()  # patches per image (pixel_values rows)
     keep_text, keep_img = [], []
-    new_cu, new_wt, new_wi = [0], [0], [0]
+    new_cu = [0]
     img_pos = batch.image_text_position.tolist()
     patch_start = [0]
-    for c in counts:
+    for c in patch_counts:
         patch_start.append(patch_start[-1] + c)
-    kept_tokens = 0
     for s in range(len(cu) - 1):
         n = lengths[s]
         if not 0 < n <= cu[s + 1] - cu[s]:
             raise ValueError(f"prompt length {n} is not within sample {s}'s {cu[s + 1] - cu[s]} tokens")
         lo, hi = cu[s], cu[s] + n
         keep_text.extend(range(lo, hi))
-        imgs = [i for i, p in enumerate(img_pos) if lo <= p < hi]
-        keep_img.extend(imgs)
-        # windows of this sample that start before the cut
-        for w in range(len(win_t) - 1):
-            if lo <= win_t[w] < hi and win_t[w] != lo:
-                new_wt.append(len(keep_text) - n + (win_t[w] - lo))
-                img_before = sum(counts[i] // merge2 for i in imgs if img_pos[i] < win_t[w])
-                new_wi.append(kept_tokens + img_before)
-        kept_tokens += sum(counts[i] // merge2 for i in imgs)
+        keep_img.extend(i for i, p in enumerate(img_pos) if lo <= p < hi)
         new_cu.append(len(keep_text))
-        new_wt.append(len(keep_text))
-        new_wi.append(kept_tokens)
     idx = torch.tensor(keep_text, dtype=torch.long, device=batch.input_ids.device)
     patches = [torch.arange(patch_start[i], patch_start[i + 1]) for i in keep_img]
     pidx = torch.cat(patches).to(batch.pixel_values.device) if patches else torch.zeros(0, dtype=torch.long)
     old_to_new = {old: new for new, old in enumerate(keep_text)}
-    dev = batch.input_ids.device
-    out = PackedBatch(
-        input_ids=batch.input_ids[idx], labels=torch.full_like(batch.input_ids[idx], -100),
-        position_ids=batch.position_ids[..., idx], sample_cu_seqlens=torch.tensor(new_cu, dtype=torch.int32, device=dev),
-        window_cu_seqlens_text=torch.tensor(new_wt, dtype=torch.int32, device=dev),
-        window_cu_seqlens_image=torch.tensor(new_wi, dtype=torch.int32, device=dev),
-        pixel_values=batch.pixel_values[pidx], image_grid_thw=batch.image_grid_thw[keep_img],
-        image_text_position=torch.tensor([old_to_new[img_pos[i]] for i in keep_img], dtype=torch.long, device=dev),
-        meta=batch.meta)
+    out = build_batch(batch.input_ids[idx], new_cu, position_ids=batch.position_ids[..., idx],
+                      pixel_values=batch.pixel_values[pidx], image_grid_thw=batch.image_grid_thw[keep_img],
+                      image_text_position=[old_to_new[img_pos[i]] for i in keep_img], merge=merge, meta=batch.meta)
     out.validate()
     return out

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from PIL import Image
 
-from casa.batch import PackedBatch
+from casa.batch import PackedBatch, build_batch
 from casa.cache import KVCache
 from casa.checkpoint import CheckpointError, read_checkpoint as read_checkpoint_dict
 from casa.generation import GenerationConfig, generate, truncate_samples
@@ -255,23 +255,18 @@ def memory_bytes(device: torch.device) -> int:
     return rss_bytes()
 
 
-def frame_chunk(pre: list[int], post: list[int], pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+def frame_chunk(pre: list[int], post: list[int], pixel_values: torch.Tensor, image_grid_thw,
                 merge: int = 2) -> PackedBatch:
     """One cached sample's chunk: `pre` continues its open window, then the frame opens a new
-    window followed by `post` -> PackedBatch (S = 1, local positions 0..len-1)."""
+    window followed by `post` -> PackedBatch (S = 1, local positions 0..len-1).
+    image_grid_thw: [I, 3] (t, h, w) of the frame's images, host list or tensor."""
     if not post:
         raise ValueError("a frame needs at least one text token after it (its window's first query)")
     dev = pixel_values.device
-    n_img = int((image_grid_thw.prod(-1) // (merge * merge)).sum())
-    T, k = len(pre) + len(post), len(pre)
-    win_t, win_i = ([0, k, T], [0, 0, n_img]) if k else ([0, T], [0, n_img])
-    ids = torch.tensor(pre + post, dtype=torch.long, device=dev)
-    i32 = dict(dtype=torch.int32, device=dev)
-    return PackedBatch(input_ids=ids, labels=torch.full_like(ids, -100), position_ids=torch.arange(T, device=dev),
-                       sample_cu_seqlens=torch.tensor([0, T], **i32), window_cu_seqlens_text=torch.tensor(win_t, **i32),
-                       window_cu_seqlens_image=torch.tensor(win_i, **i32), pixel_values=pixel_values,
-                       image_grid_thw=image_grid_thw,
-                       image_text_position=torch.full((image_grid_thw.shape[0],), k, dtype=torch.long, device=dev))
+    grids = image_grid_thw.tolist() if isinstance(image_grid_thw, torch.Tensor) else [list(g) for g in image_grid_thw]
+    return build_batch(torch.tensor(pre + post, dtype=torch.long, device=dev), [0, len(pre) + len(post)],
+                       pixel_values=pixel_values, image_grid_thw=grids,
+                       image_text_position=[len(pre)] * len(grids), merge=merge)
 
 
 @dataclass
@@ -456,7 +451,8 @@ class Assistant:
     def answer_batch(self, batch: PackedBatch, config: GenerationConfig | None = None) -> list[str]:
         """An evaluation batch (`meta[s]["prompt_len"]`) -> one generated answer per sample,
         as `CasaModule.validation_step` scores them."""
-        prompts = truncate_samples(batch.to(self.device), [m["prompt_len"] for m in batch.meta])
+        prompts = truncate_samples(batch.to(self.device), [m["prompt_len"] for m in batch.meta],
+                                   merge=self.model.vision.spatial_merge_size)
         return [self.decode(g) for g in self._generate(prompts, config or self.generation_config())]
 
     @torch.no_grad()
@@ -503,7 +499,7 @@ class Assistant:
                 raise InputError(f"frame {i} is {stored[0]}x{stored[1]} but the stream's frames are "
                                  f"{size[0]}x{size[1]} (a video keeps one frame size)")
             pv, grid = self.pixels(img, cap)
-            chunk = frame_chunk(pending, layout.post, pv.to(dev), torch.tensor([grid], device=dev))
+            chunk = frame_chunk(pending, layout.post, pv.to(dev), [grid], merge=self.model.vision.spatial_merge_size)
             text_seen += chunk.num_text_tokens
             image_seen += chunk.num_image_tokens
             out = self._generate(chunk, cfg, generator, cache=cache)[0]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from casa.backbone import Backbone
-from casa.batch import PackedBatch, collate_packed
+from casa.batch import PackedBatch, build_batch, collate_packed
 from casa.context import AttentionRecorder
 from casa.fusion.base import FusionStrategy
 from casa.positions import sample_of_text
@@ -107,13 +107,10 @@ class VisionLanguageModel(nn.Module):
         runs every parameter a batch with an image runs (zero gradients)."""
         dev = batch.input_ids.device
         pixel_values, grid = self.vision.idle_image(dev)
-        one = torch.tensor([0, 1], dtype=torch.int32, device=dev)
-        idle = PackedBatch(input_ids=torch.zeros(1, dtype=torch.long, device=dev),
-                           labels=torch.full((1,), -100, dtype=torch.long, device=dev),
+        idle = build_batch(torch.zeros(1, dtype=torch.long, device=dev), [0, 1],
                            position_ids=batch.position_ids.new_zeros(*batch.position_ids.shape[:-1], 1),
-                           sample_cu_seqlens=one, window_cu_seqlens_text=one.clone(), window_cu_seqlens_image=one.clone(),
                            pixel_values=pixel_values.to(batch.pixel_values.dtype), image_grid_thw=grid,
-                           image_text_position=torch.zeros(1, dtype=torch.long, device=dev))
+                           image_text_position=[0], merge=self.vision.spatial_merge_size)
         return replace(collate_packed([replace(batch, meta=[]), idle]), meta=[])
 
     def hidden_states(self, batch: PackedBatch, image_embeds: torch.Tensor | None = None, cache=None,

@@ -199,7 +199,8 @@ class CasaModule(L.LightningModule):
         if refusals:  # no rank generates, or some would generate alone
             return
         tok = self._tokenizer()
-        prompts = truncate_samples(batch, [m["prompt_len"] for m in batch.meta])
+        prompts = truncate_samples(batch, [m["prompt_len"] for m in batch.meta],
+                                   merge=self.model.vision.spatial_merge_size)
         gen = generate(self.model, prompts, GenerationConfig(max_new_tokens=self.hparams.val_max_new_tokens,
                                                              stop_token_ids=tuple(self._stop_ids())),
                        sync=self.trainer.world_size > 1)

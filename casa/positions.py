@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import torch
 
-
-def image_token_counts(image_grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """[I, 3] patch grids -> [I] tokens per image after the merge x merge spatial merge."""
-    return (image_grid_thw.prod(-1) // (merge * merge)).long()
+from casa.batch import image_token_count
 
 
 def image_extents(image_grid_thw: torch.Tensor, merge: int, mrope: bool, counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,7 +34,7 @@ def image_extents(image_grid_thw: torch.Tensor, merge: int, mrope: bool, counts:
     `counts` overrides the token counts for 1-D RoPE (Q-Former: Q tokens per image)."""
     if mrope and counts is None:
         return torch.maximum(image_grid_thw[:, 1], image_grid_thw[:, 2]).long() // merge
-    return counts if counts is not None else image_token_counts(image_grid_thw, merge)
+    return counts if counts is not None else image_token_count(image_grid_thw, merge)
 
 
 def image_rope_positions(starts: torch.Tensor, image_grid_thw: torch.Tensor, merge: int, mrope: bool,
@@ -47,7 +44,7 @@ def image_rope_positions(starts: torch.Tensor, image_grid_thw: torch.Tensor, mer
     With `counts` (Q-Former), each image is a 1-D run of counts[i] tokens (all three M-RoPE
     components equal), since compressed queries have no spatial grid."""
     if counts is not None or not mrope:
-        n = counts if counts is not None else image_token_counts(image_grid_thw, merge)
+        n = counts if counts is not None else image_token_count(image_grid_thw, merge)
         offsets = torch.arange(int(n.sum()), device=starts.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
         pos = torch.repeat_interleave(starts, n) + offsets  # [N]
         return pos.expand(3, -1).clone() if mrope else pos
@@ -129,7 +126,7 @@ def window_image_positions(position_ids: torch.Tensor, window_cu_seqlens_text: t
     """Positions of image tokens for windowed fusion: the images of window w end just
     before the window's first text token. -> [N] (1-D) or [3, N] (M-RoPE)."""
     pos_1d = position_ids if position_ids.dim() == 1 else position_ids[0]
-    counts = image_token_counts(image_grid_thw, merge)
+    counts = image_token_count(image_grid_thw, merge)
     ext = image_extents(image_grid_thw, merge, mrope)
     img_start_tok = counts.cumsum(0) - counts  # [I] first token of each image in the image stream
     win = torch.searchsorted(window_cu_seqlens_image.long(), img_start_tok, right=True) - 1  # [I]

@@ -51,55 +51,41 @@ def tiny_vision_config(out_hidden_size: int = 64) -> dict[str, Any]:
 
 
 def random_packed_batch(samples: list[list[tuple[str, Any]]], vocab_size: int = TINY_VOCAB, seed: int = 0,
-                        patch_dim: int = 3 * 2 * 14 * 14, answer_fraction: float = 0.5):
+                        patch_dim: int = 3 * 2 * 14 * 14, answer_fraction: float = 0.5, merge: int = 2):
     """A PackedBatch of random content with a given layout, for model tests.
 
     Each sample is a list of segments: ("text", n) n text tokens, or ("image", (h, w)) an
-    image of h x w patches (h, w even; h*w/4 tokens). Consecutive images share a window;
-    text before a sample's first image is a window without image. Labels: the last
-    `answer_fraction` of each sample's text are targets (pre-shifted)."""
+    image of h x w patches (h, w multiples of `merge`; h*w/merge**2 tokens). Windows follow
+    `casa.batch.window_boundaries`: consecutive images share a window; text before a
+    sample's first image is a window without image. Labels: the last `answer_fraction` of
+    each sample's text are targets (pre-shifted)."""
     import torch
 
-    from casa.batch import PackedBatch, collate_packed
+    from casa.batch import build_batch, collate_packed
 
     g = torch.Generator().manual_seed(seed)
     rows = []
     for segs in samples:
         ids, grids, img_pos, pix = [], [], [], []
-        win_t, win_i = [0], [0]
-        n_img_tokens = 0
-        prev_image = False
         for kind, val in segs:
             if kind == "text":
                 ids.extend(torch.randint(0, vocab_size, (val,), generator=g).tolist())
-                prev_image = False
             elif kind == "image":
                 h, w = val
-                if not prev_image and len(ids) > 0:
-                    win_t.append(len(ids))
-                    win_i.append(n_img_tokens)
                 grids.append([1, h, w])
                 img_pos.append(len(ids))
                 pix.append(torch.randn(h * w, patch_dim, generator=g))
-                n_img_tokens += h * w // 4
-                prev_image = True
             else:
                 raise ValueError(f"segment kind {kind!r} is not 'text' or 'image'")
-        win_t.append(len(ids))
-        win_i.append(n_img_tokens)
         T = len(ids)
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels = torch.full((T,), -100, dtype=torch.long)
         start = int(T * (1 - answer_fraction))
         labels[start:T - 1] = input_ids[start + 1:]
-        rows.append(PackedBatch(
-            input_ids=input_ids, labels=labels, position_ids=torch.arange(T),
-            sample_cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
-            window_cu_seqlens_text=torch.tensor(win_t, dtype=torch.int32),
-            window_cu_seqlens_image=torch.tensor(win_i, dtype=torch.int32),
-            pixel_values=torch.cat(pix) if pix else torch.zeros(0, patch_dim),
-            image_grid_thw=torch.tensor(grids, dtype=torch.long).reshape(-1, 3),
-            image_text_position=torch.tensor(img_pos, dtype=torch.long),
+        rows.append(build_batch(
+            input_ids, [0, T], labels=labels, position_ids=torch.arange(T),
+            pixel_values=torch.cat(pix) if pix else torch.zeros(0, patch_dim), image_grid_thw=grids,
+            image_text_position=img_pos, merge=merge,
             meta=[{"key": f"s{len(rows)}", "task": "random", "group": "random"}],
         ))
     batch = collate_packed(rows)

@@ -44,9 +44,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from casa.batch import PackedBatch, collate_packed
+from casa.batch import PackedBatch, collate_packed, image_token_count
 from data.format import CONTENT_TYPES, ROLES
-from data.image import MIN_PIXELS, ImageError, decode_image, patchify
+from data.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify
 from data.packing import Packer, Sample
 from data.templates import ChatTemplate
 from data.video import CAPTION_PROMPT, expand_video, sample_frames
@@ -160,7 +160,7 @@ class SampleProcessor:
                 pixels.append(pv)
                 grids.append(grid)
         try:
-            enc = self.template.encode(messages, [g[0] * g[1] * g[2] // 4 for g in grids])
+            enc = self.template.encode(messages, image_token_count(grids, MERGE))
         except (KeyError, TypeError, ValueError) as e:
             raise SkipSample("malformed_json", f"{key}: cannot encode: {type(e).__name__}: {e}") from None
         if any(p >= len(enc.input_ids) for p in enc.image_positions):

@@ -22,9 +22,10 @@ import tempfile
 import time
 from collections import Counter
 
+from casa.batch import image_token_count
 from data.datamodule import expand_shards
 from data.dataset import SKIP_REASONS, SampleProcessor, ShardStream, VideoOptions
-from data.image import MIN_PIXELS
+from data.image import MERGE, MIN_PIXELS
 from data.templates import ChatTemplate
 from data.tokenizer import build_tokenizer, load_tokenizer
 
@@ -62,7 +63,7 @@ def inspect(pattern: str, template: str = "helium", tokenizer=None, max_text_tok
         rows += 1
         cu = batch.sample_cu_seqlens.tolist()
         text_tokens += [b - a for a, b in zip(cu, cu[1:])]
-        per_image = (batch.image_grid_thw.prod(-1) // 4).tolist()
+        per_image = image_token_count(batch.image_grid_thw, MERGE).tolist()
         # image tokens per sample: images are in stream order, each before a text index of its sample
         pos = batch.image_text_position.tolist()
         for a, b in zip(cu, cu[1:]):

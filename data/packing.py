@@ -6,9 +6,9 @@ when none fits, the row is closed. A sample that cannot fit an empty row is skip
 counted (`oversize`) -- never truncated, since a cut could split a window from its image
 or drop the answer.
 
-Windows are delimited by images (consecutive images at the same text position share a
-window, text before a sample's first image is a window without image, and every sample
-boundary is a window boundary). Example row of two samples (I = image token, t = text):
+Windows are delimited by images (`casa.batch.window_boundaries`, the one rule:
+consecutive images at the same text position share a window, text before a sample's first
+image is a window without image, and every sample boundary is a window boundary). Example row of two samples (I = image token, t = text):
 
     sample 0:  t t [I I I I] t t t            sample 1: [I I] t t [I I I] t
     text idx   0 1           2 3 4                      5 6       7
@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from casa.batch import PackedBatch, collate_packed, seqlens_of
+from casa.batch import PackedBatch, build_batch, collate_packed, image_token_count
 from data.image import MERGE, PATCH_DIM
 
 
@@ -48,7 +48,7 @@ class Sample:
     pixel_values: list[torch.Tensor]
     """Per image [P_i, 3*2*14*14]."""
     grids: list[list[int]]
-    """Per image (t, h, w) patch grid; image i has t*h*w/4 tokens."""
+    """Per image (t, h, w) patch grid; image i has `image_token_count` tokens (t*h*w / MERGE**2)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """key, task, group, answer, prompt_len."""
 
@@ -58,29 +58,11 @@ class Sample:
 
     @property
     def image_tokens(self) -> list[int]:
-        return [t * h * w // (MERGE * MERGE) for t, h, w in self.grids]
+        return image_token_count(self.grids, MERGE)
 
     @property
     def num_image_tokens(self) -> int:
         return sum(self.image_tokens)
-
-
-def sample_windows(image_positions: list[int], image_tokens: list[int], num_text: int) -> tuple[list[int], list[int]]:
-    """Window boundaries of one sample (pure): -> (cu_text [W+1], cu_image [W+1]).
-
-    A window opens at each distinct image position (consecutive images share one); text
-    before the first image forms a window without image (none when the sample starts with
-    an image)."""
-    cu_t, cu_i = [0], [0]
-    seen = 0
-    for pos, n in zip(image_positions, image_tokens):
-        if pos > cu_t[-1]:  # a new window opens here
-            cu_t.append(pos)
-            cu_i.append(seen)
-        seen += n
-    cu_t.append(num_text)
-    cu_i.append(seen)
-    return cu_t, cu_i
 
 
 def shifted_labels(input_ids: list[int], answer_mask: list[bool]) -> torch.Tensor:
@@ -100,18 +82,12 @@ def build_sample_row(s: Sample) -> PackedBatch:
     if any(p >= T for p in s.image_positions) or list(s.image_positions) != sorted(s.image_positions):
         raise ValueError(f"sample {s.meta.get('key')}: image positions {s.image_positions} must be sorted and < T={T}"
                          " (an image needs text after it, or it would fall into the next sample)")
-    cu_t, cu_i = sample_windows(s.image_positions, s.image_tokens, T)
-    return PackedBatch(
-        seqlens=seqlens_of([0, T], cu_t, cu_i),  # host ints for flash-attn's max_seqlen (`SeqLens`)
-        input_ids=torch.tensor(s.input_ids, dtype=torch.long),
+    return build_batch(  # windows by `casa.batch.window_boundaries`, host max lengths (`SeqLens`)
+        torch.tensor(s.input_ids, dtype=torch.long), [0, T],
         labels=shifted_labels(s.input_ids, s.answer_mask),
         position_ids=torch.arange(T),  # 1-D; the model derives M-RoPE positions itself
-        sample_cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
-        window_cu_seqlens_text=torch.tensor(cu_t, dtype=torch.int32),
-        window_cu_seqlens_image=torch.tensor(cu_i, dtype=torch.int32),
         pixel_values=torch.cat(s.pixel_values) if s.pixel_values else torch.zeros(0, PATCH_DIM),
-        image_grid_thw=torch.tensor(s.grids, dtype=torch.long).reshape(-1, 3),
-        image_text_position=torch.tensor(s.image_positions, dtype=torch.long),
+        image_grid_thw=[list(g) for g in s.grids], image_text_position=list(s.image_positions), merge=MERGE,
         meta=[dict(s.meta)],
     )
 

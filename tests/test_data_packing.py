@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from data.packing import Packer, Sample, build_row, sample_windows, shifted_labels
+from casa.batch import window_boundaries
+from data.packing import Packer, Sample, build_row, shifted_labels
 from data.templates import ChatTemplate
 from data.datamodule import resolve_tokenizer
 from tests.data_fixtures import conv, sample
@@ -17,8 +18,8 @@ def test_windows_and_row_layout_match_the_ascii_picture():
     #   windows    (t t | -)(t t t | IIII)                  (t t | II)(t | III)
     s0 = sample(5, [4], [2], key="a")
     s1 = sample(3, [2, 3], [0, 2], key="b")
-    assert sample_windows([2], [4], 5) == ([0, 2, 5], [0, 0, 4])
-    assert sample_windows([0, 2], [2, 3], 3) == ([0, 2, 3], [0, 2, 5])  # starts with an image: no empty window
+    assert window_boundaries([0, 5], [2], [4]) == ([0, 2, 5], [0, 0, 4])
+    assert window_boundaries([0, 3], [0, 2], [2, 3]) == ([0, 2, 3], [0, 2, 5])  # starts with an image: no empty window
     row = build_row([s0, s1])
     row.validate()
     assert row.window_cu_seqlens_text.tolist() == [0, 2, 5, 7, 8]
@@ -32,9 +33,9 @@ def test_windows_and_row_layout_match_the_ascii_picture():
 
 def test_consecutive_images_share_a_window_and_text_only_samples_have_one():
     #   t t t [I][I] t t      -> (t t t | -)(t t | I I)
-    assert sample_windows([3, 3], [1, 1], 5) == ([0, 3, 5], [0, 0, 2])
+    assert window_boundaries([0, 5], [3, 3], [1, 1]) == ([0, 3, 5], [0, 0, 2])
     #   t t t t (no image)    -> (t t t t | -)
-    assert sample_windows([], [], 4) == ([0, 4], [0, 0])
+    assert window_boundaries([0, 4], [], []) == ([0, 4], [0, 0])
     row = build_row([sample(4), sample(5, [1, 1], [3, 3])])
     row.validate()
     assert row.window_cu_seqlens_text.tolist() == [0, 4, 7, 9]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from casa.backbone import Backbone
-from casa.batch import PackedBatch
+from casa.batch import build_batch, image_token_count
 from casa.fusion import Insertion
 from casa.model import VisionLanguageModel
 from casa.testing import tiny_backbone_config, tiny_vision_config
@@ -37,7 +37,7 @@ def _conversation(grids):
         chunk = torch.randint(0, 140, (5,), generator=g).tolist() + [VISION_START]
         hf_ids += chunk
         text_ids += chunk
-        hf_ids += [IMAGE_PAD] * (h * w // 4)
+        hf_ids += [IMAGE_PAD] * image_token_count([(1, h, w)], 2)[0]
         positions.append(len(text_ids))  # the image precedes <|vision_end|>
         hf_ids.append(VISION_END)
         text_ids.append(VISION_END)
@@ -59,15 +59,11 @@ def test_insertion_equals_hugging_face_qwen2_5_vl(checkpoint, grids):
         ref = hf(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grid_thw,
                  mm_token_type_ids=(ids == IMAGE_PAD).int()[None]).logits[0]
     T = len(text_ids)
-    counts = grid_thw.prod(-1) // 4
-    win_t = [0] + positions + [T]
-    win_i = [0, 0] + counts.cumsum(0).tolist()  # the text before the first image has no image
-    batch = PackedBatch(
-        input_ids=torch.tensor(text_ids), labels=torch.full((T,), -100), position_ids=torch.arange(T),
-        sample_cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
-        window_cu_seqlens_text=torch.tensor(win_t, dtype=torch.int32),
-        window_cu_seqlens_image=torch.tensor(win_i, dtype=torch.int32),
-        pixel_values=pixels, image_grid_thw=grid_thw, image_text_position=torch.tensor(positions))
+    batch = build_batch(torch.tensor(text_ids), [0, T], position_ids=torch.arange(T), pixel_values=pixels,
+                        image_grid_thw=grid_thw, image_text_position=torch.tensor(positions), merge=2)
+    # the text before the first image has no image
+    assert batch.window_cu_seqlens_text.tolist() == [0] + positions + [T]
+    assert batch.window_cu_seqlens_image.tolist() == [0, 0] + (grid_thw.prod(-1) // 4).cumsum(0).tolist()
     batch.validate()
     with torch.no_grad():
         ours = model(batch).logits

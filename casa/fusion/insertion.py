@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from casa.batch import PackedBatch
+from casa.batch import PackedBatch, image_token_count
 from casa.context import StreamContext
 from casa.fusion.base import FusionStrategy
-from casa.positions import image_token_counts, insertion_layout, insertion_positions
+from casa.positions import insertion_layout, insertion_positions
 
 
 class Insertion(FusionStrategy):
@@ -27,7 +27,7 @@ class Insertion(FusionStrategy):
 
     def prepare(self, batch: PackedBatch, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
                 backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, StreamContext]:
-        counts = image_token_counts(batch.image_grid_thw, self.merge)  # [I]
+        counts = image_token_count(batch.image_grid_thw, self.merge)  # [I]
         image_embeds, new_counts = self.compress(image_embeds, counts)
         inserted = new_counts if new_counts is not None else counts
         text_dst, image_dst, merged_cu = insertion_layout(batch.sample_cu_seqlens, batch.image_text_position, inserted)
