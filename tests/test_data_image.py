@@ -1,7 +1,6 @@
 """Images: unusual modes -> RGB, huge images downscaled, corrupt bytes, patchify vs transformers."""
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -46,13 +45,13 @@ def test_sixteen_bit_is_scaled_not_clipped():
     assert (out[0, :, 0] < 255).sum() > 60  # clipping would saturate almost everything
 
 
-def test_huge_image_is_downscaled_under_the_cap_quickly():
+def test_huge_image_is_downscaled_under_the_cap_at_reduced_scale():
+    """What makes it fast is checked, not a wall time (which a loaded machine breaks): the
+    decoder never builds the 10000^2 image."""
     big = Image.new("RGB", (10000, 10000), (10, 200, 10))
     for data in (jpeg_bytes(big, quality=50), _encode(big, "PNG")):
-        start = time.perf_counter()
         img = decode_image(data, 448 * 448)
         pv, grid = patchify(img, 448 * 448)
-        assert time.perf_counter() - start < 5.0
         # the reduced decode must not change the target: Qwen's rule on the stored size
         h, w = smart_resize(10000, 10000, 56 * 56, 448 * 448)
         assert grid == [1, h // 14, w // 14] and h * w <= 448 * 448
