@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from experiments import bench
+from experiments import bench, strategies
 from experiments.benchmarks import measure
 
 CPU = torch.device("cpu")
