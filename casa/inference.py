@@ -141,15 +141,38 @@ def add_checkpoint_arguments(parser) -> None:
                         help="torch CPU threads (1 is much faster for tiny models on a busy machine)")
 
 
-def build_model(config: dict):
-    """The `model.model` spec of a run config -> VisionLanguageModel (random weights)."""
-    from jsonargparse import ArgumentParser
+def build_model(configs: "dict | str | Path | list[dict | str | Path]", overrides: list[str] = ()):
+    """Run configs -> VisionLanguageModel (random weights), composed as
+    `python -m experiments.fit --config a.yaml --config b.yaml --model.model.init_args.x v`
+    composes them: jsonargparse's own `--config` composition over the same `model.model`
+    argument (typed `VisionLanguageModel`) that `CasaModule` gives the CLI, so a strategy
+    YAML that changes `fusion`'s class_path replaces it whole, as in training.
+
+    configs: one run config or a list of them, each a YAML path or a dict (a parsed YAML,
+      e.g. a checkpoint's `casa_config`); only their `model.model` part is read.
+    overrides: CLI-style arguments on that part, e.g.
+      ["--model.model.init_args.fusion.init_args.k", "4"].
+    The one way models are built outside `experiments.fit`: checkpoint rebuilding (`load`),
+    the benchmarks and `experiments.strategies`."""
+    import yaml
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     from casa.model import VisionLanguageModel
 
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--model", type=VisionLanguageModel)
-    return parser.instantiate(parser.parse_object({"model": config["model"]["model"]})).model
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--model.model", type=VisionLanguageModel)
+    args: list[str] = []
+    for config in configs if isinstance(configs, (list, tuple)) else [configs]:
+        if not isinstance(config, dict):
+            config = yaml.safe_load(Path(config).read_text()) or {}
+        spec = (config.get("model") or {}).get("model")
+        if spec is not None:  # a trainer- or data-only config changes nothing here
+            args += ["--config", yaml.safe_dump({"model": {"model": spec}})]
+    cfg = parser.parse_args(args + [str(a) for a in overrides])
+    if cfg.model.model is None:
+        raise ValueError("build_model: no config gives model.model (the VisionLanguageModel spec)")
+    return parser.instantiate(cfg).model.model
 
 
 def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = (),
@@ -163,7 +186,8 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
 
     ckpt, config = read_checkpoint(ckpt_path, config_files)
     try:
-        model = build_model(config)
+        # the run's own YAMLs when given: composed by the CLI's rules, not re-merged by hand
+        model = build_model(list(config_files) or config)
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot rebuild the model from its run config ({type(e).__name__}: {e})") from None
     weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

@@ -10,6 +10,9 @@
           - {label: k4, overrides: {model.model.init_args.fusion.init_args.k: 4}}
       - name: seed
         values: [{label: s0, overrides: {seed_everything: 0}}, {label: s1, overrides: {seed_everything: 1}}]
+      - name: fusion                         # or: strategies of the matrix (experiments.strategies),
+        strategies: all                      # `all` or a list of names; each becomes
+                                             # {label: <name>, configs: [strategies/<name>.yaml]}
     aggregate: seed                          # optional: an axis whose runs are repeats (seeds);
                                              # results add mean ± std over it per other-axes combination
 
@@ -33,7 +36,7 @@ from typing import Any
 import yaml
 
 GRID_KEYS = ("description", "base", "overrides", "axes", "aggregate")
-AXIS_KEYS = ("name", "values")
+AXIS_KEYS = ("name", "values", "strategies")
 VALUE_KEYS = ("label", "configs", "overrides")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+]*")  # "-" joins labels into run names
 DOTTED = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
@@ -157,6 +160,27 @@ def _values(where: str, axis: str, raw: Any) -> list[Value]:
     return values
 
 
+def _strategy_values(where: str, chosen: Any) -> list[dict[str, Any]]:
+    """`all` or a list of matrix names -> the axis values running those strategies' YAMLs."""
+    from experiments import strategies
+
+    names = strategies.names()
+    if chosen == "all":
+        chosen = names
+    if not isinstance(chosen, list) or not chosen or not all(isinstance(n, str) for n in chosen):
+        raise GridError(f"{where}: expected 'all' or a non-empty list of strategy names from {names}, got {chosen!r}")
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise GridError(f"{where}: {unknown} not in the strategy matrix ({strategies.STRATEGY_DIR}); choose from {names}")
+    out = []
+    for n in chosen:
+        path = strategies.strategy(n).path
+        # relative to the working directory when inside it, as hand-written grid paths are
+        rel = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        out.append({"label": n, "configs": [str(rel)]})
+    return out
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid file; every error names the field, the bad value and the choices."""
     path = Path(path)
@@ -177,14 +201,17 @@ def load_grid(path: str | Path) -> Grid:
     axes, names = [], []
     for i, axis in enumerate(axes_raw):
         where = f"{path}: axes[{i}]"
-        axis = _keys(where, axis, AXIS_KEYS, AXIS_KEYS)
+        axis = _keys(where, axis, AXIS_KEYS, ("name",))
         name = axis["name"]
         if not isinstance(name, str) or not DOTTED.fullmatch(name) or "." in name:
             raise GridError(f"{where}.name: {name!r} is not a name like 'fusion' (letters, digits, _)")
         if name in names:
             raise GridError(f"{where}.name: duplicate axis name {name!r}; axes so far: {names}")
         names.append(name)
-        axes.append((name, _values(f"{where}.values", name, axis["values"])))
+        if ("values" in axis) == ("strategies" in axis):
+            raise GridError(f"{where}: axis {name!r} needs exactly one of 'values' or 'strategies', got {sorted(axis)}")
+        raw_values = axis["values"] if "values" in axis else _strategy_values(f"{where}.strategies", axis["strategies"])
+        axes.append((name, _values(f"{where}.values", name, raw_values)))
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise GridError(f"{path}: description: expected text, got {description!r}")

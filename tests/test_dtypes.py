@@ -4,21 +4,15 @@ Under `precision: bf16-mixed` (torch.autocast bf16 over fp32 weights) the projec
 bf16 while the RoPE tables, the image-token norm and Qwen3's q/k norms used to give fp32:
 q and k came out fp32 next to a bf16 v, and CASA's window layout refused the mix."""
 
+import inspect
+
 import pytest
 import torch
 
-from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.fusion import CASA
 from casa.testing import flash_stand_in, random_packed_batch, strict_flash_attn_varlen_func, tiny_model
+from experiments.strategies import build_fusion, fusion_class, names
 
-STRATEGIES = {
-    "casa_plus": lambda: CASA(mode="plus"),
-    "casa_before": lambda: CASA(mode="before"),
-    "casa_replace": lambda: CASA(mode="replace", placement="every_k", k=2),
-    "cross_attention": lambda: CrossAttention(),
-    "gated_cross_attention": lambda: GatedCrossAttention(placement="before"),
-    "insertion": lambda: Insertion(),
-    "qformer": lambda: QFormer(num_queries=4, depth=1, backend="flash"),
-}
 LAYOUT = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 6), ("image", (2, 2)), ("text", 3)]]
 
 
@@ -41,7 +35,7 @@ def _dtypes_seen(monkeypatch):
 
 # every strategy on Llama; the family-specific paths (Qwen3's q/k norms, Helium's interleaved
 # RoPE, Qwen2's biases) are shared by the windowed strategies, so two of them cover those
-CASES = [(s, "llama") for s in STRATEGIES] + [(s, f) for s in ("casa_plus", "cross_attention")
+CASES = [(s, "llama") for s in names()] + [(s, f) for s in ("casa_plus", "cross_attention")
                                               for f in ("qwen3", "helium", "qwen2")]
 
 
@@ -51,7 +45,10 @@ def test_training_step_under_bf16_autocast(strategy, family, backend, monkeypatc
     """Forward + backward of every strategy under CPU bf16 autocast: finite loss, fp32 gradients
     on the fp32 weights, and every attention call gets q, k, v in bf16 (the strict flash
     stand-in refuses anything else)."""
-    model = tiny_model(STRATEGIES[strategy](), family=family, num_layers=2, attn_backend=backend)
+    # a strategy with a `backend` of its own runs on `backend` too (CASA/CA's default follows the
+    # backbone anyway; the Q-Former's default is sdpa, so its flash path is reached this way)
+    own = {"backend": backend} if "backend" in inspect.signature(fusion_class(strategy)).parameters else {}
+    model = tiny_model(build_fusion(strategy, **own), family=family, num_layers=2, attn_backend=backend)
     batch = random_packed_batch(LAYOUT)
     seen = _dtypes_seen(monkeypatch)
     with flash_stand_in(), torch.autocast("cpu", dtype=torch.bfloat16):

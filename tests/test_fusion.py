@@ -7,20 +7,10 @@ import pytest
 import torch
 
 from casa.backbone import Backbone
-from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion
 from casa.testing import random_packed_batch, tiny_backbone_config, tiny_model
+from experiments.strategies import build_fusion, names
 
-STRATEGIES = {
-    "insertion": lambda: Insertion(),
-    "qformer": lambda: QFormer(num_queries=4, depth=1, heads=4),
-    "cross_attention": lambda: CrossAttention(),
-    "cross_attention_before": lambda: CrossAttention(placement="before"),
-    "gated_cross_attention": lambda: GatedCrossAttention(),
-    "casa_plus": lambda: CASA("plus"),
-    "casa_before": lambda: CASA("before"),
-    "casa_replace": lambda: CASA("replace", "every_k", 2),
-    "casa_plus_ffn_updates": lambda: CASA("plus", image_ffn_updates=True),
-}
 
 # three samples: image mid-text, two image windows with consecutive images, text only
 SAMPLES = [
@@ -37,9 +27,9 @@ def _perturb_gates(model):
             p.data.fill_(0.7)
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", names())
 def test_packing_invariance(name):
-    model = tiny_model(STRATEGIES[name]()).eval()
+    model = tiny_model(build_fusion(name)).eval()
     _perturb_gates(model)
     packed = random_packed_batch(SAMPLES, seed=1)
     with torch.no_grad():
@@ -57,9 +47,9 @@ def test_packing_invariance(name):
             torch.testing.assert_close(model(alone).logits, out[lo:hi], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", names())
 def test_causality(name):
-    model = tiny_model(STRATEGIES[name]()).eval()
+    model = tiny_model(build_fusion(name)).eval()
     _perturb_gates(model)
     spec = [[("text", 4), ("image", (2, 4)), ("text", 6), ("image", (4, 2)), ("text", 5)]]
     batch = random_packed_batch(spec, seed=2)
@@ -111,9 +101,9 @@ def test_parameter_accounting():
     assert _count(tiny_model(CASA("plus", "first_last_k", 1))) == total + 2 * sa
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", names())
 def test_forward_backward_and_trainable_sets(name):
-    model = tiny_model(STRATEGIES[name](), freeze_backbone=True)
+    model = tiny_model(build_fusion(name), freeze_backbone=True)
     out = model(random_packed_batch(SAMPLES, seed=4))
     assert out.loss is not None and torch.isfinite(out.loss)
     out.loss.backward()
@@ -252,7 +242,7 @@ def test_fsdp2_blocks_match_the_plain_model_and_return_no_views(name, tmp_path):
     from torch.distributed.fsdp import fully_shard
 
     batch = random_packed_batch(SAMPLES, seed=1)
-    plain, wrapped = tiny_model(STRATEGIES[name]()), tiny_model(STRATEGIES[name]())
+    plain, wrapped = tiny_model(build_fusion(name)), tiny_model(build_fusion(name))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         for block in wrapped.backbone.layers:

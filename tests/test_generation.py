@@ -4,20 +4,11 @@ import pytest
 import torch
 
 from casa.cache import KVCache
-from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.fusion import CASA
 from casa.generation import GenerationConfig, append_tokens, generate, image_chunk, text_chunk
 from casa.testing import random_packed_batch, tiny_model
+from experiments.strategies import build_fusion, names
 
-STRATEGIES = {
-    "insertion": lambda: Insertion(),
-    "qformer": lambda: QFormer(num_queries=4, depth=1, heads=4),
-    "cross_attention": lambda: CrossAttention(),
-    "gated_cross_attention_before": lambda: GatedCrossAttention(placement="before"),
-    "casa_plus": lambda: CASA("plus"),
-    "casa_before": lambda: CASA("before"),
-    "casa_replace": lambda: CASA("replace", "every_k", 2),
-    "casa_plus_ffn_updates": lambda: CASA("plus", image_ffn_updates=True),
-}
 
 # text 0..4 | image A | text 5..10 | image B | text 11..14
 SPEC = [("text", 5), ("image", (2, 4)), ("text", 6), ("image", (4, 2)), ("text", 4)]
@@ -29,10 +20,10 @@ def _gates(model):
             p.data.fill_(0.5)
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", names())
 @pytest.mark.parametrize("family", ["llama", "qwen2_5_vl"])
 def test_incremental_decoding_equals_full_forward(name, family):
-    model = tiny_model(STRATEGIES[name](), family=family).eval()
+    model = tiny_model(build_fusion(name), family=family).eval()
     _gates(model)
     full = random_packed_batch([SPEC], seed=7)
     with torch.no_grad():
@@ -54,9 +45,9 @@ def test_incremental_decoding_equals_full_forward(name, family):
     torch.testing.assert_close(torch.cat(got), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", names())
 def test_cached_generation_equals_uncached(name):
-    model = tiny_model(STRATEGIES[name]()).eval()
+    model = tiny_model(build_fusion(name)).eval()
     _gates(model)
     prompts = random_packed_batch([SPEC, [("text", 3), ("image", (2, 2)), ("text", 2)], [("text", 4)]], seed=8)
     cfg = GenerationConfig(max_new_tokens=6, stop_token_ids=(3,))
@@ -91,7 +82,7 @@ def test_sampling_is_seeded_and_top_p_one_token_is_greedy():
 @pytest.mark.parametrize("name,grows", [("casa_plus", False), ("cross_attention", False), ("casa_replace", False),
                                         ("insertion", True)])
 def test_text_kv_cache_holds_images_only_for_insertion(name, grows):
-    model = tiny_model(STRATEGIES[name]()).eval()
+    model = tiny_model(build_fusion(name)).eval()
     g = torch.Generator().manual_seed(0)
     cache = KVCache(1)
     sizes = []
@@ -121,7 +112,7 @@ def test_append_tokens_matches_a_rebuilt_batch():
     grown.validate()
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", names())
 @pytest.mark.parametrize("samples", [1, 2])
 def test_a_chunk_that_closes_a_window_and_opens_the_next(name, samples):
     """Live captioning's chunk (`casa.inference.frame_chunk`): the last tokens of the open
@@ -129,7 +120,7 @@ def test_a_chunk_that_closes_a_window_and_opens_the_next(name, samples):
     while it opens the new one in the same forward, so the new window's buffer must not be
     the old one's; logits equal one full forward (one sample: head-major buffers; two:
     token-major, `KVCache._append`)."""
-    model = tiny_model(STRATEGIES[name]()).eval()
+    model = tiny_model(build_fusion(name)).eval()
     _gates(model)
     full = random_packed_batch([SPEC] * samples, seed=9)
     cu = full.sample_cu_seqlens.tolist()

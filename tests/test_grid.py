@@ -16,6 +16,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from experiments import strategies
 from experiments.grid import GridError, Result, load_grid, main, run_grid, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ EXPECTED = {
                 "insertion", "qformer"],
     "table7": ["every_k-k2", "every_k-k4", "first_k-k2", "first_k-k4", "first_last_k-k2", "first_last_k-k4"],
     "table6a_seeds": [f"{f}-s{i}" for f in ("casa_plus", "cross_attention", "insertion") for i in range(3)],
+    "strategies": strategies.names(),  # `strategies: all`: the whole matrix, a new YAML included
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
 # k=99 > the tiny backbone's 2 layers: experiments.fit fails while building the model
@@ -174,6 +176,13 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
      r"axes\[0\]\.values\[0\]: unknown key\(s\) \['mode'\]; valid keys: \['label', 'configs', 'overrides'\]"),
     (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a-b}}]}}]\n",
      r"axes\[0\]\.values\[0\]\.label: 'a-b' must be letters, digits"),
+    (f"base: {TINY}\naxes: [{{name: f, strategies: [casa_pluss]}}]\n",
+     r"axes\[0\]\.strategies: \['casa_pluss'\] not in the strategy matrix .*; choose from \['casa_before'"),
+    (f"base: {TINY}\naxes: [{{name: f, strategies: plus}}]\n",
+     r"axes\[0\]\.strategies: expected 'all' or a non-empty list of strategy names from \['casa_before'"),
+    (f"base: {TINY}\naxes: [{{name: f, strategies: all, values: [{GOOD_VALUE}]}}]\n",
+     r"axes\[0\]: axis 'f' needs exactly one of 'values' or 'strategies', got \['name', 'strategies', 'values'\]"),
+    (f"base: {TINY}\naxes: [{{name: f}}]\n", r"axes\[0\]: axis 'f' needs exactly one of 'values' or 'strategies'"),
     (f"base: {TINY}\noverrides: {{run_dir: x}}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\n",
      r"overrides: 'run_dir' cannot be overridden here: the grid sets it"),
     (f"base: {TINY}\noverrides: {{trainer.max_steps: 1, trainer.max_steps: 2}}\naxes: []\n",

@@ -9,18 +9,17 @@ import pytest
 import torch
 
 from casa.batch import PackedBatch, SeqLens, collate_packed, seqlens_of
-from casa.fusion import CASA, CrossAttention, Insertion
+from casa.fusion import CASA
 from casa.testing import SyncCounter, flash_stand_in, random_packed_batch, strict_flash_attn_varlen_func, tiny_model
+from experiments.strategies import build_fusion, names
 
 LAYOUT = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 6), ("image", (2, 2)), ("text", 3)]]
-STRATEGIES = {"casa_plus": lambda: CASA(mode="plus"), "casa_replace": lambda: CASA(mode="replace"),
-              "cross_attention": CrossAttention, "insertion": Insertion}
 
 
 def _syncs_per_step(strategy: str, num_layers: int, batch: PackedBatch) -> SyncCounter:
     """Syncs of one bf16-autocast training step (forward + backward, activation checkpointing
     on: each block runs twice) with the flash backend behind the strict stand-in."""
-    model = tiny_model(STRATEGIES[strategy](), num_layers=num_layers, attn_backend="flash").train()
+    model = tiny_model(build_fusion(strategy), num_layers=num_layers, attn_backend="flash").train()
     model.activation_checkpointing = True
     with flash_stand_in(), SyncCounter() as syncs:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -29,7 +28,16 @@ def _syncs_per_step(strategy: str, num_layers: int, batch: PackedBatch) -> SyncC
     return syncs
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+KNOWN_PER_LAYER_SYNCS = {
+    "qformer": "Insertion.prepare leaves StreamContext.max_seqlen unknown when the Q-Former changes the image "
+               "token counts (casa/fusion/insertion.py), so every flash call reads cu_seqlens back",
+}
+"""Strategies of the matrix known to sync once per layer: strict xfails, so a fix shows up."""
+
+
+@pytest.mark.parametrize("strategy", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_PER_LAYER_SYNCS[n])) if n in KNOWN_PER_LAYER_SYNCS
+    else n for n in names()])
 def test_host_syncs_per_step_do_not_grow_with_layers(strategy):
     batch = random_packed_batch(LAYOUT)
     assert batch.seqlens is not None  # the collate carries the max lengths

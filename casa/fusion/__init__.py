@@ -1,7 +1,9 @@
 """Fusion strategies: how image tokens reach the language model.
 
-YAML names = module names: `insertion`, `qformer`, `cross_attention`
-(`CrossAttention`, `GatedCrossAttention`), `casa`. See `casa.fusion.base` for the contract.
+Modules: `insertion`, `qformer`, `cross_attention` (`CrossAttention`, `GatedCrossAttention`),
+`casa`. See `casa.fusion.base` for the contract. A config picks one by class_path; the
+configurations the experiments compare (the strategy matrix) are the YAMLs of
+experiments/configs/strategies/, read by `experiments.strategies`.
 """
 
 from casa.fusion.base import FusionStrategy
@@ -10,12 +12,4 @@ from casa.fusion.cross_attention import CrossAttention, GatedCrossAttention
 from casa.fusion.insertion import Insertion
 from casa.fusion.qformer import QFormer
 
-STRATEGIES = {
-    "insertion": Insertion,
-    "qformer": QFormer,
-    "cross_attention": CrossAttention,
-    "gated_cross_attention": GatedCrossAttention,
-    "casa": CASA,
-}
-
-__all__ = ["FusionStrategy", "Insertion", "QFormer", "CrossAttention", "GatedCrossAttention", "CASA", "STRATEGIES"]
+__all__ = ["FusionStrategy", "Insertion", "QFormer", "CrossAttention", "GatedCrossAttention", "CASA"]

@@ -8,7 +8,8 @@ by 50 text tokens, through one decoder layer at the widths of the paper's Helium
 backbone (d=2048, FFN 8192, 16 query / 8 key-value heads of 128; `BACKBONES` says how
 they were checked), in bf16 as on the paper's H100s. The layer is the library's own
 `casa.blocks.DecoderBlock`, rewritten by the real strategy (`fusion.attach`) and fed by
-the strategy's real `prepare`:
+the strategy's real `prepare`. Every strategy of the matrix (`experiments.strategies`:
+one YAML each in experiments/configs/strategies/) is measured; the paper's four are
 
     insertion        SA + FFN over all 10 x 1074 tokens (image tokens in the stream)
     casa_plus        SA + FFN over the 500 text tokens, + a CASA layer (CASA⊕)
@@ -32,14 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 from typing import Any
 
 import torch
 
+from experiments import strategies
 from experiments.benchmarks import measure
 
-STRATEGIES = ("insertion", "casa_plus", "casa_replace", "cross_attention")
 LABELS = {"insertion": "insertion", "casa_plus": "CASA⊕", "casa_replace": "CASA∨", "cross_attention": "CA"}
+"""Plot labels of the paper's names; any other strategy of the matrix is labelled by its name."""
 PAPER = {  # Table 11, CASA / insertion
     ("casa_plus", "train", "memory"): 0.26, ("casa_plus", "train", "time"): 0.16,
     ("casa_replace", "train", "memory"): 0.26, ("casa_replace", "train", "time"): 0.11,
@@ -66,13 +69,6 @@ QUICK = Setting(samples=2, image_tokens=64, text_tokens=6,
                             head_dim=16), train_repeats=2, infer_repeats=1)
 
 
-def make_fusion(name: str):
-    from casa.fusion import CASA, CrossAttention, Insertion
-
-    return {"insertion": lambda: Insertion(), "casa_plus": lambda: CASA("plus"),
-            "casa_replace": lambda: CASA("replace"), "cross_attention": lambda: CrossAttention("parallel")}[name]()
-
-
 BACKBONES = {
     # Helium-1 2B: 28 layers of d=2048, 16 query / 8 key-value heads of 128, FFN 8192. A CASA
     # layer per block then adds 28 x (2 x 2048^2 + 2 x 2048 x 1024) = 352M parameters, the
@@ -97,22 +93,27 @@ def widths(backbone: str, s: Setting) -> tuple[str, dict[str, Any]]:
 
 
 def build_model(name: str, s: Setting, dtype: torch.dtype, device: torch.device, backbone: str = "helium"):
-    """A one-layer `VisionLanguageModel` with strategy `name` at the widths of `backbone`. The
-    vision tower is a tiny stand-in that never runs: image embeddings are given directly."""
-    from casa.backbone import Backbone
-    from casa.model import VisionLanguageModel
-    from casa.testing import tiny_vision_config
-    from casa.vision import VisionEncoder
+    """A one-layer `VisionLanguageModel` with strategy `name` (its YAML in the matrix) at the
+    widths of `backbone`, built by the one `build_model`. The vision tower is a tiny stand-in
+    that never runs: image embeddings are given directly."""
+    from casa.vision import tiny_vision_config
+    from experiments.strategies import build_model as build
 
-    torch.manual_seed(0)
     family, config = widths(backbone, s)
     # embeddings are never measured: a small vocabulary keeps them out of the way
     config = {**config, "num_hidden_layers": 1, "vocab_size": 256, "tie_word_embeddings": False,
               "max_position_embeddings": 4096}
-    lm = Backbone(family, config=config)
-    vision = VisionEncoder(config=tiny_vision_config(out_hidden_size=lm.hidden_size))
-    model = VisionLanguageModel(lm, vision, make_fusion(name), projector="identity")
-    return model.to(device=device, dtype=dtype)
+    base = {"model": {"model": {"class_path": "casa.model.VisionLanguageModel", "init_args": {
+        "backbone": {"class_path": "casa.backbone.Backbone", "init_args": {"family": family, "config": config}},
+        "vision": {"class_path": "casa.vision.VisionEncoder",
+                   "init_args": {"config": tiny_vision_config(config["hidden_size"])}},
+        "projector": "identity"}}}}
+    # the one layer is the fused one: block selection (CASA's `k`, CA's `every`) set to every block
+    accepted = inspect.signature(strategies.fusion_class(name)).parameters
+    one_layer = {"model": {"model": {"init_args": {"fusion": {"init_args": {
+        k: 1 for k in ("k", "every") if k in accepted}}}}}}
+    torch.manual_seed(0)
+    return build([base, name, one_layer]).to(device=device, dtype=dtype)
 
 
 def packed_row(s: Setting, prefill_text: int | None = None):
@@ -179,7 +180,7 @@ def measure_strategy(name: str, s: Setting, dtype: torch.dtype, device: torch.de
     """-> the strategy's row, and (with `profile`) profiler tables of its training step."""
     model = build_model(name, s, dtype, device, backbone)
     new = sum(p.numel() for n, p in model.backbone.named_parameters() if n not in model.backbone.pretrained_names)
-    row: dict[str, Any] = {"strategy": name, "label": LABELS[name], "new_params_M": round(new / 1e6, 2)}
+    row: dict[str, Any] = {"strategy": name, "label": LABELS.get(name, name), "new_params_M": round(new / 1e6, 2)}
     step, shape = train_case(model, s, device)
     row.update(shape)
     step()  # warm-up: kernel selection, first-touch allocations
@@ -227,7 +228,7 @@ def plot(rows: list[dict[str, Any]], ratio: dict[str, float], out_dir: str, s: S
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), sharey=True)
     for ax, (phase, metric) in zip(axes, panels):
         vals = [ratio[f"{s_}_vs_insertion_{phase}_{metric}"] for s_ in others]
-        bars = ax.bar([LABELS[s_] for s_ in others], vals, color="tab:blue", label="measured")
+        bars = ax.bar([LABELS.get(s_, s_) for s_ in others], vals, color="tab:blue", label="measured")
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
         paper = [PAPER.get((s_, phase, metric)) for s_ in others]
         xs = [i for i, p in enumerate(paper) if p is not None]
@@ -255,7 +256,7 @@ def run(quick: bool, out_dir: str, device: str = "cpu", dtype: str = "bfloat16",
     s = QUICK if quick else FULL
     family, w = widths(backbone, s)
     rows, profiles = [], {}
-    for name in STRATEGIES:  # CASA⊕'s step profiled: where its time and memory go (docs/benchmarks.md)
+    for name in strategies.names():  # CASA⊕'s step profiled: where its time and memory go (docs/benchmarks.md)
         row, tables = measure_strategy(name, s, DTYPES[dtype], dev, backbone, profile=name == "casa_plus")
         rows.append(row)
         profiles.update(tables)

@@ -3,8 +3,8 @@
     python -m experiments.bench step [--quick] [--json] [--device cuda]
 
 The model is the demo's (`experiments/configs/demo.yaml`: backbone, vision tower,
-projector), the strategy each `experiments/configs/strategies/<name>.yaml` (CASA∨ as
-configured there, every 2nd of the 4 layers). A step is forward + backward +
+projector), the strategy each `experiments/configs/strategies/<name>.yaml` of the matrix
+(`experiments.strategies`; CASA∨ as configured there, every 2nd of the 4 layers). A step is forward + backward +
 `optimizer.step()` + `zero_grad()` with the optimiser the training uses
 (`casa.optim.build_optimizer`: Adam, new / pretrained groups), on one packed batch
 shared by every strategy, built by `casa.testing.random_packed_batch`:
@@ -15,7 +15,7 @@ shared by every strategy, built by `casa.testing.random_packed_batch`:
                  T = 512, N = 5120, the paper's 1:10 text:image caps (2048 / 20480)
 
 Reported per strategy: median step time after warm-up (the first steps allocate Adam's
-state; the seven strategies' steps are timed in turn, so a slow spell of the shared
+state; the strategies' steps are timed in turn, so a slow spell of the shared
 machine hits them alike), peak extra memory of a step (activations, gradients,
 temporaries; parameters and optimiser state excluded), tokens/s (text + image tokens of
 the batch per second).
@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from experiments import strategies
 from experiments.benchmarks import measure
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STRATEGIES = ("insertion", "qformer", "cross_attention", "gated_cross_attention", "casa_plus", "casa_before",
-              "casa_replace")
 TABLE1 = ("insertion", "cross_attention", "casa_plus", "casa_replace")
 LAYOUTS = {
     "demo_caps": dict(samples=16, images=1, side=16, text=32),
@@ -43,26 +43,21 @@ LAYOUTS = {
 QUICK_LAYOUTS = {"demo_caps": dict(samples=2, images=1, side=4, text=8)}
 
 
-def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-
 def build_model(strategy: str, quick: bool):
     """The demo model with `strategy`, composed as `--config demo.yaml --config
-    strategies/<strategy>.yaml` composes it, built as checkpoints are rebuilt."""
-    from casa.inference import build_model as build, merge_configs
+    strategies/<strategy>.yaml` composes it, by the one `build_model`."""
+    from experiments.strategies import build_model as build
 
-    config = merge_configs(_yaml(CONFIGS / "demo.yaml"), _yaml(CONFIGS / "strategies" / f"{strategy}.yaml"))
+    configs: list[Any] = [CONFIGS / "demo.yaml", strategy]
     if quick:  # a 2-layer, 32-wide model: the code path, not the numbers
-        spec = config["model"]["model"]["init_args"]
-        b, v = spec["backbone"]["init_args"], spec["vision"]["init_args"]
-        b["config"] = {**b["config"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
-        v["config"] = {**v["config"], "out_hidden_size": 32}
+        demo = yaml.safe_load((CONFIGS / "demo.yaml").read_text())["model"]["model"]["init_args"]
+        b, v = demo["backbone"]["init_args"]["config"], demo["vision"]["init_args"]["config"]
+        configs.append({"model": {"model": {"init_args": {
+            "backbone": {"init_args": {"config": {**b, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}}},
+            "vision": {"init_args": {"config": {**v, "out_hidden_size": 32}}}}}}})
     torch.manual_seed(0)
-    return build(config)
+    return build(configs)
 
 
 def make_batch(layout: dict[str, int], vocab_size: int):
@@ -96,17 +91,17 @@ def prepare_strategy(strategy: str, batch, quick: bool, device: torch.device):
 
 
 def measure_layout(batch, quick: bool, device: torch.device, repeats: int) -> list[dict[str, Any]]:
-    """Every strategy on `batch`; step times taken in turn across strategies (the demo
-    model is small enough to keep all seven alive)."""
+    """Every strategy of the matrix on `batch`; step times taken in turn across strategies
+    (the demo model is small enough to keep them all alive)."""
     steps, rows = {}, {}
-    for strategy in STRATEGIES:
+    for strategy in strategies.names():
         steps[strategy], rows[strategy] = prepare_strategy(strategy, batch, quick, device)
     times = measure.time_interleaved(steps, device, repeats=repeats, warmup=1)
     tokens = batch.num_text_tokens + batch.num_image_tokens
     for strategy, t in times.items():
         rows[strategy].update(step_s=t["time_s"], step_wall_s=t["wall_s"], tokens_per_s=tokens / t["time_s"],
                               text_tokens_per_s=batch.num_text_tokens / t["time_s"])
-    return [rows[s] for s in STRATEGIES]
+    return [rows[s] for s in strategies.names()]
 
 
 def ordering(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -138,7 +133,8 @@ def plot(results: dict[str, list[dict[str, Any]]], out_dir: str, tag: str) -> st
 def run(quick: bool, out_dir: str, device: str = "cpu") -> dict[str, Any]:
     dev = measure.resolve_device(device)
     layouts = QUICK_LAYOUTS if quick else LAYOUTS
-    vocab = _yaml(CONFIGS / "demo.yaml")["model"]["model"]["init_args"]["backbone"]["init_args"]["config"]["vocab_size"]
+    demo = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    vocab = demo["model"]["model"]["init_args"]["backbone"]["init_args"]["config"]["vocab_size"]
     model = "experiments/configs/demo.yaml" + (" (quick: 2 layers, d=32)" if quick else "")
     meta = {"time_basis": measure.time_basis(dev), "model": model}
     result: dict[str, Any] = {"meta": measure.machine_info(dev) | meta}

@@ -8,7 +8,8 @@ image tokens per frame after the 2x2 merge) through `Assistant.stream`, the libr
 live-captioning loop (one chunk per frame: previous turn's tail + frame + assistant
 opening, then cached decoding). Every frame decodes exactly `CAPTION_TOKENS` tokens (no
 stop token), so every strategy does the same text work and only the handling of images
-differs:
+differs. Every strategy of the matrix (`experiments.strategies`) runs, plus `VARIANTS` and
+the control; the ones the figures discuss:
 
     casa_plus        CASA⊕: text-only SA cache; the CASA window cache holds one frame
     casa_replace     CASA∨ (every 2nd SA layer becomes CASA)
@@ -73,18 +74,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = {
-    "casa_plus": {"class_path": "casa.fusion.CASA", "init_args": {"mode": "plus"}},
-    "casa_replace": {"class_path": "casa.fusion.CASA", "init_args": {"mode": "replace", "placement": "every_k", "k": 2}},
-    "cross_attention": {"class_path": "casa.fusion.CrossAttention", "init_args": {"placement": "parallel"}},
-    "insertion": {"class_path": "casa.fusion.Insertion"},
-    "qformer_64": {"class_path": "casa.fusion.QFormer", "init_args": {"num_queries": 64, "depth": 2, "heads": 4}},
-}
+from experiments import strategies
+
+VARIANTS = {"qformer_64": ("qformer", {"num_queries": 64})}
+"""Runs beyond the matrix: {run: (matrix strategy, init_args over its YAML's)}. The matrix's
+Q-Former (4 queries) is sized for the demo's training images; a frame here has 64 tokens."""
 CONTROL = "text_lm"
 """The control run: `insertion` without images is the plain LM (no fusion layer, no vision)."""
 LABELS = {"casa_plus": "CASA⊕", "casa_replace": "CASA∨", "cross_attention": "CA", "insertion": "insertion",
           "qformer_64": "Q-Former (64) + insertion", CONTROL: "text-only LM (control)"}
-RUNS = (*STRATEGIES, CONTROL)
+"""Plot labels; any other strategy of the matrix is labelled by its name."""
+RUNS = (*strategies.names(), *VARIANTS, CONTROL)
+"""Every strategy of the matrix (`experiments.strategies`), the variants, then the control."""
 FLAT = ("casa_plus", "casa_replace", "cross_attention", CONTROL)
 """The runs whose per-frame time is meant to stay flat (images out of the KV cache, and the
 control): the issue's time target is about them, so their ratio is also measured paired
@@ -107,8 +108,9 @@ def build_assistant(strategy: str, size: int, device: str = "cpu"):
     from data.datamodule import resolve_tokenizer
     from data.templates import ChatTemplate
 
+    name, init_args = VARIANTS.get(strategy, ("insertion" if strategy == CONTROL else strategy, {}))
     config = yaml.safe_load(DEMO_CONFIG.read_text())
-    config["model"]["model"]["init_args"]["fusion"] = STRATEGIES["insertion" if strategy == CONTROL else strategy]
+    config["model"]["model"]["init_args"]["fusion"] = strategies.fusion_spec(name, **init_args)
     torch.manual_seed(0)
     model = build_model(config).eval()
     tok = resolve_tokenizer("char")
@@ -296,7 +298,7 @@ def table_rows(summary: dict[str, Any], frames: int) -> list[dict[str, Any]]:
     for s in RUNS:
         if f"{s}_kv_tokens_final" not in summary:
             continue
-        rows.append({"strategy": LABELS[s], f"kv tokens @{w['ref']}": summary[f"{s}_kv_tokens_frame{w['ref']}"],
+        rows.append({"strategy": LABELS.get(s, s), f"kv tokens @{w['ref']}": summary[f"{s}_kv_tokens_frame{w['ref']}"],
                      f"kv tokens @{frames}": summary[f"{s}_kv_tokens_final"],
                      f"RSS @{frames} / @{w['ref']}": round(summary[f"{s}_memory_frame{frames}_vs_frame{w['ref']}"], 4),
                      f"ms/frame {w['a']}-{w['b']}": round(summary[f"{s}_ms_per_frame_{w['a']}to{w['b']}"], 1),
@@ -320,8 +322,8 @@ def plot(results: dict[str, dict], out_dir: str) -> dict[str, str]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for s, r in results.items():
         x = range(1, len(r["wall_s"]) + 1)
-        ax1.plot(x, [b / 2 ** 20 for b in r["rss_bytes"]], label=LABELS[s])
-        ax2.plot(x, [b / 2 ** 20 for b in r["state_bytes"]], label=LABELS[s])
+        ax1.plot(x, [b / 2 ** 20 for b in r["rss_bytes"]], label=LABELS.get(s, s))
+        ax2.plot(x, [b / 2 ** 20 for b in r["state_bytes"]], label=LABELS.get(s, s))
     ax1.set(title="process RSS (Fig. 5 analogue)", xlabel="frame", ylabel="MiB")
     ax2.set(title="weights + KV cache", xlabel="frame", ylabel="MiB", yscale="log")
     ax1.legend(fontsize=8)
@@ -333,7 +335,7 @@ def plot(results: dict[str, dict], out_dir: str) -> dict[str, str]:
             ms = [1000 * t for t in r[key]]
             k = max(1, len(ms) // 30)
             smooth = [statistics.mean(ms[max(0, i - k + 1):i + 1]) for i in range(len(ms))]
-            ax.plot(range(1, len(ms) + 1), smooth, label=LABELS[s])
+            ax.plot(range(1, len(ms) + 1), smooth, label=LABELS.get(s, s))
         ax.set(title=f"{title}, running mean of {k}", xlabel="frame", ylabel="ms", yscale="log")
     axes[0].legend(fontsize=8)
     paths["time"] = measure.save_figure(fig, out_dir, "stream_time")
