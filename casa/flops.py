@@ -72,7 +72,7 @@ class ModelDims:
     vocab: int
     backbone_trainable: bool
     blocks: tuple[str, ...]
-    """Per decoder block its fusion mode (`casa.blocks.FUSION_MODES`)."""
+    """Per decoder block the form of its attention step (`casa.blocks.AttentionStep.form`)."""
     fusion_kind: str | None
     """"casa" or "cross_attention" for windowed strategies, None for insertion / Q-Former."""
     image_ffn_updates: tuple[bool, ...]
@@ -80,7 +80,6 @@ class ModelDims:
 
     @staticmethod
     def of(model) -> "ModelDims":
-        from casa.fusion.insertion import Insertion
         from casa.fusion.qformer import QFormer
 
         tower = model.vision.tower
@@ -94,13 +93,13 @@ class ModelDims:
             patch_embed_trainable=trains(tower.patch_embed), merger_trainable=trains(tower.merger))
         backbone, fusion = model.backbone, model.fusion
         attn = backbone.layers[0].self_attn
-        kind = None if isinstance(fusion, Insertion) else ("casa" if fusion.name == "casa" else "cross_attention")
+        kind = getattr(fusion, "kind", None)  # the window index of a `WindowedFusion`
         return ModelDims(
             vision=vision, projector=model.projector.kind, d=backbone.hidden_size,
             heads=attn.q_proj.out_features // attn.head_dim, kv_heads=attn.k_proj.out_features // attn.head_dim,
             head_dim=attn.head_dim, intermediate=backbone.layers[0].mlp.gate_proj.out_features,
             vocab=backbone.lm_head.out_features, backbone_trainable=trains(backbone.layers[0].mlp),
-            blocks=tuple(b.fusion_mode for b in backbone.layers), fusion_kind=kind,
+            blocks=tuple(b.attention.form for b in backbone.layers), fusion_kind=kind,
             image_ffn_updates=tuple(b.image_ffn_updates for b in backbone.layers),
             qformer=QFormerDims(fusion.num_queries, fusion.depth) if isinstance(fusion, QFormer) else None)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from casa.backbone import Backbone
+from casa.blocks import Replace
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
 from casa.testing import random_packed_batch, tiny_backbone_config, tiny_model
 
@@ -164,13 +165,14 @@ def test_captured_probabilities_reproduce_the_fusion_layer_output(name, monkeypa
         calls[-1].update(v=v, cu_k=cu_k, cu_q=cu_q)
         return varlen_attention(q, k, v, cu_q, cu_k, *args, **kwargs)
 
-    # the fusion layers call window_attention through their module; a CASA∨ block holds the
-    # function the strategy gave it at attach time, so it is re-pointed too
+    # the fusion layers call window_attention through their module; a CASA∨ block's `Replace`
+    # step holds the function the strategy gave it at attach time, so it is re-pointed too
     monkeypatch.setattr(layers, "window_attention", recording_window_attention)
     monkeypatch.setattr(layers, "varlen_attention", recording_varlen_attention)
     for block in model.backbone.layers:
-        if block.windowed_attention is not None:
-            monkeypatch.setattr(block, "windowed_attention", functools.partial(recording_window_attention, kind="casa"))
+        if isinstance(block.attention, Replace):
+            monkeypatch.setattr(block.attention, "windowed_attention",
+                                functools.partial(recording_window_attention, kind="casa"))
     with torch.no_grad():
         model(batch)
         plain = [c["out"] for c in calls]
