@@ -9,6 +9,7 @@ import torch
 from casa.backbone import Backbone
 from casa.blocks import Replace
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.fusion.perceiver import PerceiverCrossAttention
 from casa.testing import random_packed_batch, tiny_backbone_config, tiny_model
 
 STRATEGIES = {
@@ -21,6 +22,7 @@ STRATEGIES = {
     "casa_before": lambda: CASA("before"),
     "casa_replace": lambda: CASA("replace", "every_k", 2),
     "casa_plus_ffn_updates": lambda: CASA("plus", image_ffn_updates=True),
+    "perceiver_gated_cross_attention": lambda: PerceiverCrossAttention(num_latents=3, depth=1),
 }
 
 # three samples: image mid-text, two image windows with consecutive images, text only
@@ -141,7 +143,7 @@ def test_capture_records_probabilities():
 
 
 @pytest.mark.parametrize("name", ["casa_plus", "casa_before", "casa_replace", "cross_attention",
-                                  "gated_cross_attention"])
+                                  "gated_cross_attention", "perceiver_gated_cross_attention"])
 def test_captured_probabilities_reproduce_the_fusion_layer_output(name, monkeypatch):
     """The recorded maps are the attention the layer computed: per window, probs @ V (V as
     the layer attended to it, GQA heads expanded) then `o_proj` gives the output of

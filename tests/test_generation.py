@@ -5,6 +5,7 @@ import torch
 
 from casa.cache import KVCache
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.fusion.perceiver import PerceiverCrossAttention
 from casa.generation import GenerationConfig, append_tokens, generate, image_chunk, text_chunk
 from casa.testing import random_packed_batch, tiny_model
 
@@ -17,6 +18,7 @@ STRATEGIES = {
     "casa_before": lambda: CASA("before"),
     "casa_replace": lambda: CASA("replace", "every_k", 2),
     "casa_plus_ffn_updates": lambda: CASA("plus", image_ffn_updates=True),
+    "perceiver_gated_cross_attention": lambda: PerceiverCrossAttention(num_latents=3, depth=1),
 }
 
 # text 0..4 | image A | text 5..10 | image B | text 11..14
