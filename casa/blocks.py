@@ -3,15 +3,21 @@
 A `DecoderBlock` keeps the layer's children under their Hugging Face names (so pretrained
 keys load unchanged) and runs one pre-norm residual block over a packed stream:
 
-    parallel (CA / CASA⊕):  x <- x + SA(n(x)) + F(n(x), images)
-    before   (CA / CASA→):  x <- x + F(n_f(x), images);  x <- x + SA(n(x))
-    replace  (CASA∨):       x <- x + CASA(n(x), images)      (the SA weights, windowed)
-    none     (insertion):   x <- x + SA(n(x))
-    then always             x <- x + FFN(n2(x))
+    x <- attention(x, images)              the block's `attention` step, one of:
+           SelfAttention  (unfused):      x + SA(n(x))
+           Parallel       (CA, CASA⊕):    x + SA(n(x)) + F(n(x), images)
+           Before         (CA, CASA→):    x' = x + F(n_F(x), images);  x' + SA(n(x'))
+           Replace        (CASA∨):        x + W(n(x), images)      (the SA weights, windowed)
+    x <- x + FFN(n2(x))
 
-where F is the block's fusion layer (`casa.fusion.layers.WindowAttention`) and n, n2 are
-`input_layernorm`, `post_attention_layernorm`. Which form a block takes is decided once,
-when a `FusionStrategy` attaches itself (`set_fusion`), never per call.
+where F is the block's fusion layer (`fusion_attn`, e.g. `casa.fusion.layers.WindowAttention`),
+n_F its own pre-norm (`fusion_attn.norm`), W a windowed attention run with the block's own SA
+weights, and n, n2 are `input_layernorm`, `post_attention_layernorm`. A strategy composes a
+block once, when it attaches (`DecoderBlock.fuse`): it builds the step and the fusion layer;
+`forward` has no branch on the strategy. A new way to fuse is a new `AttentionStep`.
+
+The steps hold no parameters: the fusion layer is the block's child `fusion_attn` (its keys,
+`layers.{i}.fusion_attn.*`, are the checkpoints'), which the step reads from the block.
 
 Image tokens are keys/values only: they are normalised with the norm that feeds the
 fusion attention (folded into their K/V projection, `casa.image_kv`) and, unless the
@@ -28,8 +34,6 @@ from torch import nn
 from casa.attention import varlen_attention
 from casa.context import StreamContext
 
-FUSION_MODES = ("none", "parallel", "before", "replace")
-
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[L, d] through an HF attention module's projections -> q [L, H, D], k, v [L, Hkv, D]."""
@@ -44,16 +48,90 @@ def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, k, v
 
 
+class FusionLayer(Protocol):
+    """What `Parallel` and `Before` add to a block (`casa.fusion.layers.WindowAttention`):
+    h [T, d] normalised text, images [N, d] raw image tokens and the norm they take -> [T, d].
+    `Before` also reads its own pre-norm, `norm`."""
+
+    def __call__(self, h: torch.Tensor, images: torch.Tensor, image_norm: nn.Module, ctx: StreamContext,
+                 layer_idx: int) -> torch.Tensor: ...
+
+
 class WindowedSelfAttention(Protocol):
-    """What a CASA∨ block runs in place of its SA, with the block's own SA weights:
-    `casa.fusion.layers.window_attention` with its kind bound, handed to the block by the
-    strategy when it attaches (`set_fusion`), so that the block never imports the fusion package.
+    """What a `Replace` step runs in place of SA, with the block's own SA weights:
+    `casa.fusion.layers.window_attention` with its kind bound, handed over by the strategy
+    when it attaches, so that the block never imports the fusion package.
 
     attn: the block's SA module; h [T, d] normalised text; images [N, d] raw image tokens and
     the norm they take -> [T, d] (after `o_proj`)."""
 
     def __call__(self, attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor,
                  image_norm: nn.Module, ctx: StreamContext, layer_idx: int, backend: str) -> torch.Tensor: ...
+
+
+class AttentionStep(nn.Module):
+    """The attention half of a block: (block, x [L, d], images [N, d], ctx) -> x [L, d],
+    residual included. No parameters of its own (the block's children hold them).
+
+    `form` names it ("none", "parallel", "before", "replace": what `casa.flops` counts);
+    `uses_fusion_layer`: whether the block must hold a `fusion_attn` for it."""
+
+    form = "none"
+    uses_fusion_layer = False
+
+    def forward(self, block: "DecoderBlock", x: torch.Tensor, images: torch.Tensor,
+                ctx: StreamContext) -> torch.Tensor:
+        return x + block.self_attention(block.input_layernorm(x), ctx)
+
+
+SelfAttention = AttentionStep
+"""The unfused step: x + SA(n(x))."""
+
+
+class Parallel(AttentionStep):
+    """x + SA(n(x)) + F(n(x), images): the fusion layer reads the SA's normalised input,
+    and image tokens take the block's input norm."""
+
+    form = "parallel"
+    uses_fusion_layer = True
+
+    def forward(self, block, x, images, ctx):
+        h = block.input_layernorm(x)
+        a = block.self_attention(h, ctx)
+        return x + (a + block.fusion_attn(h, images, block.input_layernorm, ctx, block.layer_idx))
+
+
+class Before(AttentionStep):
+    """x' = x + F(n_F(x), images), then x' + SA(n(x')): the fusion layer runs first, with its
+    own pre-norm n_F (`fusion_attn.norm`, copied from the block's input norm), which the image
+    tokens take too."""
+
+    form = "before"
+    uses_fusion_layer = True
+
+    def forward(self, block, x, images, ctx):
+        norm = block.fusion_attn.norm
+        x = x + block.fusion_attn(norm(x), images, norm, ctx, block.layer_idx)
+        return super().forward(block, x, images, ctx)
+
+
+class Replace(AttentionStep):
+    """x + W(n(x), images): the block's SA weights attend over windows (CASA∨, no new
+    parameters). windowed_attention: see `WindowedSelfAttention`."""
+
+    form = "replace"
+
+    def __init__(self, windowed_attention: WindowedSelfAttention):
+        super().__init__()
+        self.windowed_attention = windowed_attention
+
+    def forward(self, block, x, images, ctx):
+        h = block.input_layernorm(x)
+        return x + self.windowed_attention(block.self_attn, block.rope_fn, h, images, block.input_layernorm, ctx,
+                                           block.layer_idx, backend=block.attn_backend)
+
+    def extra_repr(self) -> str:
+        return getattr(self.windowed_attention, "__name__", None) or repr(self.windowed_attention)
 
 
 class DecoderBlock(nn.Module):
@@ -66,28 +144,28 @@ class DecoderBlock(nn.Module):
         self.layer_idx = layer_idx
         self.attn_backend = attn_backend
         self.rope_fn = rope_fn
-        self.fusion_mode = "none"
+        self.attention: AttentionStep = SelfAttention()
         self.fusion_attn: nn.Module | None = None
-        self.windowed_attention: WindowedSelfAttention | None = None
         self.image_ffn_updates = False
 
-    def set_fusion(self, mode: str, fusion_attn: nn.Module | None, image_ffn_updates: bool = False,
-                   windowed_attention: WindowedSelfAttention | None = None) -> None:
-        """Turn this block into a fused block (build time only).
-
-        fusion_attn: the fusion layer of modes "parallel" and "before" (a new module, so new keys);
-        windowed_attention: what mode "replace" runs in place of SA (a function, no parameters)."""
-        if mode not in FUSION_MODES:
-            raise ValueError(f"fusion mode {mode!r} is not one of {list(FUSION_MODES)}")
-        if (fusion_attn is None) != (mode in ("none", "replace")):
-            raise ValueError(f"fusion mode {mode!r} {'needs' if fusion_attn is None else 'takes no'} fusion layer")
-        if (windowed_attention is not None) != (mode == "replace"):
-            raise ValueError(f"fusion mode {mode!r} {'needs' if windowed_attention is None else 'takes no'} "
-                             "windowed_attention")
-        self.fusion_mode = mode
+    def fuse(self, attention: AttentionStep, fusion_attn: nn.Module | None = None,
+             image_ffn_updates: bool = False) -> None:
+        """Compose this block (build time only): `attention` becomes its attention step,
+        `fusion_attn` (a new module, so new keys `fusion_attn.*`) the fusion layer it reads;
+        image_ffn_updates: image tokens go through this block's FFN (paper Table 5)."""
+        if not isinstance(attention, AttentionStep):
+            raise TypeError(f"DecoderBlock.fuse: attention={attention!r} is not an AttentionStep")
+        if (fusion_attn is None) == attention.uses_fusion_layer:
+            raise ValueError(f"DecoderBlock.fuse: a {type(attention).__name__} step "
+                             f"{'needs' if fusion_attn is None else 'takes no'} fusion layer")
+        self.attention = attention
         self.fusion_attn = fusion_attn
-        self.windowed_attention = windowed_attention
-        self.image_ffn_updates = image_ffn_updates and mode != "none"
+        self.image_ffn_updates = image_ffn_updates and self.fused
+
+    @property
+    def fused(self) -> bool:
+        """Whether a strategy composed this block (it then reads the image tokens)."""
+        return type(self.attention) is not SelfAttention
 
     # ------------------------------------------------------------------ attention
     def self_attention(self, h: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
@@ -104,10 +182,6 @@ class DecoderBlock(nn.Module):
                              max_seqlen_q=max_len, max_seqlen_k=max_len)
         return attn.o_proj(o.reshape(h.shape[0], -1))  # [L, H*D] -> [L, d]
 
-    def _windowed_self_attention(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        return self.windowed_attention(self.self_attn, self.rope_fn, h, images, self.input_layernorm, ctx,
-                                       self.layer_idx, backend=self.attn_backend)
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, images: torch.Tensor,
                 ctx: StreamContext) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -118,18 +192,7 @@ class DecoderBlock(nn.Module):
         a wrapped block returns, and its inputs arrive as views, so returning the input would
         hook the same view again at every block (and FSDP2 warns that an in-place op on it
         would skip the all-gather)."""
-        mode = self.fusion_mode
-        if mode == "before":
-            norm = self.fusion_attn.norm  # the fusion layer's own pre-norm, copied from input_layernorm
-            x = x + self.fusion_attn(norm(x), images, norm, ctx, self.layer_idx)
-        h = self.input_layernorm(x)
-        if mode == "replace":
-            a = self._windowed_self_attention(h, images, ctx)
-        else:
-            a = self.self_attention(h, ctx)
-        if mode == "parallel":
-            a = a + self.fusion_attn(h, images, self.input_layernorm, ctx, self.layer_idx)
-        x = x + a
+        x = self.attention(self, x, images, ctx)
         x = x + self.mlp(self.post_attention_layernorm(x))
         if self.image_ffn_updates and images.shape[0] > 0:
             # paper Table 5: image tokens updated by the block's FFN (costly; off by default)

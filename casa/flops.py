@@ -14,7 +14,8 @@ can price a batch it has not built. What is counted, and the conventions:
   causal (the convention of PaLM's MFU and of `flop_counter`): per sample for self-attention,
   per window ([image_w | text_w] keys) for CASA, image_w keys for CA, per image frame
   (full-attention blocks) or per spatial window (the other blocks) in the vision tower, per
-  image for the Q-Former.
+  image for the Q-Former and the Perceiver resampler ([image_i | latents_i] keys; its gated
+  CA layers attend to Q compressed tokens per image).
 - Backward: per product, one forward's worth for the gradient of each operand that needs one.
   A linear's input gradient is computed when its input depends on a trainable parameter, its
   weight gradient when its weight trains; so a frozen tower head costs its forward only, a
@@ -28,7 +29,7 @@ tiny model of every strategy, forward and backward separately.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from casa.batch import image_token_count
 
@@ -58,6 +59,12 @@ class QFormerDims:
 
 
 @dataclass(frozen=True)
+class PerceiverDims:
+    num_latents: int
+    depth: int
+
+
+@dataclass(frozen=True)
 class ModelDims:
     """What the count needs of a `VisionLanguageModel`: `ModelDims.of(model)`."""
 
@@ -72,15 +79,17 @@ class ModelDims:
     vocab: int
     backbone_trainable: bool
     blocks: tuple[str, ...]
-    """Per decoder block its fusion mode (`casa.blocks.FUSION_MODES`)."""
+    """Per decoder block the form of its attention step (`casa.blocks.AttentionStep.form`)."""
     fusion_kind: str | None
     """"casa" or "cross_attention" for windowed strategies, None for insertion / Q-Former."""
     image_ffn_updates: tuple[bool, ...]
     qformer: QFormerDims | None = None
+    perceiver: PerceiverDims | None = None
+    """The Perceiver resampler's, whose compressed tokens the fused layers attend to."""
 
     @staticmethod
     def of(model) -> "ModelDims":
-        from casa.fusion.insertion import Insertion
+        from casa.fusion.perceiver import PerceiverCrossAttention
         from casa.fusion.qformer import QFormer
 
         tower = model.vision.tower
@@ -94,15 +103,17 @@ class ModelDims:
             patch_embed_trainable=trains(tower.patch_embed), merger_trainable=trains(tower.merger))
         backbone, fusion = model.backbone, model.fusion
         attn = backbone.layers[0].self_attn
-        kind = None if isinstance(fusion, Insertion) else ("casa" if fusion.name == "casa" else "cross_attention")
+        kind = getattr(fusion, "kind", None)  # the window index of a `WindowedFusion`
         return ModelDims(
             vision=vision, projector=model.projector.kind, d=backbone.hidden_size,
             heads=attn.q_proj.out_features // attn.head_dim, kv_heads=attn.k_proj.out_features // attn.head_dim,
             head_dim=attn.head_dim, intermediate=backbone.layers[0].mlp.gate_proj.out_features,
             vocab=backbone.lm_head.out_features, backbone_trainable=trains(backbone.layers[0].mlp),
-            blocks=tuple(b.fusion_mode for b in backbone.layers), fusion_kind=kind,
+            blocks=tuple(b.attention.form for b in backbone.layers), fusion_kind=kind,
             image_ffn_updates=tuple(b.image_ffn_updates for b in backbone.layers),
-            qformer=QFormerDims(fusion.num_queries, fusion.depth) if isinstance(fusion, QFormer) else None)
+            qformer=QFormerDims(fusion.num_queries, fusion.depth) if isinstance(fusion, QFormer) else None,
+            perceiver=(PerceiverDims(fusion.num_latents, fusion.depth)
+                       if isinstance(fusion, PerceiverCrossAttention) else None))
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,8 @@ class BatchLayout:
     """Per window: (text tokens, image tokens)."""
     images: tuple[tuple[int, int, int], ...]
     """Per image: its (t, h, w) patch grid."""
+    window_images: tuple[int, ...] = ()
+    """Per window: how many images opened it (a resampler gives each its Q tokens)."""
 
     @staticmethod
     def of(batch, merge: int = 2) -> "BatchLayout":
@@ -135,7 +148,14 @@ class BatchLayout:
                 left -= tokens_of_image[image]
                 image += 1
             samples.append((sample_cu[s + 1] - sample_cu[s], n, image - first))
-        return BatchLayout(tuple(samples), windows, grids)
+        window_images, image = [], 0
+        for _, n in windows:  # the same walk per window
+            first = image
+            while n > 0:
+                n -= tokens_of_image[image]
+                image += 1
+            window_images.append(image - first)
+        return BatchLayout(tuple(samples), windows, grids, tuple(window_images))
 
 
 @dataclass
@@ -216,6 +236,21 @@ def _qformer(c: FlopCount, m: ModelDims, layout: BatchLayout, image: bool) -> No
         c.matmul(L, 4 * d, d, True, True)
 
 
+def _perceiver(c: FlopCount, m: ModelDims, layout: BatchLayout, image: bool) -> None:
+    """Q learned latents per image through `depth` layers (all new parameters: they train);
+    the keys of image i are [image_i | latents_i], projected in one product."""
+    d, Q = m.d, m.perceiver.num_latents
+    tokens = image_token_count(layout.images, m.vision.merge)
+    L, N = Q * len(tokens), sum(tokens)
+    for _ in range(m.perceiver.depth):
+        c.matmul(L, d, d, True, True)  # to_q
+        c.matmul(N + L, d, 2 * d, True, True)  # to_kv: the latents' rows need a gradient
+        c.attention(sum(Q * (n + Q) for n in tokens), d, True, True, True)
+        c.matmul(L, d, d, True, True)  # to_out
+        c.matmul(L, d, 4 * d, True, True)
+        c.matmul(L, 4 * d, d, True, True)
+
+
 def _mlp(c: FlopCount, m: ModelDims, L: int, x: bool, used: bool = True) -> bool:
     bt = m.backbone_trainable
     h = x or bt  # post_attention_layernorm's weight trains with the backbone
@@ -271,8 +306,13 @@ def count_flops(m: ModelDims, layout: BatchLayout) -> FlopCount:
         x = x or (image and bool(layout.images))
     else:
         lengths = [t for t, _, _ in layout.samples]
+        if m.perceiver is not None and layout.images:  # the fused layers attend to Q tokens per image
+            _perceiver(c, m, layout, image)
+            Q = m.perceiver.num_latents
+            layout = replace(layout, windows=tuple((t, k * Q) for (t, _), k in zip(layout.windows, layout.window_images)))
+            image = True  # the latents train
     L = sum(lengths)
-    N = sum(n for _, n, _ in layout.samples) if m.fusion_kind else 0
+    N = sum(n for _, n in layout.windows) if m.fusion_kind else 0
     for i, (mode, ffn_updates) in enumerate(zip(m.blocks, m.image_ffn_updates)):
         if mode == "before":
             x = _window_attention(c, m, layout, True, image, True, m.fusion_kind) or x  # own norm: trains
@@ -300,4 +340,4 @@ def training_flops(model, batch) -> int:
     return count_flops(ModelDims.of(model), BatchLayout.of(batch, model.vision.spatial_merge_size)).total
 
 
-__all__ = ["BatchLayout", "FlopCount", "ModelDims", "QFormerDims", "VisionDims", "count_flops", "training_flops"]
+__all__ = ["BatchLayout", "FlopCount", "ModelDims", "PerceiverDims", "QFormerDims", "VisionDims", "count_flops", "training_flops"]

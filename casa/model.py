@@ -25,7 +25,7 @@ from torch import nn
 from casa.backbone import Backbone
 from casa.batch import PackedBatch, build_batch, collate_packed
 from casa.context import AttentionRecorder
-from casa.fusion.base import FusionStrategy
+from casa.fusion.base import FusionStrategy, mark_new, new_parameter_names
 from casa.positions import sample_of_text
 from casa.projector import Projector
 from casa.vision import VisionEncoder
@@ -67,13 +67,25 @@ class VisionLanguageModel(nn.Module):
         self.loss_reduction = loss_reduction
         self.backbone = backbone
         self.vision = vision
-        self.projector = Projector(vision.out_dim, backbone.hidden_size, kind=projector)
-        self.fusion = fusion
+        # new parameters are marked where they are created: the projector and the strategy's own
+        # children here, the fusion layers a strategy adds to blocks by the strategy (`mark_new`)
+        self.projector = mark_new(Projector(vision.out_dim, backbone.hidden_size, kind=projector))
+        self.fusion = mark_new(fusion)
         fusion.attach(backbone, vision.spatial_merge_size)
         self._capture: AttentionRecorder | None = None
         self.activation_checkpointing = False
-        self._pretrained = {f"backbone.{n}" for n in backbone.pretrained_names} | {
-            f"vision.{n}" for n, _ in vision.named_parameters()}
+        self._check_new_parameters_are_marked()
+
+    def _check_new_parameters_are_marked(self) -> None:
+        """Every parameter is either the backbone's or the tower's as loaded, or marked new:
+        a strategy that forgot `mark_new` would train its layers at the pretrained rate."""
+        new = new_parameter_names(self)
+        loaded = {f"backbone.{n}" for n in self.backbone.pretrained_names}
+        unmarked = sorted(n for n, _ in self.named_parameters()
+                          if n not in new and n not in loaded and not n.startswith("vision."))
+        if unmarked:
+            raise ValueError(f"{type(self.fusion).__name__}.attach added parameters {unmarked[:4]} without "
+                             "casa.fusion.base.mark_new (new parameters must be marked where they are created)")
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, batch: PackedBatch) -> torch.Tensor:
@@ -188,9 +200,10 @@ class VisionLanguageModel(nn.Module):
         and "pretrained" (backbone and vision weights left trainable), by name so that the
         split survives FSDP2's DTensor conversion. Frozen parameters are in neither."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {"new": [], "pretrained": []}
+        new = new_parameter_names(self)  # the marked modules' (`casa.fusion.base.mark_new`)
         for name, p in self.named_parameters():
             if p.requires_grad:
-                groups["pretrained" if name in self._pretrained else "new"].append((name, p))
+                groups["new" if name in new else "pretrained"].append((name, p))
         return groups
 
     @contextmanager

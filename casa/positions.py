@@ -122,12 +122,15 @@ def insertion_positions(position_ids: torch.Tensor, sample_cu_seqlens: torch.Ten
 
 def window_image_positions(position_ids: torch.Tensor, window_cu_seqlens_text: torch.Tensor,
                            window_cu_seqlens_image: torch.Tensor, image_grid_thw: torch.Tensor, merge: int,
-                           mrope: bool) -> torch.Tensor:
+                           mrope: bool, compressed: torch.Tensor | None = None) -> torch.Tensor:
     """Positions of image tokens for windowed fusion: the images of window w end just
-    before the window's first text token. -> [N] (1-D) or [3, N] (M-RoPE)."""
+    before the window's first text token. -> [N] (1-D) or [3, N] (M-RoPE).
+
+    compressed: [I] tokens per image after compression (Perceiver: a 1-D run of Q tokens per
+    image, `image_rope_positions`); the window boundaries stay the uncompressed batch's."""
     pos_1d = position_ids if position_ids.dim() == 1 else position_ids[0]
     counts = image_token_count(image_grid_thw, merge)
-    ext = image_extents(image_grid_thw, merge, mrope)
+    ext = image_extents(image_grid_thw, merge, mrope, compressed)
     img_start_tok = counts.cumsum(0) - counts  # [I] first token of each image in the image stream
     win = torch.searchsorted(window_cu_seqlens_image.long(), img_start_tok, right=True) - 1  # [I]
     first_text = window_cu_seqlens_text.long()[win]
@@ -140,4 +143,4 @@ def window_image_positions(position_ids: torch.Tensor, window_cu_seqlens_text: t
     total = torch.zeros(int(window_cu_seqlens_text.numel()) - 1, dtype=torch.long, device=ext.device)
     total.index_add_(0, win, ext)
     starts = p0 - total[win] + before_in_win
-    return image_rope_positions(starts, image_grid_thw, merge, mrope)
+    return image_rope_positions(starts, image_grid_thw, merge, mrope, compressed)

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from casa.flops import BatchLayout, ModelDims, count_flops, training_flops
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
+from casa.fusion.perceiver import PerceiverCrossAttention
 from casa.testing import random_packed_batch, tiny_model
 
 SAMPLES = [[("text", 5), ("image", (12, 8)), ("text", 9), ("image", (4, 4)), ("image", (2, 2)), ("text", 6)],
@@ -33,6 +34,8 @@ STRATEGIES = {
     "gated_cross_attention_before": lambda: GatedCrossAttention("before"),
     "insertion": lambda: Insertion(),
     "qformer": lambda: QFormer(num_queries=4, depth=2, backend="eager"),
+    "perceiver_gated_cross_attention": lambda: PerceiverCrossAttention(num_latents=3, depth=2,
+                                                                       resampler_backend="eager"),
 }
 
 

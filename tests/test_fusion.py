@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from casa.backbone import Backbone
+from casa.blocks import Replace
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion
 from casa.testing import random_packed_batch, tiny_backbone_config, tiny_model
 from experiments.strategies import build_fusion, names
@@ -130,7 +131,7 @@ def test_capture_records_probabilities():
 
 
 @pytest.mark.parametrize("name", ["casa_plus", "casa_before", "casa_replace", "cross_attention",
-                                  "gated_cross_attention"])
+                                  "gated_cross_attention", "perceiver_gated_cross_attention"])
 def test_captured_probabilities_reproduce_the_fusion_layer_output(name, monkeypatch):
     """The recorded maps are the attention the layer computed: per window, probs @ V (V as
     the layer attended to it, GQA heads expanded) then `o_proj` gives the output of
@@ -139,7 +140,7 @@ def test_captured_probabilities_reproduce_the_fusion_layer_output(name, monkeypa
     the wrong window, before the mask, or at another scale."""
     import casa.fusion.layers as layers
 
-    model = tiny_model(STRATEGIES[name]()).eval()
+    model = tiny_model(build_fusion(name)).eval()
     _perturb_gates(model)
     batch = random_packed_batch(SAMPLES, seed=5)
     calls = []  # per window_attention call: {"attn", "out", "v", "cu_k"}
@@ -154,13 +155,14 @@ def test_captured_probabilities_reproduce_the_fusion_layer_output(name, monkeypa
         calls[-1].update(v=v, cu_k=cu_k, cu_q=cu_q)
         return varlen_attention(q, k, v, cu_q, cu_k, *args, **kwargs)
 
-    # the fusion layers call window_attention through their module; a CASA∨ block holds the
-    # function the strategy gave it at attach time, so it is re-pointed too
+    # the fusion layers call window_attention through their module; a CASA∨ block's `Replace`
+    # step holds the function the strategy gave it at attach time, so it is re-pointed too
     monkeypatch.setattr(layers, "window_attention", recording_window_attention)
     monkeypatch.setattr(layers, "varlen_attention", recording_varlen_attention)
     for block in model.backbone.layers:
-        if block.windowed_attention is not None:
-            monkeypatch.setattr(block, "windowed_attention", functools.partial(recording_window_attention, kind="casa"))
+        if isinstance(block.attention, Replace):
+            monkeypatch.setattr(block.attention, "windowed_attention",
+                                functools.partial(recording_window_attention, kind="casa"))
     with torch.no_grad():
         model(batch)
         plain = [c["out"] for c in calls]

@@ -1,19 +1,25 @@
 """The contract every fusion strategy implements.
 
-A `FusionStrategy` decides three things, and nothing else differs between strategies:
+A `FusionStrategy` decides four things, and nothing else differs between strategies:
 
 1. what it adds to the decoder (`attach`, once, at build time): nothing (insertion), a
-   Q-Former (qformer), a `WindowAttention` layer in some blocks (CA, gated CA, CASA⊕,
-   CASA→), or a switch of some blocks' SA to windowed attention (CASA∨, no parameters);
-2. how a packed batch becomes the blocks' input (`prepare`, once per forward):
+   Q-Former or a Perceiver resampler (its own children), and/or a composition of some
+   blocks (`casa.blocks.DecoderBlock.fuse`: an attention step such as `Parallel`, `Before`
+   or `Replace`, with its fusion layer);
+2. how the image tokens are compressed before they reach the decoder (`compress`: identity,
+   or Q learned queries per image for the Q-Former and the Perceiver), whichever way they
+   reach it afterwards (inserted in the stream, or attended to by cross-attention);
+3. how a packed batch becomes the blocks' input (`prepare`, once per forward):
        text_embeds [T, d], image_embeds [N, d]
          -> stream [L, d]   (L = T for windowed strategies, T + N' for insertion)
             images [N', d]  (the image tokens fused layers attend to; empty for insertion)
             StreamContext   (sample boundaries, RoPE tables, window index)
-3. where the text positions are in the output stream (`text_states`: [L, d] -> [T, d]).
+4. where the text positions are in the output stream (`text_states`: [L, d] -> [T, d]).
 
-Every parameter a strategy creates is *new* (it gets the new-parameter learning rate);
-pretrained backbone keys are never renamed (`DecoderBlock` keeps the HF child names).
+Every parameter a strategy creates is *new* (it gets the new-parameter learning rate), and
+is marked so where it is created (`mark_new`): the strategy's own children are (the model
+marks the strategy), and a fusion layer a strategy adds to a block is marked by the strategy.
+Pretrained backbone keys are never renamed (`DecoderBlock` keeps the HF child names).
 """
 
 from __future__ import annotations
@@ -23,6 +29,25 @@ from torch import nn
 
 from casa.batch import PackedBatch
 from casa.context import StreamContext
+
+_NEW = "_casa_new_parameters"
+
+
+def mark_new(module: nn.Module) -> nn.Module:
+    """Mark every parameter under `module` as new (trained at the new-parameter learning rate,
+    `VisionLanguageModel.parameter_groups`) -> module. The mark is on the module, so it
+    survives FSDP2's conversion of parameters to DTensors."""
+    setattr(module, _NEW, True)
+    return module
+
+
+def new_parameter_names(root: nn.Module) -> set[str]:
+    """Names (relative to root) of the parameters under a module marked by `mark_new`."""
+    names = set()
+    for prefix, module in root.named_modules():
+        if getattr(module, _NEW, False):
+            names.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters())
+    return names
 
 
 class FusionStrategy(nn.Module):
@@ -40,6 +65,12 @@ class FusionStrategy(nn.Module):
         self.merge = merge
         self.mrope = bool(getattr(backbone, "mrope", False))
 
+    def compress(self, image_embeds: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image tokens the decoder receives: image_embeds [N, d], counts [I] tokens per
+        image -> ([N', d], counts' [I], or None when the images are passed unchanged).
+        Compressed tokens have no spatial grid: they take 1-D positions (`casa.positions`)."""
+        return image_embeds, None
+
     def prepare(self, batch: PackedBatch, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
                 backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, StreamContext]:
         raise NotImplementedError(f"{type(self).__name__} must implement prepare()")
@@ -49,7 +80,7 @@ class FusionStrategy(nn.Module):
         return stream
 
     def fused_layers(self) -> list[int]:
-        """Indices of the blocks this strategy changed (for attention capture and docs)."""
+        """Indices of the blocks this strategy composed (for attention capture and docs)."""
         return []
 
     def extra_repr(self) -> str:

@@ -13,6 +13,11 @@ Which blocks are fused: `placement` every_k (blocks 0, k, 2k, ...), first_k (blo
 or first_last_k (the first k and the last k). For plus/before the default k=1 with
 every_k fuses every block, as in the paper; CASA∨ is ablated over placements (Table 7).
 
+Names: the YAML/CLI arguments are the paper's (`mode`, `placement`); inside, as in every
+strategy, where a fusion layer sits in a block is the block's `form` (`casa.blocks`:
+"parallel", "before", "replace"; CASA⊕'s "plus" is the form "parallel") and which blocks
+are fused is `which_blocks` (CASA's `placement`; `CrossAttention.placement` is a form).
+
 `inference_mask` applies the paper's Table 8 masks (self, rnd, rnd_txt) in every CASA layer
 when the model is in eval mode; training is never masked.
 """
@@ -25,13 +30,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from casa.batch import PackedBatch
-from casa.context import StreamContext
-from casa.fusion.base import FusionStrategy
+from casa.blocks import Before, Parallel, Replace
+from casa.context import WindowIndex
+from casa.fusion.base import mark_new
 from casa.fusion.layers import WindowAttention, window_attention
-from casa.fusion.windows import INFERENCE_MASKS, prepare_windowed
+from casa.fusion.windows import INFERENCE_MASKS, WindowedFusion, table8_masked_key
 
 MODES = ("plus", "before", "replace")
+FORM_OF_MODE = {"plus": "parallel", "before": "before", "replace": "replace"}
+"""CASA's `mode` argument (the paper's names) -> the block form it composes (`casa.blocks`)."""
 PLACEMENTS = ("every_k", "first_k", "first_last_k")
 
 
@@ -48,10 +55,10 @@ def fused_block_indices(placement: str, k: int, num_layers: int) -> list[int]:
     return sorted(set(range(k)) | set(range(num_layers - k, num_layers)))
 
 
-class CASA(FusionStrategy):
+class CASA(WindowedFusion):
     """Args:
         mode: "plus" (CASA⊕), "before" (CASA→) or "replace" (CASA∨).
-        placement: "every_k", "first_k" or "first_last_k".
+        placement: which blocks: "every_k", "first_k" or "first_last_k".
         k: the placement's k.
         image_ffn_updates: image tokens go through each fused block's FFN (Table 5).
         inference_mask: None, "self", "rnd" or "rnd_txt" (Table 8; eval mode only).
@@ -60,6 +67,7 @@ class CASA(FusionStrategy):
     """
 
     name = "casa"
+    kind = "casa"
 
     def __init__(self, mode: Literal["plus", "before", "replace"] = "plus",
                  placement: Literal["every_k", "first_k", "first_last_k"] = "every_k", k: int = 1, image_ffn_updates: bool = False,
@@ -74,6 +82,8 @@ class CASA(FusionStrategy):
             raise ValueError(f"CASA.inference_mask={inference_mask!r} is not one of {list(INFERENCE_MASKS)} or null")
         self.mode = mode
         self.placement = placement
+        self.form = FORM_OF_MODE[mode]
+        self.which_blocks = placement
         self.k = k
         self.image_ffn_updates = image_ffn_updates
         self.inference_mask = inference_mask
@@ -83,25 +93,26 @@ class CASA(FusionStrategy):
 
     def attach(self, backbone: nn.Module, merge: int) -> None:
         super().attach(backbone, merge)
-        self._layers = fused_block_indices(self.placement, self.k, len(backbone.layers))
+        self._layers = fused_block_indices(self.which_blocks, self.k, len(backbone.layers))
         for i in self._layers:
             block = backbone.layers[i]
-            if self.mode == "replace":
+            if self.form == "replace":
                 # CASA∨: the block's own SA becomes a CASA layer, no new parameters
                 if self.backend is not None:
                     block.attn_backend = self.backend
-                block.set_fusion("replace", None, self.image_ffn_updates,
-                                 windowed_attention=functools.partial(window_attention, kind="casa"))
+                block.fuse(Replace(functools.partial(window_attention, kind=self.kind)),
+                           image_ffn_updates=self.image_ffn_updates)
                 continue
-            layer = WindowAttention(block.self_attn, block.rope_fn, "casa", self.backend or block.attn_backend,
-                                    norm=block.input_layernorm if self.mode == "before" else None)
-            block.set_fusion("parallel" if self.mode == "plus" else "before", layer, self.image_ffn_updates)
+            before = self.form == "before"
+            layer = WindowAttention(block.self_attn, block.rope_fn, self.kind, self.backend or block.attn_backend,
+                                    norm=block.input_layernorm if before else None)
+            block.fuse(Before() if before else Parallel(), mark_new(layer), self.image_ffn_updates)
 
     def fused_layers(self) -> list[int]:
         return list(self._layers)
 
-    def prepare(self, batch: PackedBatch, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
-                backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, StreamContext]:
-        mask = self.inference_mask if not self.training else None
-        gen = torch.Generator().manual_seed(self.mask_seed) if mask is not None else None
-        return prepare_windowed("casa", batch, text_embeds, image_embeds, backbone, self.merge, self.mrope, mask, gen)
+    def masked_key(self, index: WindowIndex) -> torch.Tensor | None:
+        """The Table 8 mask of `inference_mask`, in eval mode only (a fresh seeded draw per forward)."""
+        if self.inference_mask is None or self.training:
+            return None
+        return table8_masked_key(index, self.inference_mask, torch.Generator().manual_seed(self.mask_seed))

@@ -16,24 +16,25 @@ from typing import Literal
 import torch
 from torch import nn
 
-from casa.batch import PackedBatch
-from casa.context import StreamContext
-from casa.fusion.base import FusionStrategy
+from casa.blocks import Before, Parallel
+from casa.fusion.base import mark_new
 from casa.fusion.layers import WindowAttention
-from casa.fusion.windows import prepare_windowed
+from casa.fusion.windows import WindowedFusion
 
 PLACEMENTS = ("parallel", "before")
 
 
-class CrossAttention(FusionStrategy):
+class CrossAttention(WindowedFusion):
     """Args:
-        placement: "parallel" (summed with SA) or "before" (before SA, own pre-norm).
+        placement: where in the block (its form, `casa.blocks`): "parallel" (summed with SA)
+            or "before" (before SA, own pre-norm).
         every: add a CA layer to blocks 0, every, 2*every, ...
         image_ffn_updates: pass image tokens through each fused block's FFN (paper Table 5).
         backend: attention backend of the CA layers (default: the backbone's).
     """
 
     name = "cross_attention"
+    kind = "cross_attention"
     gated = False
 
     def __init__(self, placement: Literal["parallel", "before"] = "parallel", every: int = 1, image_ffn_updates: bool = False,
@@ -44,6 +45,7 @@ class CrossAttention(FusionStrategy):
         if every < 1:
             raise ValueError(f"{type(self).__name__}.every={every!r} must be >= 1")
         self.placement = placement
+        self.form = placement
         self.every = every
         self.image_ffn_updates = image_ffn_updates
         self.backend = backend
@@ -51,21 +53,17 @@ class CrossAttention(FusionStrategy):
 
     def attach(self, backbone: nn.Module, merge: int) -> None:
         super().attach(backbone, merge)
-        mode = "parallel" if self.placement == "parallel" else "before"
+        before = self.form == "before"
         for i, block in enumerate(backbone.layers):
             if i % self.every:
                 continue
-            layer = WindowAttention(block.self_attn, block.rope_fn, "cross_attention", self.backend or block.attn_backend,
-                                    gated=self.gated, norm=block.input_layernorm if mode == "before" else None)
-            block.set_fusion(mode, layer, self.image_ffn_updates)
+            layer = WindowAttention(block.self_attn, block.rope_fn, self.kind, self.backend or block.attn_backend,
+                                    gated=self.gated, norm=block.input_layernorm if before else None)
+            block.fuse(Before() if before else Parallel(), mark_new(layer), self.image_ffn_updates)
             self._layers.append(i)
 
     def fused_layers(self) -> list[int]:
         return list(self._layers)
-
-    def prepare(self, batch: PackedBatch, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
-                backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, StreamContext]:
-        return prepare_windowed("cross_attention", batch, text_embeds, image_embeds, backbone, self.merge, self.mrope)
 
 
 class GatedCrossAttention(CrossAttention):

@@ -20,11 +20,6 @@ from casa.positions import insertion_layout, insertion_positions
 class Insertion(FusionStrategy):
     name = "insertion"
 
-    def compress(self, image_embeds: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hook for compressing strategies (Q-Former): [N, d], counts [I] ->
-        ([N', d], counts' [I] or None when unchanged)."""
-        return image_embeds, None
-
     def prepare(self, batch: PackedBatch, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
                 backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, StreamContext]:
         counts = image_token_count(batch.image_grid_thw, self.merge)  # [I]

@@ -23,8 +23,12 @@ row `n + window_cu_text[w]`, text token p of window w to `p + window_cu_image[w 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from casa.batch import image_token_count
 from casa.context import StreamContext, WindowIndex
+from casa.fusion.base import FusionStrategy
+from casa.positions import window_image_positions
 
 KINDS = ("casa", "cross_attention")
 INFERENCE_MASKS = ("self", "rnd", "rnd_txt")
@@ -116,23 +120,60 @@ def table8_masked_key(index: WindowIndex, mode: str, generator: torch.Generator 
     return torch.where(num > 0, pick, torch.full_like(pick, -1))
 
 
-def prepare_windowed(kind: str, batch, text_embeds: torch.Tensor, image_embeds: torch.Tensor, backbone, merge: int,
-                     mrope: bool, inference_mask: str | None = None, generator: torch.Generator | None = None):
-    """The `prepare` of every windowed strategy (CA, gated CA, CASA): the stream is the text
-    alone; image tokens are kept aside with the RoPE positions of `window_image_positions`.
+class WindowedFusion(FusionStrategy):
+    """The windowed strategies (CA, gated CA, CASA, the Perceiver): the stream is the text
+    alone; the image tokens (compressed first if the strategy compresses, `compress`) are kept
+    aside, each window's text attending to its window's image tokens through the blocks'
+    fusion layers, with one window index (`kind`) built per forward and shared by them all.
 
-    -> (stream [T, d], images [N, d], StreamContext)."""
-    from casa.positions import window_image_positions
+    Subclasses set `kind` and compose the blocks in `attach`. Two hooks change what windows
+    see, one method each: `window_images` (which image tokens each window's queries attend
+    to: a CASA variant with another window rule overrides it) and `masked_key`."""
 
-    dtype = text_embeds.dtype
-    cos, sin = backbone.rope(batch.position_ids, dtype)  # [T, D]
-    img_pos = window_image_positions(batch.position_ids, batch.window_cu_seqlens_text, batch.window_cu_seqlens_image,
-                                     batch.image_grid_thw, merge, mrope)
-    icos, isin = backbone.rope(img_pos, dtype)  # [N, D]
-    lens = batch.seqlens
-    index = build_window_index(kind, batch.window_cu_seqlens_text, batch.window_cu_seqlens_image, icos, isin, lens)
-    if inference_mask is not None:
-        index.masked_key = table8_masked_key(index, inference_mask, generator)
-    ctx = StreamContext(batch.sample_cu_seqlens, cos, sin, windows=index,
-                        max_seqlen=None if lens is None else lens.sample_text)
-    return text_embeds, image_embeds.to(dtype), ctx
+    kind = "cross_attention"
+    """Which window index the fusion layers read: one of `KINDS`."""
+
+    def window_images(self, batch, images: torch.Tensor,
+                      compressed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image tokens of every window, in window order, and their RoPE positions.
+
+        batch: the `PackedBatch`; images [N', d] (after `compress`); compressed: counts' [I]
+        from `compress`, or None (uncompressed) -> (images [K, d], positions [K] or [3, K]
+        under M-RoPE, window_cu_image [W+1] int32: window w attends to rows
+        window_cu_image[w]:window_cu_image[w+1]).
+
+        The window rule's windows (`casa.batch.window_boundaries`): each window attends to the
+        images that opened it, placed (`casa.positions.window_image_positions`) just before its
+        first text token. Compressed images keep their windows, with counts' tokens each."""
+        cu_i = batch.window_cu_seqlens_image
+        if compressed is not None:
+            counts = image_token_count(batch.image_grid_thw, self.merge)  # [I] before compression
+            win = window_of(cu_i, counts.cumsum(0) - counts)  # [I] window of each image
+            W = batch.window_cu_seqlens_text.numel() - 1
+            per_window = torch.zeros(W, dtype=torch.long, device=cu_i.device).index_add_(0, win, compressed.long())
+            cu_i = F.pad(per_window.cumsum(0), (1, 0)).to(torch.int32)
+        positions = window_image_positions(batch.position_ids, batch.window_cu_seqlens_text,
+                                           batch.window_cu_seqlens_image, batch.image_grid_thw, self.merge,
+                                           self.mrope, compressed)
+        return images, positions, cu_i
+
+    def masked_key(self, index: WindowIndex) -> torch.Tensor | None:
+        """[T] int64 key each query may not see (-1 = none), or None (CASA's Table 8 masks)."""
+        return None
+
+    def prepare(self, batch, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                backbone) -> tuple[torch.Tensor, torch.Tensor, StreamContext]:
+        """-> (stream [T, d] the text, images [K, d], StreamContext with the window index)."""
+        dtype = text_embeds.dtype
+        cos, sin = backbone.rope(batch.position_ids, dtype)  # [T, D]
+        images, compressed = self.compress(image_embeds, image_token_count(batch.image_grid_thw, self.merge))
+        images, img_pos, cu_i = self.window_images(batch, images, compressed)
+        icos, isin = backbone.rope(img_pos, dtype)  # [K, D]
+        lens = batch.seqlens
+        index = build_window_index(self.kind, batch.window_cu_seqlens_text, cu_i, icos, isin, lens)
+        if cu_i is not batch.window_cu_seqlens_image:
+            index.max_k = None  # not the batch's windows: their host maxima are unknown
+        index.masked_key = self.masked_key(index)
+        ctx = StreamContext(batch.sample_cu_seqlens, cos, sin, windows=index,
+                            max_seqlen=None if lens is None else lens.sample_text)
+        return text_embeds, images.to(dtype), ctx
