@@ -28,10 +28,7 @@ def _syncs_per_step(strategy: str, num_layers: int, batch: PackedBatch) -> SyncC
     return syncs
 
 
-KNOWN_PER_LAYER_SYNCS = {
-    "qformer": "Insertion.prepare leaves StreamContext.max_seqlen unknown when the Q-Former changes the image "
-               "token counts (casa/fusion/insertion.py), so every flash call reads cu_seqlens back",
-}
+KNOWN_PER_LAYER_SYNCS: dict[str, str] = {}
 """Strategies of the matrix known to sync once per layer: strict xfails, so a fix shows up."""
 
 

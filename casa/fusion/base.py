@@ -65,6 +65,17 @@ class FusionStrategy(nn.Module):
         self.merge = merge
         self.mrope = bool(getattr(backbone, "mrope", False))
 
+    #: tokens per image after `compress` when it resamples every image to a fixed count (Q-Former,
+    #: Perceiver), None when images pass unchanged: with it the host max lengths flash-attn
+    #: needs are bounded without reading counts back (`compressed_bound`)
+    compressed_tokens: int | None = None
+
+    def compressed_bound(self, num_images: int) -> int | None:
+        """Host upper bound on the compressed image tokens of any one sample or window of a
+        batch with `num_images` images (flash-attn's max_seqlen may exceed the true maximum;
+        the kernel reads the exact lengths from cu_seqlens), or None if unknown."""
+        return None if self.compressed_tokens is None else self.compressed_tokens * num_images
+
     def compress(self, image_embeds: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image tokens the decoder receives: image_embeds [N, d], counts [I] tokens per
         image -> ([N', d], counts' [I], or None when the images are passed unchanged).

@@ -36,9 +36,12 @@ class Insertion(FusionStrategy):
         pos[..., text_dst] = text_pos
         pos[..., image_dst] = image_pos
         cos, sin = backbone.rope(pos, text_embeds.dtype)  # [T+N, D]
-        # the merged samples' longest, as a host int when the batch knows it (`SeqLens`)
-        known = batch.seqlens is not None and new_counts is None
-        ctx = StreamContext(merged_cu, cos, sin, max_seqlen=batch.seqlens.sample_all if known else None,
+        # the merged samples' longest, as a host int when the batch knows it (`SeqLens`); after a
+        # fixed-size compression, a bound (all the batch's images in one sample)
+        lens, bound = batch.seqlens, self.compressed_bound(batch.num_images)
+        max_seqlen = None if lens is None else lens.sample_all if new_counts is None else \
+            None if bound is None else lens.sample_text + bound
+        ctx = StreamContext(merged_cu, cos, sin, max_seqlen=max_seqlen,
                             text_rows=text_dst, text_positions=text_pos if text_pos.dim() == 1 else text_pos[0])
         return stream, text_embeds.new_zeros(0, d), ctx
 

@@ -108,6 +108,7 @@ class PerceiverCrossAttention(GatedCrossAttention):
         if depth < 1:
             raise ValueError(f"PerceiverCrossAttention.depth={depth!r} must be >= 1 (Flamingo: 6)")
         self.num_latents, self.depth, self.heads, self.resampler_backend = num_latents, depth, heads, resampler_backend
+        self.compressed_tokens = num_latents
         self.resampler: Perceiver | None = None
 
     def attach(self, backbone: nn.Module, merge: int) -> None:

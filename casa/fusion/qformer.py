@@ -62,6 +62,7 @@ class QFormer(Insertion):
         if depth < 1:
             raise ValueError(f"QFormer.depth={depth!r} must be >= 1")
         self.num_queries, self.depth, self.heads, self.backend = num_queries, depth, heads, backend
+        self.compressed_tokens = num_queries
         self.queries: nn.Parameter | None = None
         self.layers = nn.ModuleList()
         self.norm_out: nn.Module | None = None

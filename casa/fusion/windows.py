@@ -172,7 +172,10 @@ class WindowedFusion(FusionStrategy):
         lens = batch.seqlens
         index = build_window_index(self.kind, batch.window_cu_seqlens_text, cu_i, icos, isin, lens)
         if cu_i is not batch.window_cu_seqlens_image:
-            index.max_k = None  # not the batch's windows: their host maxima are unknown
+            # not the batch's windows: a bound from the fixed-size compression, if there is one
+            bound = self.compressed_bound(batch.num_images)
+            index.max_k = None if lens is None or bound is None else \
+                bound + (lens.window_text if self.kind == "casa" else 0)
         index.masked_key = self.masked_key(index)
         ctx = StreamContext(batch.sample_cu_seqlens, cos, sin, windows=index,
                             max_seqlen=None if lens is None else lens.sample_text)
