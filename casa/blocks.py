@@ -25,20 +25,22 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from casa.attention import varlen_attention
+from casa.attention import AttentionBackend, make_backend
 from casa.context import StreamContext
+from casa.family import Family
 
 FUSION_MODES = ("none", "parallel", "before", "replace")
 
 
-def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[L, d] through an HF attention module's projections -> q [L, H, D], k, v [L, Hkv, D]."""
+def project_qkv(attn: nn.Module, x: torch.Tensor, qk_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[L, d] through an HF attention module's projections -> q [L, H, D], k, v [L, Hkv, D];
+    qk_norm (`Family.qk_norm`, Qwen3): then its per-head `q_norm` / `k_norm`."""
     L, D = x.shape[0], attn.head_dim
     H, Hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D  # explicit: L may be 0
     q = attn.q_proj(x).view(L, H, D)  # [L, H, D]
     k = attn.k_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
     v = attn.v_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on queries and keys, before RoPE
+    if qk_norm:  # Qwen3: per-head RMSNorm on queries and keys, before RoPE
         # HF norms return their weight's dtype: fp32 under autocast, where v is bf16
         q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)
     return q, k, v
@@ -52,24 +54,40 @@ class WindowedSelfAttention(Protocol):
     attn: the block's SA module; h [T, d] normalised text; images [N, d] raw image tokens and
     the norm they take -> [T, d] (after `o_proj`)."""
 
-    def __call__(self, attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor,
-                 image_norm: nn.Module, ctx: StreamContext, layer_idx: int, backend: str) -> torch.Tensor: ...
+    def __call__(self, attn: nn.Module, family: Family, h: torch.Tensor, images: torch.Tensor,
+                 image_norm: nn.Module, ctx: StreamContext, layer_idx: int,
+                 backend: AttentionBackend) -> torch.Tensor: ...
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, layer: nn.Module, layer_idx: int, rope_fn: Callable, attn_backend: str = "sdpa"):
+    def __init__(self, layer: nn.Module, layer_idx: int, family: Family, attn_backend: str = "sdpa"):
         super().__init__()
         self.self_attn = layer.self_attn
         self.mlp = layer.mlp
         self.input_layernorm = layer.input_layernorm
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.layer_idx = layer_idx
-        self.attn_backend = attn_backend
-        self.rope_fn = rope_fn
+        self.family = family  # RoPE, norm kind, q/k norm (`casa.backbone.family_table`)
+        self.attn_backend = attn_backend  # resolved and validated once (`attention`)
+        self.window_backend: AttentionBackend | None = None  # a model mode's override of mode "replace"
         self.fusion_mode = "none"
         self.fusion_attn: nn.Module | None = None
         self.windowed_attention: WindowedSelfAttention | None = None
         self.image_ffn_updates = False
+
+    @property
+    def attn_backend(self) -> str:
+        """The name of the bound attention backend (`attention`); setting it (build time) rebinds."""
+        return self.attention.name
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        self.attention = make_backend(name)
+
+    @property
+    def rope_fn(self) -> Callable:
+        """The family's rotary function (`Family.rope_fn`)."""
+        return self.family.rope_fn
 
     def set_fusion(self, mode: str, fusion_attn: nn.Module | None, image_ffn_updates: bool = False,
                    windowed_attention: WindowedSelfAttention | None = None) -> None:
@@ -93,20 +111,20 @@ class DecoderBlock(nn.Module):
     def self_attention(self, h: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
         """Block-diagonal causal SA over the samples of the stream: h [L, d] -> [L, d]."""
         attn = self.self_attn
-        q, k, v = project_qkv(attn, h)
-        q, k = self.rope_fn(q, k, ctx.cos, ctx.sin, unsqueeze_dim=1)
+        q, k, v = project_qkv(attn, h, self.family.qk_norm)
+        q, k = self.family.rope_fn(q, k, ctx.cos, ctx.sin, unsqueeze_dim=1)
         cu_q = cu_k = ctx.cu_seqlens
         if ctx.cache is not None:
-            k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens, self.attn_backend)
+            k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens, self.attention)
         max_len = ctx.max_seqlen if ctx.cache is None else None  # cached keys: the cache's lengths
-        o = varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend=self.attn_backend, scale=attn.scaling,
-                             workspace=None if ctx.cache is None else ctx.cache.workspace,
-                             max_seqlen_q=max_len, max_seqlen_k=max_len)
+        o = self.attention(q, k, v, cu_q, cu_k, causal=True, scale=attn.scaling,
+                           workspace=None if ctx.cache is None else ctx.cache.workspace,
+                           max_seqlen_q=max_len, max_seqlen_k=max_len)
         return attn.o_proj(o.reshape(h.shape[0], -1))  # [L, H*D] -> [L, d]
 
     def _windowed_self_attention(self, h: torch.Tensor, images: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        return self.windowed_attention(self.self_attn, self.rope_fn, h, images, self.input_layernorm, ctx,
-                                       self.layer_idx, backend=self.attn_backend)
+        return self.windowed_attention(self.self_attn, self.family, h, images, self.input_layernorm, ctx,
+                                       self.layer_idx, backend=self.window_backend or self.attention)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, images: torch.Tensor,

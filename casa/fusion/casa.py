@@ -93,7 +93,7 @@ class CASA(FusionStrategy):
                 block.set_fusion("replace", None, self.image_ffn_updates,
                                  windowed_attention=functools.partial(window_attention, kind="casa"))
                 continue
-            layer = WindowAttention(block.self_attn, block.rope_fn, "casa", self.backend or block.attn_backend,
+            layer = WindowAttention(block.self_attn, block.family, "casa", self.backend or block.attn_backend,
                                     norm=block.input_layernorm if self.mode == "before" else None)
             block.set_fusion("parallel" if self.mode == "plus" else "before", layer, self.image_ffn_updates)
 

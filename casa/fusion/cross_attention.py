@@ -55,7 +55,7 @@ class CrossAttention(FusionStrategy):
         for i, block in enumerate(backbone.layers):
             if i % self.every:
                 continue
-            layer = WindowAttention(block.self_attn, block.rope_fn, "cross_attention", self.backend or block.attn_backend,
+            layer = WindowAttention(block.self_attn, block.family, "cross_attention", self.backend or block.attn_backend,
                                     gated=self.gated, norm=block.input_layernorm if mode == "before" else None)
             block.set_fusion(mode, layer, self.image_ffn_updates)
             self._layers.append(i)
