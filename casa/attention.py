@@ -529,38 +529,50 @@ class AttentionBackend:
         if return_probs and not self.returns_probs:
             raise ValueError(f"return_probs=True needs backend 'eager', not backend={self.name!r}")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return self._run(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, grad=grad, decode=decode,
-                         masked_key=masked_key, return_probs=return_probs, workspace=workspace,
-                         max_q=max_seqlen_q, max_k=max_seqlen_k)
+        return self._run(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale,
+                         _Options(grad, decode, masked_key, return_probs, workspace, max_seqlen_q, max_seqlen_k))
 
     def _cached(self, q, kv: CachedKV, v, causal: bool, scale: float | None):
         raise ValueError(f"CachedKV keys need backend='flash' and v passed as the same CachedKV, got "
                          f"backend={self.name!r}, v {type(v).__name__}")
 
-    def _run(self, q, k, v, cu_q, cu_k, causal, scale, *, grad, decode, masked_key, return_probs, workspace,
-             max_q, max_k):
+    def _run(self, q, k, v, cu_q, cu_k, causal: bool, scale: float, opt: "_Options"):
+        """The kernel, on validated inputs (k, v tensors, or segmented if `segmented`)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Options:
+    """One call's options, validated by `AttentionBackend.__call__` (see `varlen_attention`)."""
+
+    grad: bool  # gradients needed: q, k or v requires them and grad mode is on
+    decode: bool  # keys came as `DecodeKV`: the cache's decoding path
+    masked_key: torch.Tensor | None
+    return_probs: bool
+    workspace: Callable[[int, torch.Tensor], torch.Tensor] | None
+    max_q: int | None
+    max_k: int | None
 
 
 class DenseBackend(AttentionBackend):
     name, masks_keys = "dense", True
 
-    def _run(self, q, k, v, cu_q, cu_k, causal, scale, *, masked_key, **_):
-        return _dense(q, k, v, cu_q, cu_k, causal, scale, masked_key)
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _dense(q, k, v, cu_q, cu_k, causal, scale, opt.masked_key)
 
 
 class SdpaBackend(AttentionBackend):
     name, segmented = "sdpa", True
 
-    def _run(self, q, k, v, cu_q, cu_k, causal, scale, *, grad, decode, workspace, **_):
-        return _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad, workspace, decode)
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _sdpa(q, k, v, cu_q, cu_k, causal, scale, opt.grad, opt.workspace, opt.decode)
 
 
 class EagerBackend(AttentionBackend):
     name, masks_keys, returns_probs, segmented = "eager", True, True, True
 
-    def _run(self, q, k, v, cu_q, cu_k, causal, scale, *, masked_key, return_probs, **_):
-        return _eager(q, k, v, cu_q, cu_k, causal, scale, masked_key, return_probs)
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _eager(q, k, v, cu_q, cu_k, causal, scale, opt.masked_key, opt.return_probs)
 
 
 class FlexBackend(AttentionBackend):
@@ -569,7 +581,7 @@ class FlexBackend(AttentionBackend):
     def why_not(self, device: torch.device, requires_grad: bool) -> str | None:
         return "flex_attention has no backward on CPU" if device.type == "cpu" and requires_grad else None
 
-    def _run(self, q, k, v, cu_q, cu_k, causal, scale, **_):
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
         return _flex(q, k, v, cu_q, cu_k, causal, scale)
 
 
@@ -609,8 +621,8 @@ class FlashBackend(AttentionBackend):
         self.check(q.device, False)
         return _flash_decode(self.kvcache_fn, q, kv, causal, q.shape[-1] ** -0.5 if scale is None else scale)
 
-    def _run(self, q, k, v, cu_q, cu_k, causal, scale, *, max_q, max_k, **_):
-        return _flash(self.varlen_fn, q, k, v, cu_q, cu_k, causal, scale, max_q, max_k)
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _flash(self.varlen_fn, q, k, v, cu_q, cu_k, causal, scale, opt.max_q, opt.max_k)
 
 
 def _real_flash_kernels() -> tuple[Callable, Callable] | None:

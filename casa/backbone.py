@@ -147,9 +147,9 @@ class Backbone(nn.Module):
         self.config = self.lm.config
         self.mrope = family == "qwen2_5_vl"
         inner = self._inner()
-        self.spec = family_table()[family]  # RoPE layout, norm kind, q/k norm: bound here, never probed
+        self.family_spec = family_table()[family]  # RoPE layout, norm kind, q/k norm: bound here, never probed
         inner.layers = nn.ModuleList(
-            DecoderBlock(layer, i, self.spec, attn_backend) for i, layer in enumerate(inner.layers)
+            DecoderBlock(layer, i, self.family_spec, attn_backend) for i, layer in enumerate(inner.layers)
         )
         # Names of the parameters that come from the checkpoint (before any fusion layer is
         # attached): the optimiser gives them the pretrained learning rate.

@@ -20,7 +20,7 @@ strategy asks for FFN updates (paper Table 5), they are never changed by a block
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -83,11 +83,6 @@ class DecoderBlock(nn.Module):
     @attn_backend.setter
     def attn_backend(self, name: str) -> None:
         self.attention = make_backend(name)
-
-    @property
-    def rope_fn(self) -> Callable:
-        """The family's rotary function (`Family.rope_fn`)."""
-        return self.family.rope_fn
 
     def set_fusion(self, mode: str, fusion_attn: nn.Module | None, image_ffn_updates: bool = False,
                    windowed_attention: WindowedSelfAttention | None = None) -> None:

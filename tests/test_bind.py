@@ -47,8 +47,10 @@ def test_setting_a_backend_name_validates_it_then():
         block.attn_backend = "nope"
     block.fusion_attn.backend = "dense"  # build time: rebinds the layer's object
     assert block.fusion_attn.attention is make_backend("dense") and block.fusion_attn.backend == "dense"
-    assert attention.half_precision_modules(tiny_model(CASA("plus"), num_layers=1, attn_backend="flash")) == {
-        "backbone": "backend='flash'", "backbone.lm.model.layers.0": "backend='flash'", "backbone.lm.model.layers.0.fusion_attn": "backend='flash'"}
+    flash = tiny_model(CASA("plus"), num_layers=1, attn_backend="flash")
+    assert attention.half_precision_modules(flash) == {
+        name: "backend='flash'" for name in ("backbone", "backbone.lm.model.layers.0",
+                                              "backbone.lm.model.layers.0.fusion_attn")}
 
 
 def test_flash_kernels_are_injected_per_backend_not_global():
@@ -64,7 +66,7 @@ def test_flash_kernels_are_injected_per_backend_not_global():
             return strict_flash_attn_varlen_func(*args, **kwargs)
         return fn
 
-    a, b = FlashBackend(spy("a"), strict_flash_attn_with_kvcache), FlashBackend(spy("b"), strict_flash_attn_with_kvcache)
+    a, b = (FlashBackend(spy(tag), strict_flash_attn_with_kvcache) for tag in ("a", "b"))
     torch.testing.assert_close(a(q, k, v, cu, cu, True), b(q, k, v, cu, cu, True))
     assert seen == ["a", "b"]
     if not attention._flash_installed():
@@ -136,7 +138,8 @@ def test_capture_without_the_mode_is_refused_not_silently_switched():
     context fails loudly instead of changing kernels behind the layer's back."""
     model = tiny_model(CASA("plus"), num_layers=1).eval()
     model._capture = AttentionRecorder()  # the recorder without `set_capture`'s binding
-    with torch.no_grad(), pytest.raises(ValueError, match="return_probs=True needs backend 'eager', not backend='sdpa'"):
+    refused = "return_probs=True needs backend 'eager', not backend='sdpa'"
+    with torch.no_grad(), pytest.raises(ValueError, match=refused):
         model(random_packed_batch(SAMPLES))
 
 

@@ -55,7 +55,7 @@ def test_fused_image_kv_equals_the_plain_composition(family, dtype, monkeypatch)
     params = [x, norm.weight, attn.k_proj.weight, attn.v_proj.weight]
     params += [p for p in (attn.k_proj.bias, attn.v_proj.bias) if p is not None]
     ours = image_kv(attn, norm, x, cos, sin, block.family)
-    ref = _reference(attn, norm, x, cos, sin, block.rope_fn)
+    ref = _reference(attn, norm, x, cos, sin, block.family.rope_fn)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=4e-2)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, **tol)
@@ -111,7 +111,7 @@ def test_the_family_table_says_what_the_modules_compute(family):
 
     bb = Backbone(family, config=tiny_backbone_config(family))
     spec, block = family_table()[family], bb.layers[0]
-    assert block.family == spec and bb.spec == spec
+    assert block.family == spec and bb.family_spec == spec
     assert spec.rope_fn is sys.modules[type(block.self_attn).__module__].apply_rotary_pos_emb
     assert spec.rope_layout == _probe_layout(spec.rope_fn)
     assert spec.qk_norm == hasattr(block.self_attn, "q_norm") == hasattr(block.self_attn, "k_norm")
@@ -161,7 +161,7 @@ def test_empty_and_frozen_inputs():
     x = torch.randn(6, bb.hidden_size, requires_grad=True)
     cos, sin = bb.rope(torch.arange(6), torch.float32)
     (a,), (b,) = _grads(image_kv(attn, norm, x, cos, sin, block.family), [x]), \
-        _grads(_reference(attn, norm, x, cos, sin, block.rope_fn), [x])
+        _grads(_reference(attn, norm, x, cos, sin, block.family.rope_fn), [x])
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -190,7 +190,7 @@ def test_backward_keeps_only_the_inputs_and_one_scale_per_token(family):
         return sum(numel for _, numel in seen) * 4
 
     fused = image_bytes(lambda: image_kv(attn, norm, x, cos, sin, block.family))
-    plain = image_bytes(lambda: _reference(attn, norm, x, cos, sin, block.rope_fn))
+    plain = image_bytes(lambda: _reference(attn, norm, x, cos, sin, block.family.rope_fn))
     D = cos.shape[-1]
     assert fused <= 4 * (N * d + N + 2 * N * D)  # x, r, cos, sin (Helium: half-width tables, repeated)
     assert plain >= 2 * fused
