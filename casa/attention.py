@@ -28,14 +28,18 @@ no key). A segment with keys but no queries contributes nothing.
 
 Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
     dense  one masked softmax over the whole stream: the reference, O(Tq * Tk) memory
-    sdpa   loop of per-segment `scaled_dot_product_attention`: the CPU training path; without
-           gradients, segments of at most DECODE_MAX_QUERIES queries (cached decoding) take
-           an explicit softmax with GQA folded into the query axis (`_decode_segment`)
+    sdpa   loop of per-segment `scaled_dot_product_attention`: the CPU training path; on the
+           cache's decoding path (`DecodeKV`, no gradients), segments of at most
+           DECODE_MAX_QUERIES queries take an explicit softmax with GQA folded into the query
+           axis (`_decode_segment`)
     eager  explicit per-segment softmax; returns the probabilities (attention maps, Fig. 7)
     flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
     flash  `flash_attn_varlen_func` (CUDA with the flash-attn package): fp16/bf16 only, fp32
-           inputs go down to the autocast dtype (`flash_dtype`); tests run it through the
-           strict stand-in `casa.testing.strict_flash_attn_varlen_func`
+           inputs go down to the autocast dtype (`flash_dtype`); its kernels are injected
+           (`FlashBackend`): tests run it through the strict stand-ins of `casa.testing`
+Each is an `AttentionBackend` object: a layer resolves its backend once, when it is built
+(`make_backend`), and calls that object; `varlen_attention(..., backend=name)` resolves a
+name per call (tests, benchmarks).
 `masked_key` (paper Table 8 "-self"/"-rnd" inference masks) is supported by dense and eager.
 
 Keys and values may also come as *segmented* sequences, one tensor [Lk_w, Hkv, D] per
@@ -43,12 +47,14 @@ segment (`casa.cache` passes each cached sample's buffer this way): `sdpa` and `
 them in place, the whole-stream backends (dense, flex, flash) concatenate them first.
 A decoding step of a several-sample cache under `flash` instead hands over the cache itself
 (`CachedKV`: one [S, capacity, Hkv, D] buffer per layer, `flash_attn_with_kvcache`).
+The cache's own decoding path is explicit: one sample's head-major buffers come as `DecodeKV`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -60,26 +66,22 @@ BACKENDS = ("dense", "sdpa", "eager", "flex", "flash")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 """What flash-attn takes (fp16 / bf16 only; `casa.testing.strict_flash_attn_varlen_func`)."""
 
-_FLASH_FN: Callable | None = None
-"""Stand-in for `flash_attn.flash_attn_varlen_func` (same signature and semantics); tests set
-it to a CPU reference so the flash plumbing runs without CUDA. None = the real flash-attn."""
+_FLASH_KERNELS: tuple[Callable, Callable] | None = None
+"""Kernels a `flash` backend built without explicit ones takes (`flash_kernels`); None: flash-attn's.
+Read only when a backend is built (`make_backend`), never per call."""
 
 
-def set_flash_fn(fn: Callable | None) -> None:
-    """Route the `flash` backend to `fn` (None restores `flash_attn.flash_attn_varlen_func`)."""
-    global _FLASH_FN
-    _FLASH_FN = fn
-
-
-_FLASH_KVCACHE_FN: Callable | None = None
-"""Stand-in for `flash_attn.flash_attn_with_kvcache` (same signature and semantics; tests set
-`casa.testing.strict_flash_attn_with_kvcache` with `casa.testing.flash_stand_in`). None = the real one."""
-
-
-def set_flash_kvcache_fn(fn: Callable | None) -> None:
-    """Route `flash`'s batched decoding step (`CachedKV`) to `fn` (None: see `_FLASH_KVCACHE_FN`)."""
-    global _FLASH_KVCACHE_FN
-    _FLASH_KVCACHE_FN = fn
+@contextmanager
+def flash_kernels(varlen_fn: Callable, kvcache_fn: Callable):
+    """Inside: `flash` backends built without explicit kernels take these (same signatures and
+    semantics as `flash_attn.flash_attn_varlen_func` / `flash_attn_with_kvcache`), e.g. the CPU
+    stand-ins of `casa.testing.flash_stand_in`. Backends built before or after are unaffected."""
+    global _FLASH_KERNELS
+    before, _FLASH_KERNELS = _FLASH_KERNELS, (varlen_fn, kvcache_fn)
+    try:
+        yield
+    finally:
+        _FLASH_KERNELS = before
 
 
 @dataclass
@@ -103,41 +105,24 @@ class CachedKV:
     v: torch.Tensor
 
 
+@dataclass
+class DecodeKV:
+    """Keys and values of a cached decoding step that `casa.cache` stores head-major (one
+    sample's buffers, keys transposed: `KVCache._append`), passed as both k and v of
+    `varlen_attention`: the explicit decoding path. `sdpa` then sends each segment of at most
+    `DECODE_MAX_QUERIES` queries (and at least as many keys) to `_decode_segment`, which reads
+    these strided views in place; the other backends read k, v as given.
+
+        k, v   [Tk, Hkv, D] or segmented (one [Lk_w, Hkv, D] per segment, `Keys`)"""
+
+    k: "Keys"
+    v: "Keys"
+
+
 @lru_cache(maxsize=1)
 def _flash_installed() -> bool:
-    # find_spec, not import: check_backend runs on every call and a failing import is slow
+    # find_spec, not import: checked when a flash backend is built, and a failing import is slow
     return importlib.util.find_spec("flash_attn") is not None
-
-
-def _why_not(name: str, device: torch.device, requires_grad: bool) -> str | None:
-    """Why backend `name` cannot run on `device`, or None if it can."""
-    if name in ("dense", "sdpa", "eager"):
-        return None
-    if name == "flex":
-        return "flex_attention has no backward on CPU" if device.type == "cpu" and requires_grad else None
-    if name == "flash":
-        if _FLASH_FN is not None:
-            return None
-        if device.type != "cuda":
-            return f"flash-attn needs a CUDA device, got {device.type!r}"
-        if not _flash_installed():
-            return "flash-attn needs the flash-attn package, which is not installed"
-        return None
-    return "unknown backend"
-
-
-def check_backend(name: str, device: torch.device | str, requires_grad: bool) -> None:
-    """Raise ValueError, naming the backends that can run here, if backend `name` cannot."""
-    device = torch.device(device)
-    why = _why_not(name, device, requires_grad)
-    if why is None:
-        return
-    runnable = [b for b in BACKENDS if _why_not(b, device, requires_grad) is None]
-    where = f"{device.type}, requires_grad={requires_grad}"
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}; backends that can run here "
-                         f"({where}): {runnable}")
-    raise ValueError(f"backend={name!r} cannot run here ({why}); backends that can run here ({where}): {runnable}")
 
 
 # ---------------------------------------------------------------------- masks
@@ -294,12 +279,13 @@ def _decode_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return o.view(Hkv, G, lq, D).permute(2, 0, 1, 3).reshape(lq, H, D)  # [lq, H, D]
 
 
-def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad, workspace=None):
+def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad, workspace=None, decode=False):
     """One fused SDPA per segment: O(Lq * Lk) per segment instead of O(Tq * Tk).
 
     Inputs get a batch dim of 1: with 3-D inputs PyTorch's CPU dispatcher falls back to the
     math path, which materialises the [H, Lq, Lk] scores (docs/benchmarks.md, `attention`).
-    Without gradients (`grad` False), short query segments go to `_decode_segment`."""
+    On the cache's decoding path (`decode`: keys came as `DecodeKV`) and without gradients
+    (`grad` False), short query segments go to `_decode_segment`."""
     Tq, H, D = q.shape
     gqa = (k if isinstance(k, torch.Tensor) else k[0]).shape[1] != H  # SDPA broadcasts kv heads itself
     outs = []
@@ -311,10 +297,10 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, scale, grad, workspace=None):
         if lk == 0:  # SDPA would return NaN rows
             outs.append(q.new_zeros(lq, H, D))
             continue
-        # only on keys stored head-major (a one-sample cache's buffers, `casa.cache`): on
-        # token-major keys (a cache of several samples, a training stream) the permuted
+        # only on keys the cache stores head-major (`DecodeKV`: a one-sample cache's buffers):
+        # on token-major keys (a cache of several samples, a training stream) the permuted
         # matmul is slower than SDPA at D = 128 (layer suite: generation 1.6-1.7x)
-        if not grad and lq <= DECODE_MAX_QUERIES and lk >= lq and kw.stride(0) == 1:
+        if decode and not grad and lq <= DECODE_MAX_QUERIES and lk >= lq:
             outs.append(_decode_segment(qw, kw, vw, causal, scale, workspace))
             continue
         qs = qw.transpose(0, 1)[None]  # [1, H, lq, D]
@@ -427,15 +413,12 @@ def half_precision_modules(model: torch.nn.Module) -> dict[str, str]:
     return found
 
 
-def _flash(q, k, v, cu_q, cu_k, causal, scale, max_q: int | None, max_k: int | None):
-    """flash_attn_varlen_func: bottom-right causal and GQA are native, keyless rows give 0.
+def _flash(fn: Callable, q, k, v, cu_q, cu_k, causal, scale, max_q: int | None, max_k: int | None):
+    """fn = flash_attn_varlen_func: bottom-right causal and GQA are native, keyless rows give 0.
 
     max_q / max_k: the longest segments as host ints (`casa.batch.SeqLens`); None reads them
     from the boundaries (one host sync), except for a single segment, whose lengths are the
     totals (a one-sample decoding step: no sync)."""
-    fn = _FLASH_FN
-    if fn is None:
-        from flash_attn import flash_attn_varlen_func as fn  # lazy: optional CUDA-only package
     if max_q is None or max_k is None:
         if cu_q.numel() == 2:
             max_q, max_k = q.shape[0], k.shape[0]
@@ -450,13 +433,10 @@ def _flash(q, k, v, cu_q, cu_k, causal, scale, max_q: int | None, max_k: int | N
               dropout_p=0.0, softmax_scale=scale, causal=causal)
 
 
-def _flash_decode(q: torch.Tensor, kv: CachedKV, causal: bool, scale: float) -> torch.Tensor:
-    """q [B * m, H, D] over a `CachedKV` -> [B * m, H, D]: one `flash_attn_with_kvcache` call
+def _flash_decode(fn: Callable, q: torch.Tensor, kv: CachedKV, causal: bool, scale: float) -> torch.Tensor:
+    """q [B * m, H, D] over a `CachedKV` -> [B * m, H, D]: one `fn` = `flash_attn_with_kvcache` call
     reads every sample's keys where the cache keeps them (no concatenation, no copy) and
     appends the new ones in place."""
-    fn = _FLASH_KVCACHE_FN
-    if fn is None:
-        from flash_attn import flash_attn_with_kvcache as fn  # lazy: optional CUDA-only package
     B, m = kv.k.shape[:2]
     if q.dim() != 3 or q.shape[0] != B * m:
         raise ValueError(f"expected q [B * m = {B * m}, H, D] for a cached decoding step of {B} samples x {m} "
@@ -468,12 +448,224 @@ def _flash_decode(q: torch.Tensor, kv: CachedKV, causal: bool, scale: float) -> 
     return out.reshape(q.shape)
 
 
+class AttentionBackend:
+    """One attention kernel, resolved and validated once when a layer is built (`make_backend`),
+    then called for every attention of that layer:
+
+        backend(q [Tq, H, D], k, v [Tk, Hkv, D] (or segmented, or `DecodeKV`), cu_seqlens_q,
+                cu_seqlens_k [W+1], causal, *, scale, masked_key, return_probs, workspace,
+                max_seqlen_q, max_seqlen_k) -> out [Tq, H, D]   (see `varlen_attention`)
+
+    What can only be known per call (the device, whether gradients are needed: flex has no CPU
+    backward, flash-attn needs CUDA) is checked per call by `why_not`, a few attribute reads."""
+
+    name = ""
+    masks_keys = False
+    """Takes `masked_key` (paper Table 8): the explicit-softmax backends."""
+    returns_probs = False
+    """Can return the attention probabilities (`return_probs`, attention maps)."""
+    segmented = False
+    """Reads segmented keys in place; the whole-stream kernels take one concatenated tensor."""
+
+    def why_not(self, device: torch.device, requires_grad: bool) -> str | None:
+        """Why this backend cannot run on `device` (with gradients if `requires_grad`), or None."""
+        return None
+
+    def check(self, device: torch.device | str, requires_grad: bool) -> None:
+        """Raise ValueError, naming the backends that can run here, if this one cannot."""
+        device = torch.device(device)
+        why = self.why_not(device, requires_grad)
+        if why is None:
+            return
+        runnable = [b for b in BACKENDS if make_backend(b).why_not(device, requires_grad) is None]
+        raise ValueError(f"backend={self.name!r} cannot run here ({why}); backends that can run here "
+                         f"({device.type}, requires_grad={requires_grad}): {runnable}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __call__(self, q: torch.Tensor, k, v, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None,
+                 causal: bool, *, scale: float | None = None, masked_key: torch.Tensor | None = None,
+                 return_probs: bool = False, workspace: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 max_seqlen_q: int | None = None, max_seqlen_k: int | None = None):
+        if isinstance(k, CachedKV):
+            return self._cached(q, k, v, causal, scale)
+        decode = isinstance(k, DecodeKV)
+        if decode:
+            if v is not k:
+                raise ValueError(f"DecodeKV keys need v passed as the same DecodeKV, got v {type(v).__name__}")
+            k, v = k.k, k.v
+        if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
+            raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                             f"must both be [W+1]")
+        if not isinstance(k, torch.Tensor):
+            _check_segmented(k, v, cu_seqlens_k.numel() - 1)
+            if not self.segmented and len(k) == 1:
+                # one sample's cache (decoding): its buffer view, read in place, no copy per token
+                # (`casa.cache` keeps it token-major for these backends); dense and flex check its
+                # length against cu_seqlens_k as they read the boundaries anyway
+                k, v = k[0], v[0]
+            elif not self.segmented:  # whole-stream kernels take one key tensor
+                _check_lengths(k, (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist())
+                k, v = torch.cat(list(k)), torch.cat(list(v))
+        k0, v0 = (k, v) if isinstance(k, torch.Tensor) else (k[0], v[0])
+        if q.dim() != 3 or k0.dim() != 3 or v0.shape[:2] != k0.shape[:2]:
+            raise ValueError(f"expected q [Tq, H, D], k and v [Tk, Hkv, D]; got q {tuple(q.shape)}, "
+                             f"k {tuple(k0.shape)}, v {tuple(v0.shape)}")
+        if q.shape[1] % k0.shape[1] or q.shape[2] != k0.shape[2] or v0.shape[2] != k0.shape[2]:
+            raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k0.shape[1]}) "
+                             f"and head dims must match (q {q.shape[2]}, k {k0.shape[2]}, v {v0.shape[2]})")
+        kv = [k, v] if isinstance(k, torch.Tensor) else [*k, *v]
+        grad = torch.is_grad_enabled() and (q.requires_grad or any(x.requires_grad for x in kv))
+        self.check(q.device, grad)
+        if masked_key is not None:
+            if not self.masks_keys:
+                raise ValueError(f"masked_key needs backend 'dense' or 'eager', not backend={self.name!r}")
+            if masked_key.shape != (q.shape[0],):
+                raise ValueError(f"masked_key must be [Tq={q.shape[0]}], got {tuple(masked_key.shape)}")
+        for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise ValueError(f"{name}={n!r} must be a Python int >= 0 (a host value, not a tensor) or None")
+        if return_probs and not self.returns_probs:
+            raise ValueError(f"return_probs=True needs backend 'eager', not backend={self.name!r}")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return self._run(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale,
+                         _Options(grad, decode, masked_key, return_probs, workspace, max_seqlen_q, max_seqlen_k))
+
+    def _cached(self, q, kv: CachedKV, v, causal: bool, scale: float | None):
+        raise ValueError(f"CachedKV keys need backend='flash' and v passed as the same CachedKV, got "
+                         f"backend={self.name!r}, v {type(v).__name__}")
+
+    def _run(self, q, k, v, cu_q, cu_k, causal: bool, scale: float, opt: "_Options"):
+        """The kernel, on validated inputs (k, v tensors, or segmented if `segmented`)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Options:
+    """One call's options, validated by `AttentionBackend.__call__` (see `varlen_attention`)."""
+
+    grad: bool  # gradients needed: q, k or v requires them and grad mode is on
+    decode: bool  # keys came as `DecodeKV`: the cache's decoding path
+    masked_key: torch.Tensor | None
+    return_probs: bool
+    workspace: Callable[[int, torch.Tensor], torch.Tensor] | None
+    max_q: int | None
+    max_k: int | None
+
+
+class DenseBackend(AttentionBackend):
+    name, masks_keys = "dense", True
+
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _dense(q, k, v, cu_q, cu_k, causal, scale, opt.masked_key)
+
+
+class SdpaBackend(AttentionBackend):
+    name, segmented = "sdpa", True
+
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _sdpa(q, k, v, cu_q, cu_k, causal, scale, opt.grad, opt.workspace, opt.decode)
+
+
+class EagerBackend(AttentionBackend):
+    name, masks_keys, returns_probs, segmented = "eager", True, True, True
+
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _eager(q, k, v, cu_q, cu_k, causal, scale, opt.masked_key, opt.return_probs)
+
+
+class FlexBackend(AttentionBackend):
+    name = "flex"
+
+    def why_not(self, device: torch.device, requires_grad: bool) -> str | None:
+        return "flex_attention has no backward on CPU" if device.type == "cpu" and requires_grad else None
+
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _flex(q, k, v, cu_q, cu_k, causal, scale)
+
+
+class FlashBackend(AttentionBackend):
+    """flash-attn, with its kernels injected: `varlen_fn` (signature and semantics of
+    `flash_attn.flash_attn_varlen_func`) for every attention, `kvcache_fn`
+    (`flash_attn.flash_attn_with_kvcache`) for the batched decoding step over a `CachedKV`.
+    None: flash-attn's own, imported here once (left unset if the package is not installed,
+    which `why_not` then reports). Injected kernels run on any device (CPU stand-ins:
+    `casa.testing.flash_stand_in`); flash-attn's need CUDA."""
+
+    name = "flash"
+
+    def __init__(self, varlen_fn: Callable | None = None, kvcache_fn: Callable | None = None):
+        self.injected = varlen_fn is not None
+        if varlen_fn is None or kvcache_fn is None:
+            real = _real_flash_kernels()
+            varlen_fn = varlen_fn or (real[0] if real else None)
+            kvcache_fn = kvcache_fn or (real[1] if real else None)
+        self.varlen_fn, self.kvcache_fn = varlen_fn, kvcache_fn
+
+    def __repr__(self) -> str:
+        return f"FlashBackend(varlen_fn={getattr(self.varlen_fn, '__qualname__', self.varlen_fn)})"
+
+    def why_not(self, device: torch.device, requires_grad: bool) -> str | None:
+        if self.injected:
+            return None
+        if device.type != "cuda":
+            return f"flash-attn needs a CUDA device, got {device.type!r}"
+        if self.varlen_fn is None:
+            return "flash-attn needs the flash-attn package, which is not installed"
+        return None
+
+    def _cached(self, q, kv: CachedKV, v, causal: bool, scale: float | None):
+        if v is not kv:
+            super()._cached(q, kv, v, causal, scale)
+        self.check(q.device, False)
+        return _flash_decode(self.kvcache_fn, q, kv, causal, q.shape[-1] ** -0.5 if scale is None else scale)
+
+    def _run(self, q, k, v, cu_q, cu_k, causal, scale, opt):
+        return _flash(self.varlen_fn, q, k, v, cu_q, cu_k, causal, scale, opt.max_q, opt.max_k)
+
+
+def _real_flash_kernels() -> tuple[Callable, Callable] | None:
+    """flash-attn's two kernels, or None when the package is not installed."""
+    if not _flash_installed():
+        return None
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # optional CUDA-only package
+
+    return flash_attn_varlen_func, flash_attn_with_kvcache
+
+
+_STATELESS = {"dense": DenseBackend(), "sdpa": SdpaBackend(), "eager": EagerBackend(), "flex": FlexBackend()}
+EAGER = _STATELESS["eager"]
+"""The backend that returns probabilities and hides keys: what capture and Table 8 masks switch to."""
+
+
+def make_backend(name: "str | AttentionBackend") -> AttentionBackend:
+    """A backend by name, resolved once (a layer keeps it); an `AttentionBackend` is returned as
+    it is. `flash` takes the kernels of an enclosing `flash_kernels` block, else flash-attn's.
+    Raises ValueError naming the valid names."""
+    if isinstance(name, AttentionBackend):
+        return name
+    if name in _STATELESS:
+        return _STATELESS[name]
+    if name == "flash":
+        return FlashBackend(*_FLASH_KERNELS) if _FLASH_KERNELS is not None else FlashBackend()
+    raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
+
+
+def check_backend(name: "str | AttentionBackend", device: torch.device | str, requires_grad: bool) -> None:
+    """Raise ValueError, naming the backends that can run here, if backend `name` cannot
+    (tests and benchmarks; layers check their bound backend as they call it)."""
+    make_backend(name).check(device, requires_grad)
+
+
 def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, causal: bool, backend: str = "sdpa", *, scale: float | None = None,
-                     masked_key: torch.Tensor | None = None, return_probs: bool = False,
+                     cu_seqlens_k: torch.Tensor, causal: bool, backend: "str | AttentionBackend" = "sdpa", *,
+                     scale: float | None = None, masked_key: torch.Tensor | None = None, return_probs: bool = False,
                      workspace: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None):
-    """Attention of each query segment over its key segment (see the module docstring).
+    """Attention of each query segment over its key segment (see the module docstring), through
+    `backend`: a name (resolved per call by `make_backend`: tests, benchmarks) or the
+    `AttentionBackend` a layer bound at build time.
 
     q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_seqlens_q / cu_seqlens_k [W+1] int32
         -> out [Tq, H, D]                                       (return_probs=False)
@@ -489,55 +681,10 @@ def varlen_attention(q: torch.Tensor, k: Keys, v: Keys, cu_seqlens_q: torch.Tens
     max_seqlen_q, max_seqlen_k: the longest query / key segment as host ints, if the caller
         knows them (`casa.batch.SeqLens`): `flash` needs them and otherwise reads them from
         the boundaries, a host sync; the other backends ignore them.
+    k = v = `DecodeKV`: the cache's decoding path (head-major buffers, `sdpa`'s `_decode_segment`).
     k = v = `CachedKV` (`flash` only): a decoding step over a several-sample cache; the
         cache's buffers are read and appended to in place, cu_seqlens_k may be None.
     """
-    if isinstance(k, CachedKV):
-        if v is not k or backend != "flash":
-            raise ValueError(f"CachedKV keys need backend='flash' and v passed as the same CachedKV, got "
-                             f"backend={backend!r}, v {type(v).__name__}")
-        check_backend(backend, q.device, False)
-        return _flash_decode(q, k, causal, q.shape[-1] ** -0.5 if scale is None else scale)
-    if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
-        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
-                         f"must both be [W+1]")
-    if not isinstance(k, torch.Tensor):
-        _check_segmented(k, v, cu_seqlens_k.numel() - 1)
-        if backend not in ("sdpa", "eager") and len(k) == 1:
-            # one sample's cache (decoding): its buffer view, read in place, no copy per token
-            # (`casa.cache` keeps it token-major for these backends); dense and flex check its
-            # length against cu_seqlens_k as they read the boundaries anyway
-            k, v = k[0], v[0]
-        elif backend not in ("sdpa", "eager"):  # whole-stream kernels take one key tensor
-            _check_lengths(k, (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist())
-            k, v = torch.cat(list(k)), torch.cat(list(v))
-    k0, v0 = (k, v) if isinstance(k, torch.Tensor) else (k[0], v[0])
-    if q.dim() != 3 or k0.dim() != 3 or v0.shape[:2] != k0.shape[:2]:
-        raise ValueError(f"expected q [Tq, H, D], k and v [Tk, Hkv, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k0.shape)}, v {tuple(v0.shape)}")
-    if q.shape[1] % k0.shape[1] or q.shape[2] != k0.shape[2] or v0.shape[2] != k0.shape[2]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k0.shape[1]}) "
-                         f"and head dims must match (q {q.shape[2]}, k {k0.shape[2]}, v {v0.shape[2]})")
-    kv = [k, v] if isinstance(k, torch.Tensor) else [*k, *v]
-    grad = torch.is_grad_enabled() and (q.requires_grad or any(x.requires_grad for x in kv))
-    check_backend(backend, q.device, grad)
-    if masked_key is not None:
-        if backend not in ("dense", "eager"):
-            raise ValueError(f"masked_key needs backend 'dense' or 'eager', not backend={backend!r}")
-        if masked_key.shape != (q.shape[0],):
-            raise ValueError(f"masked_key must be [Tq={q.shape[0]}], got {tuple(masked_key.shape)}")
-    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise ValueError(f"{name}={n!r} must be a Python int >= 0 (a host value, not a tensor) or None")
-    if return_probs and backend != "eager":
-        raise ValueError(f"return_probs=True needs backend 'eager', not backend={backend!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend == "dense":
-        return _dense(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key)
-    if backend == "sdpa":
-        return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, grad, workspace)
-    if backend == "eager":
-        return _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, masked_key, return_probs)
-    if backend == "flex":
-        return _flex(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, max_seqlen_q, max_seqlen_k)
+    return make_backend(backend)(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale=scale, masked_key=masked_key,
+                                 return_probs=return_probs, workspace=workspace, max_seqlen_q=max_seqlen_q,
+                                 max_seqlen_k=max_seqlen_k)

@@ -15,7 +15,6 @@ Families:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from casa.attention import BACKENDS
 from casa.blocks import DecoderBlock
+from casa.family import Family
 from casa.rope import rope_tables
 
 
@@ -41,6 +41,30 @@ def _families() -> dict[str, tuple[Any, Any]]:
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "helium", "mistral", "qwen2_5_vl")
+
+
+def family_table() -> dict[str, Family]:
+    """{family: its `Family`}: the rotary function (imported from the family's Hugging Face
+    modeling module), its layout, the norm kind and whether q/k carry their own norm. The
+    layers receive their family's entry at build time (`Backbone`); tests/test_image_kv.py
+    checks each entry against what the modules compute."""
+    from transformers.models.helium import modeling_helium
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen3 import modeling_qwen3
+
+    return {
+        "llama": Family("llama", modeling_llama.apply_rotary_pos_emb, "half", "rms", qk_norm=False),
+        "qwen2": Family("qwen2", modeling_qwen2.apply_rotary_pos_emb, "half", "rms", qk_norm=False),
+        "qwen3": Family("qwen3", modeling_qwen3.apply_rotary_pos_emb, "half", "rms", qk_norm=True),
+        "helium": Family("helium", modeling_helium.apply_rotary_pos_emb, "interleaved", "rms", qk_norm=False),
+        "mistral": Family("mistral", modeling_mistral.apply_rotary_pos_emb, "half", "rms", qk_norm=False),
+        # M-RoPE: transformers recomposes the three sections into one [L, D] table (casa.rope),
+        # which the text attention applies with the 1-D split-half rotation
+        "qwen2_5_vl": Family("qwen2_5_vl", modeling_qwen2_5_vl.apply_rotary_pos_emb, "half", "rms", qk_norm=False),
+    }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -123,11 +147,9 @@ class Backbone(nn.Module):
         self.config = self.lm.config
         self.mrope = family == "qwen2_5_vl"
         inner = self._inner()
-        attn0 = inner.layers[0].self_attn
-        # The rotary application of the family (Helium interleaves, the others split halves).
-        rope_fn = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
+        self.family_spec = family_table()[family]  # RoPE layout, norm kind, q/k norm: bound here, never probed
         inner.layers = nn.ModuleList(
-            DecoderBlock(layer, i, rope_fn, attn_backend) for i, layer in enumerate(inner.layers)
+            DecoderBlock(layer, i, self.family_spec, attn_backend) for i, layer in enumerate(inner.layers)
         )
         # Names of the parameters that come from the checkpoint (before any fusion layer is
         # attached): the optimiser gives them the pretrained learning rate.

@@ -26,23 +26,25 @@ strategy asks for FFN updates (paper Table 5), they are never changed by a block
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from casa.attention import varlen_attention
+from casa.attention import AttentionBackend, make_backend
 from casa.context import StreamContext
+from casa.family import Family
 
 
-def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[L, d] through an HF attention module's projections -> q [L, H, D], k, v [L, Hkv, D]."""
+def project_qkv(attn: nn.Module, x: torch.Tensor, qk_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[L, d] through an HF attention module's projections -> q [L, H, D], k, v [L, Hkv, D];
+    qk_norm (`Family.qk_norm`, Qwen3): then its per-head `q_norm` / `k_norm`."""
     L, D = x.shape[0], attn.head_dim
     H, Hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D  # explicit: L may be 0
     q = attn.q_proj(x).view(L, H, D)  # [L, H, D]
     k = attn.k_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
     v = attn.v_proj(x).view(L, Hkv, D)  # [L, Hkv, D]
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on queries and keys, before RoPE
+    if qk_norm:  # Qwen3: per-head RMSNorm on queries and keys, before RoPE
         # HF norms return their weight's dtype: fp32 under autocast, where v is bf16
         q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)
     return q, k, v
@@ -65,8 +67,9 @@ class WindowedSelfAttention(Protocol):
     attn: the block's SA module; h [T, d] normalised text; images [N, d] raw image tokens and
     the norm they take -> [T, d] (after `o_proj`)."""
 
-    def __call__(self, attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor,
-                 image_norm: nn.Module, ctx: StreamContext, layer_idx: int, backend: str) -> torch.Tensor: ...
+    def __call__(self, attn: nn.Module, family: Family, h: torch.Tensor, images: torch.Tensor,
+                 image_norm: nn.Module, ctx: StreamContext, layer_idx: int,
+                 backend: AttentionBackend) -> torch.Tensor: ...
 
 
 class AttentionStep(nn.Module):
@@ -127,23 +130,24 @@ class Replace(AttentionStep):
 
     def forward(self, block, x, images, ctx):
         h = block.input_layernorm(x)
-        return x + self.windowed_attention(block.self_attn, block.rope_fn, h, images, block.input_layernorm, ctx,
-                                           block.layer_idx, backend=block.attn_backend)
+        return x + self.windowed_attention(block.self_attn, block.family, h, images, block.input_layernorm, ctx,
+                                           block.layer_idx, backend=block.window_backend or block.kernel)
 
     def extra_repr(self) -> str:
         return getattr(self.windowed_attention, "__name__", None) or repr(self.windowed_attention)
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, layer: nn.Module, layer_idx: int, rope_fn: Callable, attn_backend: str = "sdpa"):
+    def __init__(self, layer: nn.Module, layer_idx: int, family: Family, attn_backend: str = "sdpa"):
         super().__init__()
         self.self_attn = layer.self_attn
         self.mlp = layer.mlp
         self.input_layernorm = layer.input_layernorm
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.layer_idx = layer_idx
-        self.attn_backend = attn_backend
-        self.rope_fn = rope_fn
+        self.family = family  # RoPE, norm kind, q/k norm (`casa.backbone.family_table`)
+        self.attn_backend = attn_backend  # resolved and validated once (`kernel`)
+        self.window_backend: AttentionBackend | None = None  # a model mode's override of a `Replace` step
         self.attention: AttentionStep = SelfAttention()
         self.fusion_attn: nn.Module | None = None
         self.image_ffn_updates = False
@@ -163,6 +167,15 @@ class DecoderBlock(nn.Module):
         self.image_ffn_updates = image_ffn_updates and self.fused
 
     @property
+    def attn_backend(self) -> str:
+        """The name of the bound attention backend (`kernel`); setting it (build time) rebinds."""
+        return self.kernel.name
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        self.kernel = make_backend(name)
+
+    @property
     def fused(self) -> bool:
         """Whether a strategy composed this block (it then reads the image tokens)."""
         return type(self.attention) is not SelfAttention
@@ -171,15 +184,15 @@ class DecoderBlock(nn.Module):
     def self_attention(self, h: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
         """Block-diagonal causal SA over the samples of the stream: h [L, d] -> [L, d]."""
         attn = self.self_attn
-        q, k, v = project_qkv(attn, h)
-        q, k = self.rope_fn(q, k, ctx.cos, ctx.sin, unsqueeze_dim=1)
+        q, k, v = project_qkv(attn, h, self.family.qk_norm)
+        q, k = self.family.rope_fn(q, k, ctx.cos, ctx.sin, unsqueeze_dim=1)
         cu_q = cu_k = ctx.cu_seqlens
         if ctx.cache is not None:
-            k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens, self.attn_backend)
+            k, v, cu_k = ctx.cache.self_attention(self.layer_idx, k, v, ctx.cu_seqlens, self.kernel)
         max_len = ctx.max_seqlen if ctx.cache is None else None  # cached keys: the cache's lengths
-        o = varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend=self.attn_backend, scale=attn.scaling,
-                             workspace=None if ctx.cache is None else ctx.cache.workspace,
-                             max_seqlen_q=max_len, max_seqlen_k=max_len)
+        o = self.kernel(q, k, v, cu_q, cu_k, causal=True, scale=attn.scaling,
+                        workspace=None if ctx.cache is None else ctx.cache.workspace,
+                        max_seqlen_q=max_len, max_seqlen_k=max_len)
         return attn.o_proj(o.reshape(h.shape[0], -1))  # [L, H*D] -> [L, d]
 
     # ------------------------------------------------------------------ forward

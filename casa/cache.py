@@ -30,9 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
-from casa.attention import CachedKV, flash_dtype
+from casa.attention import CachedKV, DecodeKV, flash_dtype
 from casa.batch import continues_open_window, window_samples
 from casa.context import WindowIndex
+
+
+def _name(backend) -> str:
+    """A backend's name: the layers pass their bound `casa.attention.AttentionBackend`, tests a name."""
+    return backend if isinstance(backend, str) else backend.name
 
 
 @dataclass
@@ -96,11 +101,11 @@ class KVCache:
         """Layout of the buffers allocated from now on (`_append`): head-major for one sample."""
         return self.num_samples == 1
 
-    def _head_major(self, backend: str) -> bool:
+    def _head_major(self, backend) -> bool:
         """Head-major buffers serve the backends that read strided keys in place (`sdpa`'s
         decoding path, `eager`); for flash, flex and dense one sample's token-major buffer is
         itself the contiguous key tensor they take (`casa.attention`: no copy, no concatenation)."""
-        return self.head_major and backend in ("sdpa", "eager")
+        return self.head_major and _name(backend) in ("sdpa", "eager")
 
     def text_kv_tokens(self) -> int:
         """Tokens held by the first SA layer's cache, summed over samples (the 'text KV
@@ -140,10 +145,12 @@ class KVCache:
     # ------------------------------------------------------------------ layer hooks
     def self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, backend: str = "sdpa"):
         """k, v [L, Hkv, D] of the chunk, cu [S+1] -> keys/values of past + chunk per sample
-        (segmented: one [n_s, Hkv, D] view of each sample's buffer, `casa.attention`) and
-        their boundaries cu_k [S+1]. backend: the attention backend that reads them (layout)."""
+        (segmented: one [n_s, Hkv, D] view of each sample's buffer, `casa.attention`; both
+        wrapped in one `DecodeKV` when the buffers are head-major, attention's decoding path)
+        and their boundaries cu_k [S+1]. backend: the attention backend (or its name) that
+        reads them (layout)."""
         store = self.sa.setdefault(layer, [None] * self.num_samples)
-        if backend == "flash" and not torch.is_grad_enabled() and (
+        if _name(backend) == "flash" and not torch.is_grad_enabled() and (
                 layer in self._flash_sa or (self.num_samples > 1 and all(e is None for e in store))):
             return self._flash_self_attention(layer, k, v, cu)
         bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
@@ -159,7 +166,11 @@ class KVCache:
                 store[s] = self._append(bufs, s, store[s], k_new, v_new, self._head_major(backend))
             lens.append(lens[-1] + store[s][0].shape[0])
         cu_k = torch.tensor(lens, dtype=torch.int32, device=k.device)
-        return [e[0] for e in store], [e[1] for e in store], cu_k
+        ks, vs = [e[0] for e in store], [e[1] for e in store]
+        if not torch.is_grad_enabled() and self._head_major(backend):
+            kv = DecodeKV(ks, vs)  # head-major buffers: attention's explicit decoding path
+            return kv, kv, cu_k
+        return ks, vs, cu_k
 
     def _flash_self_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor):
         """`self_attention` for flash with several samples (`_FlashRows`). A step where every
@@ -233,7 +244,7 @@ class KVCache:
     def window(self, layer: int, kind: str, k_img: torch.Tensor, v_img: torch.Tensor, k_txt: torch.Tensor,
                v_txt: torch.Tensor, index: WindowIndex, backend: str = "sdpa"):
         """Keys/values for the chunk's windows -> (k, v, cu_k [W+1]), segmented (one
-        [Lk_w, Hkv, D] per window, `casa.attention`).
+        [Lk_w, Hkv, D] per window, `casa.attention`; a `DecodeKV` for head-major CASA windows).
 
         A chunk window that has no image continues the sample's cached window (a chunk of
         new text tokens); one with images opens a new window. CASA windows live in buffers
@@ -269,7 +280,11 @@ class KVCache:
             vs.append(keys[1])
             lens.append(lens[-1] + keys[0].shape[0])
             store[s] = keys  # a sample's last window of the chunk is the one that stays open
-        return ks, vs, torch.tensor(lens, dtype=torch.int32, device=k_txt.device)
+        cu_k = torch.tensor(lens, dtype=torch.int32, device=k_txt.device)
+        if kind == "casa" and not grad and head_major:
+            kv = DecodeKV(ks, vs)  # head-major buffers (`_append`): attention's explicit decoding path
+            return kv, kv, cu_k
+        return ks, vs, cu_k
 
     def begin(self, sample_cu: torch.Tensor) -> None:
         """Called by the model before a chunk's forward: the chunk's sample boundaries."""

@@ -25,44 +25,18 @@ weight's columns):
 Only x and r [N] are kept for the backward. Equal to the unfused composition up to
 rounding: ~1e-6 in fp32, within bf16 rounding in bf16 (tests/test_image_kv.py).
 
-    image_kv(attn, norm, x [N, d], cos [N, D], sin [N, D], rope_fn) -> k, v [N, Hkv, D]
+    image_kv(attn, norm, x [N, d], cos [N, D], sin [N, D], family) -> k, v [N, Hkv, D]
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
+from casa.family import ROPE_LAYOUTS, Family
 from casa.rope import compute_dtype
 
-RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "HeliumRMSNorm", "Qwen2_5_VLRMSNorm",
-             "Qwen2_5_VLTextRMSNorm", "MistralRMSNorm")
-"""Norms known to compute w ⊙ x / sqrt(mean(x²) + variance_epsilon): the fold applies to
-them; any other norm (Gemma's 1 + w, LayerNorm, ...) runs through plain autograd."""
-
-_ROPE_LAYOUT: dict[Callable, str | None] = {}
-ROPE_LAYOUTS = ("half", "interleaved")
-"""How a family's rotary pairs dimensions: "half" (Llama, Qwen: i with i + D/2) or
-"interleaved" (Helium: 2i with 2i + 1, cos/sin taken from their first half)."""
-
-
-def rope_layout(fn: Callable) -> str | None:
-    """Which of `ROPE_LAYOUTS` a family's `apply_rotary_pos_emb` computes, or None if
-    neither (then RoPE runs unfused). Checked once per function on a random probe."""
-    if fn not in _ROPE_LAYOUT:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)
-        cos, sin = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
-        try:
-            got = fn(x, x, cos, sin, unsqueeze_dim=1)[0]
-        except Exception:  # a different signature: not one of ours
-            got = None
-        _ROPE_LAYOUT[fn] = next((lay for lay in ROPE_LAYOUTS if got is not None and got.shape == x.shape
-                                 and torch.allclose(got, _rope(x, cos, sin, lay, inverse=False))), None)
-    return _ROPE_LAYOUT[fn]
-
+__all__ = ["ROPE_LAYOUTS", "image_kv"]
 
 def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool,
           out: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,12 +178,13 @@ class _ImageKV(torch.autograd.Function):
 
 
 def image_kv(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             rope_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+             family: Family) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of image tokens x [N, d] through an HF attention module's k/v
-    projections, after `norm` and with RoPE (`rope_fn`, tables cos/sin [N, D]) on the
-    keys -> k, v [N, Hkv, D]. The norm is folded when it is a known RMSNorm (`RMS_NORMS`),
-    RoPE applied in place when `rope_fn` is one of `ROPE_LAYOUTS`; the plain composition
-    otherwise (same values)."""
+    projections, after `norm` and with RoPE (`family.rope_fn`, tables cos/sin [N, D]) on the
+    keys -> k, v [N, Hkv, D]. As the family table says (`casa.family.Family`, bound at build
+    time): the norm is folded when it is an RMSNorm (`norm == "rms"`), RoPE applied in place
+    when its layout is one of `ROPE_LAYOUTS` and no k_norm comes between; the plain
+    composition otherwise (same values)."""
     N, D = x.shape[0], attn.head_dim
     Hkv = attn.k_proj.out_features // D
     dtype = compute_dtype(x.dtype, x.device)  # what k_proj(x) would give: autocast's dtype under autocast
@@ -217,9 +192,9 @@ def image_kv(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos: torch.Tenso
         # a decoding step has no image: folding the norm into [W_k; W_v] would cost more than
         # the step's own projections (training keeps the graph, and the weights' zero grads)
         return x.new_empty(0, Hkv, D, dtype=dtype), x.new_empty(0, Hkv, D, dtype=dtype)
-    k_norm = getattr(attn, "k_norm", None)  # Qwen3: per-head RMSNorm on keys, before RoPE
-    layout = rope_layout(rope_fn) if k_norm is None else None
-    if type(norm).__name__ in RMS_NORMS and hasattr(norm, "variance_epsilon"):
+    k_norm = attn.k_norm if family.qk_norm else None  # Qwen3: per-head RMSNorm on keys, before RoPE
+    layout = family.rope_layout if k_norm is None else None
+    if family.norm == "rms":
         fold = layout is not None  # RoPE inside the function, else after it (and after k_norm)
         # autocast does not reach inside an autograd.Function's backward: the casts it would
         # make are made here, so forward and backward both run in `dtype` (bf16 under
@@ -236,4 +211,4 @@ def image_kv(attn: nn.Module, norm: nn.Module, x: torch.Tensor, cos: torch.Tenso
         k, v = attn.k_proj(n).view(N, Hkv, D), attn.v_proj(n).view(N, Hkv, D)
     if k_norm is not None:
         k = k_norm(k)  # HF norms return their weight's dtype: fp32 under autocast
-    return rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0].to(v.dtype), v
+    return family.rope_fn(k, k, cos, sin, unsqueeze_dim=1)[0].to(v.dtype), v

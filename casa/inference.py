@@ -392,20 +392,12 @@ class Assistant:
         return getattr(self.model.fusion, "inference_mask", None)
 
     def set_inference_mask(self, mask: str | None) -> None:
-        """Table 8 masks in the CASA layers ("self", "rnd", "rnd_txt" or None).
+        """Table 8 masks in the CASA layers ("self", "rnd", "rnd_txt" or None): a mode of the
+        model (`VisionLanguageModel.set_inference_mask`).
 
         The KV cache cannot honour them (the masked key's index is computed over the chunk's
         windows, not over the cached ones), so generation with a mask runs uncached."""
-        from casa.fusion import CASA
-        from casa.fusion.windows import INFERENCE_MASKS
-
-        if mask is not None and mask not in INFERENCE_MASKS:
-            raise ValueError(f"inference mask {mask!r} is not one of {list(INFERENCE_MASKS)} or None")
-        if mask is not None and not isinstance(self.model.fusion, CASA):
-            raise ValueError(f"inference masks apply to CASA layers; this model's fusion is "
-                             f"{type(self.model.fusion).__name__}")
-        if isinstance(self.model.fusion, CASA):
-            self.model.fusion.inference_mask = mask
+        self.model.set_inference_mask(mask)
 
     def generation_config(self, **overrides) -> GenerationConfig:
         """Greedy, stopping at the template's end token (uncached under an inference mask),

@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from casa.attention import EAGER
 from casa.backbone import Backbone
 from casa.batch import PackedBatch, build_batch, collate_packed
 from casa.context import AttentionRecorder
@@ -73,6 +74,7 @@ class VisionLanguageModel(nn.Module):
         self.fusion = mark_new(fusion)
         fusion.attach(backbone, vision.spatial_merge_size)
         self._capture: AttentionRecorder | None = None
+        self.set_inference_mask(getattr(fusion, "inference_mask", None))  # a strategy built with a Table 8 mask
         self.activation_checkpointing = False
         self._check_new_parameters_are_marked()
 
@@ -206,13 +208,44 @@ class VisionLanguageModel(nn.Module):
                 groups["new" if name in new else "pretrained"].append((name, p))
         return groups
 
+    # ------------------------------------------------------------------ modes
+    def set_capture(self, recorder: AttentionRecorder | None) -> None:
+        """Capture mode on (a recorder) or off (None). On, the fusion attention layers run the
+        eager backend and append one record per layer call to `recorder` (see
+        `casa.fusion.layers.window_attention`); the switch is made here, once, not per call."""
+        self._capture = recorder
+        self._bind_window_backends()
+
+    def set_inference_mask(self, mask: str | None) -> None:
+        """Table 8 masks in the CASA layers ("self", "rnd", "rnd_txt" or None; applied in eval
+        mode). While one is set the fusion attention layers run the eager backend, the one
+        that hides a key per query. Raises ValueError for another mask or another strategy."""
+        from casa.fusion import CASA
+        from casa.fusion.windows import INFERENCE_MASKS
+
+        if mask is not None and mask not in INFERENCE_MASKS:
+            raise ValueError(f"inference mask {mask!r} is not one of {list(INFERENCE_MASKS)} or None")
+        if mask is not None and not isinstance(self.fusion, CASA):
+            raise ValueError(f"inference masks apply to CASA layers; this model's fusion is "
+                             f"{type(self.fusion).__name__}")
+        if isinstance(self.fusion, CASA):
+            self.fusion.inference_mask = mask
+        self._bind_window_backends()
+
+    def _bind_window_backends(self) -> None:
+        """Every windowed attention (modules with a `window_backend`: fusion layers, CASA∨
+        blocks) runs eager while capturing or masking, its own bound backend otherwise."""
+        eager = self._capture is not None or getattr(self.fusion, "inference_mask", None) is not None
+        for m in self.modules():
+            if hasattr(m, "window_backend"):
+                m.window_backend = EAGER if eager else None
+
     @contextmanager
     def capture_attention(self):
-        """Inside: fusion attention layers run the eager backend and append one record per
-        layer call to the yielded list (see `casa.fusion.layers.window_attention`)."""
+        """Inside: capture mode (`set_capture`) with a fresh recorder; yields its record list."""
         recorder = AttentionRecorder()
-        self._capture = recorder
+        self.set_capture(recorder)
         try:
             yield recorder.records
         finally:
-            self._capture = None
+            self.set_capture(None)

@@ -4,9 +4,10 @@ The Hugging Face rotary modules (1-D RoPE for Llama/Qwen2/Qwen3/Helium, M-RoPE f
 Qwen2.5-VL text model) return `cos, sin` of shape `[1, L, D]` for position ids `[1, L]`
 (or `[3, 1, L]` for M-RoPE: transformers already recomposes the three sections into one
 `[1, L, D]` table). Every rotary attention in casa (SA, CA, CASA; the Q-Former's own
-attention has no RoPE) applies them with the family's own `apply_rotary_pos_emb` (a block's
-`rope_fn`), and image keys through `casa.image_kv`, which rotates in place for the layouts it
-knows; so 1-D and multimodal RoPE need no separate code paths.
+attention has no RoPE) applies them with the family's own `apply_rotary_pos_emb`
+(`casa.family.Family.rope_fn`, bound at build time from `casa.backbone.family_table`), and
+image keys through `casa.image_kv`, which rotates in place in the layout the table names; so
+1-D and multimodal RoPE need no separate code paths.
 
 The tables come in the dtype the projections produce (`compute_dtype`): under autocast
 (`precision: bf16-mixed`) a projection of the fp32 stream is bf16, and fp32 tables would

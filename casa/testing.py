@@ -275,18 +275,25 @@ def strict_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_c
 
 
 @contextmanager
-def flash_stand_in(fn=None, kvcache_fn=None):
-    """Route casa's `flash` backend to `fn` (default `strict_flash_attn_varlen_func`) and its
-    batched decoding step to `kvcache_fn` (default `strict_flash_attn_with_kvcache`) inside."""
-    from casa.attention import set_flash_fn, set_flash_kvcache_fn
+def flash_stand_in(fn=None, kvcache_fn=None, *, model: torch.nn.Module | None = None):
+    """Inside, casa's `flash` backend runs `fn` (default `strict_flash_attn_varlen_func`) and,
+    for its batched decoding step, `kvcache_fn` (default `strict_flash_attn_with_kvcache`):
+    flash backends built inside take them (`casa.attention.flash_kernels`), and those `model`
+    already holds are pointed at them until the block ends (the kernels are injected into each
+    `FlashBackend`; nothing is routed through a global at call time)."""
+    from casa.attention import FlashBackend, flash_kernels
 
-    set_flash_fn(fn or strict_flash_attn_varlen_func)
-    set_flash_kvcache_fn(kvcache_fn or strict_flash_attn_with_kvcache)
+    kernels = (fn or strict_flash_attn_varlen_func, kvcache_fn or strict_flash_attn_with_kvcache)
+    bound = [] if model is None else [(m, name, b) for m in model.modules() for name, b in vars(m).items()
+                                      if isinstance(b, FlashBackend)]
+    for m, name, _ in bound:
+        vars(m)[name] = FlashBackend(*kernels)
     try:
-        yield
+        with flash_kernels(*kernels):
+            yield
     finally:
-        set_flash_fn(None)
-        set_flash_kvcache_fn(None)
+        for m, name, b in bound:
+            vars(m)[name] = b
 
 
 # ---------------------------------------------------------------------- host syncs

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import casa.attention as attention
-from casa.attention import BACKENDS, check_backend, dense_mask, set_flash_fn, varlen_attention
-from casa.testing import strict_flash_attn_varlen_func
+from casa.attention import BACKENDS, DecodeKV, FlashBackend, check_backend, dense_mask, flash_kernels, varlen_attention
+from casa.testing import strict_flash_attn_varlen_func, strict_flash_attn_with_kvcache
 
 # (Lq, Lk) per segment. CASA windows have keys = image tokens + text tokens (Lk > Lq); a
 # window without image has Lq == Lk; plus the edge cases the primitive must accept.
@@ -94,9 +94,13 @@ def flash_stand_in():
         return strict_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal)
 
-    set_flash_fn(flash_attn_varlen_func)
-    yield calls
-    set_flash_fn(None)
+    with flash_kernels(flash_attn_varlen_func, strict_flash_attn_with_kvcache):  # for backends built inside
+        yield calls
+
+
+def _backend(name: str, flash_fn):
+    """Backend `name`; for "flash" one whose varlen kernel is `flash_fn` (injected, no global)."""
+    return FlashBackend(flash_fn, strict_flash_attn_with_kvcache) if name == "flash" else name
 
 
 def test_dense_mask_picture():
@@ -228,6 +232,11 @@ def _head_major(k: torch.Tensor) -> torch.Tensor:
     return k.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
+def _decode_kv(k, v) -> DecodeKV:
+    """k, v as the cache hands them to its decoding path (both arguments of `varlen_attention`)."""
+    return DecodeKV(k, v)
+
+
 def _spy_decode(monkeypatch):
     calls = []
     decode = attention._decode_segment
@@ -244,10 +253,14 @@ def test_decode_path_equals_dense(layout, causal, heads, dtype, monkeypatch):
     q, k, v, cu_q, cu_k = (x.detach() for x in _inputs(DECODE_LAYOUTS[layout], heads, D=16))
     calls = _spy_decode(monkeypatch)
     with torch.no_grad():
-        out = varlen_attention(q.to(dtype), _head_major(k.to(dtype)), v.to(dtype), cu_q, cu_k, causal, "sdpa")
+        kv = _decode_kv(_head_major(k.to(dtype)), v.to(dtype))
+        out = varlen_attention(q.to(dtype), kv, kv, cu_q, cu_k, causal, "sdpa")
         assert len(calls) == DECODED[layout]
         # token-major keys (several samples' caches concatenated) stay on SDPA, same values
         token_major = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k, causal, "sdpa")
+        assert len(calls) == DECODED[layout]
+        # the path is the caller's explicit choice (`DecodeKV`), not read off the keys' strides
+        varlen_attention(q.to(dtype), _head_major(k.to(dtype)), v.to(dtype), cu_q, cu_k, causal, "sdpa")
         assert len(calls) == DECODED[layout]
     torch.testing.assert_close(token_major.float(), out.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
                                rtol=0)
@@ -279,8 +292,9 @@ def test_decode_path_reads_cache_views_in_place(heads):
     kc, vc = KVCache._append(bufs, 0, None, k[:30], v[:30], head_major=True)
     kc, vc = KVCache._append(bufs, 0, (kc, vc), k[30:], v[30:], head_major=True)  # [37, Hkv, D] views of one buffer
     assert kc.data_ptr() == bufs[0][0].data_ptr() and not kc.is_contiguous()
+    kv = _decode_kv(kc, vc)
     with torch.no_grad(), profile(record_shapes=True) as prof:
-        out = varlen_attention(q, kc, vc, cu_q, cu_k, True, "sdpa")
+        out = varlen_attention(q, kv, kv, cu_q, cu_k, True, "sdpa")
     copies = [(e.name, e.input_shapes) for e in prof.events()
               if e.name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
               and any(lk in shape for shape in e.input_shapes if isinstance(shape, list))]
@@ -304,12 +318,9 @@ def test_every_backend_takes_cache_views(backend, lq):
         return strict_flash_attn_varlen_func(q, k, v, *args, **kwargs)
 
     q, kc, vc = _for(backend, q, kc, vc)
-    set_flash_fn(flash_attn_varlen_func)
-    try:
-        with torch.no_grad():
-            out = varlen_attention(q, kc, vc, cu_q, cu_k, True, backend)
-    finally:
-        set_flash_fn(None)
+    kv = _decode_kv(kc, vc)  # as the cache hands them out; every backend reads them
+    with torch.no_grad():
+        out = varlen_attention(q, kv, kv, cu_q, cu_k, True, _backend(backend, flash_attn_varlen_func))
     assert seen == ([True] if backend == "flash" else [])
     torch.testing.assert_close(out.float(), varlen_attention(q.float(), kc.float(), vc.float(), cu_q, cu_k, True, "dense"),
                                **_tol(backend))
@@ -318,12 +329,12 @@ def test_every_backend_takes_cache_views(backend, lq):
 def test_decode_path_only_without_gradients(monkeypatch):
     """With gradients every segment stays on SDPA (its backward, no [H, Lq, Lk] scores kept)."""
     q, k, v, cu_q, cu_k = _inputs(DECODE_LAYOUTS["chunk"])
-    k = _head_major(k)
+    kv = _decode_kv(_head_major(k), v)
     calls = _spy_decode(monkeypatch)
-    out = varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
+    out = varlen_attention(q, kv, kv, cu_q, cu_k, True, "sdpa")
     assert not calls and out.requires_grad
     with torch.no_grad():
-        varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
+        varlen_attention(q, kv, kv, cu_q, cu_k, True, "sdpa")
     assert calls == [5, 3, 2]
 
 
@@ -403,10 +414,9 @@ def test_backends_that_can_run_pass_the_check(flash_stand_in):
     check_backend("flex", "cpu", requires_grad=False)  # forward-only flex is fine on CPU
     check_backend("flex", "cuda", requires_grad=True)
     check_backend("flash", "cpu", requires_grad=True)  # the stand-in is installed
-    set_flash_fn(None)
     if not attention._flash_installed():
         with pytest.raises(ValueError, match="flash-attn package"):
-            check_backend("flash", "cuda", requires_grad=True)
+            FlashBackend().check("cuda", requires_grad=True)  # flash-attn's own kernels
 
 
 def test_bad_shapes_and_boundaries_fail_loudly():
@@ -425,7 +435,7 @@ def test_decode_path_scores_in_a_reused_workspace():
     from casa.cache import KVCache
 
     q, k, v, cu_q, cu_k = (x.detach() for x in _inputs(DECODE_LAYOUTS["chunk"], D=16))
-    k = _head_major(k)
+    kv = _decode_kv(_head_major(k), v)
     cache = KVCache(1)
     asked = []
 
@@ -434,10 +444,10 @@ def test_decode_path_scores_in_a_reused_workspace():
         return cache.workspace(numel, like)
 
     with torch.no_grad():
-        ref = varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa")
-        out = varlen_attention(q, k, v, cu_q, cu_k, True, "sdpa", workspace=workspace)
+        ref = varlen_attention(q, kv, kv, cu_q, cu_k, True, "sdpa")
+        out = varlen_attention(q, kv, kv, cu_q, cu_k, True, "sdpa", workspace=workspace)
         kept = out.clone()
-        varlen_attention(q * 2, k, v, cu_q, cu_k, True, "sdpa", workspace=workspace)
+        varlen_attention(q * 2, kv, kv, cu_q, cu_k, True, "sdpa", workspace=workspace)
     assert len(asked) == 6 and cache._workspace.numel() >= max(asked)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     assert torch.equal(out, kept)
@@ -476,8 +486,9 @@ def test_segmented_keys_are_read_in_place_by_the_decoding_path(monkeypatch):
     seen = []
     decode = attention._decode_segment
     monkeypatch.setattr(attention, "_decode_segment", lambda q, k, v, *a: seen.append((k, v)) or decode(q, k, v, *a))
+    kv = _decode_kv(list(ks), list(vs))
     with torch.no_grad():
-        out = varlen_attention(q, ks, vs, cu_q, cu_k, True, "sdpa")
+        out = varlen_attention(q, kv, kv, cu_q, cu_k, True, "sdpa")
     assert [(a.data_ptr(), b.data_ptr()) for a, b in seen] == [(a.data_ptr(), b.data_ptr()) for a, b in zip(ks, vs)]
     torch.testing.assert_close(out, varlen_attention(q, k, v, cu_q, cu_k, True, "dense"), atol=1e-5, rtol=1e-5)
 

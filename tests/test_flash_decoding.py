@@ -118,13 +118,13 @@ def test_cached_generation_of_several_samples_with_flash_equals_sdpa(strategy):
     out = {}
     for backend in ("flash", "sdpa"):
         model = tiny_model(fusion(), num_layers=2, attn_backend=backend).to(torch.bfloat16).eval()
-        with flash_stand_in(kvcache_fn=spy):
+        with flash_stand_in(kvcache_fn=spy, model=model):
             out[backend] = generate(model, prompts, GenerationConfig(max_new_tokens=5, stop_token_ids=()))
     assert out["flash"] == out["sdpa"]
     assert len(calls) == 4 * 2 and set(calls) == {3}  # 4 decoding steps x 2 SA layers, 3 samples each
     # plain `flash_stand_in` (varlen only) pairs itself with the strict kvcache stand-in
     model = tiny_model(fusion(), num_layers=2, attn_backend="flash").to(torch.bfloat16).eval()
-    with flash_stand_in():
+    with flash_stand_in(model=model):
         assert generate(model, prompts, GenerationConfig(max_new_tokens=5, stop_token_ids=())) == out["sdpa"]
 
 

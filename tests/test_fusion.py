@@ -186,7 +186,7 @@ def test_table8_masks_change_casa_outputs_in_eval_only():
     model.eval()
     with torch.no_grad():
         ref = model(batch).logits
-        model.fusion.inference_mask = "self"
+        model.set_inference_mask("self")  # a mode of the model: its windows run eager from here on
         masked = model(batch).logits
         model.train()
         train_mode = model(batch).logits

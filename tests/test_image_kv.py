@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from casa.backbone import Backbone
+from casa.backbone import Backbone, family_table
 import casa.image_kv as image_kv_module
-from casa.image_kv import ROPE_LAYOUTS, _ImageKV, image_kv, rope_layout
+from casa.family import Family
+from casa.image_kv import ROPE_LAYOUTS, _ImageKV, _rope, image_kv
 from casa.testing import tiny_backbone_config
 
 FAMILIES = ["llama", "helium", "qwen2", "qwen3", "mistral", "qwen2_5_vl"]
@@ -53,8 +54,8 @@ def test_fused_image_kv_equals_the_plain_composition(family, dtype, monkeypatch)
     cos, sin = bb.rope(pos if family != "qwen2_5_vl" else pos.expand(3, -1), dtype)
     params = [x, norm.weight, attn.k_proj.weight, attn.v_proj.weight]
     params += [p for p in (attn.k_proj.bias, attn.v_proj.bias) if p is not None]
-    ours = image_kv(attn, norm, x, cos, sin, block.rope_fn)
-    ref = _reference(attn, norm, x, cos, sin, block.rope_fn)
+    ours = image_kv(attn, norm, x, cos, sin, block.family)
+    ref = _reference(attn, norm, x, cos, sin, block.family.rope_fn)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=4e-2)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, **tol)
@@ -82,14 +83,44 @@ def test_every_supported_family_takes_the_fused_path(monkeypatch):
         pos = torch.arange(5)
         cos, sin = bb.rope(pos if family != "qwen2_5_vl" else pos.expand(3, -1), torch.float32)
         calls.clear()
-        image_kv(block.self_attn, block.input_layernorm, x, cos, sin, block.rope_fn)
+        image_kv(block.self_attn, block.input_layernorm, x, cos, sin, block.family)
         assert len(calls) == 1, family
         cos_arg, layout = calls[0][6], calls[0][8]
         if family == "qwen3":
             assert cos_arg is None, family
         else:
             assert cos_arg is cos and layout in ROPE_LAYOUTS, (family, layout)
-    assert rope_layout(Backbone("helium", config=tiny_backbone_config("helium")).layers[0].rope_fn) == "interleaved"
+    assert Backbone("helium", config=tiny_backbone_config("helium")).layers[0].family.rope_layout == "interleaved"
+
+
+def _probe_layout(fn):
+    """Which of `ROPE_LAYOUTS` `fn` computes, found numerically (the reference the table is checked against)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)
+    cos, sin = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    got = fn(x, x, cos, sin, unsqueeze_dim=1)[0]
+    return next((lay for lay in ROPE_LAYOUTS if torch.allclose(got, _rope(x, cos, sin, lay, inverse=False))), None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_family_table_says_what_the_modules_compute(family):
+    """Each `family_table` entry, bound at build time, against the family's own HF modules: the
+    rotary function is the one its attention module uses, its layout is what it computes, the
+    norm is w * x / rms(x), and q/k norms exist exactly where the table says."""
+    import sys
+
+    bb = Backbone(family, config=tiny_backbone_config(family))
+    spec, block = family_table()[family], bb.layers[0]
+    assert block.family == spec and bb.family_spec == spec
+    assert spec.rope_fn is sys.modules[type(block.self_attn).__module__].apply_rotary_pos_emb
+    assert spec.rope_layout == _probe_layout(spec.rope_fn)
+    assert spec.qk_norm == hasattr(block.self_attn, "q_norm") == hasattr(block.self_attn, "k_norm")
+    norm = block.input_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(4, bb.hidden_size)
+        rms = norm.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.variance_epsilon)
+        assert spec.norm == "rms" and torch.allclose(norm(x), rms, atol=1e-6)
 
 
 def test_unknown_norm_and_rope_fall_back_to_autograd(monkeypatch):
@@ -104,23 +135,23 @@ def test_unknown_norm_and_rope_fall_back_to_autograd(monkeypatch):
     monkeypatch.setattr(_ImageKV, "apply", lambda *a: calls.append(1) or (_ for _ in ()).throw(AssertionError))
     x = torch.randn(5, bb.hidden_size, requires_grad=True)
     cos, sin = bb.rope(torch.arange(5), torch.float32)
-    k, v = image_kv(attn, norm, x, cos, sin, odd_rope)
+    k, v = image_kv(attn, norm, x, cos, sin, Family("odd", odd_rope, rope_layout=None, norm="other", qk_norm=False))
     kr, vr = _reference(attn, norm, x, cos, sin, odd_rope)
     assert not calls and torch.equal(k, kr) and torch.equal(v, vr)
-    assert rope_layout(odd_rope) is None
+    assert _probe_layout(odd_rope) is None
 
 
 def test_empty_and_frozen_inputs():
     bb, block = _layer("llama", torch.float32)
     attn, norm = block.self_attn, block.input_layernorm
     cos, sin = bb.rope(torch.arange(0), torch.float32)
-    k, v = image_kv(attn, norm, torch.zeros(0, bb.hidden_size), cos, sin, block.rope_fn)
+    k, v = image_kv(attn, norm, torch.zeros(0, bb.hidden_size), cos, sin, block.family)
     assert k.shape == (0, 2, 16) and v.shape == (0, 2, 16)
     # a decoding step (no grad, no image) builds no folded weights: no op touches W_k / W_v
     from torch.profiler import profile
 
     with torch.no_grad(), profile(record_shapes=True) as prof:
-        k, v = image_kv(attn, norm, torch.zeros(0, bb.hidden_size), cos, sin, block.rope_fn)
+        k, v = image_kv(attn, norm, torch.zeros(0, bb.hidden_size), cos, sin, block.family)
     assert k.shape == (0, 2, 16) and v.shape == (0, 2, 16)
     w = list(attn.k_proj.weight.shape)
     assert not [e.name for e in prof.events() if any(shape == w for shape in e.input_shapes)]
@@ -129,8 +160,8 @@ def test_empty_and_frozen_inputs():
         p.requires_grad_(False)
     x = torch.randn(6, bb.hidden_size, requires_grad=True)
     cos, sin = bb.rope(torch.arange(6), torch.float32)
-    (a,), (b,) = _grads(image_kv(attn, norm, x, cos, sin, block.rope_fn), [x]), \
-        _grads(_reference(attn, norm, x, cos, sin, block.rope_fn), [x])
+    (a,), (b,) = _grads(image_kv(attn, norm, x, cos, sin, block.family), [x]), \
+        _grads(_reference(attn, norm, x, cos, sin, block.family.rope_fn), [x])
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -158,8 +189,8 @@ def test_backward_keeps_only_the_inputs_and_one_scale_per_token(family):
         seen = {(t.data_ptr(), t.numel()) for t in saved if t.dim() >= 1 and t.shape[0] == N}
         return sum(numel for _, numel in seen) * 4
 
-    fused = image_bytes(lambda: image_kv(attn, norm, x, cos, sin, block.rope_fn))
-    plain = image_bytes(lambda: _reference(attn, norm, x, cos, sin, block.rope_fn))
+    fused = image_bytes(lambda: image_kv(attn, norm, x, cos, sin, block.family))
+    plain = image_bytes(lambda: _reference(attn, norm, x, cos, sin, block.family.rope_fn))
     D = cos.shape[-1]
     assert fused <= 4 * (N * d + N + 2 * N * D)  # x, r, cos, sin (Helium: half-width tables, repeated)
     assert plain >= 2 * fused

@@ -21,7 +21,7 @@ def _syncs_per_step(strategy: str, num_layers: int, batch: PackedBatch) -> SyncC
     on: each block runs twice) with the flash backend behind the strict stand-in."""
     model = tiny_model(build_fusion(strategy), num_layers=num_layers, attn_backend="flash").train()
     model.activation_checkpointing = True
-    with flash_stand_in(), SyncCounter() as syncs:
+    with flash_stand_in(model=model), SyncCounter() as syncs:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(batch).loss
         loss.backward()
@@ -132,7 +132,7 @@ def test_flash_decoding_reads_the_one_sample_cache_in_place():
     out = {}
     for backend in ("flash", "sdpa"):
         model = tiny_model(CASA(mode="plus"), num_layers=2, attn_backend=backend).to(torch.bfloat16).eval()
-        with flash_stand_in(spy):
+        with flash_stand_in(spy, model=model):
             out[backend] = generate(model, prompts, GenerationConfig(max_new_tokens=4, stop_token_ids=()))
     assert steps and all(steps), steps
     assert out["flash"] == out["sdpa"]

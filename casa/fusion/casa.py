@@ -104,7 +104,7 @@ class CASA(WindowedFusion):
                            image_ffn_updates=self.image_ffn_updates)
                 continue
             before = self.form == "before"
-            layer = WindowAttention(block.self_attn, block.rope_fn, self.kind, self.backend or block.attn_backend,
+            layer = WindowAttention(block.self_attn, block.family, self.kind, self.backend or block.attn_backend,
                                     norm=block.input_layernorm if before else None)
             block.fuse(Before() if before else Parallel(), mark_new(layer), self.image_ffn_updates)
 

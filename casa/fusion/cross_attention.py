@@ -57,7 +57,7 @@ class CrossAttention(WindowedFusion):
         for i, block in enumerate(backbone.layers):
             if i % self.every:
                 continue
-            layer = WindowAttention(block.self_attn, block.rope_fn, self.kind, self.backend or block.attn_backend,
+            layer = WindowAttention(block.self_attn, block.family, self.kind, self.backend or block.attn_backend,
                                     gated=self.gated, norm=block.input_layernorm if before else None)
             block.fuse(Before() if before else Parallel(), mark_new(layer), self.image_ffn_updates)
             self._layers.append(i)

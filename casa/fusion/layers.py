@@ -9,33 +9,38 @@ weights"), so the new layer starts by attending like the pretrained model does.
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import nn
 
-from casa.attention import varlen_attention
+from casa.attention import AttentionBackend, make_backend, varlen_attention
 from casa.blocks import project_qkv
 from casa.context import StreamContext
+from casa.family import Family
 from casa.fusion.windows import window_layout
 from casa.image_kv import image_kv
 
 
-def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images: torch.Tensor, image_norm: nn.Module,
-                     ctx: StreamContext, layer_idx: int, backend: str, kind: str) -> torch.Tensor:
+def window_attention(attn: nn.Module, family: Family, h: torch.Tensor, images: torch.Tensor, image_norm: nn.Module,
+                     ctx: StreamContext, layer_idx: int, backend: AttentionBackend, kind: str) -> torch.Tensor:
     """Text queries attend to the image tokens of their window (+ the window's text for CASA).
 
-    attn: an HF attention module (its projections are used); h [T, d] normalised text;
-    images [N, d] image tokens, normalised here by `image_norm` (inside the fused K/V
-    projection, `casa.image_kv`) -> [T, d] (after `o_proj`).
+    attn: an HF attention module (its projections are used); family: the backbone's
+    conventions (`casa.family.Family`); h [T, d] normalised text; images [N, d] image tokens,
+    normalised here by `image_norm` (inside the fused K/V projection, `casa.image_kv`)
+    -> [T, d] (after `o_proj`).
+
+    backend: the layer's bound backend. Capture (`ctx.capture`) and the Table 8 masks
+    (`index.masked_key`) need the eager one, which the model binds when it enters those modes
+    (`VisionLanguageModel.set_capture` / `set_inference_mask`); another backend refuses them.
     """
     index = ctx.windows
     if index is None or index.kind != kind:
         raise RuntimeError(f"a {kind} layer ran without a {kind} window index (the strategy did not prepare the batch)")
     T = h.shape[0]
-    q, k_txt, v_txt = project_qkv(attn, h)
-    q, k_txt = rope_fn(q, k_txt, ctx.cos, ctx.sin, unsqueeze_dim=1)
-    k_img, v_img = image_kv(attn, image_norm, images, index.image_cos, index.image_sin, rope_fn)  # [N, Hkv, D]
+    q, k_txt, v_txt = project_qkv(attn, h, family.qk_norm)
+    q, k_txt = family.rope_fn(q, k_txt, ctx.cos, ctx.sin, unsqueeze_dim=1)
+    k_img, v_img = image_kv(attn, image_norm, images, index.image_cos, index.image_sin, family)  # [N, Hkv, D]
     cu_k = index.cu_k
     if ctx.cache is not None:
         k, v, cu_k = ctx.cache.window(layer_idx, kind, k_img, v_img, k_txt, v_txt, index, backend)
@@ -46,13 +51,11 @@ def window_attention(attn: nn.Module, rope_fn: Callable, h: torch.Tensor, images
         k, v = k_img, v_img  # [N, Hkv, D]
     masked = index.masked_key
     if ctx.capture is not None:
-        o, probs = varlen_attention(q, k, v, index.cu_q, cu_k, causal=index.causal, backend="eager",
+        o, probs = varlen_attention(q, k, v, index.cu_q, cu_k, causal=index.causal, backend=backend,
                                     scale=attn.scaling, masked_key=masked, return_probs=True)
         ctx.capture.append({"layer": layer_idx, "kind": kind, "probs": [p.detach() for p in probs],
                             "window_cu_text": index.cu_q.tolist(), "window_cu_image": index.window_cu_image.tolist()})
     else:
-        if masked is not None:
-            backend = "eager"  # only the explicit-softmax backends can hide one key per query
         cached = ctx.cache is not None  # cached keys: the cache's lengths, not the batch's
         o = varlen_attention(q, k, v, index.cu_q, cu_k, causal=index.causal, backend=backend, scale=attn.scaling,
                              masked_key=masked, max_seqlen_q=None if cached else index.max_q,
@@ -65,15 +68,15 @@ class WindowAttention(nn.Module):
 
     Args:
         self_attn: the block's SA module, copied (weights included) as this layer's attention.
-        rope_fn: the backbone family's rotary function.
+        family: the backbone family's conventions (`casa.family.Family`, the block's).
         kind: "casa" or "cross_attention".
-        backend: attention backend.
+        backend: attention backend (name), bound once (`attention`).
         gated: multiply the output by tanh(gate), gate initialised at 0 (Flamingo-style gated
             CA: the model equals its backbone at init).
         norm: for placement "before", the block's input norm, copied as this layer's pre-norm.
     """
 
-    def __init__(self, self_attn: nn.Module, rope_fn: Callable, kind: str, backend: str, gated: bool = False,
+    def __init__(self, self_attn: nn.Module, family: Family, kind: str, backend: str, gated: bool = False,
                  norm: nn.Module | None = None):
         super().__init__()
         self.attn = copy.deepcopy(self_attn)
@@ -84,15 +87,26 @@ class WindowAttention(nn.Module):
             for p in self.norm.parameters():
                 p.requires_grad_(True)
         self.gate = nn.Parameter(torch.zeros(1)) if gated else None
-        self.rope_fn = rope_fn
+        self.family = family
         self.kind = kind
         self.backend = backend
+        self.window_backend: AttentionBackend | None = None  # a model mode's override (capture, masks)
+
+    @property
+    def backend(self) -> str:
+        """The name of the bound attention backend (`kernel`); setting it (build time) rebinds."""
+        return self.kernel.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.kernel = make_backend(name)
 
     def forward(self, h: torch.Tensor, images: torch.Tensor, image_norm: nn.Module, ctx: StreamContext,
                 layer_idx: int) -> torch.Tensor:
         """h [T, d] normalised text, images [N, d] raw image tokens and the norm they take
         (the block's, or this layer's own for placement "before") -> [T, d]."""
-        out = window_attention(self.attn, self.rope_fn, h, images, image_norm, ctx, layer_idx, self.backend, self.kind)
+        out = window_attention(self.attn, self.family, h, images, image_norm, ctx, layer_idx,
+                               self.window_backend or self.kernel, self.kind)
         if self.gate is not None:
             out = out * torch.tanh(self.gate)
         return out
