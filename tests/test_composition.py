@@ -74,7 +74,7 @@ class _ForgetsToMark(CrossAttention):
     def attach(self, backbone, merge):
         super().attach(backbone, merge)
         block = backbone.layers[0]
-        block.fuse(Parallel(), WindowAttention(block.self_attn, block.rope_fn, "cross_attention", "sdpa"))
+        block.fuse(Parallel(), WindowAttention(block.self_attn, block.family, "cross_attention", "sdpa"))
 
 
 def test_an_unmarked_new_parameter_is_an_error():
