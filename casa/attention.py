@@ -35,7 +35,7 @@ Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
     flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
     flash  `flash_attn_varlen_func` (CUDA with the flash-attn package): fp16/bf16 only, fp32
            inputs go down to the autocast dtype (`flash_dtype`); tests run it through the
-           strict stand-in `casa.testing.strict_flash_attn_varlen_func`
+           strict stand-in `tests.builders.strict_flash_attn_varlen_func`
 `masked_key` (paper Table 8 "-self"/"-rnd" inference masks) is supported by dense and eager.
 
 Keys and values may also come as *segmented* sequences, one tensor [Lk_w, Hkv, D] per
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("dense", "sdpa", "eager", "flex", "flash")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
-"""What flash-attn takes (fp16 / bf16 only; `casa.testing.strict_flash_attn_varlen_func`)."""
+"""What flash-attn takes (fp16 / bf16 only; `tests.builders.strict_flash_attn_varlen_func`)."""
 
 _FLASH_FN: Callable | None = None
 """Stand-in for `flash_attn.flash_attn_varlen_func` (same signature and semantics); tests set
@@ -73,7 +73,7 @@ def set_flash_fn(fn: Callable | None) -> None:
 
 _FLASH_KVCACHE_FN: Callable | None = None
 """Stand-in for `flash_attn.flash_attn_with_kvcache` (same signature and semantics; tests set
-`casa.testing.strict_flash_attn_with_kvcache` with `casa.testing.flash_stand_in`). None = the real one."""
+`tests.builders.strict_flash_attn_with_kvcache` with `tests.builders.flash_stand_in`). None = the real one."""
 
 
 def set_flash_kvcache_fn(fn: Callable | None) -> None:

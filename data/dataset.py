@@ -46,9 +46,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from casa.batch import PackedBatch, collate_packed, image_token_count
 from data.format import CONTENT_TYPES, ROLES
-from data.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify
-from data.packing import Packer, Sample
-from data.templates import ChatTemplate
+from casa.processing.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify
+from casa.processing.sample import Sample
+from data.packing import Packer
+from casa.processing.template import ChatTemplate
 from data.video import CAPTION_PROMPT, expand_video, sample_frames
 
 log = logging.getLogger(__name__)

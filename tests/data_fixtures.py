@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data.format import ShardWriter, encode_image, image, make_sample, text
-from data.packing import Sample
+from casa.processing.sample import Sample
 
 
 def png(size=(56, 56), color=(200, 30, 30)) -> bytes:

@@ -8,7 +8,7 @@ from torch import nn
 from casa.backbone import Backbone
 import casa.image_kv as image_kv_module
 from casa.image_kv import ROPE_LAYOUTS, _ImageKV, image_kv, rope_layout
-from casa.testing import tiny_backbone_config
+from casa.tiny import tiny_backbone_config
 
 FAMILIES = ["llama", "helium", "qwen2", "qwen3", "mistral", "qwen2_5_vl"]
 
