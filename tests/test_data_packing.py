@@ -7,9 +7,9 @@ import torch
 
 from casa.batch import window_boundaries
 from casa.processing.sample import Sample, shifted_labels
-from data.packing import Packer, build_row
 from casa.processing.template import ChatTemplate
 from casa.processing.tokenizer import resolve_tokenizer
+from data.packing import Packer, build_row
 from tests.data_fixtures import conv, sample
 
 

@@ -4,10 +4,10 @@ import string
 
 import pytest
 
-from casa.processing.tokenizer import resolve_tokenizer
-from data.format import image, text
 from casa.processing.template import ChatTemplate, encode
+from casa.processing.tokenizer import resolve_tokenizer
 from casa.processing.tokenizer import SPECIALS, build_tokenizer, load_tokenizer
+from data.format import image, text
 from tests.data_fixtures import conv
 
 

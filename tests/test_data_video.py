@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from casa.processing.sample import Sample
+from casa.processing.template import ChatTemplate
 from casa.processing.tokenizer import resolve_tokenizer
 from data.format import text
-from casa.processing.sample import Sample
 from data.packing import build_row
-from casa.processing.template import ChatTemplate
 from data.video import expand_video, sample_frames
 
 

@@ -11,8 +11,8 @@ import torch
 
 from casa.fusion import CASA
 from casa.tiny import random_packed_batch, tiny_model
-from tests.builders import flash_stand_in, strict_flash_attn_varlen_func
 from experiments.strategies import build_fusion, fusion_class, names
+from tests.builders import flash_stand_in, strict_flash_attn_varlen_func
 
 LAYOUT = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 6), ("image", (2, 2)), ("text", 3)]]
 

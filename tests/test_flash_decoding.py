@@ -8,9 +8,9 @@ from torch.overrides import TorchFunctionMode
 
 from casa.attention import CachedKV, varlen_attention
 from casa.cache import KVCache
-from tests.builders import flash_stand_in, strict_flash_attn_with_kvcache
 from casa.fusion import CASA, Insertion
 from casa.tiny import random_packed_batch, tiny_model
+from tests.builders import flash_stand_in, strict_flash_attn_with_kvcache
 from tests.builders import flash_stand_in
 
 LAYOUT = [[("text", 5), ("image", (4, 4)), ("text", 9)], [("image", (2, 4)), ("text", 12)],

@@ -74,8 +74,8 @@ def test_chat_prompt_is_the_training_prompt_and_answers_round_trip(run):
     what `answer_batch` (validation's truncate + generate + decode) answers for it."""
     from PIL import Image
 
-    from casa.generation import truncate_samples
     from casa.assistant import load
+    from casa.generation import truncate_samples
     from data.dataset import SampleProcessor
     from data.packing import build_row
     from data.synth import make_one
@@ -103,9 +103,9 @@ def test_caption_layout_reproduces_the_training_encoding():
     """Streaming's chunks, with the reference captions teacher-forced, concatenate into the
     token stream (and image positions) the training pipeline encodes for the clip."""
     from casa.assistant import CaptionLayout
-    from data.dataset import SampleProcessor, VideoOptions
-    from casa.processing.tokenizer import resolve_tokenizer
     from casa.processing.template import ChatTemplate
+    from casa.processing.tokenizer import resolve_tokenizer
+    from data.dataset import SampleProcessor, VideoOptions
     from data.video import expand_video, sample_frames
 
     tok = resolve_tokenizer("char")
@@ -132,10 +132,10 @@ def test_caption_layout_reproduces_the_training_encoding():
 @pytest.mark.parametrize("fusion", ["casa", "insertion"])
 def test_stream_chunks_equal_a_full_forward(fusion):
     """Frame chunks through the KV cache give the logits of one forward over the whole stream."""
+    from casa.assistant import frame_chunk
     from casa.cache import KVCache
     from casa.fusion import CASA, Insertion
     from casa.generation import text_chunk
-    from casa.assistant import frame_chunk
     from casa.tiny import random_packed_batch, tiny_model
 
     model = tiny_model(CASA("plus") if fusion == "casa" else Insertion()).eval()

@@ -6,8 +6,8 @@ import torch
 
 from casa.batch import (build_batch, collate_packed, continues_open_window, image_token_count, seqlens_of,
                         window_boundaries, window_samples)
-from casa.generation import append_tokens, image_chunk, text_chunk, truncate_samples
 from casa.assistant import frame_chunk
+from casa.generation import append_tokens, image_chunk, text_chunk, truncate_samples
 from casa.tiny import random_packed_batch
 
 

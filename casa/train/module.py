@@ -20,8 +20,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from casa.batch import PackedBatch
 from casa.generation import GenerationConfig, generate, truncate_samples
-from casa.train.metrics import GroupedAnswerMetrics, WeightedMean
 from casa.model import VisionLanguageModel
+from casa.train.metrics import GroupedAnswerMetrics, WeightedMean
 from casa.train.optim import build_optimizer, build_scheduler
 
 
