@@ -9,38 +9,11 @@ over ranks, and the end-of-fit table lists every rank.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def _proc_status_bytes(field: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return 0
-
-
-def rss_bytes() -> int:
-    return _proc_status_bytes("VmRSS")
-
-
-def peak_rss_bytes() -> int:
-    return _proc_status_bytes("VmHWM")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from casa.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 class MemoryMonitor(L.Callback):

@@ -36,7 +36,7 @@ Backends (all equal to `dense` to 1e-5 in fp32, tests/test_attention.py):
     flex   `flex_attention` with a block mask from segment ids (GPU; forward only on CPU)
     flash  `flash_attn_varlen_func` (CUDA with the flash-attn package): fp16/bf16 only, fp32
            inputs go down to the autocast dtype (`flash_dtype`); its kernels are injected
-           (`FlashBackend`): tests run it through the strict stand-ins of `casa.testing`
+           (`FlashBackend`): tests run it through the strict stand-ins of `tests.builders`
 Each is an `AttentionBackend` object: a layer resolves its backend once, when it is built
 (`make_backend`), and calls that object; `varlen_attention(..., backend=name)` resolves a
 name per call (tests, benchmarks).
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("dense", "sdpa", "eager", "flex", "flash")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
-"""What flash-attn takes (fp16 / bf16 only; `casa.testing.strict_flash_attn_varlen_func`)."""
+"""What flash-attn takes (fp16 / bf16 only; `tests.builders.strict_flash_attn_varlen_func`)."""
 
 _FLASH_KERNELS: tuple[Callable, Callable] | None = None
 """Kernels a `flash` backend built without explicit ones takes (`flash_kernels`); None: flash-attn's.
@@ -75,7 +75,7 @@ Read only when a backend is built (`make_backend`), never per call."""
 def flash_kernels(varlen_fn: Callable, kvcache_fn: Callable):
     """Inside: `flash` backends built without explicit kernels take these (same signatures and
     semantics as `flash_attn.flash_attn_varlen_func` / `flash_attn_with_kvcache`), e.g. the CPU
-    stand-ins of `casa.testing.flash_stand_in`. Backends built before or after are unaffected."""
+    stand-ins of `tests.builders.flash_stand_in`. Backends built before or after are unaffected."""
     global _FLASH_KERNELS
     before, _FLASH_KERNELS = _FLASH_KERNELS, (varlen_fn, kvcache_fn)
     try:
@@ -591,7 +591,7 @@ class FlashBackend(AttentionBackend):
     (`flash_attn.flash_attn_with_kvcache`) for the batched decoding step over a `CachedKV`.
     None: flash-attn's own, imported here once (left unset if the package is not installed,
     which `why_not` then reports). Injected kernels run on any device (CPU stand-ins:
-    `casa.testing.flash_stand_in`); flash-attn's need CUDA."""
+    `tests.builders.flash_stand_in`); flash-attn's need CUDA."""
 
     name = "flash"
 

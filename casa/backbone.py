@@ -120,7 +120,7 @@ class Backbone(nn.Module):
     Args:
         family: one of `FAMILIES`.
         config: config fields for a randomly initialised model (tests, the demo); see
-            `casa.testing.tiny_backbone_config`.
+            `casa.tiny.tiny_backbone_config`.
         path: a local directory written by `save_pretrained` (real checkpoints). Exactly one
             of `config` / `path`.
         freeze: freeze every backbone parameter (the CASA-on-frozen-Qwen2.5-VL setup).

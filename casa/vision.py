@@ -8,7 +8,7 @@ The tower is Hugging Face's `Qwen2_5_VisionTransformerPretrainedModel` used as i
 
 What it sees: only patches. Decoding, mode conversion, resizing to `max_pixels` keeping the
 aspect ratio (paper §4.1: native resolution up to 896², i.e. at most 1024 tokens per image)
-and patchifying happen in `data.image`. All images of a batch go through one call; the
+and patchifying happen in `casa.processing.image`. All images of a batch go through one call; the
 tower attends within each image only, so this equals encoding them one by one.
 
 Video: a frame is one more image with grid t = 1 (the data pipeline repeats the frame to

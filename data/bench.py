@@ -16,11 +16,11 @@ import logging
 import tempfile
 import time
 
+from casa.processing.image import MIN_PIXELS
+from casa.processing.template import ChatTemplate
+from casa.processing.tokenizer import build_tokenizer, load_tokenizer
 from data.datamodule import expand_shards
 from data.dataset import SampleProcessor, ShardStream, VideoOptions
-from data.image import MIN_PIXELS
-from data.templates import ChatTemplate
-from data.tokenizer import build_tokenizer, load_tokenizer
 
 
 def run(pattern: str, template: str = "helium", tokenizer: str | None = None, max_text_tokens: int = 2048,

@@ -23,8 +23,6 @@ import glob
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -34,12 +32,10 @@ import torch
 from torch.utils.data import ChainDataset, DataLoader, IterableDataset
 
 from casa.batch import PackedBatch
+from casa.processing.image import MIN_PIXELS
+from casa.processing.template import ChatTemplate
+from casa.processing.tokenizer import CHAR_TOKENIZER, resolve_tokenizer
 from data.dataset import SampleProcessor, ShardStream, VideoOptions, reader_slot
-from data.image import MIN_PIXELS
-from data.templates import ChatTemplate
-from data.tokenizer import build_tokenizer, load_tokenizer
-
-CHAR_TOKENIZER = "char"
 
 
 def expand_shards(pattern: str, split: str = "train") -> list[str]:
@@ -60,23 +56,6 @@ def expand_shards(pattern: str, split: str = "train") -> list[str]:
             raise FileNotFoundError(f"no shard matches {p!r} (from {split} pattern {pattern!r})")
         paths.extend(matches)
     return paths
-
-
-def resolve_tokenizer(spec: str):
-    """"char" -> the built-in character tokenizer (built once per machine in the temp dir);
-    anything else -> a local tokenizer directory (`data.tokenizer.load_tokenizer`)."""
-    if spec != CHAR_TOKENIZER:
-        return load_tokenizer(spec)
-    d = Path(tempfile.gettempdir()) / f"casa-char-tokenizer-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    if not (d / "tokenizer.json").is_file():
-        # build aside and rename: concurrent processes (test workers, ranks) never see a half-written dir
-        tmp = Path(tempfile.mkdtemp(prefix="casa-char-tokenizer-build-"))
-        build_tokenizer(tmp)
-        try:
-            os.rename(tmp, d)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    return load_tokenizer(d)
 
 
 def _val_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:

@@ -45,10 +45,11 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from casa.batch import PackedBatch, collate_packed, image_token_count
+from casa.processing.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify
+from casa.processing.sample import Sample
+from casa.processing.template import ChatTemplate
 from data.format import CONTENT_TYPES, ROLES
-from data.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify
-from data.packing import Packer, Sample
-from data.templates import ChatTemplate
+from data.packing import Packer
 from data.video import CAPTION_PROMPT, expand_video, sample_frames
 
 log = logging.getLogger(__name__)

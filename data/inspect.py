@@ -23,11 +23,11 @@ import time
 from collections import Counter
 
 from casa.batch import image_token_count
+from casa.processing.image import MERGE, MIN_PIXELS
+from casa.processing.template import ChatTemplate
+from casa.processing.tokenizer import build_tokenizer, load_tokenizer
 from data.datamodule import expand_shards
 from data.dataset import SKIP_REASONS, SampleProcessor, ShardStream, VideoOptions
-from data.image import MERGE, MIN_PIXELS
-from data.templates import ChatTemplate
-from data.tokenizer import build_tokenizer, load_tokenizer
 
 
 def histogram(values: list[int], bins: int = 8) -> list[dict]:

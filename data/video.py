@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 
+from casa.processing.template import CAPTION_PROMPT
 from data.format import image, text
-
-CAPTION_PROMPT = "Describe what happens."
 
 
 def sample_frames(timestamps: list[float], fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,

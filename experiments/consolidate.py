@@ -4,7 +4,7 @@
 
 Under `trainer/fsdp2_h100.yaml`, `fit` writes `last.ckpt` as a directory of DCP shards
 (see `casa.checkpoint`). Every casa reader takes that directory as it is (`init_from`,
-`experiments.evaluate`, `experiments.stream`, `casa.inference.load`); this command is for
+`experiments.evaluate`, `experiments.stream`, `casa.assistant.load`); this command is for
 tools outside casa that want one `torch.load`-able file. The file holds the full weights,
 the run config and the step, without the optimizer states, so it can start a new stage or
 be evaluated, but an exact resume (`--ckpt_path`) needs the directory.

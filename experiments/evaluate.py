@@ -40,7 +40,7 @@ METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from casa.inference import add_checkpoint_arguments
+    from casa.rebuild import add_checkpoint_arguments
 
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +104,7 @@ def caption_clip(raw: dict, assistant) -> tuple[list, list[str]] | None:
 
 
 def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dict:
-    from casa.metrics import GroupedAnswerMetrics
+    from casa.train.metrics import GroupedAnswerMetrics
     from data.packing import build_row
 
     tasks, groups = GroupedAnswerMetrics(), GroupedAnswerMetrics()
@@ -154,7 +154,7 @@ def evaluate_stream(assistant, stream, a: argparse.Namespace, progress) -> dict 
     model watches ANOTHER test clip of the same length. The text prior (what captions look
     like, when they usually come) is identical, so the gap between the two is what the
     model reads off the frames."""
-    from casa.metrics import GroupedAnswerMetrics
+    from casa.train.metrics import GroupedAnswerMetrics
 
     clips = [c for c in (caption_clip(raw, assistant) for raw in islice(stream.raw_samples(), a.max_samples)) if c]
     if not clips:
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from casa.inference import CheckpointError, load
+    from casa.assistant import CheckpointError, load
     from data.datamodule import expand_shards
 
     a = parse_args(argv)

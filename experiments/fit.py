@@ -1,6 +1,6 @@
 """Train a fusion model: `python -m experiments.fit --config experiments/configs/demo.yaml`.
 
-A LightningCLI over `casa.module.CasaModule` and any `LightningDataModule` (subclass mode):
+A LightningCLI over `casa.train.module.CasaModule` and any `LightningDataModule` (subclass mode):
 components are picked with `class_path`/`init_args`, configs compose
 (`--config a.yaml --config b.yaml`) and accept dotted overrides
 (`--model.lr_new 3e-4`, `--trainer.max_steps 50`). Wrong values fail at startup with the
@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from casa.module import CasaModule
+from casa.train.module import CasaModule
 
 
 @dataclass
@@ -188,7 +188,7 @@ def main(args: list[str] | None = None) -> CasaCLI:
             raise
         print(f"experiments.fit: config error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
-    # the checkpoint carries its own config, so evaluate/stream/casa.inference need only the file
+    # the checkpoint carries its own config, so evaluate/stream/casa.assistant need only the file
     cli.model.run_config = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     cli.after_fit()

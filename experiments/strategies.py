@@ -10,7 +10,7 @@ strategy enters all of them with one new YAML file; nothing else lists strategie
     names()                       the matrix's names
     build_fusion("casa_plus")     a FusionStrategy instance, parsed by jsonargparse as the CLI parses it
     fusion_class("casa_plus")     the class it instantiates (casa.fusion.CASA)
-    build_model([base, "casa_plus"])   casa.inference.build_model with strategy names resolved
+    build_model([base, "casa_plus"])   casa.rebuild.build_model with strategy names resolved
 """
 
 from __future__ import annotations
@@ -101,9 +101,9 @@ def build_fusion(name: str, **init_args: Any):
 
 
 def build_model(configs: list[str | Path | dict], overrides: list[str] = ()):
-    """`casa.inference.build_model` where a bare strategy name in `configs` stands for its
+    """`casa.rebuild.build_model` where a bare strategy name in `configs` stands for its
     YAML: `build_model(["experiments/configs/demo.yaml", "casa_plus"])`."""
-    from casa.inference import build_model as build
+    from casa.rebuild import build_model as build
 
     return build([strategy(c).path if isinstance(c, str) and not c.endswith((".yaml", ".yml")) else c
                   for c in configs], overrides)

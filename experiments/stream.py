@@ -71,7 +71,7 @@ def video_frames(path: str, fps: float) -> Iterator:
     """Frames of a folder, an animated image or a still image (InputError for anything else)."""
     from PIL import Image, ImageSequence
 
-    from casa.inference import InputError
+    from casa.assistant import InputError
     from data.video import sample_frames
 
     p = Path(path)
@@ -133,7 +133,7 @@ def summary(records: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from casa.inference import add_checkpoint_arguments
+    from casa.rebuild import add_checkpoint_arguments
 
     p = argparse.ArgumentParser(prog="python -m experiments.stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(a: argparse.Namespace) -> int:
     import torch
 
-    from casa.inference import load
+    from casa.assistant import load
 
     threads = torch.get_num_threads()
     if a.threads:
@@ -207,7 +207,7 @@ def _run(a: argparse.Namespace, assistant) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from casa.inference import CheckpointError, InputError
+    from casa.assistant import CheckpointError, InputError
 
     a = parse_args(argv)
     try:

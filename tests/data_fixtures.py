@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from casa.processing.sample import Sample
 from data.format import ShardWriter, encode_image, image, make_sample, text
-from data.packing import Sample
 
 
 def png(size=(56, 56), color=(200, 30, 30)) -> bytes:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from casa.fusion import CASA
-from casa.module import CasaModule
-from casa.testing import tiny_model
+from casa.tiny import tiny_model
+from casa.train.module import CasaModule
 from data.datamodule import VideoDataModule
 from data.synth import ensure_synth
 

@@ -119,7 +119,7 @@ def _accumulate(rank: int, init: str, out: Path) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from casa.fusion import CASA
-    from casa.testing import random_packed_batch, tiny_model
+    from casa.tiny import random_packed_batch, tiny_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

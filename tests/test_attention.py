@@ -5,7 +5,7 @@ import torch
 
 import casa.attention as attention
 from casa.attention import BACKENDS, DecodeKV, FlashBackend, check_backend, dense_mask, flash_kernels, varlen_attention
-from casa.testing import strict_flash_attn_varlen_func, strict_flash_attn_with_kvcache
+from tests.builders import strict_flash_attn_varlen_func, strict_flash_attn_with_kvcache
 
 # (Lq, Lk) per segment. CASA windows have keys = image tokens + text tokens (Lk > Lq); a
 # window without image has Lq == Lk; plus the edge cases the primitive must accept.
@@ -83,7 +83,7 @@ def _keyless_rows(layout, causal):
 
 @pytest.fixture
 def flash_stand_in():
-    """Route the flash backend to the strict stand-in (`casa.testing`: flash-attn's input
+    """Route the flash backend to the strict stand-in (`tests.builders`: flash-attn's input
     contract, then the reference; bf16/fp16 only), recording what it was given."""
     calls = []
 
@@ -194,7 +194,7 @@ def test_flash_plumbing(flash_stand_in):
     tolist = torch.Tensor.tolist
     torch.Tensor.tolist = lambda self: calls.append(1) or tolist(self)
     try:
-        from casa.testing import SyncCounter
+        from tests.builders import SyncCounter
 
         with SyncCounter() as syncs:
             varlen_attention(q, k, v, cu_q, cu_k, True, "flash", max_seqlen_q=4, max_seqlen_k=9)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from casa.backbone import FAMILIES, Backbone
-from casa.testing import tiny_backbone_config
+from casa.tiny import tiny_backbone_config
 
 TEXT_FAMILIES = ["llama", "qwen2", "qwen3", "helium", "mistral"]
 

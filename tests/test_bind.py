@@ -10,8 +10,8 @@ from casa.attention import EAGER, AttentionBackend, DecodeKV, FlashBackend, make
 from casa.cache import KVCache
 from casa.context import AttentionRecorder
 from casa.fusion import CASA, CrossAttention
-from casa.testing import (flash_stand_in, random_packed_batch, strict_flash_attn_varlen_func,
-                          strict_flash_attn_with_kvcache, tiny_model)
+from casa.tiny import random_packed_batch, tiny_model
+from tests.builders import flash_stand_in, strict_flash_attn_varlen_func, strict_flash_attn_with_kvcache
 
 SAMPLES = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 3)], [("text", 9)]]
 

@@ -232,7 +232,7 @@ def test_attention_capture_records_under_fsdp2_mixed_precision(tmp_path):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from casa.fusion import CASA
-    from casa.testing import random_packed_batch, tiny_model
+    from casa.tiny import random_packed_batch, tiny_model
 
     samples = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 6)]]
     batch = random_packed_batch(samples, seed=1)

@@ -15,7 +15,7 @@ from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QF
 from casa.fusion.layers import WindowAttention
 from casa.fusion.perceiver import Perceiver, PerceiverCrossAttention
 from casa.fusion.windows import WindowedFusion
-from casa.testing import random_packed_batch, tiny_backbone_config, tiny_model
+from casa.tiny import random_packed_batch, tiny_backbone_config, tiny_model
 
 STRATEGIES = {
     "insertion": lambda: Insertion(),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.image import ImageError, decode_image, num_image_tokens, patchify, smart_resize
+from casa.processing.image import ImageError, decode_image, num_image_tokens, patchify, smart_resize
 from tests.data_fixtures import jpeg_bytes
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from casa.batch import window_boundaries
-from data.packing import Packer, Sample, build_row, shifted_labels
-from data.templates import ChatTemplate
-from data.datamodule import resolve_tokenizer
+from casa.processing.sample import Sample, shifted_labels
+from casa.processing.template import ChatTemplate
+from casa.processing.tokenizer import resolve_tokenizer
+from data.packing import Packer, build_row
 from tests.data_fixtures import conv, sample
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from casa.processing.template import ChatTemplate
+from casa.processing.tokenizer import resolve_tokenizer
 from data import bench
 from data import inspect as data_inspect
-from data.datamodule import ImageDataModule, MixtureDataModule, VideoDataModule, expand_shards, resolve_tokenizer
+from data.datamodule import ImageDataModule, MixtureDataModule, VideoDataModule, expand_shards
 from data.dataset import SampleProcessor, ShardStream
 from data.format import make_sample, text
-from data.templates import ChatTemplate
 from tests.data_fixtures import conv, good_samples, png, raw, write
 
 

@@ -4,10 +4,10 @@ import string
 
 import pytest
 
-from data.datamodule import resolve_tokenizer
+from casa.processing.template import ChatTemplate, encode
+from casa.processing.tokenizer import resolve_tokenizer
+from casa.processing.tokenizer import SPECIALS, build_tokenizer, load_tokenizer
 from data.format import image, text
-from data.templates import ChatTemplate, encode
-from data.tokenizer import SPECIALS, build_tokenizer, load_tokenizer
 from tests.data_fixtures import conv
 
 

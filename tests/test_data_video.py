@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from data.datamodule import resolve_tokenizer
+from casa.processing.sample import Sample
+from casa.processing.template import ChatTemplate
+from casa.processing.tokenizer import resolve_tokenizer
 from data.format import text
-from data.packing import Sample, build_row
-from data.templates import ChatTemplate
+from data.packing import build_row
 from data.video import expand_video, sample_frames
 
 

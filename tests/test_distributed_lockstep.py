@@ -18,7 +18,7 @@ import torch
 
 from casa.fusion import CASA, CrossAttention, QFormer
 from casa.generation import GenerationConfig, generate
-from casa.testing import random_packed_batch, tiny_model
+from casa.tiny import random_packed_batch, tiny_model
 
 STRATEGIES = {
     "casa_plus": lambda: CASA("plus"),

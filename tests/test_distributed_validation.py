@@ -24,9 +24,9 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-import casa.module
-from casa.metrics import GroupedAnswerMetrics
-from casa.module import _is_padding
+import casa.train.module
+from casa.train.metrics import GroupedAnswerMetrics
+from casa.train.module import _is_padding
 from data.datamodule import ImageDataModule
 from data.dataset import ShardStream
 from data.format import make_sample
@@ -119,8 +119,8 @@ class _Rows(L.Callback):
 def _validate(root: Path, devices: int, val_max_samples: int) -> dict:
     dm = _datamodule(root)
     calls: list[int] = []
-    real_generate = casa.module.generate
-    casa.module.generate = _answers_half_right(real_generate, dm.tokenizer, calls)
+    real_generate = casa.train.module.generate
+    casa.train.module.generate = _answers_half_right(real_generate, dm.tokenizer, calls)
     try:
         rows = _Rows()
         trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
@@ -129,7 +129,7 @@ def _validate(root: Path, devices: int, val_max_samples: int) -> dict:
         module = tiny_module(val_max_samples=val_max_samples, val_max_new_tokens=3)
         metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
     finally:
-        casa.module.generate = real_generate
+        casa.train.module.generate = real_generate
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "rows": rows.rows, "generated": calls}
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from casa.fusion import CASA
-from casa.testing import flash_stand_in, random_packed_batch, strict_flash_attn_varlen_func, tiny_model
+from casa.tiny import random_packed_batch, tiny_model
 from experiments.strategies import build_fusion, fusion_class, names
+from tests.builders import flash_stand_in, strict_flash_attn_varlen_func
 
 LAYOUT = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 6), ("image", (2, 2)), ("text", 3)]]
 
@@ -78,7 +79,7 @@ def test_bf16_autocast_loss_is_close_to_fp32():
 def test_image_kv_returns_one_dtype_under_autocast():
     from casa.backbone import Backbone
     from casa.image_kv import image_kv
-    from casa.testing import tiny_backbone_config
+    from casa.tiny import tiny_backbone_config
 
     bb = Backbone("llama", config=tiny_backbone_config("llama"))
     block = bb.layers[0]
@@ -171,7 +172,7 @@ def test_fit_runs_flash_under_bf16_mixed_and_refuses_it_in_fp32(in_tmp, capsys):
 
 
 def test_inference_picks_bf16_for_flash_on_cuda():
-    from casa.inference import inference_dtype
+    from casa.rebuild import inference_dtype
 
     flash, sdpa = (tiny_model(CASA(mode="plus"), num_layers=2, attn_backend=b) for b in ("flash", "sdpa"))
     assert inference_dtype(flash, "cuda") == torch.bfloat16

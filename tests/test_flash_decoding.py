@@ -1,6 +1,6 @@
 """Cached decoding with `flash` over several samples (issue 14, item 8): a decoding step hands
 the layer's whole cache to `flash_attn_with_kvcache` (no per-token concatenation of every
-sample's keys), through the strict CPU stand-in `casa.testing.strict_flash_attn_with_kvcache`."""
+sample's keys), through the strict CPU stand-in `tests.builders.strict_flash_attn_with_kvcache`."""
 
 import pytest
 import torch
@@ -8,9 +8,10 @@ from torch.overrides import TorchFunctionMode
 
 from casa.attention import CachedKV, varlen_attention
 from casa.cache import KVCache
-from casa.testing import flash_stand_in, strict_flash_attn_with_kvcache
 from casa.fusion import CASA, Insertion
-from casa.testing import flash_stand_in, random_packed_batch, tiny_model
+from casa.tiny import random_packed_batch, tiny_model
+from tests.builders import flash_stand_in, strict_flash_attn_with_kvcache
+from tests.builders import flash_stand_in
 
 LAYOUT = [[("text", 5), ("image", (4, 4)), ("text", 9)], [("image", (2, 4)), ("text", 12)],
           [("text", 4), ("image", (2, 2)), ("text", 11)]]

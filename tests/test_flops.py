@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from casa.flops import BatchLayout, ModelDims, count_flops, training_flops
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
 from casa.fusion.perceiver import PerceiverCrossAttention
-from casa.testing import random_packed_batch, tiny_model
+from casa.tiny import random_packed_batch, tiny_model
 
 SAMPLES = [[("text", 5), ("image", (12, 8)), ("text", 9), ("image", (4, 4)), ("image", (2, 2)), ("text", 6)],
            [("text", 7)],

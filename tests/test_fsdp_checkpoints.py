@@ -1,6 +1,6 @@
 """What `fit` writes under FSDP2 (a DCP checkpoint directory) is read by every casa reader:
 the next stage's `init_from`, `experiments.evaluate`, `experiments.stream`,
-`casa.inference.load` and `experiments.consolidate`, with the trained weights.
+`casa.assistant.load` and `experiments.consolidate`, with the trained weights.
 
 The reference for "the trained weights" is torch's own conversion of the directory
 (`torch.distributed.checkpoint.format_utils.dcp_to_torch_save`), not our reader."""
@@ -43,7 +43,7 @@ def test_fsdp2_checkpoint_directory_is_read_by_every_reader(in_tmp, capsys, monk
 
     # the next stage (video_stage.yaml / live_captioning_stage.yaml do this): its weights once
     # init_from is read, before its first step changes them
-    from casa.module import CasaModule
+    from casa.train.module import CasaModule
 
     loaded: list[dict] = []
     read = CasaModule._load_weights
@@ -58,7 +58,7 @@ def test_fsdp2_checkpoint_directory_is_read_by_every_reader(in_tmp, capsys, monk
     assert len(loaded) == 1
     _assert_same(loaded[0], reference)
 
-    from casa.inference import load
+    from casa.assistant import load
 
     assistant = load(last)
     _assert_same(assistant.model.state_dict(), reference)

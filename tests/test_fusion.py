@@ -9,7 +9,7 @@ import torch
 from casa.backbone import Backbone
 from casa.blocks import Replace
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion
-from casa.testing import random_packed_batch, tiny_backbone_config, tiny_model
+from casa.tiny import random_packed_batch, tiny_backbone_config, tiny_model
 from experiments.strategies import build_fusion, names
 
 

@@ -6,7 +6,7 @@ import torch
 from casa.cache import KVCache
 from casa.fusion import CASA
 from casa.generation import GenerationConfig, append_tokens, generate, image_chunk, text_chunk
-from casa.testing import random_packed_batch, tiny_model
+from casa.tiny import random_packed_batch, tiny_model
 from experiments.strategies import build_fusion, names
 
 
@@ -115,7 +115,7 @@ def test_append_tokens_matches_a_rebuilt_batch():
 @pytest.mark.parametrize("name", names())
 @pytest.mark.parametrize("samples", [1, 2])
 def test_a_chunk_that_closes_a_window_and_opens_the_next(name, samples):
-    """Live captioning's chunk (`casa.inference.frame_chunk`): the last tokens of the open
+    """Live captioning's chunk (`casa.assistant.frame_chunk`): the last tokens of the open
     window, then a frame opening a new one, then text. The cache extends the old window
     while it opens the new one in the same forward, so the new window's buffer must not be
     the old one's; logits equal one full forward (one sample: head-major buffers; two:

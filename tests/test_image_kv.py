@@ -9,7 +9,7 @@ from casa.backbone import Backbone, family_table
 import casa.image_kv as image_kv_module
 from casa.family import Family
 from casa.image_kv import ROPE_LAYOUTS, _ImageKV, _rope, image_kv
-from casa.testing import tiny_backbone_config
+from casa.tiny import tiny_backbone_config
 
 FAMILIES = ["llama", "helium", "qwen2", "qwen3", "mistral", "qwen2_5_vl"]
 

@@ -165,3 +165,34 @@ def test_the_checker_ignores_type_checking_imports_and_reports_application_impor
     assert find_cycle(graph) is None
     assert external_imports(tmp_path, "pkg", ("data", "lightning")) == {
         "pkg.b": {"data.packing", "lightning"}}
+
+
+APPLICATION = ("data", "callbacks", "experiments", "lightning")
+
+
+def _imports_of(package: str, prefixes: tuple[str, ...], outside: str | None = None) -> dict[str, set[str]]:
+    """external_imports of `package`, leaving out the modules under `outside` (a subpackage)."""
+    return {m: hits for m, hits in external_imports(ROOT, package, prefixes).items()
+            if outside is None or not (m == outside or m.startswith(outside + "."))}
+
+
+def test_the_model_package_imports_no_application_package_outside_its_training_part():
+    """The layers of the code (DESIGN.md): `casa` (model, the per-sample processor, inference)
+    needs torch and transformers only; `casa.train` (LightningModule, optimiser, validation
+    metrics) adds lightning; data -> casa; callbacks -> casa, data; experiments -> everything."""
+    assert "casa.assistant" in import_graph(ROOT, "casa")  # the walk found the package
+    bad = _imports_of("casa", APPLICATION, outside="casa.train")
+    assert not bad, f"casa modules importing {APPLICATION}: {bad}"
+    bad = _imports_of("casa", ("data", "callbacks", "experiments"))
+    assert not bad, f"casa.train may import lightning, not the application packages: {bad}"
+    bad = _imports_of("data", ("callbacks", "experiments"))
+    assert not bad, f"data modules importing callbacks/experiments: {bad}"
+    bad = _imports_of("callbacks", ("experiments",))
+    assert not bad, f"callbacks modules importing experiments: {bad}"
+
+
+def test_the_library_never_imports_the_tests():
+    """Test tools live in tests/ (`tests.builders`); the benchmarks and the demo use `casa.tiny`."""
+    for package in ("casa", "data", "callbacks", "experiments"):
+        bad = _imports_of(package, ("tests",))
+        assert not bad, f"{package} modules importing tests: {bad}"

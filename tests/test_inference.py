@@ -47,7 +47,7 @@ def run(tmp_path_factory):
     casa = root / "run" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(casa, map_location="cpu", weights_only=False)
     # insertion: the same run config with another fusion strategy, weights of a fresh build
-    from casa.inference import build_model
+    from casa.rebuild import build_model
 
     config = yaml.safe_load(ckpt["casa_config"])
     config["model"]["model"]["init_args"]["fusion"] = {"class_path": "casa.fusion.Insertion"}
@@ -74,8 +74,8 @@ def test_chat_prompt_is_the_training_prompt_and_answers_round_trip(run):
     what `answer_batch` (validation's truncate + generate + decode) answers for it."""
     from PIL import Image
 
+    from casa.assistant import load
     from casa.generation import truncate_samples
-    from casa.inference import load
     from data.dataset import SampleProcessor
     from data.packing import build_row
     from data.synth import make_one
@@ -102,10 +102,10 @@ def test_chat_prompt_is_the_training_prompt_and_answers_round_trip(run):
 def test_caption_layout_reproduces_the_training_encoding():
     """Streaming's chunks, with the reference captions teacher-forced, concatenate into the
     token stream (and image positions) the training pipeline encodes for the clip."""
-    from casa.inference import CaptionLayout
+    from casa.assistant import CaptionLayout
+    from casa.processing.template import ChatTemplate
+    from casa.processing.tokenizer import resolve_tokenizer
     from data.dataset import SampleProcessor, VideoOptions
-    from data.datamodule import resolve_tokenizer
-    from data.templates import ChatTemplate
     from data.video import expand_video, sample_frames
 
     tok = resolve_tokenizer("char")
@@ -132,11 +132,11 @@ def test_caption_layout_reproduces_the_training_encoding():
 @pytest.mark.parametrize("fusion", ["casa", "insertion"])
 def test_stream_chunks_equal_a_full_forward(fusion):
     """Frame chunks through the KV cache give the logits of one forward over the whole stream."""
+    from casa.assistant import frame_chunk
     from casa.cache import KVCache
     from casa.fusion import CASA, Insertion
     from casa.generation import text_chunk
-    from casa.inference import frame_chunk
-    from casa.testing import random_packed_batch, tiny_model
+    from casa.tiny import random_packed_batch, tiny_model
 
     model = tiny_model(CASA("plus") if fusion == "casa" else Insertion()).eval()
     # text 0..3 | frame A | text 4..8 | frame B | text 9..11
@@ -155,7 +155,7 @@ def test_stream_chunks_equal_a_full_forward(fusion):
 
 
 def test_mask_changes_casa_answers_and_is_refused_elsewhere(run):
-    from casa.inference import load
+    from casa.assistant import load
     from data.dataset import SampleProcessor
     from data.packing import build_row
     from data.synth import make_one
@@ -176,7 +176,8 @@ def test_mask_changes_casa_answers_and_is_refused_elsewhere(run):
 
 
 def test_checkpoint_without_config_loads_with_its_yaml_configs(run):
-    from casa.inference import load, merge_configs
+    from casa.assistant import load
+    from casa.rebuild import merge_configs
 
     a, b = load(run["casa"]), load(run["no_config"], config_files=[DEMO, TINY])
     assert type(b.model.fusion) is type(a.model.fusion) and b.settings == a.settings
@@ -188,9 +189,53 @@ def test_checkpoint_without_config_loads_with_its_yaml_configs(run):
     assert merge_configs(base, over) == {"fusion": over["fusion"], "lr": 2, "keep": {"a": 1, "b": 2}}
 
 
+
+# Every class a checkpoint written before the package layering (issue 15, step 1) names: the
+# class paths in the `casa_config` that experiments.fit stored at that commit (demo + tiny
+# configs). The LightningModule itself is never named (fit passes the class), and nothing
+# in a checkpoint is a pickled class, so moving casa.module -> casa.train.module (and the
+# processor into casa.processing) cannot break one.
+OLD_CHECKPOINT_CLASS_PATHS = [
+    "callbacks.attention_maps.AttentionMaps", "callbacks.gates.GateMonitor", "callbacks.memory.MemoryMonitor",
+    "callbacks.throughput.TokenThroughput", "casa.backbone.Backbone", "casa.fusion.CASA",
+    "casa.model.VisionLanguageModel", "casa.vision.VisionEncoder", "data.datamodule.VideoDataModule",
+]
+
+
+def _class_paths(node) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["class_path"]] if isinstance(node.get("class_path"), str) else []) + [
+            p for v in node.values() for p in _class_paths(v)]
+    return [p for v in node for p in _class_paths(v)] if isinstance(node, list) else []
+
+
+def test_checkpoints_name_no_moved_module_and_old_ones_still_load(run):
+    import importlib
+
+    from casa.assistant import load
+
+    # weights_only: plain tensors and containers, no pickled class whose module could move
+    ckpt = torch.load(run["casa"], map_location="cpu", weights_only=True)
+    assert ckpt["hparams_name"] == "kwargs" and "model" not in ckpt["hyper_parameters"]
+    stored = _class_paths(yaml.safe_load(ckpt["casa_config"]))
+    assert "casa.model.VisionLanguageModel" in stored
+    for path in sorted(set(stored) | set(OLD_CHECKPOINT_CLASS_PATHS)):
+        module, _, name = path.rpartition(".")
+        if module == "callbacks":  # Lightning's short form (callbacks.ModelCheckpoint)
+            continue
+        assert hasattr(importlib.import_module(module), name), f"{path} (named by a checkpoint) does not resolve"
+    # a checkpoint written before the move: the same file without the keys Lightning adds, its
+    # config as that commit stored it (the classes above); it rebuilds to the same weights
+    old = run["root"] / "old_layout.ckpt"
+    torch.save({k: ckpt[k] for k in ("state_dict", "casa_config", "global_step")}, old)
+    a, b = load(run["casa"]), load(old)
+    for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
 # ---------------------------------------------------------------------------------- CLIs
 def test_evaluate_json(run, capsys, monkeypatch):
-    from casa.inference import Assistant
+    from casa.assistant import Assistant
     from experiments.evaluate import main
 
     args = ["--ckpt", str(run["casa"]), "--data", str(run["synth"]), "--json", "--max-samples", "5",

@@ -8,7 +8,7 @@ from casa.backbone import Backbone
 from casa.batch import build_batch, image_token_count
 from casa.fusion import Insertion
 from casa.model import VisionLanguageModel
-from casa.testing import tiny_backbone_config, tiny_vision_config
+from casa.tiny import tiny_backbone_config, tiny_vision_config
 from casa.vision import VisionEncoder
 
 VISION_START, VISION_END, IMAGE_PAD = 150, 151, 152

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from casa.inference import build_model
+from casa.rebuild import build_model
 from experiments import strategies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_build_model_builds_what_fit_builds(name, monkeypatch):
 
     import lightning as L
 
-    from casa.module import CasaModule
+    from casa.train.module import CasaModule
     from experiments.fit import CasaCLI
 
     path = strategies.strategy(name).path

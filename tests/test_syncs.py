@@ -1,6 +1,6 @@
 """Host syncs and copies on the hot path (issue 14, item 8; `PackedBatch.to` from item 9).
 
-Counted on CPU with `casa.testing.SyncCounter` (the ops that would make the host wait for a
+Counted on CPU with `tests.builders.SyncCounter` (the ops that would make the host wait for a
 CUDA device); the GPU lane checks the same bound with `torch.cuda.set_sync_debug_mode`."""
 
 import dataclasses
@@ -10,8 +10,9 @@ import torch
 
 from casa.batch import PackedBatch, SeqLens, collate_packed, seqlens_of
 from casa.fusion import CASA
-from casa.testing import SyncCounter, flash_stand_in, random_packed_batch, strict_flash_attn_varlen_func, tiny_model
+from casa.tiny import random_packed_batch, tiny_model
 from experiments.strategies import build_fusion, names
+from tests.builders import SyncCounter, flash_stand_in, strict_flash_attn_varlen_func
 
 LAYOUT = [[("text", 5), ("image", (4, 4)), ("text", 7)], [("image", (2, 4)), ("text", 6), ("image", (2, 2)), ("text", 3)]]
 
@@ -70,7 +71,8 @@ def test_seqlens_of_the_docstring_example():
 
 
 def test_collate_and_packing_carry_seqlens_that_match_the_boundaries():
-    from data.packing import Sample, build_row
+    from casa.processing.sample import Sample
+    from data.packing import build_row
 
     batch = random_packed_batch(LAYOUT)
     batch.validate()  # checks seqlens against the boundaries

@@ -6,9 +6,9 @@ import torch
 
 from casa.batch import (build_batch, collate_packed, continues_open_window, image_token_count, seqlens_of,
                         window_boundaries, window_samples)
+from casa.assistant import frame_chunk
 from casa.generation import append_tokens, image_chunk, text_chunk, truncate_samples
-from casa.inference import frame_chunk
-from casa.testing import random_packed_batch
+from casa.tiny import random_packed_batch
 
 
 def test_the_packed_batch_docstring_example():

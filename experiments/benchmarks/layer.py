@@ -119,7 +119,7 @@ def build_model(name: str, s: Setting, dtype: torch.dtype, device: torch.device,
 def packed_row(s: Setting, prefill_text: int | None = None):
     """`samples` samples of [image (image_tokens) | text (text_tokens)]; pixels are dropped (the
     benchmark feeds image embeddings directly)."""
-    from casa.testing import random_packed_batch
+    from casa.tiny import random_packed_batch
 
     side = int(round((4 * s.image_tokens) ** 0.5))  # h = w patches, h*w/4 tokens
     if side * side != 4 * s.image_tokens:

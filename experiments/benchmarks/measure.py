@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import torch
 
-from callbacks.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from casa.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 MiB = 2 ** 20
 

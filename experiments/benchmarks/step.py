@@ -6,8 +6,8 @@ The model is the demo's (`experiments/configs/demo.yaml`: backbone, vision tower
 projector), the strategy each `experiments/configs/strategies/<name>.yaml` of the matrix
 (`experiments.strategies`; CASA∨ as configured there, every 2nd of the 4 layers). A step is forward + backward +
 `optimizer.step()` + `zero_grad()` with the optimiser the training uses
-(`casa.optim.build_optimizer`: Adam, new / pretrained groups), on one packed batch
-shared by every strategy, built by `casa.testing.random_packed_batch`:
+(`casa.train.optim.build_optimizer`: Adam, new / pretrained groups), on one packed batch
+shared by every strategy, built by `casa.tiny.random_packed_batch`:
 
     demo_caps    16 samples x (one 16x16-patch image = 64 tokens, 32 text tokens):
                  T = 512 text and N = 1024 image tokens, the demo's two caps filled
@@ -61,7 +61,7 @@ def build_model(strategy: str, quick: bool):
 
 
 def make_batch(layout: dict[str, int], vocab_size: int):
-    from casa.testing import random_packed_batch
+    from casa.tiny import random_packed_batch
 
     side = layout["side"]
     sample = [("image", (side, side))] * layout["images"] + [("text", layout["text"])]
@@ -71,7 +71,7 @@ def make_batch(layout: dict[str, int], vocab_size: int):
 def prepare_strategy(strategy: str, batch, quick: bool, device: torch.device):
     """-> (a closure running one training step of the demo model with `strategy`, its row
     without timings); the first step, which allocates Adam's state, is already done."""
-    from casa.optim import build_optimizer
+    from casa.train.optim import build_optimizer
 
     model = build_model(strategy, quick).to(device).train()
     opt = build_optimizer(model.parameter_groups(), lr_new=1e-3, lr_pretrained=1e-3)

@@ -104,9 +104,10 @@ def build_assistant(strategy: str, size: int, device: str = "cpu"):
     import torch
     import yaml
 
-    from casa.inference import Assistant, DataSettings, build_model
-    from data.datamodule import resolve_tokenizer
-    from data.templates import ChatTemplate
+    from casa.assistant import Assistant
+    from casa.processing.template import ChatTemplate
+    from casa.processing.tokenizer import resolve_tokenizer
+    from casa.rebuild import DataSettings, build_model
 
     name, init_args = VARIANTS.get(strategy, ("insertion" if strategy == CONTROL else strategy, {}))
     config = yaml.safe_load(DEMO_CONFIG.read_text())
@@ -207,9 +208,9 @@ def text_only_stream(assistant, frames: int, cfg, fps: float = 2.0):
     tail, then the tokens that follow the frame), so the SA layers see the same transcript
     and the same number of queries per frame; only the image and everything it costs (vision
     encoder, fusion layers, image keys) is absent. Yields `FrameRecord`s."""
+    from casa.assistant import CaptionLayout, FrameRecord, memory_bytes
     from casa.cache import KVCache
     from casa.generation import generate, text_chunk
-    from casa.inference import CaptionLayout, FrameRecord, memory_bytes
 
     layout = CaptionLayout.from_template(assistant.template)
     cache, pending, stop, dev = KVCache(1), list(layout.first_pre), set(cfg.stop_token_ids), assistant.device

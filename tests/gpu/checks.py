@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from casa.attention import varlen_attention
-from casa.testing import SyncCounter
+from tests.builders import SyncCounter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -233,7 +233,7 @@ def fsdp2_step(workdir: Path, accelerator: str, attn_backend: str, param_dtype: 
 
 
 # ---------------------------------------------------------------------------- host syncs
-# On CPU the lane counts with `casa.testing.SyncCounter` (the ops that would sync a CUDA
+# On CPU the lane counts with `tests.builders.SyncCounter` (the ops that would sync a CUDA
 # host); on CUDA with `count_cuda_syncs`, which yields the same record.
 @contextmanager
 def count_cuda_syncs() -> Iterator[SyncCounter]:
@@ -263,7 +263,7 @@ def tiny_train_step(num_layers: int, attn_backend: str, device, dtype: torch.dty
     step counters, host tensors that never sync a GPU but that `SyncCounter` would count
     (one per parameter, so growing with depth)."""
     from casa.fusion import CASA
-    from casa.testing import random_packed_batch, tiny_model
+    from casa.tiny import random_packed_batch, tiny_model
 
     model = tiny_model(CASA("plus"), num_layers=num_layers, attn_backend=attn_backend).to(device, dtype)
     batch = random_packed_batch([[("text", 5), ("image", (4, 4)), ("text", 9)],
@@ -285,7 +285,7 @@ def check_syncs_per_step(make_step: Callable[[int], Callable], count_syncs: Call
     """Host syncs of one training step do not grow with the number of layers.
 
     `make_step(n)` -> a step of an n-layer model; each is warmed up once (lazy state,
-    kernel selection), then one step is counted under `count_syncs()` (`casa.testing.SyncCounter`
+    kernel selection), then one step is counted under `count_syncs()` (`tests.builders.SyncCounter`
     on CPU, `count_cuda_syncs` on CUDA: anything yielding `count` and `where`); its loss must
     be finite."""
     counts, where = {}, {}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from casa.attention import varlen_attention
-from casa.testing import SyncCounter, flash_stand_in, strict_flash_attn_varlen_func
+from tests.builders import SyncCounter, flash_stand_in, strict_flash_attn_varlen_func
 from tests.gpu import checks
 
 ROOT = checks.ROOT

@@ -1,9 +1,9 @@
 """The LightningModule: one training loop for every fusion strategy.
 
 Training: loss on answer tokens only (labels are -100 elsewhere). Optimiser: Adam with
-the new / pretrained learning rates of `casa.optim`, warmup-constant-decay schedule.
+the new / pretrained learning rates of `casa.train.optim`, warmup-constant-decay schedule.
 Validation: the loss, and greedy generation from each sample's prompt scored against its
-reference answer with `casa.metrics`, per task and per task group. `val/loss` is the mean of
+reference answer with `casa.train.metrics`, per task and per task group. `val/loss` is the mean of
 the batch losses weighted by their answer tokens over the whole validation set (with
 `loss_reduction="token"`: the cross-entropy per answer token), the same on 1 or N ranks.
 """
@@ -20,9 +20,9 @@ from torch.distributed.fsdp import FSDPModule
 
 from casa.batch import PackedBatch
 from casa.generation import GenerationConfig, generate, truncate_samples
-from casa.metrics import GroupedAnswerMetrics, WeightedMean
 from casa.model import VisionLanguageModel
-from casa.optim import build_optimizer, build_scheduler
+from casa.train.metrics import GroupedAnswerMetrics, WeightedMean
+from casa.train.optim import build_optimizer, build_scheduler
 
 
 def _synchronize(device: torch.device) -> None:
@@ -258,7 +258,7 @@ class CasaModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     #: the full run config (YAML text) set by `experiments.fit`; stored in every checkpoint so
-    #: `casa.inference.load` can rebuild model, tokenizer and template from the file alone.
+    #: `casa.assistant.load` can rebuild model, tokenizer and template from the file alone.
     run_config: str | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

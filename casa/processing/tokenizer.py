@@ -8,12 +8,17 @@ synthetic answer round-trips exactly; it is a genuine `PreTrainedTokenizerFast` 
 
 from __future__ import annotations
 
+import os
+import shutil
 import string
+import tempfile
 from pathlib import Path
 
 SPECIALS = ("<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
             "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 UNK = "<|unk|>"
+CHAR_TOKENIZER = "char"
+"""The `tokenizer:` spec of the built-in character tokenizer (any other spec is a local directory)."""
 
 
 def build_tokenizer(out_dir: str | Path):
@@ -42,5 +47,22 @@ def load_tokenizer(path: str | Path):
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(p)!r} does not exist (build the demo one with "
-                                "data.tokenizer.build_tokenizer, or point to a local save_pretrained directory)")
+                                "casa.processing.tokenizer.build_tokenizer, or point to a local save_pretrained directory)")
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def resolve_tokenizer(spec: str):
+    """"char" -> the built-in character tokenizer (built once per machine in the temp dir);
+    anything else -> a local tokenizer directory (`load_tokenizer`)."""
+    if spec != CHAR_TOKENIZER:
+        return load_tokenizer(spec)
+    d = Path(tempfile.gettempdir()) / f"casa-char-tokenizer-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    if not (d / "tokenizer.json").is_file():
+        # build aside and rename: concurrent processes (test workers, ranks) never see a half-written dir
+        tmp = Path(tempfile.mkdtemp(prefix="casa-char-tokenizer-build-"))
+        build_tokenizer(tmp)
+        try:
+            os.rename(tmp, d)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(d)

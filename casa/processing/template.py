@@ -27,6 +27,9 @@ from dataclasses import dataclass
 TEMPLATES = ("helium", "qwen2_5_vl")
 OUR_TURNS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 PLAIN_TURNS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+CAPTION_PROMPT = "Describe what happens."
+"""The user prompt that opens a live-captioning conversation (`data.video`'s caption layout, and
+`casa.assistant`'s stream)."""
 
 
 @dataclass
