@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casa.attention import varlen_attention
+from casa.attention import make_backend
 from casa.fusion.cross_attention import GatedCrossAttention
 
 
@@ -34,7 +34,8 @@ class PerceiverLayer(nn.Module):
 
     def __init__(self, dim: int, heads: int, backend: str):
         super().__init__()
-        self.heads, self.backend = heads, backend
+        self.heads = heads
+        self.kernel = make_backend(backend)  # resolved and validated once, at build time
         self.norm_media, self.norm_latents, self.norm_ffn = (nn.LayerNorm(dim) for _ in range(3))
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
@@ -51,7 +52,7 @@ class PerceiverLayer(nn.Module):
         kv_in = h.new_empty(media.shape[0] + L, d).index_copy(0, rows[0], self.norm_media(media)).index_copy(0, rows[1], h)
         q = self.to_q(h).view(L, H, d // H)  # [I*Q, H, D]
         k, v = self.to_kv(kv_in).view(-1, 2, H, d // H).unbind(1)  # 2 x [N + I*Q, H, D]
-        o = varlen_attention(q, k, v, cu_q, cu_k, causal=False, backend=self.backend)
+        o = self.kernel(q, k, v, cu_q, cu_k, causal=False)
         latents = latents + self.to_out(o.reshape(L, d))
         return latents + self.ffn(self.norm_ffn(latents))
 

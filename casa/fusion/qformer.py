@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casa.attention import varlen_attention
+from casa.attention import make_backend
 from casa.fusion.insertion import Insertion
 
 
@@ -24,7 +24,8 @@ class QFormerLayer(nn.Module):
 
     def __init__(self, dim: int, heads: int, backend: str):
         super().__init__()
-        self.heads, self.backend = heads, backend
+        self.heads = heads
+        self.kernel = make_backend(backend)  # resolved and validated once, at build time
         self.norm_sa, self.norm_ca, self.norm_kv, self.norm_mlp = (nn.LayerNorm(dim) for _ in range(4))
         self.sa_qkv = nn.Linear(dim, 3 * dim)
         self.sa_out = nn.Linear(dim, dim)
@@ -37,10 +38,10 @@ class QFormerLayer(nn.Module):
         L, d = x.shape
         H = self.heads
         q, k, v = self.sa_qkv(self.norm_sa(x)).view(L, 3, H, d // H).unbind(1)  # 3 x [L, H, D]
-        x = x + self.sa_out(varlen_attention(q, k, v, cu_q, cu_q, causal=False, backend=self.backend).reshape(L, d))
+        x = x + self.sa_out(self.kernel(q, k, v, cu_q, cu_q, causal=False).reshape(L, d))
         q = self.ca_q(self.norm_ca(x)).view(L, H, d // H)  # [L, H, D]
         k, v = self.ca_kv(self.norm_kv(image)).view(-1, 2, H, d // H).unbind(1)  # 2 x [N, H, D]
-        x = x + self.ca_out(varlen_attention(q, k, v, cu_q, cu_k, causal=False, backend=self.backend).reshape(L, d))
+        x = x + self.ca_out(self.kernel(q, k, v, cu_q, cu_k, causal=False).reshape(L, d))
         return x + self.mlp(self.norm_mlp(x))
 
 
