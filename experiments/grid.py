@@ -1,4 +1,4 @@
-"""Ablation grids: `python -m experiments.grid GRID.yaml [--dry-run] [--only NAME...] [--out DIR]`.
+"""Ablation grids: `python -m experiments.grid GRID.yaml [--jobs N] [--dry-run] [--only NAME...] [--out DIR]`.
 
 A grid file (`experiments.grid_spec`, docs/grids.md; the paper's Tables 6a and 7 are in
 experiments/grids/) names base configs, common overrides and axes of labelled changes.
@@ -8,7 +8,11 @@ process exactly as a user would run it:
     python -m experiments.fit --config BASE.. --config VALUE_CONFIGS.. --KEY VALUE.. --run_dir OUT/NAME
 
 with its output streamed to OUT/NAME/fit.log. A run whose OUT/NAME/metrics.json says
-`finished` is skipped; a failed run is recorded with its log and the grid goes on.
+`finished` is skipped; a failed run is recorded with its log and the grid goes on. A run
+dir with checkpoints/last.ckpt but no finished metrics.json (interrupted, preempted) resumes
+with `--ckpt_path last`. `--jobs N` runs up to N at once, each with its own GPUs
+(CUDA_VISIBLE_DEVICES) or its share of the CPU threads (OMP_NUM_THREADS); Ctrl-C stops
+them all with one SIGINT each (Lightning's clean shutdown) and leaves them resumable.
 OUT/results.md and OUT/results.csv hold the validation metrics per group, the peak memory
 and the median step time of every run of the grid. A grid with `aggregate: AXIS` (an axis of
 repeats, e.g. seeds) also gets, per combination of the other axes, mean ± sample std over
@@ -31,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from experiments.grid_spec import Grid, GridError, Run, load_grid, select
 
@@ -100,40 +105,154 @@ def _last_line(log: Path, width: int = 70) -> str:
     return lines[-1][:width] if lines else ""
 
 
-def execute(run: Run, run_dir: Path, label: str, console) -> Result:
-    """Run `experiments.fit` for one combination in its own process, output to RUN_DIR/fit.log."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Column
+FIT = [sys.executable, "-m", "experiments.fit"]  # the command of one run (tests swap in a stand-in)
+GRACE_S = 60.0  # how long an interrupted run may take to stop before it is killed
 
+
+@dataclass
+class _Launched:
+    """A run's fit process while it runs."""
+
+    run: Run
+    run_dir: Path
+    label: str
+    args: list[str]  # the grid's arguments of the run, as recorded in grid_run.json
+    resumed: bool
+    proc: subprocess.Popen
+    out: Any  # fit.log, open for the child's output
+    start: float
+
+
+def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = None) -> _Launched:
+    """Start `experiments.fit` for one combination, its output appended to RUN_DIR/fit.log.
+
+    A run dir holding checkpoints/last.ckpt is an interrupted run (finished ones are skipped
+    before): it resumes with `--ckpt_path last` instead of starting over. The child gets its
+    own session, so a Ctrl-C at the terminal reaches only the grid, which then stops every
+    child once (`_stop`): a second SIGINT would cut Lightning's own clean shutdown short.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
     args = run.args(run_dir)
-    cmd = [sys.executable, "-m", "experiments.fit", *args]
-    log = run_dir / "fit.log"
-    start = time.monotonic()
-    # one live line per run: spinner, run, elapsed time, the log's last line (cut to fit)
-    columns = (SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True)),
-               TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}", table_column=Column(no_wrap=True, ratio=1)))
-    with open(log, "w") as out, Progress(*columns, console=console, transient=True,
-                                         disable=not console.is_terminal) as progress:
-        out.write(f"$ python -m experiments.fit {shlex.join(args)}\n\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    resumed = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    cmd_args = args + ["--ckpt_path", "last"] if resumed else args
+    out = open(run_dir / "fit.log", "a" if resumed else "w")
+    out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
+    out.flush()
+    proc = subprocess.Popen([*FIT, *cmd_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+    return _Launched(run, run_dir, label, args, resumed, proc, out, time.monotonic())
+
+
+def _collect(job: _Launched) -> Result:
+    """The Result of a fit process that has exited; records RUN_DIR/grid_run.json."""
+    job.out.close()
+    seconds = time.monotonic() - job.start
+    summary = _read_json(job.run_dir / "metrics.json")
+    code = job.proc.returncode
+    ok = code == 0 and summary.get("finished") is True
+    (job.run_dir / "grid_run.json").write_text(json.dumps(
+        {"args": job.args, "resumed": job.resumed, "exit_code": code, "seconds": round(seconds, 1),
+         "finished": ok}, indent=1))
+    return Result(job.run, "finished" if ok else "failed", job.run_dir, code, seconds, summary)
+
+
+def _stop(jobs: list[_Launched]) -> None:
+    """Interrupt every running fit once (SIGINT: Lightning stops cleanly, checkpoints stay),
+    wait up to GRACE_S for them all, then kill the rest; no training process is left behind."""
+    for job in jobs:
+        if job.proc.poll() is None:
+            job.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + GRACE_S
+    for job in jobs:
+        try:
+            job.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            job.proc.kill()
+            job.proc.wait()
+        job.out.close()
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs runs may use: CUDA_VISIBLE_DEVICES when set, else every GPU torch sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    import torch  # only here: the grid itself does not need torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def device_slots(jobs: int) -> list[dict[str, str]]:
+    """The environment of each of `jobs` concurrent runs: its own GPUs (CUDA_VISIBLE_DEVICES,
+    the GPUs split into `jobs` equal blocks; with fewer GPUs than jobs, runs share them round
+    robin), else its share of the CPU cores as OMP/MKL threads (torch's intra-op pool)."""
+    gpus = _gpu_ids()
+    if gpus:
+        per = len(gpus) // jobs
+        blocks = [gpus[i * per:(i + 1) * per] for i in range(jobs)] if per else \
+            [[gpus[i % len(gpus)]] for i in range(jobs)]
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(b)} for b in blocks]
+    threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(jobs)]
+
+
+def execute(run: Run, run_dir: Path, label: str, console) -> Result:
+    """Run `experiments.fit` for one combination in its own process, output to RUN_DIR/fit.log."""
+    from rich.progress import Progress
+
+    with Progress(*_progress_columns(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        job = _launch(run, run_dir, label)
         task = progress.add_task(label, last="")
         try:
-            while proc.poll() is None:
-                progress.update(task, last=_last_line(log))
+            while job.proc.poll() is None:
+                progress.update(task, last=_last_line(run_dir / "fit.log"))
                 time.sleep(0.5)
-        finally:
-            if proc.poll() is None:  # interrupted: leave no training process behind
-                proc.terminate()
-                proc.wait()
-    seconds = time.monotonic() - start
-    summary = _read_json(run_dir / "metrics.json")
-    ok = proc.returncode == 0 and summary.get("finished") is True
-    (run_dir / "grid_run.json").write_text(json.dumps(
-        {"args": args, "exit_code": proc.returncode, "seconds": round(seconds, 1), "finished": ok}, indent=1))
-    return Result(run, "finished" if ok else "failed", run_dir, proc.returncode, seconds, summary)
+        except BaseException:  # interrupted: leave no training process behind, resumable
+            _stop([job])
+            raise
+    return _collect(job)
+
+
+def _progress_columns():
+    """One live line per run: spinner, run, elapsed time, the log's last line (cut to fit)."""
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    return (SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}", table_column=Column(no_wrap=True, ratio=1)))
+
+
+def execute_parallel(todo: list[tuple[Run, Path, str]], jobs: int, console, done) -> None:
+    """Run the (run, run_dir, label) triples, up to `jobs` at once, each in its device slot;
+    `done(result)` as each ends (in completion order). A failed run frees its slot for the
+    next; Ctrl-C (or SIGTERM) stops every running fit cleanly (`_stop`) and re-raises."""
+    from rich.progress import Progress
+
+    free = device_slots(jobs)
+    queue = list(todo)
+    running: dict[int, tuple[_Launched, dict, Any]] = {}  # slot index -> (job, its env, task)
+    with Progress(*_progress_columns(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        try:
+            while queue or running:
+                for i, env in enumerate(free):
+                    if queue and i not in running:
+                        run, run_dir, label = queue.pop(0)
+                        job = _launch(run, run_dir, label, env)
+                        running[i] = (job, env, progress.add_task(label, last=""))
+                for i, (job, _, task) in list(running.items()):
+                    if job.proc.poll() is None:
+                        progress.update(task, last=_last_line(job.run_dir / "fit.log"))
+                        continue
+                    progress.remove_task(task)
+                    del running[i]
+                    done(_collect(job))
+                time.sleep(0.5)
+        except BaseException:
+            _stop([job for job, _, _ in running.values()])
+            raise
 
 
 def previous(run: Run, run_dir: Path) -> Result | None:
@@ -146,8 +265,9 @@ def previous(run: Run, run_dir: Path) -> Result | None:
 
 
 def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool = False,
-             metric: str = "relaxed_accuracy", console=None) -> list[Result]:
-    """Run (or with dry_run, list) the selected combinations; return their results.
+             metric: str = "relaxed_accuracy", console=None, jobs: int = 1) -> list[Result]:
+    """Run (or with dry_run, list) the selected combinations, up to `jobs` at once; return
+    their results in grid order.
 
     The results tables always cover the whole grid: runs not selected (or not reached yet)
     appear with their earlier results, or as "pending".
@@ -155,6 +275,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
     from rich.console import Console
     from rich.markup import escape
 
+    if jobs < 1:
+        raise GridError(f"--jobs: {jobs} must be at least 1")
     # piped to a file, rich would wrap the results table at 80 columns
     console = console or Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
     every = grid.runs()
@@ -165,43 +287,57 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
     def table() -> list[Result]:
         return [results.get(r.name) or done[r.name] or Result(r, "pending", out / r.name) for r in every]
 
+    labels = {run.name: f"[{i}/{len(runs)}] {run.name}" for i, run in enumerate(runs, 1)}
+
+    def report(result: Result) -> None:
+        label = labels[result.run.name]
+        resumed = " (resumed from last.ckpt)" if _read_json(result.run_dir / "grid_run.json").get("resumed") else ""
+        took = f"{result.seconds:.0f} s"
+        if result.status == "finished":
+            loss = result.metrics.get("val/loss")
+            loss = "" if loss is None else f", val/loss {loss:.4f}"
+            console.print(f"[green]{label}: finished[/]{resumed} in {took}{loss}")
+        else:
+            why = "exit code 0 but metrics.json does not say finished" if result.exit_code == 0 else \
+                f"exit code {result.exit_code}"
+            console.print(f"[red]{label}: failed[/]{resumed} ({why}) after {took}; log: {result.log}", soft_wrap=True)
+        results[result.run.name] = result
+        write_results(table(), grid, out, metric)
+
     n_done = sum(done[r.name] is not None for r in runs)
     console.print(f"[bold]grid {grid.path}[/]: {len(runs)} run{'s' * (len(runs) != 1)} ({n_done} finished earlier) "
-                  f"-> {out}", soft_wrap=True)
-    for i, run in enumerate(runs, 1):
-        label, run_dir = f"[{i}/{len(runs)}] {run.name}", out / run.name
+                  f"-> {out}" + (f", {jobs} at once" if jobs > 1 else ""), soft_wrap=True)
+    todo = []
+    for run in runs:
+        label, run_dir = labels[run.name], out / run.name
         result = done[run.name]
         if result is not None:
             console.print(f"[dim]{label}: skipped (finished earlier)[/]")
             if _read_json(run_dir / "grid_run.json").get("args", run.args(run_dir)) != run.args(run_dir):
                 console.print(f"[yellow]  it ran with other arguments than this grid's; "
                               f"delete {run_dir} to re-run it[/]", soft_wrap=True)
+            results[run.name] = result
         elif dry_run:
-            result = Result(run, "pending", run_dir)
-            console.print(f"{label}: would run\n  python -m experiments.fit {escape(shlex.join(run.args(run_dir)))}",
-                          soft_wrap=True)
+            resume = " --ckpt_path last" if (run_dir / "checkpoints" / "last.ckpt").is_file() else ""
+            console.print(f"{label}: would run\n  python -m experiments.fit "
+                          f"{escape(shlex.join(run.args(run_dir)))}{resume}", soft_wrap=True)
+            results[run.name] = Result(run, "pending", run_dir)
         else:
-            result = execute(run, run_dir, label, console)
-            took = f"{result.seconds:.0f} s"
-            if result.status == "finished":
-                loss = result.metrics.get("val/loss")
-                loss = "" if loss is None else f", val/loss {loss:.4f}"
-                console.print(f"[green]{label}: finished[/] in {took}{loss}")
-            else:
-                why = "exit code 0 but metrics.json does not say finished" if result.exit_code == 0 else \
-                    f"exit code {result.exit_code}"
-                console.print(f"[red]{label}: failed[/] ({why}) after {took}; log: {result.log}", soft_wrap=True)
-        results[run.name] = result
-        if not dry_run:
-            write_results(table(), grid, out, metric)
+            todo.append((run, run_dir, label))
     if not dry_run:
+        if jobs > 1 and len(todo) > 1:
+            execute_parallel(todo, jobs, console, report)
+        else:
+            for run, run_dir, label in todo:
+                report(execute(run, run_dir, label, console))
+        write_results(table(), grid, out, metric)  # also when every run was skipped
         console.print(results_table(table(), grid, metric))
         written = [out / "results.md", out / "results.csv"]
         if grid.aggregate:
             console.print(mean_table(table(), grid, metric))
             written.append(out / "results_mean.csv")
         console.print(f"written: {', '.join(map(str, written))}", soft_wrap=True)
-    return list(results.values())
+    return [results[r.name] for r in runs]
 
 
 # ---------------------------------------------------------------------------- results
@@ -357,18 +493,22 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--out", help="output directory (default runs/grids/<grid file name>)")
     parser.add_argument("--metric", default="relaxed_accuracy", choices=METRICS,
                         help="group metric shown in the terminal and Markdown tables (the CSV has all)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at once on this machine, each with its own GPUs (CUDA_VISIBLE_DEVICES) "
+                             "or its share of the CPU threads (default 1)")
     args = parser.parse_args(argv)
     # `kill` of the grid unwinds like Ctrl-C, so the running fit process is terminated too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         grid = load_grid(args.grid)
         out = Path(args.out) if args.out else Path("runs/grids") / Path(args.grid).stem
-        return run_grid(grid, out, args.only, args.dry_run, args.metric)
+        return run_grid(grid, out, args.only, args.dry_run, args.metric, jobs=args.jobs)
     except GridError as e:
         print(f"experiments.grid: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("experiments.grid: interrupted; finished runs are kept, run the grid again to go on", file=sys.stderr)
+        print("experiments.grid: interrupted; finished runs are kept, run the grid again to go on "
+              "(interrupted runs resume from their last.ckpt)", file=sys.stderr)
         raise SystemExit(130) from None
 
 

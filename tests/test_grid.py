@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
@@ -248,3 +249,148 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_mean"]) == pytest.approx(0.6)
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_std"]) == pytest.approx(0.1)
     assert float(rows[1]["val/loss_std"]) == pytest.approx(0.0707107, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- --jobs N
+def _grid_2x2(path: Path, first: list[dict] = ()) -> Path:
+    """The tiny grid with a seed axis: fusion (casa_plus, casa_replace) x seed (s0, s1), 2 steps,
+    with `first` values put before the fusion axis's two."""
+    spec = yaml.safe_load(TINY_GRID.read_text())
+    spec["axes"][0]["values"][:0] = list(first)
+    spec["axes"][1] = {"name": "seed", "values": [
+        {"label": f"s{i}", "overrides": {"seed_everything": i, "trainer.max_steps": 2}} for i in (0, 1)]}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# what differs between two executions of the same runs: wall and step time, memory, log path
+UNSTABLE = ("seconds", "step_time_s", "peak_memory_bytes", "log", "status")
+
+
+def test_parallel_grid_gives_the_sequential_results_and_a_failure_stops_no_other_run(tmp_path, at_root):
+    """--jobs 2 on the 2x2 grid (plus two runs that fail at build time, first in line): the
+    same results.csv as the sequential grid but for time, memory and log path."""
+    sequential, _ = run(_grid_2x2(tmp_path / "seq.yaml"), tmp_path / "seq")
+    assert [r.status for r in sequential] == ["finished"] * 4
+    parallel, output = run(_grid_2x2(tmp_path / "par.yaml", [BROKEN]), tmp_path / "par", jobs=2)
+    assert [(r.run.name, r.status) for r in parallel] == [
+        ("broken-s0", "failed"), ("broken-s1", "failed"), ("casa_plus-s0", "finished"), ("casa_plus-s1", "finished"),
+        ("casa_replace-s0", "finished"), ("casa_replace-s1", "finished")], output
+    assert "2 at once" in output and "CASA.k=99" in parallel[0].log.read_text()
+
+    def rows(out: Path) -> dict[str, dict]:
+        with open(out / "results.csv", newline="") as f:
+            return {r["run"]: {k: v for k, v in r.items() if k not in UNSTABLE} for r in csv.DictReader(f)}
+
+    seq, par = rows(tmp_path / "seq"), rows(tmp_path / "par")
+    assert {k: par[k] for k in seq} == seq
+    assert all(r["global_step"] == "2" and float(r["val/loss"]) > 0 for r in seq.values())
+
+
+FAKE_FIT = """\
+import json, os, signal, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+run_dir = Path(args[args.index("--run_dir") + 1])
+(run_dir / "argv.json").write_text(json.dumps(args))
+
+
+def interrupted(*_):
+    with open(run_dir / "interrupted", "a") as f:
+        f.write("SIGINT\\n")
+    sys.exit(130)
+
+
+signal.signal(signal.SIGINT, interrupted)
+(run_dir / "checkpoints").mkdir(exist_ok=True)
+(run_dir / "checkpoints" / "last.ckpt").write_text("")  # as fit's ModelCheckpoint(save_last=True)
+(run_dir / "started").write_text(os.environ.get("OMP_NUM_THREADS", ""))
+if os.environ["FAKE_FIT"] == "hang":
+    time.sleep(120)
+(run_dir / "metrics.json").write_text(json.dumps({"finished": True, "global_step": 2, "metrics": {"val/loss": 1.0}}))
+"""
+
+
+def test_ctrl_c_stops_every_run_cleanly_and_a_rerun_resumes_them_from_last_ckpt(tmp_path, at_root, monkeypatch):
+    """A stand-in for fit (FAKE_FIT) shows the process handling: --jobs 2 starts two runs,
+    each with half the CPU threads; Ctrl-C interrupts each once (SIGINT) and starts no other;
+    the re-run resumes the two with `--ckpt_path last` and starts the other two afresh."""
+    import signal
+    import sys
+    import threading
+
+    from experiments import grid as grid_module
+
+    fake = tmp_path / "fake_fit.py"
+    fake.write_text(FAKE_FIT)
+    monkeypatch.setattr(grid_module, "FIT", [sys.executable, str(fake)])
+    monkeypatch.setattr(grid_module.os, "sched_getaffinity", lambda _: set(range(8)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(grid_module, "_gpu_ids", lambda: [])  # this test is about the CPU split
+    monkeypatch.setenv("FAKE_FIT", "hang")
+    out, names = tmp_path / "out", ["a-s0", "a-s1", "b-s0", "b-s1"]
+    path = tmp_path / "g.yaml"
+    path.write_text(f"base: {TINY}\naxes:\n  - {{name: f, values: [{{label: a}}, {{label: b}}]}}\n"
+                    f"  - {{name: s, values: [{{label: s0}}, {{label: s1}}]}}\n")
+
+    def ctrl_c_when_two_run():
+        deadline = time.monotonic() + 60
+        while sum((out / n / "started").is_file() for n in names) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        signal.raise_signal(signal.SIGINT)  # as the terminal's Ctrl-C: to the grid (the main thread)
+
+    threading.Thread(target=ctrl_c_when_two_run, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run(path, out, jobs=2)
+    assert time.monotonic() - start < 60  # the hanging runs were stopped, not waited for
+    assert [(out / n / "started").read_text() for n in names[:2]] == ["4", "4"]  # 8 cores / 2 jobs
+    assert [(out / n / "interrupted").read_text() for n in names[:2]] == ["SIGINT\n"] * 2  # once each
+    assert not any((out / n).exists() for n in names[2:])
+
+    monkeypatch.setenv("FAKE_FIT", "finish")
+    results, output = run(path, out, jobs=2)
+    assert [r.status for r in results] == ["finished"] * 4, output
+    argv = {n: json.loads((out / n / "argv.json").read_text()) for n in names}
+    assert [argv[n][-2:] for n in names] == [["--ckpt_path", "last"]] * 2 + [["--run_dir", str(out / n)] for n in names[2:]]
+    assert output.count("(resumed from last.ckpt)") == 2
+    assert [json.loads((out / n / "grid_run.json").read_text())["resumed"] for n in names] == [True, True, False, False]
+    # finished runs are skipped on the next run, even with last.ckpt in their run dirs
+    results, _ = run(path, out, jobs=2)
+    assert [r.status for r in results] == ["skipped"] * 4
+
+
+@pytest.mark.parametrize("visible, jobs, slots", [
+    ("0,1,2,3", 2, ["0,1", "2,3"]), ("0,1,2,3", 3, ["0", "1", "2"]), ("0,1", 4, ["0", "1", "0", "1"])])
+def test_device_slots_split_the_visible_gpus(visible, jobs, slots, monkeypatch):
+    from experiments.grid import device_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in device_slots(jobs)] == slots
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, at_root):
+    """A run dir with checkpoints/last.ckpt and no finished metrics.json (what a Ctrl-C'd or
+    preempted run leaves) runs on from that checkpoint to max_steps, not from step 0. The
+    interruption is simulated: the same run, stopped after 1 of its 2 steps."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "resume.yaml"
+    path.write_text(f"base: {TINY + ['tests/configs/resume.yaml']}\n"
+                    "overrides: {trainer.enable_model_summary: false, trainer.max_steps: 2, trainer.val_check_interval: 2}\n"
+                    f"axes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n")
+    out = tmp_path / "out"
+    (r,) = load_grid(path).runs()
+    first = subprocess.run([sys.executable, "-m", "experiments.fit", *r.args(out / r.name), "--trainer.max_steps", "1"],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / r.name / "checkpoints" / "last.ckpt").is_file()
+    (out / r.name / "metrics.json").unlink()  # it stopped before the end
+    (result,), output = run(path, out)
+    assert result.status == "finished" and result.summary["global_step"] == 2, output
+    log = result.log.read_text()
+    assert log.startswith("\n$ python -m experiments.fit ") and " --ckpt_path last\n" in log
+    assert "Restoring states from the checkpoint" in log and "(resumed from last.ckpt)" in output
