@@ -123,7 +123,8 @@ class _Launched:
     start: float
 
 
-def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = None) -> _Launched:
+def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = None,
+            extra: list[str] = (), log: str = "fit.log") -> _Launched:
     """Start `experiments.fit` for one combination, its output appended to RUN_DIR/fit.log.
 
     A run dir holding checkpoints/last.ckpt is an interrupted run (finished ones are skipped
@@ -132,11 +133,12 @@ def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = No
     child once (`_stop`): a second SIGINT would cut Lightning's own clean shutdown short.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
+    if log == "fit.log":  # not by the other tasks of a multi-task SLURM run
+        (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
     args = run.args(run_dir)
     resumed = (run_dir / "checkpoints" / "last.ckpt").is_file()
-    cmd_args = args + ["--ckpt_path", "last"] if resumed else args
-    out = open(run_dir / "fit.log", "a" if resumed else "w")
+    cmd_args = [*args, *extra] + (["--ckpt_path", "last"] if resumed else [])
+    out = open(run_dir / log, "a" if resumed else "w")
     out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
     out.flush()
     proc = subprocess.Popen([*FIT, *cmd_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -255,6 +257,103 @@ def execute_parallel(todo: list[tuple[Run, Path, str]], jobs: int, console, done
             raise
 
 
+# ---------------------------------------------------------------------------- submitit
+LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+class FitJob:
+    """One run as a submitit job: the job process starts `experiments.fit` (as `_launch` does
+    locally) and returns its Result. In a SLURM job of nodes x GPUs tasks, every task runs
+    this; fit sees SLURM_* and Lightning's SLURM environment joins them into one DDP/FSDP2
+    run. Task 0 writes fit.log and grid_run.json, the others fit.task<N>.log. On preemption
+    or timeout submitit calls `checkpoint`: the job is requeued and, finding last.ckpt,
+    resumes with `--ckpt_path last`."""
+
+    def __init__(self, run: Run, run_dir: Path, label: str, extra: list[str] = ()):
+        self.run, self.run_dir, self.label, self.extra = run, run_dir, label, list(extra)
+
+    def __call__(self) -> Result:
+        task = int(os.environ.get("SLURM_PROCID", "0"))
+        job = _launch(self.run, self.run_dir, self.label, extra=self.extra,
+                      log="fit.log" if task == 0 else f"fit.task{task}.log")
+        try:
+            job.proc.wait()
+        except BaseException:  # submitit's timeout/preemption signal: stop fit, keep its checkpoints
+            _stop([job])
+            raise
+        return _collect(job) if task == 0 else Result(self.run, "finished", self.run_dir, job.proc.returncode)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(FitJob(self.run, self.run_dir, self.label, self.extra))
+
+
+def slurm_parameters(grid: Grid, name: str) -> dict[str, Any]:
+    """The sbatch parameters (submitit's SLURM names) of every run of the grid."""
+    s = grid.slurm
+    tasks = max(1, s.gpus_per_node)  # one task per GPU, as Lightning's SLURM environment expects
+    params = {"job_name": name, "partition": s.partition, "account": s.account, "nodes": s.nodes,
+              "ntasks_per_node": tasks, "gpus_per_node": s.gpus_per_node or None, "cpus_per_task": s.cpus_per_task,
+              "time": s.time, "additional_parameters": dict(s.additional) or None}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def fit_extra(grid: Grid) -> list[str]:
+    """Trainer arguments a SLURM run needs beyond the grid's: its nodes and devices per node
+    (Lightning checks them against the SLURM tasks)."""
+    s = grid.slurm
+    return ["--trainer.num_nodes", str(s.nodes), "--trainer.devices", str(s.gpus_per_node)] if s.gpus_per_node else []
+
+
+def make_executor(launcher: str, grid: Grid, folder: Path):
+    """submitit's AutoExecutor for `slurm` (sbatch, one job per run in a job array) or
+    `submitit-local` (the same job pickles run as local subprocesses)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if launcher == "slurm" else "local")
+    params = slurm_parameters(grid, f"grid-{grid.path.stem}")
+    executor.update_parameters(timeout_min=grid.slurm.time, name=params["job_name"],
+                               **{f"slurm_{k}": v for k, v in params.items() if k not in ("time", "job_name")})
+    return executor
+
+
+def sbatch_script(grid: Grid, folder: Path) -> str:
+    """The sbatch script `--launcher slurm` submits (what submitit writes), for review."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = shlex.join([sys.executable, "-u", "-m", "submitit.core._submit", str(folder)])
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(grid, f"grid-{grid.path.stem}"))
+
+
+def execute_submitit(todo: list[tuple[Run, Path, str]], executor, extra: list[str], console, done) -> None:
+    """Submit every run as one job of a job array and report each as it ends. Ctrl-C cancels
+    the jobs still queued or running (their run dirs resume on the next invocation)."""
+    with executor.batch():
+        jobs = [(run, run_dir, executor.submit(FitJob(run, run_dir, label, extra))) for run, run_dir, label in todo]
+    console.print(f"submitted {len(jobs)} job{'s' * (len(jobs) != 1)}: "
+                  f"{', '.join(str(j.job_id) for _, _, j in jobs)} (logs: {executor.folder})", soft_wrap=True)
+    pending = list(jobs)
+    try:
+        while pending:
+            for item in list(pending):
+                run, run_dir, job = item
+                if not job.done():
+                    continue
+                pending.remove(item)
+                try:
+                    result = job.result()
+                except Exception as e:  # the job itself failed (not fit): killed, out of time, ...
+                    console.print(f"[red]{run.name}: job {job.job_id} failed: {str(e).splitlines()[0]}", soft_wrap=True)
+                    result = Result(run, "failed", run_dir, None, None, _read_json(run_dir / "metrics.json"))
+                done(result)
+            time.sleep(1.0)
+    except BaseException:
+        for _, _, job in pending:
+            job.cancel(check=False)
+        raise
+
+
 def previous(run: Run, run_dir: Path) -> Result | None:
     """The result of an earlier invocation if that run finished, else None."""
     summary = _read_json(run_dir / "metrics.json")
@@ -265,7 +364,7 @@ def previous(run: Run, run_dir: Path) -> Result | None:
 
 
 def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool = False,
-             metric: str = "relaxed_accuracy", console=None, jobs: int = 1) -> list[Result]:
+             metric: str = "relaxed_accuracy", console=None, jobs: int = 1, launcher: str = "local") -> list[Result]:
     """Run (or with dry_run, list) the selected combinations, up to `jobs` at once; return
     their results in grid order.
 
@@ -277,6 +376,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
 
     if jobs < 1:
         raise GridError(f"--jobs: {jobs} must be at least 1")
+    if launcher not in LAUNCHERS:
+        raise GridError(f"--launcher: {launcher!r} is not one of {list(LAUNCHERS)}")
     # piped to a file, rich would wrap the results table at 80 columns
     console = console or Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
     every = grid.runs()
@@ -318,14 +419,22 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
                               f"delete {run_dir} to re-run it[/]", soft_wrap=True)
             results[run.name] = result
         elif dry_run:
-            resume = " --ckpt_path last" if (run_dir / "checkpoints" / "last.ckpt").is_file() else ""
+            resume = ["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
+            extra = fit_extra(grid) if launcher == "slurm" else []
             console.print(f"{label}: would run\n  python -m experiments.fit "
-                          f"{escape(shlex.join(run.args(run_dir)))}{resume}", soft_wrap=True)
+                          f"{escape(shlex.join(run.args(run_dir) + extra + resume))}", soft_wrap=True)
             results[run.name] = Result(run, "pending", run_dir)
         else:
             todo.append((run, run_dir, label))
+    if dry_run and launcher == "slurm":
+        console.print(f"sbatch script of each run ({out / 'submitit'}):", soft_wrap=True)
+        console.print(escape(sbatch_script(grid, out / "submitit")), soft_wrap=True, highlight=False)
     if not dry_run:
-        if jobs > 1 and len(todo) > 1:
+        if launcher != "local" and todo:
+            executor = make_executor(launcher, grid, out / "submitit")
+            extra = fit_extra(grid) if launcher == "slurm" else []
+            execute_submitit(todo, executor, extra, console, report)
+        elif jobs > 1 and len(todo) > 1:
             execute_parallel(todo, jobs, console, report)
         else:
             for run, run_dir, label in todo:
@@ -496,13 +605,26 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="runs at once on this machine, each with its own GPUs (CUDA_VISIBLE_DEVICES) "
                              "or its share of the CPU threads (default 1)")
+    parser.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                        help="local: subprocesses here (--jobs); slurm: one SLURM job per run through submitit; "
+                             "submitit-local: submitit's local executor (the same job pickles, as subprocesses)")
+    slurm = parser.add_argument_group("SLURM (--launcher slurm; override the grid file's `slurm:`)")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--nodes", type=int)
+    slurm.add_argument("--gpus-per-node", type=int)
+    slurm.add_argument("--cpus-per-task", type=int)
+    slurm.add_argument("--time", type=int, help="minutes per job")
     args = parser.parse_args(argv)
     # `kill` of the grid unwinds like Ctrl-C, so the running fit process is terminated too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         grid = load_grid(args.grid)
+        for key in ("partition", "account", "nodes", "gpus_per_node", "cpus_per_task", "time"):
+            if getattr(args, key) is not None:
+                setattr(grid.slurm, key, getattr(args, key))
         out = Path(args.out) if args.out else Path("runs/grids") / Path(args.grid).stem
-        return run_grid(grid, out, args.only, args.dry_run, args.metric, jobs=args.jobs)
+        return run_grid(grid, out, args.only, args.dry_run, args.metric, jobs=args.jobs, launcher=args.launcher)
     except GridError as e:
         print(f"experiments.grid: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

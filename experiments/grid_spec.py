@@ -15,6 +15,8 @@
                                              # {label: <name>, configs: [strategies/<name>.yaml]}
     aggregate: seed                          # optional: an axis whose runs are repeats (seeds);
                                              # results add mean ± std over it per other-axes combination
+    slurm: {partition: gpu, account: proj, nodes: 1, gpus_per_node: 8, time: 240}
+                                             # optional: resources of `--launcher slurm` (SlurmSpec)
 
 A run is named by its labels joined with "-" (first axis first) and passes to
 `experiments.fit`: the base configs, the values' configs, the common overrides, then the
@@ -79,6 +81,20 @@ class AxisSpec:
 
 
 @dataclass(kw_only=True)
+class SlurmSpec:
+    """Where `--launcher slurm` submits each run (one SLURM job per run, through submitit);
+    the command line's --partition, --nodes, ... override these."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # each node runs one task per GPU (Lightning's SLURM environment)
+    cpus_per_task: Optional[int] = None
+    time: int = 60  # minutes per job; a preempted or timed-out job is requeued and resumes
+    additional: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {qos: high}
+
+
+@dataclass(kw_only=True)
 class GridSpec:
     """A grid file."""
 
@@ -87,6 +103,7 @@ class GridSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     axes: list[AxisSpec]
     aggregate: Optional[str] = None
+    slurm: Optional[SlurmSpec] = None
 
 
 def _item_dataclass(tp: Any) -> type | None:
@@ -119,6 +136,10 @@ def _check_keys(where: str, raw: Any, cls: type, at: str = "") -> None:
         if item is not None and isinstance(raw.get(name), list):
             for i, x in enumerate(raw[name]):
                 _check_keys(where, x, item, f"{at}.{name}[{i}]" if at else f"{name}[{i}]")
+        union = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Union else ()
+        one = next((a for a in (hints[name], *union) if dataclasses.is_dataclass(a)), None)  # `slurm:`
+        if one is not None and raw.get(name) is not None:
+            _check_keys(where, raw[name], one, f"{at}.{name}" if at else name)
 
 
 def _parse_schema(where: str, raw: Any) -> GridSpec:
@@ -172,6 +193,7 @@ class Grid:
     overrides: list[tuple[str, Any]]
     axes: list[tuple[str, list[Value]]]  # (axis name, its values)
     aggregate: str | None = None  # an axis of repeats (seeds): results also averaged over it
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)  # `--launcher slurm` resources
 
     def runs(self) -> list[Run]:
         """The cartesian product of the axes, first axis slowest."""
@@ -281,7 +303,7 @@ def load_grid(path: str | Path) -> Grid:
         axes.append((name, _values(f"{where}.values", name, specs)))
     if spec.aggregate is not None and spec.aggregate not in names:
         raise GridError(f"{path}: aggregate: {spec.aggregate!r} is not an axis of this grid; axes: {names}")
-    return Grid(path, spec.description.strip(), base, overrides, axes, spec.aggregate)
+    return Grid(path, spec.description.strip(), base, overrides, axes, spec.aggregate, spec.slurm or SlurmSpec())
 
 
 def select(runs: list[Run], only: list[str] | None) -> list[Run]:

@@ -158,7 +158,7 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
 
 @pytest.mark.parametrize("text, message", [
     (f"base: {TINY}\naxis: []\n",
-     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate'\]"),
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm'\]"),
     (f"base: {TINY}\naggregate: seed\naxes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n",
      r"aggregate: 'seed' is not an axis of this grid; axes: \['fusion'\]"),
     (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
@@ -267,24 +267,74 @@ def _grid_2x2(path: Path, first: list[dict] = ()) -> Path:
 UNSTABLE = ("seconds", "step_time_s", "peak_memory_bytes", "log", "status")
 
 
-def test_parallel_grid_gives_the_sequential_results_and_a_failure_stops_no_other_run(tmp_path, at_root):
+@pytest.fixture(scope="module")
+def sequential_2x2(tmp_path_factory):
+    """The 2x2 grid run sequentially, once: the reference of the parallel and submitit runs."""
+    tmp = tmp_path_factory.mktemp("grid2x2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        results, output = run(_grid_2x2(tmp / "seq.yaml"), tmp / "seq")
+    assert [r.status for r in results] == ["finished"] * 4, output
+    return tmp / "seq"
+
+
+def _stable_rows(out: Path) -> dict[str, dict]:
+    """results.csv by run, without what differs between executions of the same runs."""
+    with open(out / "results.csv", newline="") as f:
+        return {r["run"]: {k: v for k, v in r.items() if k not in UNSTABLE} for r in csv.DictReader(f)}
+
+
+def test_parallel_grid_gives_the_sequential_results_and_a_failure_stops_no_other_run(sequential_2x2, tmp_path, at_root):
     """--jobs 2 on the 2x2 grid (plus two runs that fail at build time, first in line): the
     same results.csv as the sequential grid but for time, memory and log path."""
-    sequential, _ = run(_grid_2x2(tmp_path / "seq.yaml"), tmp_path / "seq")
-    assert [r.status for r in sequential] == ["finished"] * 4
     parallel, output = run(_grid_2x2(tmp_path / "par.yaml", [BROKEN]), tmp_path / "par", jobs=2)
     assert [(r.run.name, r.status) for r in parallel] == [
         ("broken-s0", "failed"), ("broken-s1", "failed"), ("casa_plus-s0", "finished"), ("casa_plus-s1", "finished"),
         ("casa_replace-s0", "finished"), ("casa_replace-s1", "finished")], output
     assert "2 at once" in output and "CASA.k=99" in parallel[0].log.read_text()
-
-    def rows(out: Path) -> dict[str, dict]:
-        with open(out / "results.csv", newline="") as f:
-            return {r["run"]: {k: v for k, v in r.items() if k not in UNSTABLE} for r in csv.DictReader(f)}
-
-    seq, par = rows(tmp_path / "seq"), rows(tmp_path / "par")
+    seq, par = _stable_rows(sequential_2x2), _stable_rows(tmp_path / "par")
     assert {k: par[k] for k in seq} == seq
     assert all(r["global_step"] == "2" and float(r["val/loss"]) > 0 for r in seq.values())
+
+
+def test_submitit_local_executor_gives_the_sequential_results(sequential_2x2, tmp_path, at_root):
+    """--launcher submitit-local: the job pickles `--launcher slurm` submits (FitJob), run by
+    submitit's LocalExecutor as subprocesses: the sequential grid's results.csv."""
+    results, output = run(_grid_2x2(tmp_path / "sub.yaml"), tmp_path / "sub", launcher="submitit-local")
+    assert [r.status for r in results] == ["finished"] * 4, output
+    assert "submitted 4 jobs" in output and any((tmp_path / "sub" / "submitit").glob("*_submitted.pkl"))
+    assert _stable_rows(tmp_path / "sub") == _stable_rows(sequential_2x2)
+    results, output = run(_grid_2x2(tmp_path / "sub.yaml"), tmp_path / "sub", launcher="submitit-local")
+    assert [r.status for r in results] == ["skipped"] * 4 and "submitted" not in output
+
+
+def test_slurm_dry_run_prints_the_sbatch_script(tmp_path, at_root, capsys):
+    """--launcher slurm --dry-run: resources from the grid file's `slurm:`, overridden by the
+    flags; multi-node runs get one task per GPU and fit the matching trainer arguments."""
+    path = tmp_path / "slurm.yaml"
+    spec = yaml.safe_load(TINY_GRID.read_text())
+    spec["slurm"] = {"partition": "gpu", "account": "proj", "gpus_per_node": 4, "time": 240, "additional": {"qos": "high"}}
+    path.write_text(yaml.safe_dump(spec))
+    main([str(path), "--launcher", "slurm", "--dry-run", "--out", str(tmp_path / "out"), "--nodes", "2",
+          "--partition", "h100"])
+    text = capsys.readouterr().out
+    for line in ("#SBATCH --partition=h100", "#SBATCH --account=proj", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --ntasks-per-node=4", "#SBATCH --time=240", "#SBATCH --qos=high", "#SBATCH --signal=USR2@90",
+                 "srun --unbuffered", "-m submitit.core._submit"):
+        assert line in text, text
+    assert text.count("--trainer.num_nodes 2 --trainer.devices 4") == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_section_of_a_grid_file_is_checked_by_the_schema(tmp_path, at_root):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"base: {TINY}\nslurm: {{partition: gpu, gpus: 4}}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\n")
+    with pytest.raises(GridError, match=r"slurm: unknown key\(s\) \['gpus'\]; valid keys: \['partition', 'account', "
+                                        r"'nodes', 'gpus_per_node', 'cpus_per_task', 'time', 'additional'\]"):
+        load_grid(path)
+    path.write_text(f"base: {TINY}\nslurm: {{nodes: two}}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\n")
+    with pytest.raises(GridError, match=r"Parser key \"nodes\"(.|\n)*two"):
+        load_grid(path)
 
 
 FAKE_FIT = """\
