@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -143,7 +144,15 @@ def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = No
     out.flush()
     proc = subprocess.Popen([*FIT, *cmd_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+    if log == "fit.log":  # what `--status` reads while the run is going
+        _record(run_dir, state="running", args=args, resumed=resumed, host=socket.gethostname(), pid=proc.pid)
     return _Launched(run, run_dir, label, args, resumed, proc, out, time.monotonic())
+
+
+def _record(run_dir: Path, **fields) -> None:
+    """RUN_DIR/grid_run.json: the run's state as the grid last knew it (`--status` reads it):
+    queued (submitted to SLURM), running (host, pid), finished or failed (exit code)."""
+    (run_dir / "grid_run.json").write_text(json.dumps(fields, indent=1))
 
 
 def _collect(job: _Launched) -> Result:
@@ -153,9 +162,8 @@ def _collect(job: _Launched) -> Result:
     summary = _read_json(job.run_dir / "metrics.json")
     code = job.proc.returncode
     ok = code == 0 and summary.get("finished") is True
-    (job.run_dir / "grid_run.json").write_text(json.dumps(
-        {"args": job.args, "resumed": job.resumed, "exit_code": code, "seconds": round(seconds, 1),
-         "finished": ok}, indent=1))
+    _record(job.run_dir, state="finished" if ok else "failed", args=job.args, resumed=job.resumed, exit_code=code,
+            seconds=round(seconds, 1), finished=ok)
     return Result(job.run, "finished" if ok else "failed", job.run_dir, code, seconds, summary)
 
 
@@ -331,6 +339,10 @@ def execute_submitit(todo: list[tuple[Run, Path, str]], executor, extra: list[st
     the jobs still queued or running (their run dirs resume on the next invocation)."""
     with executor.batch():
         jobs = [(run, run_dir, executor.submit(FitJob(run, run_dir, label, extra))) for run, run_dir, label in todo]
+    for run, run_dir, job in jobs:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if _read_json(run_dir / "grid_run.json").get("state") != "running":  # a fast job may have started
+            _record(run_dir, state="queued", args=run.args(run_dir), job_id=str(job.job_id))
     console.print(f"submitted {len(jobs)} job{'s' * (len(jobs) != 1)}: "
                   f"{', '.join(str(j.job_id) for _, _, j in jobs)} (logs: {executor.folder})", soft_wrap=True)
     pending = list(jobs)
@@ -447,6 +459,66 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
             written.append(out / "results_mean.csv")
         console.print(f"written: {', '.join(map(str, written))}", soft_wrap=True)
     return [results[r.name] for r in runs]
+
+
+# ---------------------------------------------------------------------------- status
+def _last_step(run_dir: Path) -> int | None:
+    """The last training step a run logged (its CSV logs) or checkpointed, None before any."""
+    steps = []
+    for path in run_dir.rglob("metrics.csv"):
+        with open(path, newline="") as f:
+            steps += [int(r["step"]) for r in csv.DictReader(f) if r.get("step")]
+    steps += [int(m.group(1)) for p in run_dir.glob("checkpoints/*.ckpt") if (m := re.search(r"step=(\d+)", p.name))]
+    return max(steps) if steps else None
+
+
+def _alive(record: dict) -> bool:
+    """Whether a `running` record's process still runs; on another host it is taken on trust."""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(record["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+def run_state(run_dir: Path) -> tuple[str, str]:
+    """(state, detail) of one run from its run dir alone: finished, failed (its last log
+    line), running (its step), queued (its SLURM job), interrupted (resumes from last.ckpt
+    or starts over) or pending (never started)."""
+    summary, record = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "grid_run.json")
+    log = _last_line(run_dir / "fit.log", 100)
+    if summary.get("finished") is True:
+        loss = summary.get("metrics", {}).get("val/loss")
+        return "finished", f"step {summary.get('global_step')}" + ("" if loss is None else f", val/loss {loss:.4f}")
+    state = record.get("state")
+    resumable = "resumes from last.ckpt" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "starts over"
+    if state == "queued":
+        return "queued", f"job {record.get('job_id')}"
+    if state == "running" and _alive(record):
+        step = _last_step(run_dir)
+        return "running", ("starting" if step is None else f"step {step}") + f": {log}"
+    if state == "running" or (not record and run_dir.is_dir()):
+        return "interrupted", resumable
+    if record:
+        return "failed", f"exit code {record.get('exit_code')}: {log}"
+    return "pending", ""
+
+
+def status_table(grid: Grid, out: Path):
+    """A rich table of every run's state (`--status`)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    colors = {"finished": "green", "failed": "red", "running": "cyan", "queued": "blue", "interrupted": "yellow"}
+    table = Table(title=f"{grid.path.stem}: {out}")
+    for h in ("run", "state", "detail"):
+        table.add_column(h, no_wrap=h != "detail")
+    for run in grid.runs():
+        state, detail = run_state(out / run.name)
+        table.add_row(run.name, f"[{colors.get(state, 'dim')}]{state}[/]", escape(detail))
+    return table
 
 
 # ---------------------------------------------------------------------------- results
@@ -605,6 +677,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="runs at once on this machine, each with its own GPUs (CUDA_VISIBLE_DEVICES) "
                              "or its share of the CPU threads (default 1)")
+    parser.add_argument("--status", action="store_true",
+                        help="show every run's state (finished, running at step N, queued, failed, ...) and run nothing")
     parser.add_argument("--launcher", default="local", choices=LAUNCHERS,
                         help="local: subprocesses here (--jobs); slurm: one SLURM job per run through submitit; "
                              "submitit-local: submitit's local executor (the same job pickles, as subprocesses)")
@@ -624,6 +698,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
             if getattr(args, key) is not None:
                 setattr(grid.slurm, key, getattr(args, key))
         out = Path(args.out) if args.out else Path("runs/grids") / Path(args.grid).stem
+        if args.status:
+            from rich.console import Console
+
+            Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160).print(status_table(grid, out))
+            return []
         return run_grid(grid, out, args.only, args.dry_run, args.metric, jobs=args.jobs, launcher=args.launcher)
     except GridError as e:
         print(f"experiments.grid: error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ EXPECTED = {
     "strategies": strategies.names(),  # `strategies: all`: the whole matrix, a new YAML included
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
+TINY_GRID_2X2 = ROOT / "tests" / "configs" / "tiny_grid_2x2.yaml"  # x seeds s0, s1
 # k=99 > the tiny backbone's 2 layers: experiments.fit fails while building the model
 BROKEN = {"label": "broken", "configs": [STRATEGY.format("casa_replace")],
           "overrides": {"model.model.init_args.fusion.init_args.k": 99}}
@@ -253,12 +254,10 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
 
 # ---------------------------------------------------------------------------- --jobs N
 def _grid_2x2(path: Path, first: list[dict] = ()) -> Path:
-    """The tiny grid with a seed axis: fusion (casa_plus, casa_replace) x seed (s0, s1), 2 steps,
-    with `first` values put before the fusion axis's two."""
-    spec = yaml.safe_load(TINY_GRID.read_text())
+    """tests/configs/tiny_grid_2x2.yaml (fusion casa_plus, casa_replace x seed s0, s1; 2 steps)
+    with `first` values put before the fusion axis's two, written to `path`."""
+    spec = yaml.safe_load(TINY_GRID_2X2.read_text())
     spec["axes"][0]["values"][:0] = list(first)
-    spec["axes"][1] = {"name": "seed", "values": [
-        {"label": f"s{i}", "overrides": {"seed_everything": i, "trainer.max_steps": 2}} for i in (0, 1)]}
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -444,3 +443,43 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, at_root):
     log = result.log.read_text()
     assert log.startswith("\n$ python -m experiments.fit ") and " --ckpt_path last\n" in log
     assert "Restoring states from the checkpoint" in log and "(resumed from last.ckpt)" in output
+
+
+def test_status_shows_each_runs_state_from_its_run_dir(tmp_path, at_root, capsys, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path = tmp_path / "g.yaml"
+    labels = ["done", "broke", "going", "cut", "waits", "new"]
+    path.write_text(f"base: {TINY}\naxes: [{{name: f, values: [{', '.join(f'{{label: {n}}}' for n in labels)}]}}]\n")
+    out = tmp_path / "out"
+    for n in labels[:5]:
+        (out / n).mkdir(parents=True)
+    (out / "done" / "metrics.json").write_text(json.dumps({"finished": True, "global_step": 2, "metrics": {"val/loss": 1.5}}))
+    (out / "broke" / "grid_run.json").write_text(json.dumps({"state": "failed", "exit_code": 2}))
+    (out / "broke" / "fit.log").write_text("$ python -m experiments.fit ...\nexperiments.fit: config error: boom\n")
+    host = socket.gethostname()
+    (out / "going" / "grid_run.json").write_text(json.dumps({"state": "running", "host": host, "pid": os.getpid()}))
+    (out / "going" / "csv" / "version_0").mkdir(parents=True)
+    (out / "going" / "csv" / "version_0" / "metrics.csv").write_text("step,train/loss\n3,1.0\n7,0.9\n")
+    (out / "going" / "fit.log").write_text("Epoch 0:  70%|███████   | 7/10\r")
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (out / "cut" / "grid_run.json").write_text(json.dumps({"state": "running", "host": host, "pid": dead.pid}))
+    (out / "cut" / "checkpoints").mkdir()
+    (out / "cut" / "checkpoints" / "last.ckpt").write_text("")
+    (out / "waits" / "grid_run.json").write_text(json.dumps({"state": "queued", "job_id": "123_4"}))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main([str(path), "--status", "--out", str(out)]) == []
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    assert rows == {
+        "done": ["finished", "step 2, val/loss 1.5000"],
+        "broke": ["failed", "exit code 2: experiments.fit: config error: boom"],
+        "going": ["running", "step 7: Epoch 0:  70%|███████   | 7/10"],
+        "cut": ["interrupted", "resumes from last.ckpt"],
+        "waits": ["queued", "job 123_4"],
+        "new": ["pending", ""]}
+    assert not (out / "new").exists()
