@@ -143,7 +143,9 @@ def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = No
     out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
     out.flush()
     proc = subprocess.Popen([*FIT, *cmd_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                                 # logged as hyperparameters (TensorBoard HParams), by experiments.fit
+                                 "CASA_GRID_HPARAMS": json.dumps({"run": run.name, **run.labels})})
     if log == "fit.log":  # what `--status` reads while the run is going
         _record(run_dir, state="running", args=args, resumed=resumed, host=socket.gethostname(), pid=proc.pid)
     return _Launched(run, run_dir, label, args, resumed, proc, out, time.monotonic())
@@ -337,6 +339,10 @@ def sbatch_script(grid: Grid, folder: Path) -> str:
 def execute_submitit(todo: list[tuple[Run, Path, str]], executor, extra: list[str], console, done) -> None:
     """Submit every run as one job of a job array and report each as it ends. Ctrl-C cancels
     the jobs still queued or running (their run dirs resume on the next invocation)."""
+    # pickled by reference: under `python -m experiments.grid` this module is __main__, whose
+    # classes cloudpickle would copy by value (with unpicklable module state)
+    from experiments.grid import FitJob
+
     with executor.batch():
         jobs = [(run, run_dir, executor.submit(FitJob(run, run_dir, label, extra))) for run, run_dir, label in todo]
     for run, run_dir, job in jobs:

@@ -483,3 +483,21 @@ def test_status_shows_each_runs_state_from_its_run_dir(tmp_path, at_root, capsys
         "waits": ["queued", "job 123_4"],
         "new": ["pending", ""]}
     assert not (out / "new").exists()
+
+
+def test_every_run_logs_its_grid_labels_as_tensorboard_hparams(tiny):
+    """TensorBoard's HParams view reads a run's first session summary: it holds the module's
+    hyperparameters plus grid/<axis> labels; hp_metric ends as the final val/loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, out, results, _ = tiny
+    for r in results:
+        events = EventAccumulator(str(r.run_dir / "tb"))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert {k: hparams[k].string_value for k in ("grid/run", "grid/fusion", "grid/steps")} == {
+            "grid/run": r.run.name, "grid/fusion": r.run.labels["fusion"], "grid/steps": "s2"}
+        assert "warmup_steps" in hparams  # the module's own, in the same session
+        assert events.Scalars("hp_metric")[-1].value == pytest.approx(r.metrics["val/loss"])
