@@ -463,6 +463,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
         if grid.aggregate:
             console.print(mean_table(table(), grid, metric))
             written.append(out / "results_mean.csv")
+        if plot := write_plot(table(), grid, out, metric):
+            written.append(plot)
         console.print(f"written: {', '.join(map(str, written))}", soft_wrap=True)
     return [results[r.name] for r in runs]
 
@@ -621,6 +623,54 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table's lines: two left-aligned label columns, the numbers right-aligned."""
     return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
             *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def plot_series(results: list[Result], grid: Grid, metric: str) -> tuple[list[str], dict[str, list[tuple]]]:
+    """What results.png shows: the x labels (runs; with `aggregate`, the combinations of the
+    other axes) and per group [(value or mean, sample std or None)] along them (None
+    where a run has no such metric)."""
+    groups = _groups(results)
+    if grid.aggregate:
+        names, series = [], {g: [] for g in groups}
+        for name, _, done in _repeats(results, grid):
+            names.append(name)
+            for g in groups:
+                values = _present(done, lambda r: r.metrics.get(f"val_group/{g}/{metric}"))
+                series[g].append((statistics.mean(values) if values else None,
+                                  statistics.stdev(values) if len(values) > 1 else None))
+        return names, series
+    return [r.run.name for r in results], {g: [(r.metrics.get(f"val_group/{g}/{metric}"), None) for r in results]
+                                           for g in groups}
+
+
+def write_plot(results: list[Result], grid: Grid, out: Path, metric: str) -> Path | None:
+    """OUT/results.png: one bar per group metric and run (mean ± std bars over the
+    `aggregate` axis), in %; None when no run has group metrics yet."""
+    names, series = plot_series(results, grid, metric)
+    if not any(v is not None for values in series.values() for v, _ in values):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, no display
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) * len(series) + 2), 4.2))
+    for i, (group, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        ys = [float("nan") if v is None else 100 * v for v, _ in values]
+        errs = [0.0 if e is None else 100 * e for _, e in values]
+        ax.bar(xs, ys, width, yerr=errs if grid.aggregate else None, capsize=3, label=group)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(f"val {metric} (%)")
+    ax.set_title(f"{grid.path.stem}" + (f": mean ± std over {grid.aggregate!r}" if grid.aggregate else ""))
+    ax.legend(title="group", fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "results.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> None:

@@ -18,7 +18,7 @@ import yaml
 from rich.console import Console
 
 from experiments import strategies
-from experiments.grid import GridError, Result, load_grid, main, run_grid, write_results
+from experiments.grid import GridError, Result, load_grid, main, plot_series, run_grid, write_plot, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "experiments" / "grids"
@@ -83,6 +83,7 @@ def test_tiny_grid_runs_every_combination_and_writes_tables(tiny):
     header = ["run", "status", "val/loss", "coarse", "video", "avg", "mem (MiB)", "step (s)"]
     assert [h.strip() for h in table[0].split("|")[1:-1]] == header
     assert [line.split("|")[1].strip() for line in table[2:]] == ["casa_plus-s2", "casa_replace-s2"]
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and str(out / "results.png") in output
 
 
 def test_rerun_skips_finished_runs(tiny, at_root):
@@ -250,6 +251,12 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_mean"]) == pytest.approx(0.6)
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_std"]) == pytest.approx(0.1)
     assert float(rows[1]["val/loss_std"]) == pytest.approx(0.0707107, rel=1e-4)
+    # the plot: per group, mean ± std over the seeds of each fusion value
+    names, series = plot_series(results, grid, "relaxed_accuracy")
+    assert names == ["a", "b"] and list(series) == ["coarse", "video"]
+    assert series["coarse"][0] == pytest.approx((0.6, 0.1)) and series["video"][1] == pytest.approx((0.125, 0.0353553), rel=1e-5)
+    assert write_plot(results, grid, out, "relaxed_accuracy") == out / "results.png"
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------------------- --jobs N
