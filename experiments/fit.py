@@ -83,7 +83,29 @@ class CasaCLI(LightningCLI):
                    "finished": trainer.global_step >= (trainer.max_steps or 0), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "peak_memory_bytes": _peak_memory_bytes(trainer)}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+        if os.environ.get("CASA_GRID_HPARAMS") and "val/loss" in metrics:  # the HParams view's metric
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            for lg in trainer.loggers:
+                if isinstance(lg, TensorBoardLogger):
+                    lg.log_metrics({"hp_metric": metrics["val/loss"]}, trainer.global_step)
+                    lg.save()
         print_metrics_table(metrics, f"validation after {trainer.global_step} steps ({run_dir})")
+
+
+def _log_grid_hparams(cli: LightningCLI) -> None:
+    """A run of `experiments.grid` (CASA_GRID_HPARAMS: its run name and its label on each
+    axis) logs the labels with the module's hyperparameters, so the grid's runs compare in
+    TensorBoard's HParams view. TensorBoard keeps a run's first HParams session summary, so
+    this one replaces Lightning's own (the module's hyperparameters alone) rather than
+    following it; `hp_metric` becomes the final val/loss (`after_fit`)."""
+    labels = json.loads(os.environ.get("CASA_GRID_HPARAMS") or "{}")
+    if not labels:
+        return
+    cli.model._log_hyperparams = False  # Lightning's own call at fit start would come first
+    params = {**cli.model.hparams_initial, **{f"grid/{k}": v for k, v in labels.items()}}
+    for lg in cli.trainer.loggers:
+        lg.log_hyperparams(params)
 
 
 def _peak_memory_bytes(trainer: L.Trainer) -> int | None:
@@ -190,6 +212,7 @@ def main(args: list[str] | None = None) -> CasaCLI:
         raise SystemExit(2) from None
     # the checkpoint carries its own config, so evaluate/stream/casa.assistant need only the file
     cli.model.run_config = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
+    _log_grid_hparams(cli)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     cli.after_fit()
     return cli

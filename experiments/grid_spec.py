@@ -15,29 +15,33 @@
                                              # {label: <name>, configs: [strategies/<name>.yaml]}
     aggregate: seed                          # optional: an axis whose runs are repeats (seeds);
                                              # results add mean ± std over it per other-axes combination
+    slurm: {partition: gpu, account: proj, nodes: 1, gpus_per_node: 8, time: 240}
+                                             # optional: resources of `--launcher slurm` (SlurmSpec)
 
 A run is named by its labels joined with "-" (first axis first) and passes to
 `experiments.fit`: the base configs, the values' configs, the common overrides, then the
 values' overrides (the more specific wins). Config paths are relative to the working
-directory, as on the fit command line. Every error names the field, the bad value and the
-valid choices.
+directory, as on the fit command line. The file is parsed by jsonargparse against the
+dataclasses GridSpec / AxisSpec / ValueSpec (the schema), as the fit configs are; every error
+names the field, the bad value and the valid choices (keys, strategy names).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import itertools
 import json
 import re
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
-GRID_KEYS = ("description", "base", "overrides", "axes", "aggregate")
-AXIS_KEYS = ("name", "values", "strategies")
-VALUE_KEYS = ("label", "configs", "overrides")
+from experiments import strategies
+
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+]*")  # "-" joins labels into run names
 DOTTED = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
 RESERVED = {"run_dir": "the grid sets it (--out DIR/<run>)", "config": "list config files under `configs`"}
@@ -45,6 +49,113 @@ RESERVED = {"run_dir": "the grid sets it (--out DIR/<run>)", "config": "list con
 
 class GridError(ValueError):
     """A malformed grid file or command line; the message names the field, value and choices."""
+
+
+# ---------------------------------------------------------------------------- the schema
+# The grid file's keys and their types, parsed by jsonargparse as the fit configs are: a key
+# that is not a field, a missing required field or a value of the wrong type is rejected by
+# the parser (kw_only keeps the fields in the file's documented order). jsonargparse names an
+# unknown key but not the valid ones, so `_check_keys` walks these same dataclasses first to
+# say where the key is and which keys that mapping takes. What a type cannot say (labels
+# unique per axis, config files exist, `aggregate` names an axis) is checked after parsing.
+# the matrix's names (experiments/configs/strategies/*.yaml), so a wrong one is told the choices
+StrategyName = Literal[tuple(strategies.names())]
+
+
+@dataclass(kw_only=True)
+class ValueSpec:
+    """One labelled value of an axis (`{label, configs, overrides}`)."""
+
+    label: Union[str, int]
+    configs: Union[str, list[str]] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class AxisSpec:
+    """One axis: its name and exactly one of `values` or `strategies` (`all` or matrix names)."""
+
+    name: str
+    values: Optional[list[ValueSpec]] = None
+    strategies: Union[Literal["all"], list[StrategyName], None] = None
+
+
+@dataclass(kw_only=True)
+class SlurmSpec:
+    """Where `--launcher slurm` submits each run (one SLURM job per run, through submitit);
+    the command line's --partition, --nodes, ... override these."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # each node runs one task per GPU (Lightning's SLURM environment)
+    cpus_per_task: Optional[int] = None
+    time: int = 60  # minutes per job; a preempted or timed-out job is requeued and resumes
+    additional: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {qos: high}
+
+
+@dataclass(kw_only=True)
+class GridSpec:
+    """A grid file."""
+
+    description: str = ""
+    base: Union[str, list[str]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    axes: list[AxisSpec]
+    aggregate: Optional[str] = None
+    slurm: Optional[SlurmSpec] = None
+
+
+def _item_dataclass(tp: Any) -> type | None:
+    """The dataclass a field holds a list of (`Optional[list[AxisSpec]]` -> AxisSpec), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    if typing.get_origin(tp) is Union:
+        return next((c for a in args if (c := _item_dataclass(a)) is not None), None)
+    return None
+
+
+def _check_keys(where: str, raw: Any, cls: type, at: str = "") -> None:
+    """Unknown and missing keys of `raw` against the dataclass `cls`, recursively, naming the
+    position (`axes[0].values[1]`) and the keys that mapping takes."""
+    here = f"{where}: {at}" if at else where
+    valid = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(raw, dict):
+        raise GridError(f"{here}: expected a mapping with keys {valid}, got {raw!r}")
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        raise GridError(f"{here}: unknown key(s) {unknown}; valid keys: {valid}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in raw]
+    if missing:
+        raise GridError(f"{here}: missing key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    for name in valid:
+        item = _item_dataclass(hints[name])
+        if item is not None and isinstance(raw.get(name), list):
+            for i, x in enumerate(raw[name]):
+                _check_keys(where, x, item, f"{at}.{name}[{i}]" if at else f"{name}[{i}]")
+        union = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Union else ()
+        one = next((a for a in (hints[name], *union) if dataclasses.is_dataclass(a)), None)  # `slurm:`
+        if one is not None and raw.get(name) is not None:
+            _check_keys(where, raw[name], one, f"{at}.{name}" if at else name)
+
+
+def _parse_schema(where: str, raw: Any) -> GridSpec:
+    """`raw` (the loaded YAML) -> GridSpec through jsonargparse; errors name the field."""
+    from jsonargparse import ArgumentParser
+    from jsonargparse import ArgumentError
+
+    _check_keys(where, raw, GridSpec)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--grid", type=GridSpec)
+    try:
+        return parser.instantiate(parser.parse_object({"grid": raw})).grid
+    except ArgumentError as e:
+        # "Parser key "grid.axes": ..." -> the grid file's own field names
+        message = str(e).replace('"grid.', '"').replace("Group 'grid'", "the grid file")
+        raise GridError(f"{where}: {message}") from None
 
 
 @dataclass(frozen=True)
@@ -82,6 +193,7 @@ class Grid:
     overrides: list[tuple[str, Any]]
     axes: list[tuple[str, list[Value]]]  # (axis name, its values)
     aggregate: str | None = None  # an axis of repeats (seeds): results also averaged over it
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)  # `--launcher slurm` resources
 
     def runs(self) -> list[Run]:
         """The cartesian product of the axes, first axis slowest."""
@@ -105,22 +217,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _keys(where: str, obj: Any, valid: tuple[str, ...], required: tuple[str, ...]) -> dict:
-    if not isinstance(obj, dict):
-        raise GridError(f"{where}: expected a mapping with keys {list(valid)}, got {obj!r}")
-    unknown = [k for k in obj if k not in valid]
-    if unknown:
-        raise GridError(f"{where}: unknown key(s) {unknown}; valid keys: {list(valid)}")
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise GridError(f"{where}: missing key(s) {missing}")
-    return obj
-
-
-def _configs(where: str, value: Any) -> list[str]:
-    files = [value] if isinstance(value, str) else value
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        raise GridError(f"{where}: expected a config file or a list of them, got {value!r}")
+def _configs(where: str, value: str | list[str]) -> list[str]:
+    files = [value] if isinstance(value, str) else value  # the schema typed it
     for f in files:
         if not Path(f).is_file():
             raise GridError(f"{where}: config file {f!r} does not exist (paths are relative to the working "
@@ -128,47 +226,39 @@ def _configs(where: str, value: Any) -> list[str]:
     return list(files)
 
 
-def _overrides(where: str, value: Any) -> list[tuple[str, Any]]:
-    if not isinstance(value, dict):
-        raise GridError(f"{where}: expected a mapping of dotted keys to values "
-                        f"(e.g. {{trainer.max_steps: 300}}), got {value!r}")
-    for key in value:
-        if not isinstance(key, str) or not DOTTED.fullmatch(key):
+def _overrides(where: str, value: dict[str, Any]) -> list[tuple[str, Any]]:
+    for key in value:  # the schema typed it a mapping with string keys
+        if not DOTTED.fullmatch(key):
             raise GridError(f"{where}: {key!r} is not a dotted config key like 'trainer.max_steps'")
         if key in RESERVED:
             raise GridError(f"{where}: {key!r} cannot be overridden here: {RESERVED[key]}")
     return list(value.items())
 
 
-def _values(where: str, axis: str, raw: Any) -> list[Value]:
-    if not isinstance(raw, list) or not raw:
-        raise GridError(f"{where}: axis {axis!r} needs a non-empty list of {{label, configs, overrides}}, got {raw!r}")
+def _values(where: str, axis: str, specs: list[ValueSpec]) -> list[Value]:
+    if not specs:
+        raise GridError(f"{where}: axis {axis!r} needs a non-empty list of {{label, configs, overrides}}, got []")
     values: list[Value] = []
-    for j, value in enumerate(raw):
+    for j, spec in enumerate(specs):
         vwhere = f"{where}[{j}]"
-        value = _keys(vwhere, value, VALUE_KEYS, ("label",))
-        label = value["label"]
-        label = str(label) if isinstance(label, (str, int)) and not isinstance(label, bool) else label
-        if not isinstance(label, str) or not LABEL.fullmatch(label):
+        label = str(spec.label)  # `label: 1` is the run-name part "1"
+        if not LABEL.fullmatch(label):
             raise GridError(f"{vwhere}.label: {label!r} must be letters, digits, '_', '.' or '+' "
                             f"(run names join labels with '-')")
         seen = [v.label for v in values]
         if label in seen:
             raise GridError(f"{vwhere}.label: duplicate label {label!r} in axis {axis!r}; labels so far: {seen}")
-        values.append(Value(label, _configs(f"{vwhere}.configs", value.get("configs") or []),
-                            _overrides(f"{vwhere}.overrides", value.get("overrides") or {})))
+        values.append(Value(label, _configs(f"{vwhere}.configs", spec.configs),
+                            _overrides(f"{vwhere}.overrides", spec.overrides)))
     return values
 
 
-def _strategy_values(where: str, chosen: Any) -> list[dict[str, Any]]:
+def _strategy_values(where: str, chosen: str | list[str]) -> list[ValueSpec]:
     """`all` or a list of matrix names -> the axis values running those strategies' YAMLs."""
-    from experiments import strategies
-
     names = strategies.names()
-    if chosen == "all":
-        chosen = names
-    if not isinstance(chosen, list) or not chosen or not all(isinstance(n, str) for n in chosen):
-        raise GridError(f"{where}: expected 'all' or a non-empty list of strategy names from {names}, got {chosen!r}")
+    chosen = names if chosen == "all" else chosen
+    if not chosen:
+        raise GridError(f"{where}: expected 'all' or a non-empty list of strategy names from {names}, got []")
     unknown = [n for n in chosen if n not in names]
     if unknown:
         raise GridError(f"{where}: {unknown} not in the strategy matrix ({strategies.STRATEGY_DIR}); choose from {names}")
@@ -177,7 +267,7 @@ def _strategy_values(where: str, chosen: Any) -> list[dict[str, Any]]:
         path = strategies.strategy(n).path
         # relative to the working directory when inside it, as hand-written grid paths are
         rel = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-        out.append({"label": n, "configs": [str(rel)]})
+        out.append(ValueSpec(label=n, configs=[str(rel)]))
     return out
 
 
@@ -192,33 +282,28 @@ def load_grid(path: str | Path) -> Grid:
         raise GridError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise GridError(f"{path}: not valid YAML: {e}") from None
-    raw = _keys(str(path), raw, GRID_KEYS, ("base", "axes"))
-    base = _configs(f"{path}: base", raw["base"])
-    overrides = _overrides(f"{path}: overrides", raw.get("overrides") or {})
-    axes_raw = raw["axes"]
-    if not isinstance(axes_raw, list) or not axes_raw:
-        raise GridError(f"{path}: axes: expected a non-empty list of {{name, values}}, got {axes_raw!r}")
+    spec = _parse_schema(str(path), raw)
+    base = _configs(f"{path}: base", spec.base)
+    overrides = _overrides(f"{path}: overrides", spec.overrides)
+    if not spec.axes:
+        raise GridError(f"{path}: axes: expected a non-empty list of {{name, values}}, got []")
     axes, names = [], []
-    for i, axis in enumerate(axes_raw):
+    for i, axis in enumerate(spec.axes):
         where = f"{path}: axes[{i}]"
-        axis = _keys(where, axis, AXIS_KEYS, ("name",))
-        name = axis["name"]
-        if not isinstance(name, str) or not DOTTED.fullmatch(name) or "." in name:
+        name = axis.name
+        if not DOTTED.fullmatch(name) or "." in name:
             raise GridError(f"{where}.name: {name!r} is not a name like 'fusion' (letters, digits, _)")
         if name in names:
             raise GridError(f"{where}.name: duplicate axis name {name!r}; axes so far: {names}")
         names.append(name)
-        if ("values" in axis) == ("strategies" in axis):
-            raise GridError(f"{where}: axis {name!r} needs exactly one of 'values' or 'strategies', got {sorted(axis)}")
-        raw_values = axis["values"] if "values" in axis else _strategy_values(f"{where}.strategies", axis["strategies"])
-        axes.append((name, _values(f"{where}.values", name, raw_values)))
-    description = raw.get("description") or ""
-    if not isinstance(description, str):
-        raise GridError(f"{path}: description: expected text, got {description!r}")
-    aggregate = raw.get("aggregate")
-    if aggregate is not None and aggregate not in names:
-        raise GridError(f"{path}: aggregate: {aggregate!r} is not an axis of this grid; axes: {names}")
-    return Grid(path, description.strip(), base, overrides, axes, aggregate)
+        given = sorted(k for k in ("name", "values", "strategies") if getattr(axis, k) is not None)
+        if (axis.values is None) == (axis.strategies is None):
+            raise GridError(f"{where}: axis {name!r} needs exactly one of 'values' or 'strategies', got {given}")
+        specs = axis.values if axis.values is not None else _strategy_values(f"{where}.strategies", axis.strategies)
+        axes.append((name, _values(f"{where}.values", name, specs)))
+    if spec.aggregate is not None and spec.aggregate not in names:
+        raise GridError(f"{path}: aggregate: {spec.aggregate!r} is not an axis of this grid; axes: {names}")
+    return Grid(path, spec.description.strip(), base, overrides, axes, spec.aggregate, spec.slurm or SlurmSpec())
 
 
 def select(runs: list[Run], only: list[str] | None) -> list[Run]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import yaml
 from rich.console import Console
 
 from experiments import strategies
-from experiments.grid import GridError, Result, load_grid, main, run_grid, write_results
+from experiments.grid import GridError, Result, load_grid, main, plot_series, run_grid, write_plot, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "experiments" / "grids"
@@ -33,6 +34,7 @@ EXPECTED = {
     "strategies": strategies.names(),  # `strategies: all`: the whole matrix, a new YAML included
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
+TINY_GRID_2X2 = ROOT / "tests" / "configs" / "tiny_grid_2x2.yaml"  # x seeds s0, s1
 # k=99 > the tiny backbone's 2 layers: experiments.fit fails while building the model
 BROKEN = {"label": "broken", "configs": [STRATEGY.format("casa_replace")],
           "overrides": {"model.model.init_args.fusion.init_args.k": 99}}
@@ -81,6 +83,7 @@ def test_tiny_grid_runs_every_combination_and_writes_tables(tiny):
     header = ["run", "status", "val/loss", "coarse", "video", "avg", "mem (MiB)", "step (s)"]
     assert [h.strip() for h in table[0].split("|")[1:-1]] == header
     assert [line.split("|")[1].strip() for line in table[2:]] == ["casa_plus-s2", "casa_replace-s2"]
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and str(out / "results.png") in output
 
 
 def test_rerun_skips_finished_runs(tiny, at_root):
@@ -157,7 +160,7 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
 
 @pytest.mark.parametrize("text, message", [
     (f"base: {TINY}\naxis: []\n",
-     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate'\]"),
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm'\]"),
     (f"base: {TINY}\naggregate: seed\naxes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n",
      r"aggregate: 'seed' is not an axis of this grid; axes: \['fusion'\]"),
     (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
@@ -177,9 +180,19 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
     (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a-b}}]}}]\n",
      r"axes\[0\]\.values\[0\]\.label: 'a-b' must be letters, digits"),
     (f"base: {TINY}\naxes: [{{name: f, strategies: [casa_pluss]}}]\n",
-     r"axes\[0\]\.strategies: \['casa_pluss'\] not in the strategy matrix .*; choose from \['casa_before'"),
+     r"Parser key \"axes\":(.|\n)*Parser key \"strategies\":(.|\n)*Expected a typing.Literal\['casa_before', "
+     r"(.|\n)*Got value: casa_pluss"),
     (f"base: {TINY}\naxes: [{{name: f, strategies: plus}}]\n",
+     r"Parser key \"strategies\":(.|\n)*Subtypes: \[typing.Literal\['all'\], list\[typing.Literal\['casa_before', "
+     r"(.|\n)*Given value: plus"),
+    (f"base: {TINY}\naxes: [{{name: f, strategies: []}}]\n",
      r"axes\[0\]\.strategies: expected 'all' or a non-empty list of strategy names from \['casa_before'"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a, configs: 3}}]}}]\n",
+     r"Parser key \"configs\":(.|\n)*Given value: 3"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a, overrides: [1]}}]}}]\n",
+     r"Parser key \"overrides\":(.|\n)*Expected a <class 'dict'>"),
+    (f"base: {TINY}\naxes: {{name: f}}\n", r"Parser key \"axes\":(.|\n)*Expected a <class 'list'>"),
+    (f"base: {TINY}\naxes: [[]]\n", r"axes\[0\]: expected a mapping with keys \['name', 'values', 'strategies'\], got \[\]"),
     (f"base: {TINY}\naxes: [{{name: f, strategies: all, values: [{GOOD_VALUE}]}}]\n",
      r"axes\[0\]: axis 'f' needs exactly one of 'values' or 'strategies', got \['name', 'strategies', 'values'\]"),
     (f"base: {TINY}\naxes: [{{name: f}}]\n", r"axes\[0\]: axis 'f' needs exactly one of 'values' or 'strategies'"),
@@ -238,3 +251,260 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_mean"]) == pytest.approx(0.6)
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_std"]) == pytest.approx(0.1)
     assert float(rows[1]["val/loss_std"]) == pytest.approx(0.0707107, rel=1e-4)
+    # the plot: per group, mean ± std over the seeds of each fusion value
+    names, series = plot_series(results, grid, "relaxed_accuracy")
+    assert names == ["a", "b"] and list(series) == ["coarse", "video"]
+    assert series["coarse"][0] == pytest.approx((0.6, 0.1)) and series["video"][1] == pytest.approx((0.125, 0.0353553), rel=1e-5)
+    assert write_plot(results, grid, out, "relaxed_accuracy") == out / "results.png"
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------- --jobs N
+def _grid_2x2(path: Path, first: list[dict] = ()) -> Path:
+    """tests/configs/tiny_grid_2x2.yaml (fusion casa_plus, casa_replace x seed s0, s1; 2 steps)
+    with `first` values put before the fusion axis's two, written to `path`."""
+    spec = yaml.safe_load(TINY_GRID_2X2.read_text())
+    spec["axes"][0]["values"][:0] = list(first)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# what differs between two executions of the same runs: wall and step time, memory, log path
+UNSTABLE = ("seconds", "step_time_s", "peak_memory_bytes", "log", "status")
+
+
+@pytest.fixture(scope="module")
+def sequential_2x2(tmp_path_factory):
+    """The 2x2 grid run sequentially, once: the reference of the parallel and submitit runs."""
+    tmp = tmp_path_factory.mktemp("grid2x2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        results, output = run(_grid_2x2(tmp / "seq.yaml"), tmp / "seq")
+    assert [r.status for r in results] == ["finished"] * 4, output
+    return tmp / "seq"
+
+
+def _stable_rows(out: Path) -> dict[str, dict]:
+    """results.csv by run, without what differs between executions of the same runs."""
+    with open(out / "results.csv", newline="") as f:
+        return {r["run"]: {k: v for k, v in r.items() if k not in UNSTABLE} for r in csv.DictReader(f)}
+
+
+def test_parallel_grid_gives_the_sequential_results_and_a_failure_stops_no_other_run(sequential_2x2, tmp_path, at_root):
+    """--jobs 2 on the 2x2 grid (plus two runs that fail at build time, first in line): the
+    same results.csv as the sequential grid but for time, memory and log path."""
+    parallel, output = run(_grid_2x2(tmp_path / "par.yaml", [BROKEN]), tmp_path / "par", jobs=2)
+    assert [(r.run.name, r.status) for r in parallel] == [
+        ("broken-s0", "failed"), ("broken-s1", "failed"), ("casa_plus-s0", "finished"), ("casa_plus-s1", "finished"),
+        ("casa_replace-s0", "finished"), ("casa_replace-s1", "finished")], output
+    assert "2 at once" in output and "CASA.k=99" in parallel[0].log.read_text()
+    seq, par = _stable_rows(sequential_2x2), _stable_rows(tmp_path / "par")
+    assert {k: par[k] for k in seq} == seq
+    assert all(r["global_step"] == "2" and float(r["val/loss"]) > 0 for r in seq.values())
+
+
+def test_submitit_local_executor_gives_the_sequential_results(sequential_2x2, tmp_path, at_root):
+    """--launcher submitit-local: the job pickles `--launcher slurm` submits (FitJob), run by
+    submitit's LocalExecutor as subprocesses: the sequential grid's results.csv."""
+    results, output = run(_grid_2x2(tmp_path / "sub.yaml"), tmp_path / "sub", launcher="submitit-local")
+    assert [r.status for r in results] == ["finished"] * 4, output
+    assert "submitted 4 jobs" in output and any((tmp_path / "sub" / "submitit").glob("*_submitted.pkl"))
+    assert _stable_rows(tmp_path / "sub") == _stable_rows(sequential_2x2)
+    results, output = run(_grid_2x2(tmp_path / "sub.yaml"), tmp_path / "sub", launcher="submitit-local")
+    assert [r.status for r in results] == ["skipped"] * 4 and "submitted" not in output
+
+
+def test_slurm_dry_run_prints_the_sbatch_script(tmp_path, at_root, capsys):
+    """--launcher slurm --dry-run: resources from the grid file's `slurm:`, overridden by the
+    flags; multi-node runs get one task per GPU and fit the matching trainer arguments."""
+    path = tmp_path / "slurm.yaml"
+    spec = yaml.safe_load(TINY_GRID.read_text())
+    spec["slurm"] = {"partition": "gpu", "account": "proj", "gpus_per_node": 4, "time": 240, "additional": {"qos": "high"}}
+    path.write_text(yaml.safe_dump(spec))
+    main([str(path), "--launcher", "slurm", "--dry-run", "--out", str(tmp_path / "out"), "--nodes", "2",
+          "--partition", "h100"])
+    text = capsys.readouterr().out
+    for line in ("#SBATCH --partition=h100", "#SBATCH --account=proj", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --ntasks-per-node=4", "#SBATCH --time=240", "#SBATCH --qos=high", "#SBATCH --signal=USR2@90",
+                 "srun --unbuffered", "-m submitit.core._submit"):
+        assert line in text, text
+    assert text.count("--trainer.num_nodes 2 --trainer.devices 4") == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_section_of_a_grid_file_is_checked_by_the_schema(tmp_path, at_root):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"base: {TINY}\nslurm: {{partition: gpu, gpus: 4}}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\n")
+    with pytest.raises(GridError, match=r"slurm: unknown key\(s\) \['gpus'\]; valid keys: \['partition', 'account', "
+                                        r"'nodes', 'gpus_per_node', 'cpus_per_task', 'time', 'additional'\]"):
+        load_grid(path)
+    path.write_text(f"base: {TINY}\nslurm: {{nodes: two}}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\n")
+    with pytest.raises(GridError, match=r"Parser key \"nodes\"(.|\n)*two"):
+        load_grid(path)
+
+
+FAKE_FIT = """\
+import json, os, signal, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+run_dir = Path(args[args.index("--run_dir") + 1])
+(run_dir / "argv.json").write_text(json.dumps(args))
+
+
+def interrupted(*_):
+    with open(run_dir / "interrupted", "a") as f:
+        f.write("SIGINT\\n")
+    sys.exit(130)
+
+
+signal.signal(signal.SIGINT, interrupted)
+(run_dir / "checkpoints").mkdir(exist_ok=True)
+(run_dir / "checkpoints" / "last.ckpt").write_text("")  # as fit's ModelCheckpoint(save_last=True)
+(run_dir / "started").write_text(os.environ.get("OMP_NUM_THREADS", ""))
+if os.environ["FAKE_FIT"] == "hang":
+    time.sleep(120)
+(run_dir / "metrics.json").write_text(json.dumps({"finished": True, "global_step": 2, "metrics": {"val/loss": 1.0}}))
+"""
+
+
+def test_ctrl_c_stops_every_run_cleanly_and_a_rerun_resumes_them_from_last_ckpt(tmp_path, at_root, monkeypatch):
+    """A stand-in for fit (FAKE_FIT) shows the process handling: --jobs 2 starts two runs,
+    each with half the CPU threads; Ctrl-C interrupts each once (SIGINT) and starts no other;
+    the re-run resumes the two with `--ckpt_path last` and starts the other two afresh."""
+    import signal
+    import sys
+    import threading
+
+    from experiments import grid as grid_module
+
+    fake = tmp_path / "fake_fit.py"
+    fake.write_text(FAKE_FIT)
+    monkeypatch.setattr(grid_module, "FIT", [sys.executable, str(fake)])
+    monkeypatch.setattr(grid_module.os, "sched_getaffinity", lambda _: set(range(8)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(grid_module, "_gpu_ids", lambda: [])  # this test is about the CPU split
+    monkeypatch.setenv("FAKE_FIT", "hang")
+    out, names = tmp_path / "out", ["a-s0", "a-s1", "b-s0", "b-s1"]
+    path = tmp_path / "g.yaml"
+    path.write_text(f"base: {TINY}\naxes:\n  - {{name: f, values: [{{label: a}}, {{label: b}}]}}\n"
+                    f"  - {{name: s, values: [{{label: s0}}, {{label: s1}}]}}\n")
+
+    def ctrl_c_when_two_run():
+        deadline = time.monotonic() + 60
+        while sum((out / n / "started").is_file() for n in names) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        signal.raise_signal(signal.SIGINT)  # as the terminal's Ctrl-C: to the grid (the main thread)
+
+    threading.Thread(target=ctrl_c_when_two_run, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run(path, out, jobs=2)
+    assert time.monotonic() - start < 60  # the hanging runs were stopped, not waited for
+    assert [(out / n / "started").read_text() for n in names[:2]] == ["4", "4"]  # 8 cores / 2 jobs
+    assert [(out / n / "interrupted").read_text() for n in names[:2]] == ["SIGINT\n"] * 2  # once each
+    assert not any((out / n).exists() for n in names[2:])
+
+    monkeypatch.setenv("FAKE_FIT", "finish")
+    results, output = run(path, out, jobs=2)
+    assert [r.status for r in results] == ["finished"] * 4, output
+    argv = {n: json.loads((out / n / "argv.json").read_text()) for n in names}
+    assert [argv[n][-2:] for n in names] == [["--ckpt_path", "last"]] * 2 + [["--run_dir", str(out / n)] for n in names[2:]]
+    assert output.count("(resumed from last.ckpt)") == 2
+    assert [json.loads((out / n / "grid_run.json").read_text())["resumed"] for n in names] == [True, True, False, False]
+    # finished runs are skipped on the next run, even with last.ckpt in their run dirs
+    results, _ = run(path, out, jobs=2)
+    assert [r.status for r in results] == ["skipped"] * 4
+
+
+@pytest.mark.parametrize("visible, jobs, slots", [
+    ("0,1,2,3", 2, ["0,1", "2,3"]), ("0,1,2,3", 3, ["0", "1", "2"]), ("0,1", 4, ["0", "1", "0", "1"])])
+def test_device_slots_split_the_visible_gpus(visible, jobs, slots, monkeypatch):
+    from experiments.grid import device_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in device_slots(jobs)] == slots
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, at_root):
+    """A run dir with checkpoints/last.ckpt and no finished metrics.json (what a Ctrl-C'd or
+    preempted run leaves) runs on from that checkpoint to max_steps, not from step 0. The
+    interruption is simulated: the same run, stopped after 1 of its 2 steps."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "resume.yaml"
+    path.write_text(f"base: {TINY + ['tests/configs/resume.yaml']}\n"
+                    "overrides: {trainer.enable_model_summary: false, trainer.max_steps: 2, trainer.val_check_interval: 2}\n"
+                    f"axes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n")
+    out = tmp_path / "out"
+    (r,) = load_grid(path).runs()
+    first = subprocess.run([sys.executable, "-m", "experiments.fit", *r.args(out / r.name), "--trainer.max_steps", "1"],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / r.name / "checkpoints" / "last.ckpt").is_file()
+    (out / r.name / "metrics.json").unlink()  # it stopped before the end
+    (result,), output = run(path, out)
+    assert result.status == "finished" and result.summary["global_step"] == 2, output
+    log = result.log.read_text()
+    assert log.startswith("\n$ python -m experiments.fit ") and " --ckpt_path last\n" in log
+    assert "Restoring states from the checkpoint" in log and "(resumed from last.ckpt)" in output
+
+
+def test_status_shows_each_runs_state_from_its_run_dir(tmp_path, at_root, capsys, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path = tmp_path / "g.yaml"
+    labels = ["done", "broke", "going", "cut", "waits", "new"]
+    path.write_text(f"base: {TINY}\naxes: [{{name: f, values: [{', '.join(f'{{label: {n}}}' for n in labels)}]}}]\n")
+    out = tmp_path / "out"
+    for n in labels[:5]:
+        (out / n).mkdir(parents=True)
+    (out / "done" / "metrics.json").write_text(json.dumps({"finished": True, "global_step": 2, "metrics": {"val/loss": 1.5}}))
+    (out / "broke" / "grid_run.json").write_text(json.dumps({"state": "failed", "exit_code": 2}))
+    (out / "broke" / "fit.log").write_text("$ python -m experiments.fit ...\nexperiments.fit: config error: boom\n")
+    host = socket.gethostname()
+    (out / "going" / "grid_run.json").write_text(json.dumps({"state": "running", "host": host, "pid": os.getpid()}))
+    (out / "going" / "csv" / "version_0").mkdir(parents=True)
+    (out / "going" / "csv" / "version_0" / "metrics.csv").write_text("step,train/loss\n3,1.0\n7,0.9\n")
+    (out / "going" / "fit.log").write_text("Epoch 0:  70%|███████   | 7/10\r")
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (out / "cut" / "grid_run.json").write_text(json.dumps({"state": "running", "host": host, "pid": dead.pid}))
+    (out / "cut" / "checkpoints").mkdir()
+    (out / "cut" / "checkpoints" / "last.ckpt").write_text("")
+    (out / "waits" / "grid_run.json").write_text(json.dumps({"state": "queued", "job_id": "123_4"}))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main([str(path), "--status", "--out", str(out)]) == []
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    assert rows == {
+        "done": ["finished", "step 2, val/loss 1.5000"],
+        "broke": ["failed", "exit code 2: experiments.fit: config error: boom"],
+        "going": ["running", "step 7: Epoch 0:  70%|███████   | 7/10"],
+        "cut": ["interrupted", "resumes from last.ckpt"],
+        "waits": ["queued", "job 123_4"],
+        "new": ["pending", ""]}
+    assert not (out / "new").exists()
+
+
+def test_every_run_logs_its_grid_labels_as_tensorboard_hparams(tiny):
+    """TensorBoard's HParams view reads a run's first session summary: it holds the module's
+    hyperparameters plus grid/<axis> labels; hp_metric ends as the final val/loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, out, results, _ = tiny
+    for r in results:
+        events = EventAccumulator(str(r.run_dir / "tb"))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert {k: hparams[k].string_value for k in ("grid/run", "grid/fusion", "grid/steps")} == {
+            "grid/run": r.run.name, "grid/fusion": r.run.labels["fusion"], "grid/steps": "s2"}
+        assert "warmup_steps" in hparams  # the module's own, in the same session
+        assert events.Scalars("hp_metric")[-1].value == pytest.approx(r.metrics["val/loss"])
