@@ -78,3 +78,25 @@ def test_cli_prints_one_json_object_with_the_split(tmp_path, capsys):
     assert {r["module"] for r in out["modules"]} == {"vision tower", "fused blocks", "SA blocks", "head"}
     assert out["fits"] is False and out["batch"] == {"text_tokens": 256, "image_tokens": 256, "images": 64,
                                                      "windows": 1}
+
+
+def test_a_frozen_vision_tower_is_traced():
+    """MemTracker hooks every parameter's gradient and torch refuses a hook on a frozen one:
+    the paper configs freeze most of the tower (`trainable_blocks: 4`)."""
+    frozen = {"model": {"model": {"init_args": {"vision": {"init_args": {"freeze": True, "trainable_blocks": 1}}}}}}
+    out = plan.predict(TINY + [frozen])
+    tower = out["groups"]["vision tower"]
+    assert 0 < tower["grads"] < tower["params"]
+
+
+def test_flash_vision_is_traced_as_one_varlen_call(monkeypatch):
+    """A config asking for flash-attn in the tower (the paper's) is built with sdpa and traced
+    through the varlen memory model, one call per block, not a Python loop per window."""
+    calls = []
+    original = plan._FlashVarlenMemory.apply
+    monkeypatch.setattr(plan._FlashVarlenMemory, "apply", lambda *a: calls.append(a[0].shape) or original(*a))
+    flash = {"model": {"model": {"init_args": {"vision": {"init_args": {"attn_implementation": "flash_attention_2"}}}}}}
+    out = plan.predict(TINY + [flash])
+    assert out["vision_attention"] == "flash-attn varlen memory model"
+    assert len(calls) == 2 * 2  # 2 blocks, 2 traced steps; q: [1, heads, all patches, head_dim]
+    assert calls[0][2] == 64 * 16

@@ -83,6 +83,46 @@ def _real_indices_mode():
     return RealIndices()
 
 
+class _FlashVarlenMemory(torch.autograd.Function):
+    """The memory of flash-attn's varlen kernel, which the paper configs ask the vision tower
+    for (`attn_implementation: flash_attention_2`) and which does not exist on CPU: the output,
+    with q, k, v, the output and the fp32 log-sum-exp saved for backward, which returns
+    dq, dk, dv. Values are never read (the tensors are fake)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # [1, H, L, D] each
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # [1, L, H, D]
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)  # [1, H, L]
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+PLAN_FLASH = "plan_flash_varlen"
+"""Registered attention implementation of `_FlashVarlenMemory`: "flash" in its name makes
+the Qwen2.5-VL tower take its varlen (one call) path instead of a Python loop per window."""
+
+
+def _plan_flash(module, query, key, value, attention_mask=None, **kwargs):
+    return _FlashVarlenMemory.apply(query, key, value), None
+
+
+def use_flash_memory_model(model) -> bool:
+    """Give the vision tower `_FlashVarlenMemory` when its config asks for flash attention
+    (replaced by sdpa to build on CPU) -> whether it did."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PLAN_FLASH, _plan_flash)
+    configs = {id(m.config): m.config for m in model.vision.tower.modules() if hasattr(m, "config")}
+    for c in configs.values():
+        c._attn_implementation = PLAN_FLASH
+    return True
+
+
 # ---------------------------------------------------------------------- configs
 def load_configs(configs: list[str | Path | dict]) -> dict:
     """The composed run config (YAML files and dicts merged in order, as `--config` composes)."""
@@ -109,6 +149,8 @@ def shapes_override(config: dict, shapes: str | Path | dict | None) -> dict:
         args = (init.get(part) or {}).get("init_args") or {}
         path = args.get("path")
         if path is None and part not in shapes:
+            if part == "vision" and args.get("attn_implementation") == "flash_attention_2":
+                over[part] = {"init_args": {"attn_implementation": "sdpa"}}  # built on CPU; see predict
             continue
         cfg = shapes.get(part)
         local = Path(path) / "config.json" if path else None
@@ -176,6 +218,13 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+class _NoHook:
+    """A hook handle with nothing to remove (see `trace_step`)."""
+
+    def remove(self) -> None:
+        pass
+
+
 def trace_step(model, batch, optimizer, mode) -> dict[str, Any]:
     """Trace two training steps under MemTracker inside `mode` (a FakeTensorMode) -> the second
     step's peak {category: bytes}, its `total`, the state live at its start (`start`), and
@@ -183,6 +232,12 @@ def trace_step(model, batch, optimizer, mode) -> dict[str, Any]:
     from torch.distributed._tools.mem_tracker import MemTracker, _ModState
 
     tracker = MemTracker()
+    # MemTracker hooks every parameter's gradient, and torch refuses a hook on a frozen one (the
+    # paper configs freeze most of the vision tower): a frozen parameter gets a no-op handle
+    # instead, which the tracker's `_param_to_grad_hook_handles` check then skips.
+    for p in model.parameters():
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
     tracker.track_external(model, optimizer)
     with mode, _real_indices_mode(), tracker:
         for i in range(2):  # the first step creates Adam's state: the second is the steady state
@@ -226,6 +281,8 @@ def predict(configs: list, shapes: str | Path | dict | None = None, batch_segmen
     module = (config.get("model") or {})
     model.train()
     model.activation_checkpointing = bool(module.get("activation_checkpointing", False))
+    vision_args = ((config["model"]["model"].get("init_args") or {}).get("vision") or {}).get("init_args") or {}
+    flash_vision = vision_args.get("attn_implementation") == "flash_attention_2" and use_flash_memory_model(model)
     tower = model.vision.tower.config
     segments = batch_segments or worst_case_layout(config, tower.patch_size, tower.spatial_merge_size)
     patch_dim = tower.in_channels * tower.temporal_patch_size * tower.patch_size ** 2
@@ -236,6 +293,7 @@ def predict(configs: list, shapes: str | Path | dict | None = None, batch_segmen
     out["batch"] = {"text_tokens": batch.num_text_tokens, "image_tokens": int(batch.image_grid_thw.prod(-1).sum())
                     // tower.spatial_merge_size ** 2, "images": int(batch.image_grid_thw.shape[0]), "windows": 1}
     out["activation_checkpointing"] = model.activation_checkpointing
+    out["vision_attention"] = "flash-attn varlen memory model" if flash_vision else "as configured"
     out["parameters_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return out
 
