@@ -26,7 +26,7 @@ from typing import Any
 
 from experiments.benchmarks import SUITES
 
-OPTIONS = ("device", "dtype", "backbone", "pattern", "config", "shapes", "gpus", "gpu_memory")
+OPTIONS = ("device", "dtype", "backbone", "pattern", "config", "shapes", "gpus", "gpu_memory", "mfu", "gpu_tflops")
 """Dispatcher flags passed to a suite's `run` as keyword arguments, when given."""
 
 
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(experiments/configs/shapes/*.json)")
     p.add_argument("--gpus", type=int, default=None, help="plan: GPUs of the run (default 8)")
     p.add_argument("--gpu-memory", default=None, help="plan: memory of one GPU (default 80GB)")
+    p.add_argument("--mfu", type=float, default=None, help="plan: assumed model FLOP utilisation (default 0.4)")
+    p.add_argument("--gpu-tflops", type=float, default=None, help="plan: peak TFLOP/s of one GPU (default 989, H100 bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     names = list(SUITES) if a.suite == "all" else [a.suite]

@@ -100,3 +100,22 @@ def test_flash_vision_is_traced_as_one_varlen_call(monkeypatch):
     assert out["vision_attention"] == "flash-attn varlen memory model"
     assert len(calls) == 2 * 2  # 2 blocks, 2 traced steps; q: [1, heads, all patches, head_dim]
     assert calls[0][2] == 64 * 16
+
+
+def test_throughput_is_the_analytic_count_of_the_traced_batch(tmp_path, capsys):
+    """The planner's FLOPs are casa.flops' count of the same model and worst-case batch, built
+    for real here; step time and tokens/s follow at the assumed MFU."""
+    from casa.flops import training_flops
+    from casa.rebuild import build_model
+    from casa.tiny import random_packed_batch
+
+    configs = TINY + [str(strategies.strategy("casa_plus").path)]
+    predicted = plan.predict(configs)
+    model = build_model(configs).train()
+    batch = random_packed_batch([plan.worst_case_layout(plan.load_configs(configs))], vocab_size=160)
+    assert predicted["train_flops"] == training_flops(model, batch) > 0
+    t = plan.throughput(predicted["train_flops"], 512, mfu=0.5, gpu_tflops=100.0)
+    assert t["microbatch_s"] == pytest.approx(predicted["train_flops"] / 50e12, rel=1e-3)
+    assert t["tokens_per_s_per_gpu"] == pytest.approx(512 / t["microbatch_s"], rel=1e-3)
+    with pytest.raises(ValueError, match="--mfu=0"):
+        plan.throughput(1, 1, mfu=0, gpu_tflops=1.0)

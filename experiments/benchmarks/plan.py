@@ -289,7 +289,11 @@ def predict(configs: list, shapes: str | Path | dict | None = None, batch_segmen
     batch = fake_batch(segments, model.backbone.config.vocab_size, patch_dim, mode)
     optimizer = build_optimizer(model.parameter_groups(), float(module.get("lr_new", 1e-4)),
                                 float(module.get("lr_pretrained", 1e-5)), float(module.get("weight_decay", 0.0)))
+    from casa.flops import training_flops
+
+    flops = training_flops(model, batch)  # before the trace: a pure function of dims and layout
     out = trace_step(model, batch, optimizer, mode)
+    out["train_flops"] = int(flops)
     out["batch"] = {"text_tokens": batch.num_text_tokens, "image_tokens": int(batch.image_grid_thw.prod(-1).sum())
                     // tower.spatial_merge_size ** 2, "images": int(batch.image_grid_thw.shape[0]), "windows": 1}
     out["activation_checkpointing"] = model.activation_checkpointing
@@ -307,8 +311,23 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * 2 ** {"KB": 10, "MB": 20, "GB": 30, "TB": 40}[unit])
 
 
+H100_BF16_TFLOPS = 989.0
+"""H100 SXM dense bf16 peak (NVIDIA's datasheet; 1979 is with 2:4 sparsity): `--gpu-tflops`' default."""
+
+
+def throughput(flops: int, tokens: int, mfu: float, gpu_tflops: float) -> dict[str, float]:
+    """One GPU's packed row of `tokens` tokens costing `flops` (forward + backward, casa.flops),
+    at `mfu` of a `gpu_tflops` peak -> predicted seconds per micro-batch and tokens/s per GPU."""
+    if not 0 < mfu <= 1 or gpu_tflops <= 0:
+        raise ValueError(f"plan: --mfu={mfu} must be in (0, 1] and --gpu-tflops={gpu_tflops} > 0")
+    seconds = flops / (mfu * gpu_tflops * 1e12)
+    return {"train_TFLOP": round(flops / 1e12, 3), "mfu": mfu, "gpu_tflops": gpu_tflops,
+            "microbatch_s": float(f"{seconds:.4g}"),
+            "tokens_per_s_per_gpu": float(f"{tokens / seconds:.4g}")}
+
+
 def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str | None = None, gpus: int = 8,
-        gpu_memory: str = "80GB") -> dict[str, Any]:
+        gpu_memory: str = "80GB", mfu: float = 0.4, gpu_tflops: float = H100_BF16_TFLOPS) -> dict[str, Any]:
     if not config:
         if not quick:
             raise ValueError("plan: give the run config(s) with --config CONFIG [--config TRAINER]")
@@ -327,4 +346,6 @@ def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str 
             "activation_checkpointing": p["activation_checkpointing"],
             "peak_GiB": round(total / GiB, 3), "fits": total <= budget,
             "sharding": "none traced: per-process peak of one unsharded replica (FSDP2 not modelled yet)",
+            "throughput": throughput(p["train_flops"], p["batch"]["text_tokens"] + p["batch"]["image_tokens"],
+                                     mfu, gpu_tflops),
             "peak": rows, "modules": groups}
