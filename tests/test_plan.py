@@ -119,3 +119,11 @@ def test_throughput_is_the_analytic_count_of_the_traced_batch(tmp_path, capsys):
     assert t["tokens_per_s_per_gpu"] == pytest.approx(512 / t["microbatch_s"], rel=1e-3)
     with pytest.raises(ValueError, match="--mfu=0"):
         plan.throughput(1, 1, mfu=0, gpu_tflops=1.0)
+
+
+def test_without_a_config_the_demo_is_planned(tmp_path):
+    """`python -m experiments.bench all` runs every suite without options: `plan` then plans
+    the demo config (its caps: 512 text, 1024 image tokens) instead of failing."""
+    out = plan.run(quick=False, out_dir=str(tmp_path))
+    assert out["configs"] == ["experiments/configs/demo.yaml"]
+    assert out["batch"]["text_tokens"] == 512 and out["batch"]["image_tokens"] == 1024 and out["fits"]

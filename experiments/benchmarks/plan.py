@@ -328,10 +328,8 @@ def throughput(flops: int, tokens: int, mfu: float, gpu_tflops: float) -> dict[s
 
 def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str | None = None, gpus: int = 8,
         gpu_memory: str = "80GB", mfu: float = 0.4, gpu_tflops: float = H100_BF16_TFLOPS) -> dict[str, Any]:
-    if not config:
-        if not quick:
-            raise ValueError("plan: give the run config(s) with --config CONFIG [--config TRAINER]")
-        config = ["experiments/configs/demo.yaml", "tests/configs/tiny.yaml"]
+    if not config:  # `bench all` plans the demo (tiny with --quick): the configs that build anywhere
+        config = ["experiments/configs/demo.yaml"] + (["tests/configs/tiny.yaml"] if quick else [])
     if gpus < 1:
         raise ValueError(f"plan: --gpus={gpus} must be >= 1")
     budget = parse_memory(gpu_memory)
