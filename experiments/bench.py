@@ -6,7 +6,7 @@
 
 SUITE is one of `layer` (paper Table 11), `attention` (varlen_attention backends vs dense),
 `stream` (paper Figs. 5-6), `step` (a full training step per strategy, Table 1), `data`
-(the data pipeline), or `all`. Each suite is `experiments.benchmarks.<suite>.run(quick,
+(the data pipeline), `plan` (will a run config fit: its traced peak memory), or `all`. Each suite is `experiments.benchmarks.<suite>.run(quick,
 out_dir, ...) -> dict`; this prints the dict as tables (or, with --json, exactly one JSON
 object per suite on its own line) and the suites write their PNGs into --out-dir.
 Options a suite does not take (e.g. --backbone for `data`) are refused for that suite.
@@ -26,7 +26,7 @@ from typing import Any
 
 from experiments.benchmarks import SUITES
 
-OPTIONS = ("device", "dtype", "backbone", "pattern")
+OPTIONS = ("device", "dtype", "backbone", "pattern", "config", "shapes", "gpus", "gpu_memory", "mfu", "gpu_tflops")
 """Dispatcher flags passed to a suite's `run` as keyword arguments, when given."""
 
 
@@ -126,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32")
     p.add_argument("--backbone", default=None, help="layer: helium (default), helium_preview or qwen2_5_vl widths")
     p.add_argument("--pattern", default=None, help="data: shard pattern to read (default: a temporary synthetic set)")
+    p.add_argument("--config", action="append", default=None,
+                   help="plan: run config(s), composed in order (e.g. a paper config, then trainer/fsdp2_h100.yaml)")
+    p.add_argument("--shapes", default=None, help="plan: architecture JSON for checkpoints absent here "
+                   "(experiments/configs/shapes/*.json)")
+    p.add_argument("--gpus", type=int, default=None, help="plan: GPUs of the run (default 8)")
+    p.add_argument("--gpu-memory", default=None, help="plan: memory of one GPU (default 80GB)")
+    p.add_argument("--mfu", type=float, default=None, help="plan: assumed model FLOP utilisation (default 0.4)")
+    p.add_argument("--gpu-tflops", type=float, default=None, help="plan: peak TFLOP/s of one GPU (default 989, H100 bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     names = list(SUITES) if a.suite == "all" else [a.suite]
