@@ -9,6 +9,7 @@ import torch
 from casa.backbone import Backbone
 from casa.blocks import Replace
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion
+from casa.fusion.perceiver import PerceiverCrossAttention
 from casa.tiny import random_packed_batch, tiny_backbone_config, tiny_model
 from experiments.strategies import build_fusion, names
 
@@ -70,9 +71,16 @@ def test_causality(name):
         assert not torch.allclose(out[10:], ref[10:])
 
 
+GATED = {"gated_cross_attention": lambda placement: GatedCrossAttention(placement=placement),
+         "perceiver_gated_cross_attention": lambda placement: PerceiverCrossAttention(num_latents=3, depth=1,
+                                                                                      placement=placement)}
+
+
 @pytest.mark.parametrize("placement", ["parallel", "before"])
-def test_gated_cross_attention_at_init_is_the_backbone(placement):
-    model = tiny_model(GatedCrossAttention(placement=placement)).eval()
+@pytest.mark.parametrize("gated", list(GATED))
+def test_gated_cross_attention_at_init_is_the_backbone(gated, placement):
+    """tanh gates at 0: the model is its backbone exactly, until the gates open."""
+    model = tiny_model(GATED[gated](placement)).eval()
     batch = random_packed_batch(SAMPLES, seed=3)
     # the plain backbone with the same pretrained weights: fused keys are extra, none missing
     plain = Backbone("llama", config=tiny_backbone_config("llama")).eval()
@@ -82,6 +90,11 @@ def test_gated_cross_attention_at_init_is_the_backbone(placement):
         fused = model(batch).logits
         ref = plain(batch.input_ids, batch.position_ids, batch.sample_cu_seqlens)
     assert torch.equal(fused, ref)
+    for name, p in model.named_parameters():  # open the gates: the images now reach the text
+        if name.endswith("fusion_attn.gate"):
+            p.data.fill_(0.5)
+    with torch.no_grad():
+        assert not torch.allclose(model(batch).logits, ref)
 
 
 def _count(model, prefix=""):
