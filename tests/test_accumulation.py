@@ -148,6 +148,9 @@ def _accumulate(rank: int, init: str, out: Path) -> None:
             result[mode] = {"grads": grads, "reduce_scatters": counter.calls}
         if rank == 0:
             torch.save(result, out)
+        # both ranks done with every collective before either tears gloo down: a rank that
+        # destroys its group while the other still runs one aborts (std::terminate, SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

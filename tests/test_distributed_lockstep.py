@@ -130,6 +130,7 @@ def _worker(rank: int, init: str, refs: dict) -> None:
                 if p.requires_grad:
                     assert p.grad is not None, (name, n)
                     torch.testing.assert_close(p.grad, ref["grads"][n], atol=1e-5, rtol=1e-4, msg=f"DDP {name} {n}")
+        dist.barrier()  # every collective done on both ranks before either tears gloo down
     finally:
         dist.destroy_process_group()
 

@@ -140,6 +140,7 @@ def _rank(rank: int, world: int, root: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
     out = {"uncapped": _validate(Path(root), world, 256), "capped": _validate(Path(root), world, 5)}
     Path(root, f"rank{rank}.json").write_text(json.dumps(out))
+    torch.distributed.barrier()  # every collective done on both ranks before either tears gloo down
     torch.distributed.destroy_process_group()
 
 
