@@ -173,8 +173,3 @@ def resolve_precision(precision: str, config: dict, model, device: str | torch.d
         return "bf16-true"
     return precision
 
-
-def inference_dtype(model, device: str | torch.device) -> torch.dtype | None:
-    """bf16 for a model with flash attention on CUDA (flash-attn takes fp16/bf16 only, and
-    inference has no trainer to autocast), else None: the weights keep their dtype."""
-    return torch.bfloat16 if resolve_precision("32", {}, model, device) == "bf16-true" else None

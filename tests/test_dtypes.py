@@ -172,11 +172,19 @@ def test_fit_runs_flash_under_bf16_mixed_and_refuses_it_in_fp32(in_tmp, capsys):
 
 
 def test_inference_picks_bf16_for_flash_on_cuda():
-    from casa.rebuild import inference_dtype
+    from casa.rebuild import resolve_precision, run_precision
 
     flash, sdpa = (tiny_model(CASA(mode="plus"), num_layers=2, attn_backend=b) for b in ("flash", "sdpa"))
-    assert inference_dtype(flash, "cuda") == torch.bfloat16
-    assert inference_dtype(flash, "cpu") is None and inference_dtype(sdpa, "cuda") is None
+    assert resolve_precision("32", {}, flash, "cuda") == "bf16-true"  # flash-attn takes no fp32
+    assert resolve_precision("32", {}, flash, "cpu") == "32" and resolve_precision("32", {}, sdpa, "cuda") == "32"
+    # "run": the precision the run validated in
+    fsdp = {"model": {"fsdp_param_dtype": "bfloat16"},
+            "trainer": {"strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}}}
+    assert run_precision(fsdp) == "bf16-true" and run_precision({"trainer": {"precision": "bf16-mixed"}}) == "bf16-mixed"
+    assert run_precision({"model": {"fsdp_param_dtype": "bfloat16"}}) == "32"  # fsdp_param_dtype without FSDP2
+    assert resolve_precision("run", {"trainer": {"precision": "bf16"}}, sdpa, "cpu") == "bf16-mixed"
+    with pytest.raises(ValueError, match="precision='fp8' is not one of"):
+        resolve_precision("fp8", {}, sdpa, "cpu")
 
 
 def test_vision_flash_attention_2_without_flash_attn_fails_naming_the_field():
