@@ -79,6 +79,9 @@ class KVCache:
         self._workspace: torch.Tensor | None = None
         self._flash_sa: dict[int, _FlashRows] = {}  # SA layers under flash with several samples
         self._seqlens: tuple[tuple[int, ...], torch.Tensor] | None = None  # one per step, shared by the layers
+        # boundaries read back to the host once per chunk: every layer passes the same tensors
+        # (the stream's cu_seqlens, the window index), so a read per layer is a sync per layer
+        self._host_reads: list[tuple[torch.Tensor, list[int]]] = []
 
     # ------------------------------------------------------------------ bookkeeping
     def keep(self, indices: list[int]) -> None:
@@ -154,7 +157,7 @@ class KVCache:
                 layer in self._flash_sa or (self.num_samples > 1 and all(e is None for e in store))):
             return self._flash_self_attention(layer, k, v, cu)
         bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
-        bounds = cu.tolist()
+        bounds = self._host(cu)
         lens = [0]
         for s in range(len(bounds) - 1):
             k_new, v_new = k[bounds[s]:bounds[s + 1]], v[bounds[s]:bounds[s + 1]]
@@ -177,7 +180,7 @@ class KVCache:
         sample has m new tokens -> (CachedKV, CachedKV, None): the kernel appends k, v to the
         layer's buffer itself. Otherwise (a prefill chunk, unequal counts: once per prompt) the
         chunk is written here and the keys go back segmented, as `self_attention`'s."""
-        bounds = cu.tolist()
+        bounds = self._host(cu)
         S, (Hkv, D) = len(bounds) - 1, k.shape[1:]
         new = [bounds[s + 1] - bounds[s] for s in range(S)]
         rows = self._flash_sa.get(layer)
@@ -250,7 +253,7 @@ class KVCache:
         new text tokens); one with images opens a new window. CASA windows live in buffers
         like the SA cache's ([image_w | text_w] rows, `_append`): a decoded token writes its
         own key, not a copy of the window; CA windows are the image keys as computed."""
-        cu_t, cu_i = index.cu_q.tolist(), index.window_cu_image.tolist()
+        cu_t, cu_i = self._host(index.cu_q), self._host(index.window_cu_image)
         store = self.win.setdefault(layer, [None] * self.num_samples)
         bufs = self._win_buf.setdefault(layer, [None] * self.num_samples)
         # which window continues a sample's open window and which opens one: the window
@@ -291,6 +294,16 @@ class KVCache:
         if sample_cu.numel() - 1 != self.num_samples:
             raise ValueError(f"chunk has {sample_cu.numel() - 1} samples, the cache holds {self.num_samples}")
         self._sample_cu = sample_cu.tolist()
+        self._host_reads = []
+
+    def _host(self, t: torch.Tensor) -> list[int]:
+        """t.tolist(), read once per chunk for each boundary tensor the layers share."""
+        for held, values in self._host_reads:
+            if held is t:
+                return values
+        values = t.tolist()
+        self._host_reads.append((t, values))  # held, so its id cannot be reused within the chunk
+        return values
 
     def advance(self, last_positions: torch.Tensor) -> None:
         """[S] position of each sample's last chunk token -> next offsets."""
