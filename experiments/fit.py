@@ -15,6 +15,7 @@ RUN_DIR/metrics.json (the ablation grid reads it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -71,6 +72,8 @@ class CasaCLI(LightningCLI):
             for cb in t.callbacks or []:
                 if str(_get(cb, "class_path")).endswith("ModelCheckpoint"):
                     _set_init_arg(cb, "dirpath", str(Path(run_dir) / "checkpoints"))
+        if os.environ.get("CASA_GRID_WANDB"):
+            add_wandb_logger(cfg.trainer, json.loads(os.environ["CASA_GRID_WANDB"]), run_dir or cfg.trainer.default_root_dir)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -106,6 +109,29 @@ def _log_grid_hparams(cli: LightningCLI) -> None:
     params = {**cli.model.hparams_initial, **{f"grid/{k}": v for k, v in labels.items()}}
     for lg in cli.trainer.loggers:
         lg.log_hyperparams(params)
+
+
+def add_wandb_logger(trainer_cfg, spec: dict, run_dir: str | None) -> None:
+    """Add Lightning's WandbLogger to the parsed trainer config, beside its own loggers: a grid
+    with `wandb:` (experiments.grid_spec.WandbSpec) passes `spec` (project, entity, mode, group =
+    the grid's name, tags = the run's labels). The W&B run id is derived from the run directory,
+    so a run resumed by the grid (`--ckpt_path last`) continues the same W&B run."""
+    from jsonargparse import Namespace
+
+    run_dir = str(Path(run_dir or ".").resolve())
+    init = Namespace(project=spec["project"], entity=spec.get("entity"), group=spec["group"], tags=spec["tags"],
+                     name=Path(run_dir).name, save_dir=run_dir, offline=spec.get("mode") == "offline",
+                     id=hashlib.sha1(run_dir.encode()).hexdigest()[:16], resume="allow")
+    logger = Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=init)
+    current = trainer_cfg.logger
+    if current in (None, True):  # Lightning's default logger, kept beside W&B
+        current = [Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                             init_args=Namespace(save_dir=run_dir))]
+    elif current is False:
+        current = []
+    elif not isinstance(current, list):
+        current = [current]
+    trainer_cfg.logger = [*current, logger]
 
 
 def _peak_memory_bytes(trainer: L.Trainer) -> int | None:

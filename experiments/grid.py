@@ -143,7 +143,7 @@ def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = No
     out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
     out.flush()
     proc = subprocess.Popen([*FIT, *cmd_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                            env={**os.environ, **dict(run.env), **(env or {}), "PYTHONUNBUFFERED": "1",
                                  # logged as hyperparameters (TensorBoard HParams), by experiments.fit
                                  "CASA_GRID_HPARAMS": json.dumps({"run": run.name, **run.labels})})
     if log == "fit.log":  # what `--status` reads while the run is going

@@ -492,6 +492,55 @@ def test_status_shows_each_runs_state_from_its_run_dir(tmp_path, at_root, capsys
     assert not (out / "new").exists()
 
 
+def _wandb_records(run_file: Path) -> list:
+    """The records of a W&B run file (`run-<id>.wandb`): a ":W&B" header, then LevelDB-log
+    chunks (crc32, length, type; 32 KiB blocks) holding `wandb_internal_pb2.Record` protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, part = run_file.read_bytes(), 7, 32768, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            records.append(record)
+            part = b""
+    return records
+
+
+def test_a_grid_with_wandb_logs_every_run_offline_with_its_group_tags_and_labels(tmp_path, at_root, monkeypatch):
+    """`wandb: {project, mode: offline}` in a grid file: each run also logs to Lightning's
+    WandbLogger, offline under RUN_DIR/wandb, with the grid's name as the W&B group, its labels
+    as tags, the grid labels in its config, and its training curve."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = yaml.safe_load(TINY_GRID.read_text())
+    spec["axes"][0]["values"] = spec["axes"][0]["values"][:1]
+    spec["wandb"] = {"project": "casa-test", "mode": "offline"}
+    grid = tmp_path / "wb_grid.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    results, output = run(grid, tmp_path / "out")
+    assert [r.status for r in results] == ["finished"], output
+    (run_file,) = (results[0].run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = _wandb_records(run_file)
+    (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (info.project, info.run_group, list(info.tags), info.display_name) == (
+        "casa-test", "wb_grid", ["casa_plus", "s2"], "casa_plus-s2")
+    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for u in r.config.update}
+    assert config["grid/fusion"] == "casa_plus" and config["grid/steps"] == "s2" and "warmup_steps" in config
+    logged = {i.key or "/".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+              for i in r.history.item}
+    assert {"val/loss", "attention/layer_00/self"} <= logged, sorted(logged)
+
+
 def test_every_run_logs_its_grid_labels_as_tensorboard_hparams(tiny):
     """TensorBoard's HParams view reads a run's first session summary: it holds the module's
     hyperparameters plus grid/<axis> labels; hp_metric ends as the final val/loss."""
