@@ -160,7 +160,7 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
 
 @pytest.mark.parametrize("text, message", [
     (f"base: {TINY}\naxis: []\n",
-     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm'\]"),
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm', 'wandb'\]"),
     (f"base: {TINY}\naggregate: seed\naxes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n",
      r"aggregate: 'seed' is not an axis of this grid; axes: \['fusion'\]"),
     (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
@@ -192,6 +192,8 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
     (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a, overrides: [1]}}]}}]\n",
      r"Parser key \"overrides\":(.|\n)*Expected a <class 'dict'>"),
     (f"base: {TINY}\naxes: {{name: f}}\n", r"Parser key \"axes\":(.|\n)*Expected a <class 'list'>"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\nwandb: {{mode: cloud}}\n",
+     r"Parser key \"mode\":(.|\n)*Expected a typing.Literal\['online', 'offline'\]. Got value: cloud"),
     (f"base: {TINY}\naxes: [[]]\n", r"axes\[0\]: expected a mapping with keys \['name', 'values', 'strategies'\], got \[\]"),
     (f"base: {TINY}\naxes: [{{name: f, strategies: all, values: [{GOOD_VALUE}]}}]\n",
      r"axes\[0\]: axis 'f' needs exactly one of 'values' or 'strategies', got \['name', 'strategies', 'values'\]"),
