@@ -1,0 +1,205 @@
+"""The Hugging Face export (`experiments.export`, `casa.hf`): the directory reloads through
+transformers (remote code) and through `casa.assistant.load` with the checkpoint's outputs.
+
+One tiny CASA⊕ run is trained for two steps (module fixture); CASA∨, cross-attention and
+insertion checkpoints are written from its run config with the fusion swapped (fresh
+weights); the trainer configs' checkpoints (ddp: bf16 autocast; FSDP2: a DCP directory, bf16
+parameters) are written from it with the trainer swapped, in one process."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers import tiny_synth
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+TRAINERS = ROOT / "experiments" / "configs" / "trainer"
+FUSIONS = {
+    "casa_plus": {"class_path": "casa.fusion.CASA", "init_args": {"mode": "plus"}},
+    "casa_replace": {"class_path": "casa.fusion.CASA", "init_args": {"mode": "replace"}},
+    "cross_attention": {"class_path": "casa.fusion.CrossAttention", "init_args": {"placement": "parallel"}},
+    "insertion": {"class_path": "casa.fusion.Insertion"},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """-> {"root", "synth", "casa_plus": trained checkpoint, "config": its run config}."""
+    from experiments.fit import main
+
+    root = tmp_path_factory.mktemp("export")
+    synth = tiny_synth(root)
+    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    argv = sys.argv
+    sys.argv = ["experiments.fit"]  # LightningCLI(args=...) must not see pytest's argv
+    try:
+        main(["--config", str(DEMO), "--config", str(TINY), "--run_dir", str(root / "run"), "--trainer.max_steps", "2",
+              "--synth", "null", "--data.init_args.train", str(synth), "--data.init_args.val", str(synth),
+              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.callbacks", json.dumps(only_ckpt)])
+    finally:
+        sys.argv = argv
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    config = yaml.safe_load(torch.load(ckpt, map_location="cpu", weights_only=False)["casa_config"])
+    return {"root": root, "synth": synth, "casa_plus": ckpt, "config": config}
+
+
+def _write_checkpoint(path: Path, config: dict, directory: bool = False) -> Path:
+    """A checkpoint of `config`'s model with fresh weights: a file, or a DCP directory laid out
+    as ModelParallelStrategy writes it (shards + .metadata + meta.pt)."""
+    from casa.rebuild import build_model
+
+    torch.manual_seed(0)
+    state = {f"model.{k}": v for k, v in build_model(config).state_dict().items()}
+    meta = {"casa_config": yaml.safe_dump(config), "global_step": 2}
+    if not directory:
+        torch.save({"state_dict": state, **meta}, path)
+        return path
+    import torch.distributed.checkpoint as dcp
+
+    from casa.checkpoint import LIGHTNING_METADATA
+
+    dcp.save({"state_dict": state}, checkpoint_id=path, no_dist=True)
+    torch.save(meta, path / LIGHTNING_METADATA)
+    return path
+
+
+def _checkpoint(run: dict, fusion: str) -> Path:
+    if fusion == "casa_plus":
+        return run["casa_plus"]
+    config = json.loads(json.dumps(run["config"]))
+    config["model"]["model"]["init_args"]["fusion"] = FUSIONS[fusion]
+    return _write_checkpoint(run["root"] / f"{fusion}.ckpt", config)
+
+
+def _prompt_batch(assistant, question: str = "What colour is the shape?"):
+    from data.synth import make_one
+
+    raw = make_one(0, "test", "color", 3, 56)
+    img = raw["img0.png"]
+    return assistant.prompt([{"role": "user", "content": [{"type": "image", "image": img},
+                                                          {"type": "text", "text": question}]}]), img
+
+
+def _export(ckpt: Path, out: Path) -> Path:
+    from experiments.export import main
+
+    assert main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_export_reloads_with_the_checkpoints_logits_and_generations(run, fusion, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from casa.assistant import load
+
+    ckpt = _checkpoint(run, fusion)
+    out = _export(ckpt, tmp_path / "hf")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+            "configuration_casa.py", "modeling_casa.py"} <= names, names
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "casa" and cfg["fusion"]["class_path"] == FUSIONS[fusion]["class_path"]
+    assert FUSIONS[fusion].get("init_args", {}).items() <= (cfg["fusion"].get("init_args") or {}).items()
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_casa.CasaForCausalLM"
+    backbone = cfg["model_spec"]["init_args"]["backbone"]["init_args"]
+    assert backbone["config"]["hidden_size"] == 64 and backbone["path"] is None
+
+    reference = load(ckpt)
+    batch, img = _prompt_batch(reference)
+    with torch.no_grad():
+        expected_logits = reference.model(batch).logits
+    gen = reference.generation_config(max_new_tokens=6)
+    expected = reference._generate(batch, gen)
+
+    remote = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(remote).__module__.startswith("transformers_modules")  # DIR's own remote code ran
+    with torch.no_grad():
+        torch.testing.assert_close(remote(batch).logits, expected_logits, rtol=0, atol=0)
+        # the one-sample tensor form gives the same logits
+        single = remote(input_ids=batch.input_ids, pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                        image_positions=batch.image_text_position).logits
+    torch.testing.assert_close(single, expected_logits, rtol=0, atol=0)
+    assert remote.generate(batch, gen) == expected
+
+    exported = load(out)
+    assert exported.chat("What colour is the shape?", images=[img], config=gen) == \
+        reference.chat("What colour is the shape?", images=[img], config=gen)
+    assert exported.settings == reference.settings and exported.template.name == reference.template.name
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = reference.template.encode(messages + [{"role": "assistant", "content": [{"type": "text", "text": ""}]}])
+    ids = enc.with_placeholders(tok.convert_tokens_to_ids("<|image_pad|>"))[:enc.prompt_len + 1]
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_exported_image_processor_has_the_runs_pixel_limits(run, tmp_path):
+    """DIR's preprocessor config, loaded by transformers, gives the pixels inference uses."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from casa.assistant import load
+    from data.synth import make_one
+
+    out = _export(run["casa_plus"], tmp_path / "hf")
+    a = load(out)
+    processor = AutoImageProcessor.from_pretrained(str(out))
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (a.settings.min_pixels, a.settings.max_pixels)
+    assert a.settings.max_pixels == run["config"]["data"]["init_args"]["max_pixels"]
+    img = Image.open(io.BytesIO(make_one(0, "test", "color", 1, 120)["img0.png"]))
+    ref = processor(images=[img], return_tensors="pt")
+    pv, grid = a.pixels(img, a.settings.max_pixels)
+    assert grid == ref["image_grid_thw"][0].tolist()
+    torch.testing.assert_close(pv, ref["pixel_values"].float())
+
+
+@pytest.mark.parametrize("trainer", ["cpu.yaml", "ddp.yaml", "fsdp2_h100.yaml"])
+def test_export_of_every_trainer_configs_checkpoint(run, trainer, tmp_path):
+    """cpu/ddp write a file, FSDP2 a DCP directory; the run's precision (ddp: bf16 autocast,
+    FSDP2: bf16 parameters) is recorded and applied again: the export answers as the checkpoint."""
+    from casa.assistant import load
+
+    config = json.loads(json.dumps(run["config"]))
+    over = yaml.safe_load((TRAINERS / trainer).read_text())
+    config["trainer"].update(over["trainer"])
+    config["model"].update({k: v for k, v in (over.get("model") or {}).items() if k != "model"})
+    directory = trainer.startswith("fsdp2")
+    path = tmp_path / "last.ckpt"
+    if directory:
+        path.mkdir()
+    ckpt = _write_checkpoint(path, config, directory=directory)
+    out = _export(ckpt, tmp_path / "hf")
+    reference, exported = load(ckpt), load(out)
+    assert exported.autocast_dtype == reference.autocast_dtype
+    assert [p.dtype for p in exported.model.parameters()] == [p.dtype for p in reference.model.parameters()]
+    expected = {"cpu.yaml": (None, torch.float32), "ddp.yaml": (torch.bfloat16, torch.float32),
+                "fsdp2_h100.yaml": (None, torch.bfloat16)}[trainer]
+    assert (reference.autocast_dtype, next(reference.model.backbone.parameters()).dtype) == expected
+    batch, _ = _prompt_batch(reference)
+    with torch.no_grad(), reference._autocast():
+        expected_logits = reference.model(batch).logits
+    with torch.no_grad(), exported._autocast():
+        torch.testing.assert_close(exported.model(batch).logits, expected_logits, rtol=0, atol=0)
+    gen = reference.generation_config(max_new_tokens=4)
+    assert exported._generate(batch, gen) == reference._generate(batch, gen)
+
+
+def test_export_names_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    from experiments.export import main
+
+    assert main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "nope.ckpt" in err and not (tmp_path / "hf").exists()
