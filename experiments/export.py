@@ -18,11 +18,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+
+def export(ckpt: str | Path, out: str | Path, config_files: list[str | Path] = ()) -> Path:
+    """A checkpoint written by `experiments.fit` (config_files: the run's YAMLs, for a checkpoint
+    that predates `casa_config`) -> the `save_pretrained` directory `out`."""
+    from casa.assistant import load
+    from casa.hf.export import write_export
+
+    a = load(ckpt, config_files=config_files, precision="32")  # the weights as stored
+    return write_export(out, a.model, a.tokenizer, a.template, a.settings, a.config)
 
 
 def main(argv: list[str] | None = None) -> int:
     from casa.checkpoint import CheckpointError
-    from casa.hf.export import export
 
     p = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

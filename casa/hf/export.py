@@ -1,10 +1,9 @@
-"""A checkpoint -> a Hugging Face `save_pretrained` directory (layout: `casa.hf`).
+"""Writing and reading the Hugging Face `save_pretrained` directory (layout: `casa.hf`).
 
-    export("runs/demo/checkpoints/last.ckpt", "runs/demo/hf")   # a file, or FSDP2's directory
-
-The checkpoint is read by the one reader (`casa.assistant.load`: `casa.checkpoint` + the run
-config), so every trainer's checkpoint exports the same way; weights are written as stored
-(fp32), the run's precision is recorded and applied again on load.
+`experiments.export` reads a checkpoint with the one reader (`casa.assistant.load`:
+`casa.checkpoint` + the run config), so every trainer's checkpoint exports the same way, and
+hands the parts to `write_export`; weights are written as stored (fp32), the run's precision
+is recorded and applied again on load (`read_export`, via `casa.assistant.load(DIR)`).
 """
 
 from __future__ import annotations
@@ -54,29 +53,25 @@ def self_contained_spec(spec: dict[str, Any], model) -> dict[str, Any]:
     return spec
 
 
-def export(ckpt: str | Path, out: str | Path, config_files: list[str | Path] = ()) -> Path:
-    """Write the `save_pretrained` directory of a checkpoint written by `experiments.fit`
-    (config_files: the run's YAMLs, for a checkpoint that predates `casa_config`) -> out."""
+def write_export(out: str | Path, model, tokenizer, template, settings, run_config: dict) -> Path:
+    """A loaded run (model, tokenizer, `ChatTemplate`, `DataSettings` and its run config, as
+    `casa.assistant.load` rebuilds them) -> the `save_pretrained` directory `out`."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from casa.assistant import load
     from casa.rebuild import run_precision
 
-    a = load(ckpt, config_files=config_files, precision="32")  # the weights as stored
     out = Path(out)
-    model = a.model
-    config = CasaConfig(model_spec=self_contained_spec(a.config["model"]["model"], model), template=a.template.name,
-                        inference=asdict(a.settings), run_precision=run_precision(a.config))
+    config = CasaConfig(model_spec=self_contained_spec(run_config["model"]["model"], model), template=template.name,
+                        inference=asdict(settings), run_precision=run_precision(run_config))
     hf = CasaForCausalLM(config, model=model)
     # remote code: save_pretrained copies configuration_casa.py / modeling_casa.py and writes auto_map
     CasaConfig.register_for_auto_class()
     CasaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     hf.save_pretrained(out)
-    tokenizer = a.tokenizer
-    tokenizer.chat_template = a.template.jinja()
+    tokenizer.chat_template = template.jinja()
     tokenizer.save_pretrained(out)
     vision = model.vision.tower.config
-    Qwen2VLImageProcessorPil(min_pixels=a.settings.min_pixels, max_pixels=a.settings.max_pixels,
+    Qwen2VLImageProcessorPil(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
                              patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
                              merge_size=vision.spatial_merge_size).save_pretrained(out)
     return out
