@@ -68,8 +68,7 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
         return _load_export(ckpt_path, device, precision)
     ckpt, config = read_checkpoint(ckpt_path, config_files)
     try:
-        # the run's own YAMLs when given: composed by the CLI's rules, not re-merged by hand
-        model = build_model(list(config_files) or config)
+        model = build_model(config)  # parsed (and composed) by the fit CLI's parser
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot rebuild the model from its run config ({type(e).__name__}: {e})") from None
     weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

@@ -33,7 +33,8 @@ FUSIONS = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """-> {"root", "synth", "casa_plus": trained checkpoint, "config": its run config}."""
+    """-> {"root", "synth", "casa_plus": trained checkpoint, "config": its run config (TensorBoard
+    logs in root/run/tb)}."""
     from experiments.fit import main
 
     root = tmp_path_factory.mktemp("export")
@@ -44,7 +45,9 @@ def run(tmp_path_factory):
     try:
         main(["--config", str(DEMO), "--config", str(TINY), "--run_dir", str(root / "run"), "--trainer.max_steps", "2",
               "--synth", "null", "--data.init_args.train", str(synth), "--data.init_args.val", str(synth),
-              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", json.dumps(
+                  {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": str(root / "run"), "name": "tb", "version": ""}}),
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--trainer.callbacks", json.dumps(only_ckpt)])
     finally:
@@ -61,7 +64,9 @@ def _write_checkpoint(path: Path, config: dict, directory: bool = False) -> Path
 
     torch.manual_seed(0)
     state = {f"model.{k}": v for k, v in build_model(config).state_dict().items()}
-    meta = {"casa_config": yaml.safe_dump(config), "global_step": 2}
+    import lightning
+
+    meta = {"casa_config": yaml.safe_dump(config), "global_step": 2, "pytorch-lightning_version": lightning.__version__}
     if not directory:
         torch.save({"state_dict": state, **meta}, path)
         return path
@@ -203,3 +208,66 @@ def test_export_names_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "nope.ckpt" in err and not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------------------------ Lightning's own loading path
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_load_from_checkpoint_rebuilds_the_model_from_its_hyperparameters(run, tmp_path):
+    """CasaModule.load_from_checkpoint(path) alone: the fit CLI stores the model's spec in the
+    hyperparameters; an older checkpoint (no spec there) and FSDP2's directory load too."""
+    from casa.assistant import load
+    from casa.train.module import CasaModule
+
+    ckpt = torch.load(run["casa_plus"], map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["model"]["init_args"]["fusion"]["class_path"] == "casa.fusion.CASA"
+    reference = load(run["casa_plus"], precision="32").model
+    module = CasaModule.load_from_checkpoint(run["casa_plus"])
+    _same_weights(module.model, reference)
+    assert module.hparams.lr_new == run["config"]["model"]["lr_new"] and module.hparams.init_from is None
+
+    old = tmp_path / "old.ckpt"  # as written before the spec was a hyperparameter
+    torch.save({**ckpt, "hyper_parameters": {k: v for k, v in ckpt["hyper_parameters"].items()
+                                             if k not in ("model", "_instantiator")}}, old)
+    _same_weights(CasaModule.load_from_checkpoint(old).model, reference)
+
+    config = json.loads(json.dumps(run["config"]))
+    config["model"]["model"]["init_args"]["fusion"] = FUSIONS["insertion"]
+    (tmp_path / "dcp").mkdir()
+    directory = _write_checkpoint(tmp_path / "dcp", config, directory=True)
+    loaded = CasaModule.load_from_checkpoint(directory)
+    assert type(loaded.model.fusion).__name__ == "Insertion"
+    _same_weights(loaded.model, load(directory, precision="32").model)
+
+
+def test_tensorboard_hparams_show_the_model_config(run):
+    """The run's TensorBoard HParams session holds the model's spec (flattened by Lightning)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run["root"] / "run" / "tb"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["model/init_args/fusion/class_path"].string_value == "casa.fusion.CASA"
+    assert hparams["model/init_args/fusion/init_args/mode"].string_value == "plus"
+    assert hparams["model/init_args/backbone/init_args/config/hidden_size"].number_value == 64
+    assert hparams["lr_new"].number_value == run["config"]["model"]["lr_new"]
+
+
+def test_data_settings_defaults_are_the_datamodules():
+    """DataSettings' own defaults (direct construction) equal VideoDataModule's signature."""
+    import inspect
+    from dataclasses import fields
+
+    from casa.rebuild import DataSettings
+    from data.datamodule import VideoDataModule
+
+    signature = inspect.signature(VideoDataModule.__init__).parameters
+    for f in fields(DataSettings):
+        assert f.default == signature[f.name].default, f.name

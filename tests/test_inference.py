@@ -175,19 +175,38 @@ def test_mask_changes_casa_answers_and_is_refused_elsewhere(run):
         load(run["insertion"]).set_inference_mask("self")
 
 
-def test_checkpoint_without_config_loads_with_its_yaml_configs(run):
+def test_checkpoint_without_config_loads_with_its_yaml_configs(run, tmp_path):
     from casa.assistant import load
-    from casa.rebuild import merge_configs
+    from casa.checkpoint import CheckpointError
+    from casa.train.cli import parse_run_config
 
     a, b = load(run["casa"]), load(run["no_config"], config_files=[DEMO, TINY])
     assert type(b.model.fusion) is type(a.model.fusion) and b.settings == a.settings
     for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(p, q), name
-    # composition: dicts merge, a new class_path replaces the component with its own init_args
-    base = {"fusion": {"class_path": "CASA", "init_args": {"mode": "plus"}}, "lr": 1, "keep": {"a": 1}}
-    over = {"fusion": {"class_path": "QFormer", "init_args": {"num_queries": 8}}, "lr": 2, "keep": {"b": 2}}
-    assert merge_configs(base, over) == {"fusion": over["fusion"], "lr": 2, "keep": {"a": 1, "b": 2}}
+    # composition is the fit CLI's: a strategy YAML with another class_path replaces the fusion whole
+    # (CASA's `mode` does not leak into QFormer), and the parser fills in every default
+    qformer = ROOT / "experiments" / "configs" / "strategies" / "qformer.yaml"
+    fusion = parse_run_config([DEMO, TINY, qformer])["model"]["model"]["init_args"]["fusion"]
+    assert fusion["class_path"] == "casa.fusion.QFormer" and "mode" not in fusion["init_args"]
+    assert yaml.safe_load(qformer.read_text())["model"]["model"]["init_args"]["fusion"]["init_args"].items() \
+        <= fusion["init_args"].items()
+    # an invalid value is the parser's error, naming the field and the choices
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    template: chatml\n")
+    with pytest.raises(CheckpointError, match=r"(?s)template.*chatml"):
+        load(run["no_config"], config_files=[DEMO, TINY, bad])
 
+
+def test_reading_a_run_config_does_not_seed_the_callers_generators():
+    """Parsing builds nothing and leaves the RNG alone (the stored config has seed_everything: 0)."""
+    from casa.train.cli import parse_run_config
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    config = parse_run_config([DEMO, TINY])
+    assert config["seed_everything"] == 0 and torch.equal(torch.rand(3), expected)
 
 
 # Every class a checkpoint written before the package layering (issue 15, step 1) names: the
