@@ -143,7 +143,7 @@ def test_export_reloads_with_the_checkpoints_logits_and_generations(run, fusion,
         reference.chat("What colour is the shape?", images=[img], config=gen)
     assert exported.settings == reference.settings and exported.template.name == reference.template.name
 
-    tok = AutoTokenizer.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = reference.template.encode(messages + [{"role": "assistant", "content": [{"type": "text", "text": ""}]}])

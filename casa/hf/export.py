@@ -82,9 +82,12 @@ def read_export(path: str | Path, device: str | torch.device = "cpu"):
     `casa.assistant.load` rebuilds an Assistant from."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from casa.processing.tokenizer import load_tokenizer
+    from transformers import AutoTokenizer
 
     hf = CasaForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     processor = Qwen2VLImageProcessorPil.from_pretrained(str(path), local_files_only=True)
     pixels = (int(processor.size["shortest_edge"]), int(processor.size["longest_edge"]))
-    return hf.model.to(device), load_tokenizer(path), hf.config, pixels
+    # with its config given, AutoTokenizer does not load config.json through AutoConfig (whose
+    # auto_map would ask whether to trust DIR's remote code: this is casa's own class)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), config=hf.config, local_files_only=True)
+    return hf.model.to(device), tokenizer, hf.config, pixels
