@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.helpers import tiny_synth
+from tests.helpers import fit_demo_tiny, tiny_synth
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
@@ -35,24 +34,11 @@ FUSIONS = {
 def run(tmp_path_factory):
     """-> {"root", "synth", "casa_plus": trained checkpoint, "config": its run config (TensorBoard
     logs in root/run/tb)}."""
-    from experiments.fit import main
-
     root = tmp_path_factory.mktemp("export")
     synth = tiny_synth(root)
-    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
-    argv = sys.argv
-    sys.argv = ["experiments.fit"]  # LightningCLI(args=...) must not see pytest's argv
-    try:
-        main(["--config", str(DEMO), "--config", str(TINY), "--run_dir", str(root / "run"), "--trainer.max_steps", "2",
-              "--synth", "null", "--data.init_args.train", str(synth), "--data.init_args.val", str(synth),
-              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", json.dumps(
-                  {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                   "init_args": {"save_dir": str(root / "run"), "name": "tb", "version": ""}}),
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.callbacks", json.dumps(only_ckpt)])
-    finally:
-        sys.argv = argv
-    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    tensorboard = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": str(root / "run"), "name": "tb", "version": ""}}
+    ckpt = fit_demo_tiny(root, synth, logger=json.dumps(tensorboard))
     config = yaml.safe_load(torch.load(ckpt, map_location="cpu", weights_only=False)["casa_config"])
     return {"root": root, "synth": synth, "casa_plus": ckpt, "config": config}
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import tiny_synth
+from tests.helpers import fit_demo_tiny, tiny_synth
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
@@ -29,22 +29,9 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """-> {"synth", "casa", "insertion", "no_config", "root"}: the data and checkpoint paths."""
-    from experiments.fit import main
-
     root = tmp_path_factory.mktemp("inference")
     synth = tiny_synth(root)
-    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
-    argv = sys.argv
-    sys.argv = ["experiments.fit"]  # LightningCLI(args=...) must not see pytest's argv
-    try:
-        main(["--config", str(DEMO), "--config", str(TINY), "--run_dir", str(root / "run"), "--trainer.max_steps", "2",
-              "--synth", "null", "--data.init_args.train", str(synth), "--data.init_args.val", str(synth),
-              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.callbacks", json.dumps(only_ckpt)])
-    finally:
-        sys.argv = argv
-    casa = root / "run" / "checkpoints" / "last.ckpt"
+    casa = fit_demo_tiny(root, synth)
     ckpt = torch.load(casa, map_location="cpu", weights_only=False)
     # insertion: the same run config with another fusion strategy, weights of a fresh build
     from casa.rebuild import build_model
@@ -235,7 +222,8 @@ def test_checkpoints_name_no_moved_module_and_old_ones_still_load(run):
 
     # weights_only: plain tensors and containers, no pickled class whose module could move
     ckpt = torch.load(run["casa"], map_location="cpu", weights_only=True)
-    assert ckpt["hparams_name"] == "kwargs" and "model" not in ckpt["hyper_parameters"]
+    # the model hyperparameter is its spec (class_path + init_args), not a pickled module
+    assert ckpt["hparams_name"] == "kwargs" and ckpt["hyper_parameters"]["model"]["class_path"] == "casa.model.VisionLanguageModel"
     stored = _class_paths(yaml.safe_load(ckpt["casa_config"]))
     assert "casa.model.VisionLanguageModel" in stored
     for path in sorted(set(stored) | set(OLD_CHECKPOINT_CLASS_PATHS)):
