@@ -257,3 +257,33 @@ def test_data_settings_defaults_are_the_datamodules():
     signature = inspect.signature(VideoDataModule.__init__).parameters
     for f in fields(DataSettings):
         assert f.default == signature[f.name].default, f.name
+
+
+def test_a_run_from_a_pretrained_backbone_path_exports_its_architecture(run, tmp_path):
+    """A backbone given by `path:` (a local save_pretrained checkpoint) is exported by its
+    architecture: the export rebuilds without that directory, with the same outputs."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from casa.hf.export import self_contained_spec
+    from casa.rebuild import build_model
+
+    backbone = run["config"]["model"]["model"]["init_args"]["backbone"]["init_args"]
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**backbone["config"])).save_pretrained(tmp_path / "llama")
+    config = json.loads(json.dumps(run["config"]))
+    config["model"]["model"]["init_args"]["backbone"]["init_args"].update(path=str(tmp_path / "llama"), config=None)
+    torch.manual_seed(1)
+    model = build_model(config).eval()
+    spec = self_contained_spec(config["model"]["model"], model)
+    assert spec["init_args"]["backbone"]["init_args"]["path"] is None
+    assert spec["init_args"]["backbone"]["init_args"]["config"]["hidden_size"] == backbone["config"]["hidden_size"]
+    shutil.rmtree(tmp_path / "llama")
+    rebuilt = build_model({"model": {"model": spec}}).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    from casa.tiny import random_packed_batch
+
+    batch = random_packed_batch([[("text", 5), ("image", (4, 4)), ("text", 7)]], vocab_size=160)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(batch).logits, model(batch).logits, rtol=0, atol=0)
