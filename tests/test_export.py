@@ -287,3 +287,18 @@ def test_a_run_from_a_pretrained_backbone_path_exports_its_architecture(run, tmp
     batch = random_packed_batch([[("text", 5), ("image", (4, 4)), ("text", 7)]], vocab_size=160)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(batch).logits, model(batch).logits, rtol=0, atol=0)
+
+
+def test_evaluate_scores_the_export_as_the_checkpoint(run, tmp_path, capsys):
+    """`experiments.evaluate --ckpt DIR` (what the lmms-eval model loads too: casa.assistant.load)
+    gives the checkpoint's JSON, answer loss included."""
+    from experiments.evaluate import main as evaluate
+
+    out = _export(run["casa_plus"], tmp_path / "hf")
+    results = []
+    for ckpt in (run["casa_plus"], out):
+        capsys.readouterr()
+        assert evaluate(["--ckpt", str(ckpt), "--data", str(run["synth"]), "--max-samples", "4", "--max-new-tokens", "3",
+                         "--no-stream", "--json", "--threads", "1"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] and results[0]["loss"]["answer_tokens"] > 0
