@@ -32,7 +32,6 @@ class CasaForCausalLM(PreTrainedModel):
     config_class = CasaConfig
     base_model_prefix = "casa"  # not "model": the wrapped model's own attribute is `model`
     main_input_name = "input_ids"
-    _supports_sdpa = True
 
     def __init__(self, config: CasaConfig, model=None):
         super().__init__(config)
