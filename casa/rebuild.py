@@ -90,7 +90,8 @@ def add_checkpoint_arguments(parser) -> None:
     """The options every inference CLI shares: which checkpoint, its config if the file
     predates `casa_config`, where to run and how many CPU threads."""
     parser.add_argument("--ckpt", required=True,
-                        help="checkpoint written by experiments.fit (a file, or the directory FSDP2 writes)")
+                        help="checkpoint written by experiments.fit (a file, or the directory FSDP2 writes), "
+                             "or a Hugging Face directory written by experiments.export")
     parser.add_argument("--config", action="append", default=[],
                         help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
     parser.add_argument("--device", default="cpu")
