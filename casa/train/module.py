@@ -284,9 +284,10 @@ class CasaModule(L.LightningModule):
 
         The model is rebuilt from the hyperparameters (the fit CLI stores its spec there); a
         checkpoint written before they held it is converted: the model spec of its run config
-        (`casa_config`) goes into its hyperparameters, as the fit CLI puts it there today. `init_from` is not re-read: the
-        checkpoint's weights replace the ones it would load. kwargs override hyperparameters,
-        as in Lightning. The checkpoint is handed to Lightning in memory (twice its size, briefly)."""
+        (`casa_config`) goes into its hyperparameters, as the fit CLI puts it there today.
+        `init_from` is not re-read: the checkpoint's weights replace the ones it would load.
+        kwargs override hyperparameters, as in Lightning. The checkpoint is handed to Lightning
+        in memory (twice its size, briefly)."""
         import io
 
         from casa.checkpoint import CheckpointError, read_checkpoint
