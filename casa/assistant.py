@@ -57,14 +57,18 @@ class InputError(ValueError):
 def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = (),
          precision: str = "run") -> "Assistant":
     """Rebuild model + tokenizer + chat template from a checkpoint written by `experiments.fit`
-    (`config_files`: the run's YAML configs, for a checkpoint without `casa_config`).
+    (a file or FSDP2's directory; `config_files`: the run's YAML configs, for a checkpoint
+    without `casa_config`), or from a Hugging Face export directory (`experiments.export`).
 
     precision: one of `PRECISIONS`; "run" (default) is the precision the run validated in
     (`run_precision`), so evaluating a checkpoint reproduces the metrics its validation logged."""
+    from casa.hf.export import is_export_dir
+
+    if is_export_dir(ckpt_path):
+        return _load_export(ckpt_path, device, precision)
     ckpt, config = read_checkpoint(ckpt_path, config_files)
     try:
-        # the run's own YAMLs when given: composed by the CLI's rules, not re-merged by hand
-        model = build_model(list(config_files) or config)
+        model = build_model(config)  # parsed (and composed) by the fit CLI's parser
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot rebuild the model from its run config ({type(e).__name__}: {e})") from None
     weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -79,6 +83,28 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot build tokenizer {settings.tokenizer!r} / template "
                               f"{settings.template!r} ({type(e).__name__}: {e})") from None
+    return _assistant(model, tokenizer, template, settings, config, int(ckpt.get("global_step", 0)), precision, device)
+
+
+def _load_export(path: str | Path, device, precision: str) -> "Assistant":
+    """A Hugging Face export directory (`casa.hf`) -> Assistant: the model from its weights and
+    config.json, the tokenizer saved beside them, pixel limits from its image processor."""
+    from casa.hf.export import read_export
+
+    try:
+        model, tokenizer, hf_config, (min_pixels, max_pixels) = read_export(path)
+        template = ChatTemplate(hf_config.template, tokenizer)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load this Hugging Face export ({type(e).__name__}: {e})") from None
+    fields = {k: v for k, v in hf_config.inference.items() if k in DataSettings.__dataclass_fields__}
+    settings = DataSettings(**{**fields, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    # the run config's parts that inference reads (run_precision takes a trainer precision as is)
+    config = {"model": {"model": hf_config.model_spec}, "trainer": {"precision": hf_config.run_precision}}
+    return _assistant(model, tokenizer, template, settings, config, 0, precision, device)
+
+
+def _assistant(model, tokenizer, template, settings, config: dict, step: int, precision: str, device) -> "Assistant":
+    """The loaded parts -> Assistant, on `device`, in `precision` (resolved against the run's)."""
     precision = resolve_precision(precision, config, model, device)
     model = model.to(device).eval()
     dtype = HALF[precision.split("-")[0]] if precision != "32" else None
@@ -87,7 +113,7 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
         # such as the rotary inverse frequencies stay fp32
         for p in model.parameters():
             p.data = p.data.to(dtype)
-    return Assistant(model, tokenizer, template, settings, config, int(ckpt.get("global_step", 0)),
+    return Assistant(model, tokenizer, template, settings, config, step,
                      autocast_dtype=dtype if precision.endswith("-mixed") else None)
 
 

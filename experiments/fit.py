@@ -20,35 +20,18 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from casa.train.module import CasaModule
+from casa.train.cli import CLI_ARGS, RunCLI
 
 
-@dataclass
-class SynthSpec:
-    """The synthetic benchmark to generate before training (see data.synth)."""
-
-    out: str = "runs/synth"
-    seed: int = 0
-    train: int = 4000
-    val: int = 200
-    test: int = 200
-    tasks: list[str] = field(default_factory=list)
-
-
-class CasaCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--synth", type=SynthSpec | None, default=None,
-                            help="generate the synthetic benchmark first (skipped when already there)")
-        parser.add_argument("--run_dir", type=str | None, default=None, help="run directory (checkpoints, logs, metrics)")
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help='resume from a checkpoint file, or "last" for the run\'s last checkpoint')
+class CasaCLI(RunCLI):
+    """The fit CLI: RunCLI's arguments (`casa.train.cli`, which checkpoint readers parse
+    run configs with), plus what a training run does before and after fitting."""
 
     def _cfg(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -226,8 +209,7 @@ def main(args: list[str] | None = None) -> CasaCLI:
     """Parse the config, build everything, and fit (no subcommand: fitting is the job)."""
     torch.set_float32_matmul_precision("high")
     try:
-        cli = CasaCLI(CasaModule, L.LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
-                      args=args, auto_configure_optimizers=False, run=False)
+        cli = CasaCLI(**CLI_ARGS, save_config_kwargs={"overwrite": True}, args=args, run=False)
         check_attention_precision(cli)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         # a value the type system could not reject (a missing checkpoint directory, a shard

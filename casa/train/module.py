@@ -16,6 +16,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch.distributed.fsdp import FSDPModule
 
 from casa.batch import PackedBatch
@@ -46,6 +47,10 @@ def block_precision_policies(dtype: torch.dtype | None):
         return MixedPrecisionPolicy(), MixedPrecisionPolicy()
     return (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
             MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
+
+
+_CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+"""What LightningCLI records in the hyperparameters it gives (`load_from_checkpoint` calls it)."""
 
 
 class CasaModule(L.LightningModule):
@@ -85,7 +90,11 @@ class CasaModule(L.LightningModule):
         model.activation_checkpointing = activation_checkpointing
         if init_from is not None:
             self._load_weights(init_from)
-        self.save_hyperparameters(ignore=["model"])
+        # Under the fit CLI the hyperparameters are the parsed config, `model` being the
+        # VisionLanguageModel's spec (class_path + init_args): Lightning stores it in every
+        # checkpoint (load_from_checkpoint rebuilds the model from it) and the loggers show it
+        # (TensorBoard's HParams). Built in Python, `model` is a module, not a hyperparameter.
+        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["model"])
         self.task_metrics = GroupedAnswerMetrics()
         self.group_metrics = GroupedAnswerMetrics()
         # sum of loss x answer tokens over sum of answer tokens, synced once per epoch
@@ -267,6 +276,39 @@ class CasaModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.run_config = checkpoint.get("casa_config", self.run_config)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's loader for every checkpoint `experiments.fit` writes: a file, or FSDP2's
+        directory (read by `casa.checkpoint.read_checkpoint`, without optimizer states).
+
+        The model is rebuilt from the hyperparameters (the fit CLI stores its spec there); a
+        checkpoint written before they held it is converted: the model spec of its run config
+        (`casa_config`) goes into its hyperparameters, as the fit CLI puts it there today.
+        `init_from` is not re-read: the checkpoint's weights replace the ones it would load.
+        kwargs override hyperparameters, as in Lightning. The checkpoint is handed to Lightning
+        in memory (twice its size, briefly)."""
+        import io
+
+        from casa.checkpoint import CheckpointError, read_checkpoint
+
+        ckpt = read_checkpoint(checkpoint_path)
+        kwargs.setdefault("init_from", None)
+        hparams = ckpt.setdefault("hyper_parameters", {})
+        if "model" not in hparams and "model" not in kwargs:
+            if not ckpt.get("casa_config"):
+                raise CheckpointError(f"{checkpoint_path}: neither its hyperparameters nor a 'casa_config' give the "
+                                      "model; pass model=VisionLanguageModel(...) to load_from_checkpoint")
+            import yaml
+
+            # converted to what the fit CLI stores today: the model's spec, built by Lightning's instantiator
+            hparams["model"] = yaml.safe_load(ckpt["casa_config"])["model"]["model"]
+            hparams["_instantiator"] = _CLI_INSTANTIATOR
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=False, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     def _load_weights(self, path: str) -> None:
