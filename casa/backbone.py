@@ -154,6 +154,7 @@ class Backbone(nn.Module):
         # Names of the parameters that come from the checkpoint (before any fusion layer is
         # attached): the optimiser gives them the pretrained learning rate.
         self.pretrained_names = frozenset(n for n, _ in self.named_parameters())
+        self.loaded = path is not None  # ... which are pretrained only when loaded (`casa.train.optim`)
         if freeze:
             for p in self.parameters():
                 p.requires_grad_(False)

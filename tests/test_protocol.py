@@ -331,3 +331,24 @@ def test_pretrain_command_builds_both_stages_once(tmp_path, monkeypatch):
     logs = []
     assert pt.pretrain(spec, log=logs.append) == entries
     assert [line for line in logs if "cached" in line] == [f"lm: cached at {entries['lm']}", f"vlm: cached at {entries['vlm']}"]
+
+
+def test_require_pretrained_refuses_a_random_lm_at_the_pretrained_rate(tmp_path):
+    """The confound of issue 16: a random-initialised LM trained at lr_pretrained."""
+    from casa.fusion import CASA
+    from casa.tiny import tiny_model
+    from casa.train.module import CasaModule
+    from casa.train.optim import random_init_in_pretrained
+
+    model = tiny_model(CASA("plus"), hidden_size=32, num_layers=2)
+    module = CasaModule(model, require_pretrained=True)
+    with pytest.raises(ValueError, match=r"require_pretrained=True .*backbone\.lm\.model"):
+        module.configure_optimizers()
+    groups = model.parameter_groups()
+    assert random_init_in_pretrained(groups, ()) == []
+    bad = random_init_in_pretrained(groups, ("backbone.", "vision."))
+    assert bad and all(n.startswith(("backbone.", "vision.")) for n in bad)
+    assert not any(".fusion_attn." in n for n in bad)  # new layers are in the new group, never flagged
+    model.backbone.save_pretrained(tmp_path / "lm")
+    loaded = Backbone(model.backbone.family, path=str(tmp_path / "lm"))
+    assert loaded.loaded and not model.backbone.loaded and not model.vision.loaded

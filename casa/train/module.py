@@ -22,7 +22,7 @@ from casa.batch import PackedBatch
 from casa.generation import GenerationConfig, generate, truncate_samples
 from casa.model import VisionLanguageModel, answer_loss_per_sample
 from casa.train.metrics import GroupedAnswerMetrics, GroupedLoss, WeightedMean
-from casa.train.optim import build_optimizer, build_scheduler
+from casa.train.optim import build_optimizer, build_scheduler, random_init_in_pretrained
 
 
 def _synchronize(device: torch.device) -> None:
@@ -69,6 +69,10 @@ class CasaModule(L.LightningModule):
         activation_checkpointing: recompute each decoder block in the backward pass.
         fsdp_param_dtype: under FSDP2 (`ModelParallelStrategy`), the parameter dtype of the
             sharded blocks' compute ("bfloat16" on H100s; gradients are reduced in fp32).
+        require_pretrained: refuse to train (ValueError at `configure_optimizers`) when a
+            trainable parameter in the "pretrained" group comes from a randomly initialised
+            backbone or vision tower (`casa.train.optim.random_init_in_pretrained`): the
+            protocol's guard for the paper's learning-rate rule.
         perplexity_groups: validation task groups that measure the LM's held-out text (the
             synthetic `lm` group, docs/reproduction.md): their samples are scored by answer
             loss only, logged as `val_ppl/<task>` = exp(loss per answer token), and never
@@ -80,7 +84,8 @@ class CasaModule(L.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 100, decay_steps: int = 0, val_generate: bool = True,
                  val_max_new_tokens: int = 16, val_predictions: bool = True, val_max_samples: int = 256, compile: bool = False,
                  activation_checkpointing: bool = False, fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
-                 init_from: str | None = None, perplexity_groups: list[str] = ["lm"]):
+                 init_from: str | None = None, require_pretrained: bool = False,
+                 perplexity_groups: list[str] = ["lm"]):
         super().__init__()
         if lr_new <= 0 or lr_pretrained < 0:
             raise ValueError(f"CasaModule: lr_new={lr_new} must be > 0 and lr_pretrained={lr_pretrained} >= 0")
@@ -170,7 +175,18 @@ class CasaModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        opt = build_optimizer(self.model.parameter_groups(), h.lr_new, h.lr_pretrained, h.weight_decay)
+        groups = self.model.parameter_groups()
+        if h.require_pretrained:
+            random_init = tuple(f"{name}." for name in ("backbone", "vision")
+                                if not getattr(getattr(self.model, name), "loaded", True))
+            # init_from loads every weight from an earlier stage: nothing is random then
+            bad = [] if h.init_from else random_init_in_pretrained(groups, random_init)
+            if bad:
+                raise ValueError(f"CasaModule.require_pretrained=True but {len(bad)} trainable parameters of the "
+                                 f"\"pretrained\" group (lr_pretrained={h.lr_pretrained}) are randomly initialised, "
+                                 f"e.g. {bad[:3]}: load them (Backbone.path / VisionEncoder.path), freeze them, or "
+                                 f"set require_pretrained: false")
+        opt = build_optimizer(groups, h.lr_new, h.lr_pretrained, h.weight_decay)
         total = int(self.trainer.max_steps) if self.trainer and self.trainer.max_steps > 0 else 0
         if total <= 0:
             raise ValueError("trainer.max_steps must be set: the data streams have no fixed length")
