@@ -157,7 +157,8 @@ def print_metrics_table(metrics: dict[str, float], title: str) -> None:
     names = ["exact_match", "relaxed_accuracy", "anls"]
     for n in names:
         table.add_column(n, justify="right")
-    for key in sorted(rows, key=lambda r: (not r.startswith("group"), r)):
+    # rows with no answer metric (a task scored by its loss only: `perplexity_groups`) are left out
+    for key in sorted((r for r in rows if any(n in rows[r] for n in names)), key=lambda r: (not r.startswith("group"), r)):
         table.add_row(key, *(f"{100 * rows[key].get(n, float('nan')):.1f}" for n in names))
     console = Console()
     console.print(table)

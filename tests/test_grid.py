@@ -32,6 +32,13 @@ EXPECTED = {
     "table7": ["every_k-k2", "every_k-k4", "first_k-k2", "first_k-k4", "first_last_k-k2", "first_last_k-k4"],
     "table6a_seeds": [f"{f}-s{i}" for f in ("casa_plus", "cross_attention", "insertion") for i in range(3)],
     "strategies": strategies.names(),  # `strategies: all`: the whole matrix, a new YAML included
+    # the protocol's grids (docs/reproduction.md), three seeds each
+    "protocol_table6a": [f"{f}-s{i}" for f in ("casa_plus", "casa_before", "casa_replace", "cross_attention",
+                                               "gated_cross_attention", "insertion") for i in range(3)],
+    "protocol_table6b": [f"{f}-s{i}" for f in ("qformer_q2", "qformer_q4", "insertion") for i in range(3)],
+    "protocol_table7": [f"{p}-{k}-s{i}" for p in ("every_k", "first_k", "first_last_k") for k in ("k2", "k4")
+                        for i in range(3)],
+    "protocol_table8": [f"{m}-s{i}" for m in ("none", "self", "rnd", "rnd_txt") for i in range(3)],
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
 TINY_GRID_2X2 = ROOT / "tests" / "configs" / "tiny_grid_2x2.yaml"  # x seeds s0, s1

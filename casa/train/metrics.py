@@ -146,10 +146,13 @@ class GroupedAnswerMetrics(torch.nn.Module):
         for k in keys or []:
             self._get(k)
 
+    metric_classes = METRICS
+    """name -> metric class of every key's set."""
+
     def _get(self, key: str) -> torch.nn.ModuleDict:
         safe = key.replace(".", "_")
         if safe not in self.sets:
-            self.sets[safe] = torch.nn.ModuleDict({name: cls() for name, cls in METRICS.items()}).to(
+            self.sets[safe] = torch.nn.ModuleDict({name: cls() for name, cls in self.metric_classes.items()}).to(
                 self._device_anchor.device)
         return self.sets[safe]
 
@@ -183,3 +186,16 @@ class GroupedAnswerMetrics(torch.nn.Module):
         for ms in self.sets.values():
             for m in ms.values():
                 m.reset()
+
+
+class GroupedLoss(GroupedAnswerMetrics):
+    """Per-key (task) answer loss: {key: {"loss": sum of cross-entropy / answer tokens}},
+    synchronised across ranks like the answer metrics (the key union first, sorted order)."""
+
+    metric_classes = {"loss": WeightedMean}
+
+    def update(self, keys: list[str], sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """keys [S]; sums, counts [S]: per sample, the answer tokens' summed loss and their number."""
+        for k, total, n in zip(keys, sums, counts.tolist()):
+            if n:
+                self._get(k)["loss"].update(total / n, n)
