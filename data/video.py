@@ -1,6 +1,6 @@
 """Video samples: frame sampling and the two window layouts.
 
-Sampling (paper App. "Video data"): frames at `fps` (2), except that a clip shorter than
+Sampling (paper App. "Video data", `casa.processing.video.sample_frames`, re-exported here): frames at `fps` (2), except that a clip shorter than
 `min_duration` (10 s) gets `min_frames` (20) uniformly spread frames instead, and only the
 first `max_duration` (180 s) is used. Frames are then ordinary images, capped at 448^2
 pixels by the dataset (256 tokens each), processed frame by frame (no temporal merge: the
@@ -23,41 +23,9 @@ from __future__ import annotations
 import math
 
 from casa.processing.template import CAPTION_PROMPT
+from casa.processing.video import (FRAME_SUFFIXES, VIDEO_FILE_SUFFIXES, Frame, VideoError, open_video,  # noqa: F401
+                                   read_video, sample_frames)
 from data.format import image, text
-
-
-def sample_frames(timestamps: list[float], fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
-                  max_duration: float = 180.0) -> list[int]:
-    """Indices of the frames to keep, in time order (pure).
-
-    timestamps [F] (seconds, increasing) -> indices [K]: the nearest stored frame to each wanted
-    time, without repeats (a source stored below `fps` keeps every frame)."""
-    if fps <= 0:
-        raise ValueError(f"fps={fps} must be > 0")
-    if max_duration <= 0 or min_frames < 1:
-        raise ValueError(f"max_duration={max_duration} and min_frames={min_frames} must be positive")
-    if not timestamps:
-        return []
-    t0 = timestamps[0]
-    duration = min(timestamps[-1] - t0, max_duration)
-    if duration < min_duration:
-        n = min(min_frames, len(timestamps))
-        wanted = [t0 + duration * i / max(n - 1, 1) for i in range(n)]
-    else:
-        # 2 fps from t0. A clip cut at max_duration samples [t0, t0 + max) (180 s -> 360
-        # frames, no extra frame at exactly the cut); an uncut clip keeps its last instant
-        # too, since that is where it ends (a live caption of what happens last sits there)
-        capped = timestamps[-1] - t0 > max_duration
-        n = max(1, math.ceil(duration * fps - 1e-9)) if capped else math.floor(duration * fps + 1e-9) + 1
-        wanted = [t0 + i / fps for i in range(n)]
-    picked: list[int] = []
-    j = 0
-    for w in wanted:
-        while j + 1 < len(timestamps) and abs(timestamps[j + 1] - w) <= abs(timestamps[j] - w):
-            j += 1
-        if not picked or picked[-1] != j:
-            picked.append(j)
-    return picked
 
 
 def expand_video(conv: dict, frame_refs: list[str], frame_times: list[float], prompt: str = CAPTION_PROMPT,
@@ -87,6 +55,7 @@ def expand_video(conv: dict, frame_refs: list[str], frame_times: list[float], pr
         return out
     if layout != "caption":
         raise ValueError(f"video.layout={layout!r} is not one of ['qa', 'caption']")
+    prompt = video.get("prompt", prompt)  # a source's own request (LiveCC records carry one)
     captions = sorted(video.get("captions", []), key=lambda c: c["t"])
     msgs = [m for m in conv.get("messages", []) if m["role"] == "system"]
     bounds = list(frame_times[1:]) + [end]
