@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from data.converters import captions_from_transcript, convert_llava, convert_videos, main
+from data.converters import captions_from_words
 from data.format import check_conversation
-from tests.data_fixtures import read_tar
+from data.video import sample_frames
+from tests.data_fixtures import encode_audio_only, encode_clip, read_counter, read_tar
 
 
 def read_all(summary) -> dict[str, dict[str, bytes]]:
@@ -125,14 +127,14 @@ def test_frames_folders_to_qa_video_samples(tmp_path):
     assert [m["content"][-1]["text"] for m in conv["messages"]] == ["What moves?", "a ball", "Where?", "left"]
 
 
-def test_only_video_files_fail_with_the_decoder_message(tmp_path, capsys):
+def test_only_video_files_in_the_folder_form_point_to_the_file_forms(tmp_path, capsys):
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "a.mp4").write_bytes(b"\x00")
-    with pytest.raises(ValueError, match="decod"):
+    with pytest.raises(ValueError, match="videos --json"):
         convert_videos("frames", tmp_path / "v", tmp_path / "out", progress=False)
     with pytest.raises(SystemExit):
         main(["frames", "--videos", str(tmp_path / "v"), "--out", str(tmp_path / "out")])
-    assert "ffmpeg" in capsys.readouterr().err
+    assert "livecc --jsonl" in capsys.readouterr().err
 
 
 def test_livecc_transcripts_become_frame_aligned_captions(tmp_path):
@@ -172,3 +174,75 @@ def test_livecc_separate_transcript_folder_and_cli(tmp_path, capsys):
     assert "written" in capsys.readouterr().out
     (files,) = read_all(s).values()
     assert json.loads(files["json"])["video"]["captions"] == [{"t": 1.0, "text": "it bounces"}]
+
+
+# ---------------------------------------------------------------------------------- video files
+def test_llava_video_qa_over_video_files_counts_broken_ones(tmp_path):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    times = [i / 25 for i in range(300)]  # 12 s at 25 fps -> 2 fps: 23 frames
+    encode_clip(vids / "a.mp4", times, size=(96, 64))
+    data = (vids / "a.mp4").read_bytes()
+    (vids / "cut.mp4").write_bytes(data[: len(data) // 3])
+    encode_audio_only(vids / "audio.mp4")
+    qa = [{"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": "stripes"}]
+    records = [{"id": "a", "video": "a.mp4", "conversations": qa},
+               {"id": "cut", "video": "cut.mp4", "conversations": qa},
+               {"id": "audio", "video": "audio.mp4", "conversations": qa},
+               {"id": "gone", "video": "nope.mp4", "conversations": qa},
+               {"id": "noanswer", "video": "a.mp4", "conversations": qa[:1]}]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
+    s = main(["videos", "--json", str(tmp_path / "qa.jsonl"), "--videos", str(vids), "--out", str(tmp_path / "out"),
+              "--max-pixels", str(48 * 32)])
+    assert s.written == 1 and dict(s.skipped) == {"bad_video": 2, "missing_video": 1, "no_answer": 1,
+                                                  "malformed_record": 1}
+    (files,) = read_all(s).values()
+    conv = json.loads(files["json"])
+    v = conv["video"]
+    expected = sample_frames(times)
+    assert v["layout"] == "qa" and v["timestamps"] == pytest.approx([times[i] for i in expected], abs=1e-3)
+    by_ref = {k.split(".")[0]: Image.open(io.BytesIO(b)) for k, b in files.items() if k != "json"}
+    assert [read_counter(by_ref[r]) for r in v["frames"]] == [i % 256 for i in expected]
+    assert by_ref[v["frames"][0]].size == (48, 32)  # downscaled to --max-pixels, aspect kept
+    assert conv["messages"][0]["content"] == [{"type": "video"}, {"type": "text", "text": "What moves?"}]
+
+
+def test_captions_from_words_follow_livecc_said_by_the_frame():
+    times = [0.0, 0.5, 1.0, 1.5]
+    words = [[0.0, 0.2, "a"], [0.3, 0.5, "ball"], [0.6, 0.9, "rolls"], [1.2, 1.9, "late"], [9.0, 9.5, "gone"]]
+    #   frame 0.0: "a" (not yet ended at 0.0 -> after frame 0.5)   said by 0.5: a ball   by 1.0: rolls
+    assert captions_from_words(words, times) == [{"t": 0.5, "text": "a ball"}, {"t": 1.0, "text": "rolls"}]
+    assert captions_from_words([[10.1, 10.5, "x"]], times, offset=10.0) == [{"t": 0.5, "text": "x"}]
+
+
+def test_livecc_jsonl_over_video_files(tmp_path):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    times = [i / 30 for i in range(600)]  # 20 s at 30 fps
+    encode_clip(vids / "game.mp4", times)
+
+    def record(start, end, stream, video="game.mp4"):
+        return [{"role": "user", "content": [{"type": "video", "video": video, "video_start": start, "video_end": end},
+                                              {"type": "text", "text": "Commentate."}]},
+                {"role": "assistant", "content": [{"type": "text_stream", "text_stream": stream}]}]
+
+    stream = [[4.1, 4.4, "kick"], [4.5, 5.2, "off"], [12.0, 12.3, "goal"], [19.0, 19.2, "after"]]
+    lines = [record(4.0, 16.0, stream), record(0, 3, [[0.1, 0.2, "x"]], video="missing.mp4"),
+             record(4.0, 16.0, [[1.0, 2.0]]), record(4.0, 16.0, [[19.0, 19.2, "after"]])]
+    with open(tmp_path / "live.jsonl", "w") as f:
+        for r in lines:
+            f.write(json.dumps(r) + "\n")
+        f.write(json.dumps([0, 311, 622, 933]) + "\n")  # LiveCC's seek-offset line
+    s = main(["livecc", "--jsonl", str(tmp_path / "live.jsonl"), "--videos", str(vids), "--out", str(tmp_path / "o")])
+    assert s.written == 1 and dict(s.skipped) == {"missing_video": 1, "malformed_transcript": 1, "empty_transcript": 1}
+    (files,) = read_all(s).values()
+    conv = json.loads(files["json"])
+    v = conv["video"]
+    kept = [i for i, t in enumerate(times) if 4.0 - 1e-6 <= t <= 16.0 + 1e-6]
+    expected = [kept[0] + i for i in sample_frames([times[i] for i in kept])]
+    by_ref = {k.split(".")[0]: Image.open(io.BytesIO(b)) for k, b in files.items() if k != "json"}
+    assert [read_counter(by_ref[r]) for r in v["frames"]] == [i % 256 for i in expected]
+    assert v["timestamps"][0] == 0.0 and v["timestamps"][-1] == pytest.approx(12.0, abs=1e-3)
+    # words on the video's clock, frames from 4.0 s: "kick" ends 4.4 -> the frame at 4.5 (0.5 in the clip)
+    assert v["captions"] == [{"t": 0.5, "text": "kick"}, {"t": 1.5, "text": "off"}, {"t": 8.5, "text": "goal"}]
+    assert v["prompt"] == "Commentate." and v["layout"] == "caption"

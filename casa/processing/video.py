@@ -35,6 +35,10 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 VIDEO_FILE_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 
 
+TIE = 1e-6
+"""Seconds within which two frames are equally near a wanted time (the later one wins)."""
+
+
 class VideoError(ValueError):
     """A video that cannot be read (missing, not a video, no video stream, broken): one line."""
 
@@ -77,7 +81,9 @@ def sample_frames(timestamps: list[float], fps: float = 2.0, min_duration: float
     picked: list[int] = []
     j = 0
     for w in wanted:
-        while j + 1 < len(timestamps) and abs(timestamps[j + 1] - w) <= abs(timestamps[j] - w):
+        # a tie goes to the later frame; 1e-6 s absorbs the rounding of pts * time_base, so a
+        # file and its extracted frames (rounded times) pick the same frames
+        while j + 1 < len(timestamps) and abs(timestamps[j + 1] - w) <= abs(timestamps[j] - w) + TIE:
             j += 1
         if not picked or picked[-1] != j:
             picked.append(j)
@@ -97,7 +103,7 @@ def pick_at_rate(frames: Iterator, fps: float, time_of=lambda f: f.t) -> Iterato
             t0 = tick = t
         while tick is not None and t >= tick - 1e-9:
             # ties go to the later frame, as in sample_frames
-            best = f if prev is None or abs(t - tick) <= abs(time_of(prev) - tick) else prev
+            best = f if prev is None or abs(t - tick) <= abs(time_of(prev) - tick) + TIE else prev
             if best is not last:
                 last = best
                 yield best
