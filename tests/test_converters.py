@@ -246,3 +246,30 @@ def test_livecc_jsonl_over_video_files(tmp_path):
     # words on the video's clock, frames from 4.0 s: "kick" ends 4.4 -> the frame at 4.5 (0.5 in the clip)
     assert v["captions"] == [{"t": 0.5, "text": "kick"}, {"t": 1.5, "text": "off"}, {"t": 8.5, "text": "goal"}]
     assert v["prompt"] == "Commentate." and v["layout"] == "caption"
+
+
+def test_demo_videos_round_trip_through_the_published_formats(tmp_path):
+    """Synthetic clips -> mp4 + LiveCC / LLaVA-Video records (data.video_demo) -> converters:
+    the shards hold the synthetic task's own captions at its own frame times, and its QA."""
+    import random
+
+    from data.synth_tasks.video import direction, live_caption
+    from data.video_demo import write_demo
+
+    assert write_demo(tmp_path / "d", clips=4, val=0, size=56) == {
+        "livecc.jsonl": 2, "videos.jsonl": 2, "val-livecc.jsonl": 0, "val-videos.jsonl": 0}
+    d = tmp_path / "d"
+    live = main(["livecc", "--jsonl", str(d / "livecc.jsonl"), "--videos", str(d / "videos"), "--out",
+                 str(tmp_path / "s"), "--min-duration", "0"])
+    qa = main(["videos", "--json", str(d / "videos.jsonl"), "--videos", str(d / "videos"), "--out",
+               str(tmp_path / "s"), "--prefix", "train-qa", "--min-duration", "0"])
+    assert live.written == 2 and qa.written == 2 and not live.skipped and not qa.skipped
+    for k, files in enumerate(read_all(live).values()):
+        want, _ = live_caption(random.Random(f"video-demo/0/{2 * k}"), 56)
+        v = json.loads(files["json"])["video"]
+        assert v["timestamps"] == pytest.approx(want["video"]["timestamps"], abs=1e-3)
+        assert v["captions"] == want["video"]["captions"]
+    for k, files in enumerate(read_all(qa).values()):
+        want, _ = direction(random.Random(f"video-demo/0/{2 * k + 1}"), 56)
+        got = json.loads(files["json"])
+        assert got["messages"] == want["messages"] and len(got["video"]["frames"]) == len(want["video"]["frames"])

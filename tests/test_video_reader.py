@@ -155,3 +155,12 @@ def test_frame_folders_read_through_the_same_interface(tmp_path):
     assert [read_counter(f.image) for f in folder.frames_at(2.0)] == sample_frames(
         folder.timestamps(), 2.0, min_duration=0.0, max_duration=float("inf"))
     assert [read_counter(f.image) for f in folder.sample(2.0)] == sample_frames(folder.timestamps())
+
+
+def test_the_video_benchmark_reads_its_clips(tmp_path):
+    from experiments.benchmarks.data import VIDEO_CLIPS, video_throughput
+
+    rows = video_throughput(quick=True, tmp=tmp_path)
+    assert [r["clip"] for r in rows] == list(VIDEO_CLIPS)
+    for r in rows:  # 4 s at 30 fps, under min_duration: the 20 uniformly spread frames
+        assert r["frames"] == 20 and r["frames_per_s"] > 0 and r["x_realtime"] > 0

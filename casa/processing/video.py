@@ -175,11 +175,18 @@ class FrameFolder:
     def close(self) -> None:
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 class VideoFile:
     """A source PyAV opens: a file, a URL, a file object, or "-" (stdin, read as it arrives)."""
 
-    def __init__(self, source, options: dict | None = None):
+    def __init__(self, source, options: dict | None = None, threads: int | None = None):
+        """threads: decoder threads (None: FFmpeg's choice, all cores; 1 for one per DataLoader worker)."""
         import av
 
         self.name = "stdin" if source == "-" else str(source)
@@ -195,7 +202,10 @@ class VideoFile:
             self.container.close()
             raise VideoError(f"{self.name}: no video stream (streams: {', '.join(kinds)})")
         self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"  # frame threads: decoding is most of the cost
+        if threads != 1:
+            self.stream.thread_type = "AUTO"  # frame threads: decoding is most of the cost
+        if threads:
+            self.stream.codec_context.thread_count = threads
         self._index: tuple[list[int], list[int]] | None = None
 
     # ---------------------------------------------------------------- metadata
@@ -334,17 +344,18 @@ def is_video_source(source: str | Path) -> bool:
     return s == "-" or "://" in s or Path(s).suffix.lower() in VIDEO_FILE_SUFFIXES
 
 
-def open_video(source, fps: float = 2.0) -> VideoFile | FrameFolder:
+def open_video(source, fps: float = 2.0, threads: int | None = None) -> VideoFile | FrameFolder:
     """A frame folder (`fps`: its frame rate, unless meta.json says) or anything PyAV opens."""
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         return FrameFolder(source, fps)
-    return VideoFile(source)
+    return VideoFile(source, threads=threads)
 
 
 def read_video(source, fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
-               max_duration: float = 180.0, start: float | None = None, end: float | None = None) -> list[Frame]:
+               max_duration: float = 180.0, start: float | None = None, end: float | None = None,
+               threads: int | None = None) -> list[Frame]:
     """The paper's frame sampling of one video (file, URL, bytes file object, or frame folder)."""
-    reader = open_video(source, fps)
+    reader = open_video(source, fps, threads)
     try:
         if isinstance(reader, FrameFolder):
             return reader.sample(fps, min_duration, min_frames, max_duration)
