@@ -80,7 +80,7 @@ class VideoWriter:
     yuv420p needs even sizes: an odd row or column is cropped. `rate` is only the nominal rate
     the container advertises; each frame's pts is its own time (ms)."""
 
-    def __init__(self, path: str | Path, rate: float = 30.0, crf: int = 23):
+    def __init__(self, path: str | Path, rate: float = 30.0, crf: int = 23, preset: str = "veryfast"):
         import av
 
         self.path = Path(path)
@@ -89,7 +89,8 @@ class VideoWriter:
         self.stream = self.container.add_stream("libx264", rate=Fraction(rate).limit_denominator(1001))
         self.stream.pix_fmt = "yuv420p"
         self.stream.codec_context.time_base = MS
-        self.stream.options = {"crf": str(crf)}
+        # veryfast: about 3x the encoding speed of x264's default for slightly bigger files
+        self.stream.options = {"crf": str(crf), "preset": preset}
         self.size: tuple[int, int] | None = None
         self.last_pts = -1
 

@@ -1,7 +1,7 @@
 """A folder of mp4 files with annotations in the published formats, standing in for your own
 videos in the README's "Your own videos" walk-through.
 
-    python -m data.video_demo --out runs/video-demo [--clips 400] [--size 224] [--seed 0]
+    python -m data.video_demo --out runs/video-demo [--clips 400] [--size 160] [--seed 0]
 
 writes
     OUT/videos/caption_00000.mp4 ...   the synthetic live_caption clips (`data.synth_tasks.video`)
@@ -67,7 +67,7 @@ def qa_record(video: str, conv: dict, key: str) -> dict:
                                                           {"from": "gpt", "value": answer}]}
 
 
-def write_demo(out: str | Path, clips: int = 400, val: int = 20, size: int = 224, seed: int = 0) -> dict:
+def write_demo(out: str | Path, clips: int = 400, val: int = 20, size: int = 160, seed: int = 0) -> dict:
     from data.synth_tasks.video import direction, live_caption
 
     out = Path(out)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--clips", type=int, default=400, help="clips in all (half captions, half QA)")
     p.add_argument("--val", type=int, default=20, help="clips of each kind held out for validation")
-    p.add_argument("--size", type=int, default=224, help="frame side in pixels")
+    p.add_argument("--size", type=int, default=160, help="frame side in pixels")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.clips < 2 or a.val < 0 or 2 * a.val >= a.clips or a.size < 28:

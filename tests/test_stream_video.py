@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -103,3 +104,19 @@ def test_out_needs_a_video_source(run, capsys):  # noqa: F811
     with pytest.raises(SystemExit):
         main(["--ckpt", str(run["casa"]), "--video", "synthetic", "--out", "x.mp4"])
     assert "--out re-reads the input video" in capsys.readouterr().err
+
+
+def test_chat_reads_a_video_file_sampled_as_in_training(run, tmp_path):  # noqa: F811
+    from casa.assistant import InputError, load
+
+    assistant = load(str(run["casa"]))
+    clip = encode_clip(tmp_path / "q.webm", [i / 25 for i in range(150)], "libvpx-vp9")  # 6 s: 20 frames
+    s = assistant.settings
+    frames = [f.image for f in read_video(clip, s.fps, s.min_duration, s.min_frames, s.max_duration)]
+    question = {"type": "text", "text": "Which way?"}
+    by_path = assistant.prompt([{"role": "user", "content": [{"type": "video", "video": str(clip)}, question]}])
+    by_frames = assistant.prompt([{"role": "user", "content": [{"type": "video", "frames": frames}, question]}])
+    assert by_path.input_ids.tolist() == by_frames.input_ids.tolist() and len(frames) == 20
+    assert torch.equal(by_path.pixel_values, by_frames.pixel_values)
+    with pytest.raises(InputError, match="no such file"):
+        assistant.prompt([{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "nope.mp4")}]}])
