@@ -53,6 +53,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from casa.processing.video import VideoError, read_video
+from data.dataset import VideoOptions
 from data.format import ShardWriter, encode_image, image, make_sample, text
 
 IMAGE_TAG = "<image>"
@@ -291,19 +292,7 @@ def livecc_sample(index: int, folder: Path, transcripts: Path | None, fps: float
 
 
 # ---------------------------------------------------------------------------------- video files
-@dataclass
-class Sampling:
-    """How video files are decoded into stored frames (paper App. "Video data")."""
-
-    fps: float = 2.0
-    min_duration: float = 10.0
-    min_frames: int = 20
-    max_duration: float = 180.0
-    max_pixels: int = 448 * 448
-    """Stored frames are downscaled to at most this many pixels (the paper's frame cap)."""
-
-
-def video_frames(path: Path, sampling: Sampling, start: float | None = None,
+def video_frames(path: Path, sampling: VideoOptions, start: float | None = None,
                  end: float | None = None) -> tuple[dict[str, bytes], list[str], list[float], float]:
     """A video file -> (JPEG files, refs, timestamps from the clip's first frame, that frame's
     time on the video's clock); Skip if unreadable."""
@@ -317,8 +306,8 @@ def video_frames(path: Path, sampling: Sampling, start: float | None = None,
     files, refs, times = {}, [], []
     for i, f in enumerate(frames):
         img = f.image
-        if img.width * img.height > sampling.max_pixels:
-            scale = (sampling.max_pixels / (img.width * img.height)) ** 0.5
+        if img.width * img.height > sampling.frame_max_pixels:  # stored at most at the training cap
+            scale = (sampling.frame_max_pixels / (img.width * img.height)) ** 0.5
             img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.BICUBIC)
         refs.append(f"f{i:06d}")
         files[f"f{i:06d}.jpg"] = encode_image(img, "jpg")
@@ -348,7 +337,7 @@ def read_records(path: str | Path) -> list:
 VIDEO_TAGS = ("<image>", "<video>")
 
 
-def llava_video_sample(index: int, record: dict, root: Path, sampling: Sampling, task: str, group: str) -> dict:
+def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOptions, task: str, group: str) -> dict:
     """One LLaVA-Video-178K record -> a "qa" video sample (the clip at its tag, else first)."""
     if not isinstance(record, dict) or not isinstance(record.get("video"), str) \
             or not isinstance(record.get("conversations"), list) or not record["conversations"]:
@@ -400,7 +389,7 @@ def captions_from_words(words: list, times: list[float], offset: float = 0.0) ->
     return [{"t": times[i], "text": " ".join(ws)} for i, ws in sorted(per_frame.items())]
 
 
-def livecc_record_sample(index: int, record, root: Path, sampling: Sampling, task: str, group: str) -> dict:
+def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions, task: str, group: str) -> dict:
     """One LiveCC conversation (see module doc) -> a "caption" video sample."""
     try:
         user, assistant = record[0], record[1]
@@ -450,11 +439,11 @@ def is_seek_index(record) -> bool:
 
 
 def convert_video_files(kind: str, annotations: str | Path, videos: str | Path, out: str | Path,
-                        prefix: str = "train", shard_size: int = 100, sampling: Sampling | None = None,
+                        prefix: str = "train", shard_size: int = 100, sampling: VideoOptions | None = None,
                         task: str | None = None, group: str = "video", progress: bool = True) -> Summary:
     """kind="videos" (LLaVA-Video QA records) or "livecc" (LiveCC conversations) over the video
     files under `videos` (paths in the records are relative to it, or absolute)."""
-    root, sampling = Path(videos), sampling or Sampling()
+    root, sampling = Path(videos), sampling or VideoOptions()
     if not root.is_dir():
         raise ValueError(f"--videos {str(root)!r} is not a directory")
     records = [r for r in read_records(annotations) if not is_seek_index(r)]
@@ -520,7 +509,7 @@ def main(argv: list[str] | None = None) -> Summary:
             s = convert_llava(a.json, a.images, a.out, a.prefix, a.shard_size or 1000, a.task or "llava",
                               a.group or "general")
         elif a.kind == "videos" or getattr(a, "jsonl", None):
-            sampling = Sampling(a.fps, a.min_duration, a.min_frames, a.max_duration, a.max_pixels)
+            sampling = VideoOptions(a.fps, a.min_duration, a.min_frames, a.max_duration, a.max_pixels)
             s = convert_video_files(a.kind, a.json if a.kind == "videos" else a.jsonl, a.videos, a.out, a.prefix,
                                     a.shard_size or 100, sampling, a.task, a.group or "video")
         else:
