@@ -89,8 +89,12 @@ def video_frames(path: str, fps: float) -> Iterator:
             t += max(float(f.info.get("duration", 1000.0 / fps) or 1000.0 / fps), 1.0) / 1000.0
             frames.append(f.convert("RGB"))
     except Exception as e:  # PIL raises many types for bytes it cannot read
-        raise InputError(f"--video {path!r} cannot be decoded ({type(e).__name__}: {e}); give a video file, a "
-                         f"frame folder, an animated .gif/.webp, or 'synthetic'") from None
+        try:  # not an image: a video under a suffix not listed (.ts, .m4a, ...)?
+            return open_video(path, fps).frames_at(fps)
+        except VideoError as video_error:
+            raise InputError(f"--video {path!r} cannot be decoded as an image ({type(e).__name__}) nor as a video "
+                             f"({video_error}); give a video file, a frame folder, an animated .gif/.webp, or "
+                             f"'synthetic'") from None
     keep = sample_frames(times, fps, min_duration=0.0, max_duration=float("inf")) if len(frames) > 1 else [0]
     return iter([frames[i] for i in keep])
 

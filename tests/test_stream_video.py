@@ -120,3 +120,17 @@ def test_chat_reads_a_video_file_sampled_as_in_training(run, tmp_path):  # noqa:
     assert torch.equal(by_path.pixel_values, by_frames.pixel_values)
     with pytest.raises(InputError, match="no such file"):
         assistant.prompt([{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "nope.mp4")}]}])
+
+
+def test_unreadable_videos_are_one_line_errors(run, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from experiments.stream import main
+    from tests.data_fixtures import encode_audio_only
+
+    monkeypatch.delenv("CASA_TRACEBACK", raising=False)
+    data = encode_clip(tmp_path / "c.mp4", [i / 25 for i in range(50)]).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    encode_audio_only(tmp_path / "speech.m4a")  # a suffix the reader does not list: tried as an image, then a video
+    for name, needle in (("cut.mp4", "cannot open as a video"), ("speech.m4a", "no video stream (streams: audio)")):
+        assert main(["--ckpt", str(run["casa"]), "--video", str(tmp_path / name), "--no-wait"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and err.count("error:") == 1, err
