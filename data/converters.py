@@ -78,7 +78,7 @@ class Summary:
     shards: list[str] = field(default_factory=list)
 
     def table(self, title: str) -> Table:
-        t = Table(title=title)
+        t = Table(title=title, min_width=len(title) + 4)  # the title on one line
         t.add_column("outcome")
         t.add_column("samples", justify="right")
         t.add_row("written", str(self.written))
@@ -109,7 +109,10 @@ def convert(items: Iterable, total: int | None, to_sample: Callable[[int, object
             except Skip as s:
                 summary.skipped[s.reason] += 1
             bar.update(job, advance=1, skipped=sum(summary.skipped.values()))
-    summary.shards = writer.shards if summary.written else []
+    # the writer globs PREFIX-*: keep its own shards, not those of a longer prefix in the same
+    # folder (train-qa-000000.tar next to train-000000.tar)
+    own = re.compile(rf"{re.escape(prefix)}-\d+\.tar")
+    summary.shards = [s for s in writer.shards if own.fullmatch(Path(s).name)] if summary.written else []
     return summary
 
 
