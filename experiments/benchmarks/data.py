@@ -98,7 +98,7 @@ VIDEO_CLIPS = {  # name -> (width, height, seconds at 30 fps, frame pixel cap: t
     "demo": (112, 112, 60, 56 * 56),
     "paper": (640, 360, 30, 448 * 448),
 }
-QUICK_VIDEO_SECONDS = 4
+QUICK_VIDEO_SECONDS = 2
 
 
 def moving_frames(width: int, height: int, n: int):
