@@ -1,6 +1,7 @@
-"""Video samples: frame sampling and the two window layouts.
+"""Video samples: frame sampling, the two window layouts, and writing captioned videos.
 
-Sampling (paper App. "Video data", `casa.processing.video.sample_frames`, re-exported here): frames at `fps` (2), except that a clip shorter than
+Sampling (paper App. "Video data"; `casa.processing.video.sample_frames`, re-exported here,
+as the reader's other names): frames at `fps` (2), except that a clip shorter than
 `min_duration` (10 s) gets `min_frames` (20) uniformly spread frames instead, and only the
 first `max_duration` (180 s) is used. Frames are then ordinary images, capped at 448^2
 pixels by the dataset (256 tokens each), processed frame by frame (no temporal merge: the

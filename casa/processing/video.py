@@ -190,7 +190,8 @@ class VideoFile:
         import av
 
         self.name = "stdin" if source == "-" else str(source)
-        if isinstance(source, (str, Path)) and source != "-" and "://" not in str(source) and not Path(source).is_file():
+        local = isinstance(source, (str, Path)) and source != "-" and "://" not in str(source)
+        if local and not Path(source).is_file():
             raise VideoError(f"{self.name}: no such file")
         src = sys.stdin.buffer if source == "-" else source
         try:
@@ -312,6 +313,9 @@ class VideoFile:
         """Live: the frame nearest each 1/fps tick, decoded forward as the source arrives
         (only the kept frames are converted to images)."""
         import av
+
+        if self._index is not None:  # the packet index was read: back to the start
+            self.container.seek(0)
 
         def raw():
             try:
