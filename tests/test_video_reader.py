@@ -163,3 +163,26 @@ def test_the_video_benchmark_reads_its_clips(tmp_path):
     assert [r["clip"] for r in rows] == list(VIDEO_CLIPS)
     for r in rows:  # 2 s at 30 fps, under min_duration: the 20 uniformly spread frames
         assert r["frames"] == 20 and r["frames_per_s"] > 0 and r["x_realtime"] > 0
+
+
+def test_a_url_is_read_as_it_arrives(tmp_path):
+    """An http source (a local server): PyAV streams it; the frames are the file's."""
+    import functools
+    import http.server
+    import threading
+
+    times = [i / 25 for i in range(75)]
+    encode_clip(tmp_path / "clip.webm", times, "libvpx-vp9")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with open_video(f"http://127.0.0.1:{server.server_port}/clip.webm") as reader:
+            live = [read_counter(f.image) for f in reader.frames_at(2.0)]
+    finally:
+        server.shutdown()
+    assert live == sample_frames(times, 2.0, min_duration=0.0, max_duration=float("inf"))
