@@ -67,6 +67,8 @@ def synthetic_clips(frames: int, seed: int = 0, size: int | None = None) -> tupl
 def video_frames(path: str, fps: float) -> Iterator:
     """Frames of a video file / URL / stdin, a frame folder, or an animated or still image
     (InputError for anything else). Video frames are `Frame`s: they carry their own time."""
+    import itertools
+
     from PIL import Image, ImageSequence
 
     from casa.assistant import InputError
@@ -89,8 +91,12 @@ def video_frames(path: str, fps: float) -> Iterator:
             t += max(float(f.info.get("duration", 1000.0 / fps) or 1000.0 / fps), 1.0) / 1000.0
             frames.append(f.convert("RGB"))
     except Exception as e:  # PIL raises many types for bytes it cannot read
-        try:  # not an image: a video under a suffix not listed (.ts, .m4a, ...)?
-            return open_video(path, fps).frames_at(fps)
+        try:  # not an image: a video under a suffix not listed (.ts, .m4a, ...)? Only if a frame decodes
+            frames = open_video(path, fps).frames_at(fps)
+            first = next(frames, None)
+            if first is None:
+                raise VideoError(f"{path}: no frame decodes")
+            return itertools.chain([first], frames)
         except VideoError as video_error:
             raise InputError(f"--video {path!r} cannot be decoded as an image ({type(e).__name__}) nor as a video "
                              f"({video_error}); give a video file, a frame folder, an animated .gif/.webp, or "
