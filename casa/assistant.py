@@ -44,6 +44,7 @@ from casa.processing.image import ORIGINAL_SIZE, ImageError, decode_image, patch
 from casa.processing.sample import Sample, build_sample_row
 from casa.processing.template import CAPTION_PROMPT, ChatTemplate
 from casa.processing.tokenizer import resolve_tokenizer
+from casa.processing.video import Frame, VideoError, read_video
 from casa.rebuild import HALF, DataSettings, build_model, read_checkpoint, resolve_precision
 
 ImageLike = Image.Image | str | Path | bytes
@@ -198,7 +199,7 @@ class FrameRecord:
 
     index: int
     t: float
-    """Frame timestamp (s): index / fps."""
+    """Frame timestamp (s): index / fps, or a video frame's own time from the first frame's."""
     text: str
     """The caption written after this frame ("" = silence)."""
     new_tokens: int
@@ -280,12 +281,22 @@ class Assistant:
         except ImageError as e:
             raise InputError(str(e)) from None
 
+    def video_frames(self, source) -> list[Image.Image]:
+        """A video file, URL or frame folder -> its frames sampled as in training (the run's
+        fps, min_duration, min_frames, max_duration)."""
+        s = self.settings
+        try:
+            return [f.image for f in read_video(source, s.fps, s.min_duration, s.min_frames, s.max_duration)]
+        except VideoError as e:
+            raise InputError(str(e)) from None
+
     # ------------------------------------------------------------------ chat
     def prompt(self, messages: list[dict], images: Iterable[ImageLike] = ()) -> PackedBatch:
         """messages (`data.format` style) -> the generation prompt of their next assistant turn.
 
         Image items carry their image as {"type": "image", "image": PIL | path | bytes}, or take
-        the next one of `images`; {"type": "video", "frames": [...]} puts frames in one window."""
+        the next one of `images`; {"type": "video", "frames": [...]} puts frames in one window,
+        {"type": "video", "video": "clip.mp4"} the frames of a video sampled as in training."""
         pool = list(images)
         msgs, pixels, grids = [], [], []
         for m in messages:
@@ -296,7 +307,7 @@ class Assistant:
                     cap = self.settings.max_pixels if kind == "image" else min(self.settings.max_pixels,
                                                                                self.settings.frame_max_pixels)
                     items = [c["image"] if "image" in c else (pool.pop(0) if pool else None)] if kind == "image" \
-                        else list(c.get("frames", []))
+                        else self.video_frames(c["video"]) if "video" in c else list(c.get("frames", []))
                     if any(x is None for x in items) or not items:
                         raise InputError(f"a {kind} item has no image (pass it inline or in images=)")
                     for x in items:
@@ -350,9 +361,11 @@ class Assistant:
                generator: torch.Generator | None = None) -> Iterator[FrameRecord]:
         """Live captioning: one record per frame, yielded as soon as its caption is written.
 
-        Frame i arrives at i / fps s. `wait=True` sleeps until then (a live source); with
-        `wait=False` frames are processed back to back and `delay_s` is what a real-time run
-        would have had: a frame starts when it arrives or when the previous one is done."""
+        Frame i arrives at i / fps s, or, for a `casa.processing.video.Frame` (a decoded video),
+        at its own timestamp from the first frame's: the video's clock. `wait=True` sleeps until
+        then (a live source); with `wait=False` frames are processed back to back and `delay_s`
+        is what a real-time run would have had: a frame starts when it arrives or when the
+        previous one is done."""
         if fps <= 0:
             raise ValueError(f"fps={fps} must be > 0")
         cfg = config or self.generation_config()
@@ -366,8 +379,13 @@ class Assistant:
         cache, pending, size, done_at = KVCache(1), list(layout.first_pre), None, 0.0
         text_seen = image_seen = 0
         t0 = time.perf_counter()
+        first_t = None
         for i, frame in enumerate(frames):
-            arrival = i / fps
+            if isinstance(frame, Frame):  # a decoded video frame: its pts is its arrival
+                first_t = frame.t if first_t is None else first_t
+                arrival, frame = frame.t - first_t, frame.image
+            else:
+                arrival = i / fps
             if wait:
                 time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
             start = time.perf_counter()

@@ -332,7 +332,7 @@ def bad_inputs(run) -> list[tuple[str, list[str], str]]:
     return [
         ("missing checkpoint", [*stream, "--ckpt", str(root / "nope.ckpt"), "--video", "synthetic"], "does not exist"),
         ("no casa_config", [*stream, "--ckpt", str(run["no_config"]), "--video", "synthetic"], "casa_config"),
-        ("video file", [*stream, "--ckpt", str(run["casa"]), "--video", str(root / "clip.mp4")], "no video decoder"),
+        ("video file", [*stream, "--ckpt", str(run["casa"]), "--video", str(root / "clip.mp4")], "cannot open as a video"),
         ("undecodable", [*stream, "--ckpt", str(run["casa"]), "--video", str(root / "broken.gif")], "cannot be decoded"),
         ("frame size", [*stream, "--ckpt", str(run["casa"]), "--video", str(frames)], "frame 2 is 64x64"),
         ("eval missing ckpt", [*evaluate, "--ckpt", str(root / "nope.ckpt"), "--data", str(run["synth"])], "does not exist"),
