@@ -28,7 +28,8 @@ livecc  --videos DIR alone: the same frame folders plus a timestamped transcript
 
 Video files are decoded by `casa.processing.video` (PyAV) with the paper's sampling (2 fps,
 20 frames for clips under 10 s, the first 180 s); frames are stored as JPEG, downscaled to
-at most --max-pixels (448^2, the paper's frame cap) with their container timestamps.
+at most --max-pixels (448^2, the paper's frame cap) with their container timestamps, all of a
+clip's frames in one member (`data.format.pack_frames`).
 
 Bad inputs never stop a conversion: each is skipped and counted by reason (a missing,
 truncated or undecodable video counts as `bad_video`), and a summary (written, skipped by
@@ -54,7 +55,7 @@ from rich.table import Table
 
 from casa.processing.video import VideoError, read_video
 from data.dataset import VideoOptions
-from data.format import ShardWriter, encode_image, image, make_sample, text
+from data.format import ShardWriter, encode_image, image, make_sample, pack_frames, text
 
 IMAGE_TAG = "<image>"
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -296,9 +297,10 @@ def livecc_sample(index: int, folder: Path, transcripts: Path | None, fps: float
 
 # ---------------------------------------------------------------------------------- video files
 def video_frames(path: Path, sampling: VideoOptions, start: float | None = None,
-                 end: float | None = None) -> tuple[dict[str, bytes], list[str], list[float], float]:
-    """A video file -> (JPEG files, refs, timestamps from the clip's first frame, that frame's
-    time on the video's clock); Skip if unreadable."""
+                 end: float | None = None) -> tuple[dict[str, bytes], dict, list[float], float]:
+    """A video file -> (files: the frames as one JPEG member, the "video" fields naming them
+    (`data.format.pack_frames`), timestamps from the clip's first frame, that frame's time on
+    the video's clock); Skip if unreadable."""
     if not path.is_file():
         raise Skip("missing_video", str(path))
     try:
@@ -306,16 +308,16 @@ def video_frames(path: Path, sampling: VideoOptions, start: float | None = None,
                             start, end)
     except VideoError as e:
         raise Skip("bad_video", str(e)) from None
-    files, refs, times = {}, [], []
-    for i, f in enumerate(frames):
+    jpegs, times = [], []
+    for f in frames:
         img = f.image
         if img.width * img.height > sampling.frame_max_pixels:  # stored at most at the training cap
             scale = (sampling.frame_max_pixels / (img.width * img.height)) ** 0.5
             img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.BICUBIC)
-        refs.append(f"f{i:06d}")
-        files[f"f{i:06d}.jpg"] = encode_image(img, "jpg")
+        jpegs.append(encode_image(img, "jpg"))
         times.append(round(f.t - frames[0].t, 3))
-    return files, refs, times, frames[0].t
+    files, fields = pack_frames([f"f{i:06d}" for i in range(len(jpegs))], jpegs)
+    return files, fields, times, frames[0].t
 
 
 def read_records(path: str | Path) -> list:
@@ -363,9 +365,9 @@ def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOpti
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
         raise Skip("no_answer", str(record.get("id")))
-    files, refs, times, _ = video_frames(root / record["video"], sampling)
+    files, fields, times, _ = video_frames(root / record["video"], sampling)
     conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index)),
-            "video": {"frames": refs, "timestamps": times, "layout": "qa"}}
+            "video": {**fields, "timestamps": times, "layout": "qa"}}
     return make_sample(safe_key(index, record.get("id", Path(record["video"]).stem)), conv, files)
 
 
@@ -403,13 +405,13 @@ def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions,
     except (TypeError, KeyError, IndexError, StopIteration, AttributeError):
         raise Skip("malformed_record", repr(record)[:80]) from None
     start, end = video.get("video_start"), video.get("video_end")
-    files, refs, times, first = video_frames(Path(path) if Path(path).is_absolute() else root / path, sampling,
+    files, fields, times, first = video_frames(Path(path) if Path(path).is_absolute() else root / path, sampling,
                                              start, end)
     # the frames are rebased to 0 at the clip's first frame; the words are on the video's clock
     captions = captions_from_words(stream, times, offset=first)
     if not captions:
         raise Skip("empty_transcript", path)
-    v = {"frames": refs, "timestamps": times, "captions": captions, "layout": "caption"}
+    v = {**fields, "timestamps": times, "captions": captions, "layout": "caption"}
     if isinstance(prompt, str) and prompt.strip():
         v["prompt"] = prompt.strip()
     conv = {"messages": [], "task": task, "group": group, "source_id": f"{Path(path).stem}@{start or 0}", "video": v}

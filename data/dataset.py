@@ -45,10 +45,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from casa.batch import PackedBatch, collate_packed, image_token_count
-from casa.processing.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify
+from casa.processing.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify_many
 from casa.processing.sample import Sample
 from casa.processing.template import ChatTemplate
-from data.format import CONTENT_TYPES, ROLES
+from data.format import CONTENT_TYPES, ROLES, unpack_frames
 from data.packing import Packer
 from data.video import CAPTION_PROMPT, expand_video, sample_frames
 
@@ -145,7 +145,15 @@ class SampleProcessor:
             # evaluation generates the last answer: it must exist (silence is only a target in live captioning)
             raise SkipSample("empty_answer", f"{key}: the last turn is not a non-empty assistant answer")
         files = {k.split(".")[0]: v for k, v in raw.items() if not k.startswith("__") and k != "json"}
-        pixels, grids = [], []
+        if conv.get("video") is not None:
+            try:  # a clip's frames: one member for them all, or (older shards) one member each
+                files.update(unpack_frames(conv["video"], files))
+            except KeyError as e:
+                raise SkipSample("missing_image", f"{key}: video frame member {e} is not in the sample "
+                                                  f"(it has {sorted(files)})") from None
+            except (TypeError, ValueError) as e:
+                raise SkipSample("malformed_json", f"{key}: video: {type(e).__name__}: {e}") from None
+        decoded, refs = [], []
         for m in messages:
             for c in m["content"]:
                 if c["type"] != "image":
@@ -155,11 +163,15 @@ class SampleProcessor:
                     raise SkipSample("missing_image", f"{key}: the conversation refers to image {c['ref']!r} "
                                                       f"but the sample only has {sorted(files)}")
                 try:
-                    pv, grid = patchify(decode_image(data, max_pixels), max_pixels, self.min_pixels)
+                    decoded.append(decode_image(data, max_pixels))
+                    refs.append(c["ref"])
                 except ImageError as e:
                     raise SkipSample("corrupt_image", f"{key}: image {c['ref']!r}: {e}") from None
-                pixels.append(pv)
-                grids.append(grid)
+        try:  # a video's frames share a size: patchified as one tensor
+            patched = patchify_many(decoded, max_pixels, self.min_pixels)
+        except ImageError as e:
+            raise SkipSample("corrupt_image", f"{key}: image {refs[getattr(e, 'index', 0)]!r}: {e}") from None
+        pixels, grids = [p for p, _ in patched], [g for _, g in patched]
         try:
             enc = self.template.encode(messages, image_token_count(grids, MERGE))
         except (KeyError, TypeError, ValueError) as e:

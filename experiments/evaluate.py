@@ -99,7 +99,10 @@ def caption_clip(raw: dict, assistant) -> tuple[list, list[str]] | None:
     refs, times = [v["frames"][i] for i in keep], [v["timestamps"][i] for i in keep]
     msgs = expand_video(conv, refs, times)
     said = [m["content"][0]["text"] for m in msgs if m["role"] == "assistant"]
+    from data.format import unpack_frames
+
     files = {k.split(".")[0]: val for k, val in raw.items() if not k.startswith("__") and k != "json"}
+    files = unpack_frames(v, files)  # either frame layout
     return [files[r] for r in refs], said
 
 

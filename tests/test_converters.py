@@ -11,7 +11,7 @@ from PIL import Image
 
 from data.converters import captions_from_transcript, convert_llava, convert_videos, main
 from data.converters import captions_from_words
-from data.format import check_conversation
+from data.format import check_conversation, unpack_frames
 from data.video import sample_frames
 from tests.data_fixtures import encode_audio_only, encode_clip, read_counter, read_tar
 
@@ -23,6 +23,12 @@ def read_all(summary) -> dict[str, dict[str, bytes]]:
     for key, files in out.items():
         check_conversation(json.loads(files["json"]), available={f.split(".")[0] for f in files if f != "json"})
     return out
+
+
+def frames_of(files: dict[str, bytes]) -> dict[str, Image.Image]:
+    """{frame name: image} of a written video sample, read back through `unpack_frames`."""
+    v = json.loads(files["json"])["video"]
+    return {r: Image.open(io.BytesIO(b)) for r, b in unpack_frames(v, {k.split(".")[0]: b for k, b in files.items()}).items()}
 
 
 def save_image(path: Path, color=(200, 30, 30), fmt="JPEG") -> bytes:
@@ -201,7 +207,7 @@ def test_llava_video_qa_over_video_files_counts_broken_ones(tmp_path):
     v = conv["video"]
     expected = sample_frames(times)
     assert v["layout"] == "qa" and v["timestamps"] == pytest.approx([times[i] for i in expected], abs=1e-3)
-    by_ref = {k.split(".")[0]: Image.open(io.BytesIO(b)) for k, b in files.items() if k != "json"}
+    by_ref = frames_of(files)
     assert [read_counter(by_ref[r]) for r in v["frames"]] == [i % 256 for i in expected]
     assert by_ref[v["frames"][0]].size == (48, 32)  # downscaled to --max-pixels, aspect kept
     assert conv["messages"][0]["content"] == [{"type": "video"}, {"type": "text", "text": "What moves?"}]
@@ -240,7 +246,7 @@ def test_livecc_jsonl_over_video_files(tmp_path):
     v = conv["video"]
     kept = [i for i, t in enumerate(times) if 4.0 - 1e-6 <= t <= 16.0 + 1e-6]
     expected = [kept[0] + i for i in sample_frames([times[i] for i in kept])]
-    by_ref = {k.split(".")[0]: Image.open(io.BytesIO(b)) for k, b in files.items() if k != "json"}
+    by_ref = frames_of(files)
     assert [read_counter(by_ref[r]) for r in v["frames"]] == [i % 256 for i in expected]
     assert v["timestamps"][0] == 0.0 and v["timestamps"][-1] == pytest.approx(12.0, abs=1e-3)
     # words on the video's clock, frames from 4.0 s: "kick" ends 4.4 -> the frame at 4.5 (0.5 in the clip)

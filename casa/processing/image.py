@@ -8,6 +8,8 @@
                                       for images, 448^2 for video frames)
     patchify(img, max_pixels)         -> pixel_values [P, 3*2*14*14], grid_thw (1, h/14, w/14),
                                       identical to transformers' Qwen2VLImageProcessor
+    patchify_many(imgs, max_pixels)   the same for a list; same-size images (a video's frames)
+                                      as one tensor op
 
 An image yields P/4 tokens after the vision encoder's 2x2 merge. Undecodable, truncated or
 absurd bytes raise `ImageError`, which the dataset counts as a skipped `corrupt_image`.
@@ -149,19 +151,46 @@ def patchify(img: Image.Image, max_pixels: int = 896 * 896, min_pixels: int = MI
 
     Rows are ordered so that each 2x2 merge group is contiguous (Qwen's layout), and a still
     image is its own second temporal frame (Qwen repeats it to fill temporal_patch_size=2)."""
-    if img.mode != "RGB":
-        info = dict(img.info)
-        img = to_rgb(img)
-        img.info.update({k: v for k, v in info.items() if k == ORIGINAL_SIZE})
-    img = resize_for_vision(img, max_pixels, min_pixels)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0  # [3, H, W]
-    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-    C, H, W = x.shape
-    gh, gw = H // PATCH, W // PATCH
-    x = x.reshape(C, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
-    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # [gh/2, gw/2, 2, 2, C, 14, 14]: merge groups contiguous
-    x = x[:, :, :, :, :, None].expand(*x.shape[:5], TEMPORAL, PATCH, PATCH)  # [..., C, 2, 14, 14]
-    return x.reshape(gh * gw, PATCH_DIM).contiguous(), [1, gh, gw]  # [P, C*2*14*14]
+    return patchify_many([img], max_pixels, min_pixels)[0]
+
+
+def patchify_many(imgs: list[Image.Image], max_pixels: int = 896 * 896,
+                  min_pixels: int = MIN_PIXELS) -> list[tuple[torch.Tensor, list[int]]]:
+    """[patchify(img) for img in imgs], with the images of one target size (a video's frames)
+    normalised and rearranged as ONE tensor op: the per-image cost is the fixed overhead of
+    a dozen small torch calls, not the arithmetic, for small frames. Outputs are views of the
+    group's tensor, each contiguous [P, 3*2*14*14], in the order of `imgs`. An ImageError
+    carries `.index`, the position of the image it is about."""
+    ready = []
+    for i, img in enumerate(imgs):
+        if img.mode != "RGB":
+            info = dict(img.info)
+            img = to_rgb(img)
+            img.info.update({k: v for k, v in info.items() if k == ORIGINAL_SIZE})
+        try:
+            ready.append(resize_for_vision(img, max_pixels, min_pixels))
+        except ImageError as e:
+            e.index = i  # which image: callers name it
+            raise
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(ready):
+        groups.setdefault((img.height, img.width), []).append(i)
+    out: list = [None] * len(ready)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    for (H, W), idx in groups.items():
+        x = torch.from_numpy(np.stack([np.asarray(ready[i]) for i in idx]))  # [N, H, W, C] uint8
+        N, C = x.shape[0], x.shape[3]
+        gh, gw = H // PATCH, W // PATCH
+        # rearranged while still uint8 (a quarter of the bytes), then normalised in place: the
+        # same float ops on the same values as pixels-first, so bit-identical
+        x = x.reshape(N, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, C)
+        x = x.permute(0, 1, 4, 2, 5, 7, 3, 6).to(torch.float32)  # [N, gh/2, gw/2, 2, 2, C, 14, 14]
+        x.div_(255.0).sub_(mean).div_(std)
+        x = x[:, :, :, :, :, :, None].expand(*x.shape[:6], TEMPORAL, PATCH, PATCH)  # [..., C, 2, 14, 14]
+        x = x.reshape(N, gh * gw, PATCH_DIM)  # [N, P, C*2*14*14], a copy: contiguous
+        for k, i in enumerate(idx):
+            out[i] = (x[k], [1, gh, gw])
+    return out
 
 
 def num_image_tokens(width: int, height: int, max_pixels: int, min_pixels: int = MIN_PIXELS) -> int:
