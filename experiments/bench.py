@@ -26,7 +26,7 @@ from typing import Any
 
 from experiments.benchmarks import SUITES
 
-OPTIONS = ("device", "dtype", "backbone", "pattern", "config", "shapes", "gpus", "gpu_memory", "mfu", "gpu_tflops")
+OPTIONS = ("device", "dtype", "backbone", "pattern", "video_pattern", "config", "shapes", "gpus", "gpu_memory", "mfu", "gpu_tflops")
 """Dispatcher flags passed to a suite's `run` as keyword arguments, when given."""
 
 
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32")
     p.add_argument("--backbone", default=None, help="layer: helium (default), helium_preview or qwen2_5_vl widths")
     p.add_argument("--pattern", default=None, help="data: shard pattern to read (default: a temporary synthetic set)")
+    p.add_argument("--video-pattern", default=None, help="data: video shards to read at the video demo's settings "
+                   "(default: a few video demo clips converted to a temporary set)")
     p.add_argument("--config", action="append", default=None,
                    help="plan: run config(s), composed in order (e.g. a paper config, then trainer/fsdp2_h100.yaml)")
     p.add_argument("--shapes", default=None, help="plan: architecture JSON for checkpoints absent here "

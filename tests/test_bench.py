@@ -183,6 +183,12 @@ def test_data_quick(tmp_path):
     for cfg in data.CONFIGS:
         assert _positive(r[f"{cfg}_samples_per_s"])
         assert 0 < r[f"{cfg}_fill_text"] <= 1 and 0 <= r[f"{cfg}_fill_image"] <= 1
+    # the video demo's shards, made by the converters: read at the demo's settings, then trained on
+    (shards,) = r["video_shards"]
+    assert shards["skipped"] == 0 and shards["frames_per_row"] >= 20 and shards["samples_per_row"] >= 1
+    assert _positive(r["video_shards_rows_per_s"]) and _positive(r["video_shards_demo_steps_per_s"])
+    assert r["video_shards_x_consumption"] == pytest.approx(r["video_shards_rows_per_s"]
+                                                            / r["video_shards_demo_steps_per_s"], rel=0.01)
     _check_pngs(r, tmp_path)
 
 
