@@ -26,7 +26,8 @@ from typing import Any
 
 from experiments.benchmarks import SUITES
 
-OPTIONS = ("device", "dtype", "backbone", "pattern", "video_pattern", "config", "shapes", "gpus", "gpu_memory", "mfu", "gpu_tflops")
+OPTIONS = ("device", "dtype", "backbone", "pattern", "video_pattern", "config", "shapes", "gpus", "gpu_memory", "mfu",
+           "gpu_tflops")
 """Dispatcher flags passed to a suite's `run` as keyword arguments, when given."""
 
 

@@ -28,7 +28,8 @@ def read_all(summary) -> dict[str, dict[str, bytes]]:
 def frames_of(files: dict[str, bytes]) -> dict[str, Image.Image]:
     """{frame name: image} of a written video sample, read back through `unpack_frames`."""
     v = json.loads(files["json"])["video"]
-    return {r: Image.open(io.BytesIO(b)) for r, b in unpack_frames(v, {k.split(".")[0]: b for k, b in files.items()}).items()}
+    frames = unpack_frames(v, {k.split(".")[0]: b for k, b in files.items()})
+    return {r: Image.open(io.BytesIO(b)) for r, b in frames.items()}
 
 
 def save_image(path: Path, color=(200, 30, 30), fmt="JPEG") -> bytes:

@@ -23,7 +23,8 @@ live stream needs 1).
 Video shards (`video_shards`): the training reader on the video demo's shards (--video-pattern,
 else a few `data.video_demo` clips converted here) at the demo's caps (512 / 1024 tokens,
 56^2 frames, strict 2 fps), then the demo model's optimizer steps on rows it packed, in the
-same process: x_consumption = rows read per second / rows the demo trains per second.
+same process: x_consumption = rows read per second / rows the demo trains per second
+(reader on one thread as in a DataLoader worker, the steps at torch's thread count).
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ VIDEO_DEMO_CONFIG = "experiments/configs/demo.yaml"
 """The video demo's model and caps (video_demo.yaml layers data paths over it)."""
 VIDEO_DEMO_CAPS = dict(max_text_tokens=512, max_image_tokens=1024, max_pixels=112 * 112)
 VIDEO_DEMO_SAMPLING = dict(min_duration=0.0, frame_max_pixels=56 * 56)
-VIDEO_SHARDS = dict(clips=40, seconds=20.0, steps=30)
-QUICK_VIDEO_SHARDS = dict(clips=4, seconds=0.0, steps=2)
+VIDEO_SHARDS = dict(clips=40, seconds=20.0, steps=40, rounds=4)
+QUICK_VIDEO_SHARDS = dict(clips=4, seconds=0.0, steps=2, rounds=1)
 
 
 def video_demo_shards(tmp: Path, clips: int) -> str:
@@ -183,11 +184,11 @@ def video_demo_shards(tmp: Path, clips: int) -> str:
     return str(d / "shards" / "train-*.tar")
 
 
-def demo_step_rate(batches: list, steps: int) -> float:
-    """Optimizer steps/s of the video demo's model (demo.yaml's tiny CASA⊕, Adam, the demo's
-    learning rates) on packed rows already in memory, one row per step as the demo trains.
+def demo_trainer():
+    """-> step(batch): one optimizer step of the video demo's model (demo.yaml's tiny CASA⊕,
+    Adam at the demo's learning rates) on a packed row, as the demo trains (one row a step).
     Lightning's per-step work (logging, callbacks) comes on top in a real run, so the real
-    demo consumes rows more slowly than this: the ratio it gives errs on the low side."""
+    demo consumes rows more slowly than these steps: the ratio they give errs on the low side."""
     import torch
 
     from casa.rebuild import build_model
@@ -202,19 +203,18 @@ def demo_step_rate(batches: list, steps: int) -> float:
         model(batch).loss.backward()
         opt.step()
 
-    step(batches[0])  # first-call allocations, not the steady state
-    start = time.perf_counter()
-    for i in range(steps):
-        step(batches[(i + 1) % len(batches)])
-    return steps / (time.perf_counter() - start)
+    return step
 
 
 def video_shards(quick: bool, tmp: Path, pattern: str | None = None) -> dict[str, Any]:
     """The training reader on the video demo's shards (`pattern`, else a small set made here)
-    at the demo's caps and sampling, then the demo model's step rate on rows it packed, back
-    to back in this process (the same load): x_consumption = rows read per second / rows
-    trained per second (the target is >= 5, as the image path)."""
-    from data.bench import run as bench
+    at the demo's caps and sampling, and the demo model's steps on rows it packed, in
+    alternating rounds in this process so that both see the same load: x_consumption = rows
+    read per second / rows trained per second (the target is >= 5, as the image path). The
+    reader runs on one thread, as a DataLoader worker does (PyTorch sets 1 there); the steps
+    at torch's thread count (--threads). Reading time includes filling the packing buffer."""
+    import torch
+
     from data.bench import training_stream
     from data.dataset import VideoOptions
 
@@ -222,15 +222,34 @@ def video_shards(quick: bool, tmp: Path, pattern: str | None = None) -> dict[str
     made = pattern is None
     if made:
         pattern = video_demo_shards(tmp, cfg["clips"])
-    video = VideoOptions(**VIDEO_DEMO_SAMPLING)
-    r = bench(pattern, seconds=cfg["seconds"], max_batches=None if cfg["seconds"] else 2, video=video,
-              **VIDEO_DEMO_CAPS)
-    stream = training_stream(pattern, video=video, **VIDEO_DEMO_CAPS).batches()
-    batches = [next(stream) for _ in range(min(cfg["steps"], 8) + 1)]
-    steps_per_s = demo_step_rate(batches, cfg["steps"])
+    stream = training_stream(pattern, video=VideoOptions(**VIDEO_DEMO_SAMPLING), **VIDEO_DEMO_CAPS)
+    reader, step, threads = stream.batches(), demo_trainer(), torch.get_num_threads()
+    rows = samples = frames = steps = 0
+    read_s = step_s = 0.0
+    kept: list = []  # the rows the steps train on
+    for r in range(cfg["rounds"]):
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        while True:
+            batch = next(reader)
+            rows, samples, frames = rows + 1, samples + batch.num_samples, frames + batch.num_images
+            if len(kept) < 8:
+                kept.append(batch)
+            if rows >= 2 * (r + 1) and time.perf_counter() - start >= cfg["seconds"] / cfg["rounds"]:
+                break
+        read_s += time.perf_counter() - start
+        torch.set_num_threads(threads)
+        if r == 0:
+            step(kept[0])  # first-call allocations, not the steady state
+        start = time.perf_counter()
+        for _ in range(cfg["steps"] // cfg["rounds"]):
+            step(kept[steps % len(kept)])
+            steps += 1
+        step_s += time.perf_counter() - start
+    rows_per_s, steps_per_s = rows / read_s, steps / step_s
     return {"pattern": f"{cfg['clips']} video demo clips (temporary)" if made else pattern,
-            "rows": r["batches"], "samples_per_row": round(r["samples"] / max(r["batches"], 1), 2),
-            "frames_per_row": round(r["images_per_s"] / max(r["batches_per_s"], 1e-9), 1),
-            "rows_per_s": r["batches_per_s"], "frames_per_s": r["images_per_s"], "read_s": r["seconds"],
-            "demo_steps": cfg["steps"], "demo_steps_per_s": round(steps_per_s, 3),
-            "x_consumption": round(r["batches_per_s"] / steps_per_s, 2), "skipped": sum(r["skipped"].values())}
+            "rows": rows, "samples_per_row": round(samples / rows, 2), "frames_per_row": round(frames / rows, 1),
+            "rows_per_s": round(rows_per_s, 3), "frames_per_s": round(frames / read_s, 1), "read_s": round(read_s, 2),
+            "demo_steps": steps, "demo_steps_per_s": round(steps_per_s, 3), "step_s": round(step_s, 2),
+            "x_consumption": round(rows_per_s / steps_per_s, 2),
+            "skipped": sum(v for k, v in stream.stats().items() if k not in ("samples_read", "samples_kept", "epochs"))}
