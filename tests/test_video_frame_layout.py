@@ -19,17 +19,21 @@ from tests.data_fixtures import jpeg_bytes, write
 
 
 # ---------------------------------------------------------------------------------- patchify
-def test_patchify_many_equals_patchify_image_by_image():
+@pytest.mark.parametrize("batch_pixels", [1 << 18, 2 * 56 * 56])  # one batch of the 56² frames, or pairs
+def test_patchify_many_equals_patchify_image_by_image(batch_pixels, monkeypatch):
     """Same-size frames go through one tensor op, other sizes through their own: every
     output equals patchify of that image alone, bit for bit, in input order."""
+    import casa.processing.image as image_module
+
     rng = np.random.default_rng(0)
-    sizes = [(56, 56), (100, 70), (56, 56), (30, 200), (56, 56), (448, 300)]
+    sizes = [(56, 56), (100, 70), (56, 56), (30, 200), (56, 56), (448, 300), (56, 56), (56, 56)]
     imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
     imgs.append(Image.fromarray(rng.integers(0, 256, (60, 60), dtype=np.uint8), mode="L"))  # converted to RGB
+    alone = [patchify(img, 112 * 112) for img in imgs]
+    monkeypatch.setattr(image_module, "BATCH_PIXELS", batch_pixels)
     out = patchify_many(imgs, 112 * 112)
     assert len(out) == len(imgs)
-    for img, (pv, grid) in zip(imgs, out):
-        one, one_grid = patchify(img, 112 * 112)
+    for (pv, grid), (one, one_grid) in zip(out, alone):
         assert grid == one_grid and pv.shape == one.shape and torch.equal(pv, one) and pv.is_contiguous()
 
 
