@@ -8,6 +8,8 @@ llava   LLaVA-style JSON: [{"id", "image": "rel/path.jpg" (or a list, or absent 
         "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}].
         Each `<image>` tag marks where its image goes (the n-th tag takes the n-th image); an
         image without any tag goes first in the first human turn, as LLaVA does.
+        Optional "answers" (every accepted answer of the last turn, e.g. TextVQA's 10) and
+        "choices" (multiple-choice options) are kept for scoring (`data.format`).
 frames  one folder per video holding extracted frames (VIDEO/000001.jpg ...) and an
         optional VIDEO/meta.json {"fps": 2, "qa": [{"question": ..., "answer": ...}]} ->
         "qa" video samples: the video, then the QA pairs as turns.
@@ -39,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from data.format import ShardWriter, image, make_sample, text
+from data.format import ShardWriter, check_answers, image, make_sample, text
 
 IMAGE_TAG = "<image>"
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -150,7 +152,13 @@ def llava_sample(index: int, record: dict, image_root: Path, task: str, group: s
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant" or not any(c["type"] == "text" for c in messages[-1]["content"]):
         raise Skip("no_answer", str(record.get("id")))
-    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index))}
+    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index)),
+            # the last answer's accepted answers / options, kept for the official metrics (data.format)
+            **{k: record[k] for k in ("answers", "choices") if record.get(k) is not None}}
+    try:
+        check_answers(conv)
+    except ValueError as e:
+        raise Skip("bad_answers", f"{record.get('id')}: {e}") from None
     return make_sample(safe_key(index, record.get("id", "")), conv, files)
 
 

@@ -36,7 +36,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls")
+METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls", "vqa_accuracy", "choice_accuracy")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,8 +122,8 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
         loss_sum, answer_tokens = loss_sum + batch_loss, answer_tokens + n
         preds = assistant.answer_batch(batch, cfg)
         refs = [m["answer"] for m in batch.meta]
-        tasks.update([m["task"] for m in batch.meta], preds, refs)
-        groups.update([m["group"] for m in batch.meta], preds, refs)
+        tasks.update_samples("task", preds, batch.meta)  # all accepted answers, options (casa.train.metrics)
+        groups.update_samples("group", preds, batch.meta)
         answers += [{"key": m.get("key"), "task": m["task"], "group": m["group"], "prediction": p, "reference": r}
                     for m, p, r in zip(batch.meta, preds, refs)]
         progress.advance(job, len(chunk))
@@ -187,7 +187,7 @@ def print_table(results: dict, title: str) -> None:
     for kind in ("groups", "tasks"):
         for key in sorted(results[kind]):
             vals = results[kind][key]
-            table.add_row(f"{kind[:-1]}:{key}", *(f"{100 * vals.get(n, float('nan')):.1f}" for n in METRIC_NAMES))
+            table.add_row(f"{kind[:-1]}:{key}", *(f"{100 * vals[n]:.1f}" if n in vals else "-" for n in METRIC_NAMES))
     console = Console()
     console.print(table)
     if "loss" in results:

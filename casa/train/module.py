@@ -209,9 +209,9 @@ class CasaModule(L.LightningModule):
             return
         stop = set(self._stop_ids())
         preds = [tok.decode([t for t in g if t not in stop], skip_special_tokens=True) for g in gen]
+        self.task_metrics.update_samples("task", preds, batch.meta)  # all accepted answers, options
+        self.group_metrics.update_samples("group", preds, batch.meta)
         refs = [m["answer"] for m in batch.meta]
-        self.task_metrics.update([m.get("task", "all") for m in batch.meta], preds, refs)
-        self.group_metrics.update([m.get("group", "all") for m in batch.meta], preds, refs)
         self._val_answers += [{"key": m.get("key"), "task": m.get("task", "all"), "group": m.get("group", "all"),
                                "prediction": p, "reference": r} for m, p, r in zip(batch.meta, preds, refs)]
 
