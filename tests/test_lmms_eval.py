@@ -132,6 +132,14 @@ def _our_evaluation(run, predictions: Path) -> dict:
     return json.loads(buf.getvalue())
 
 
+def _request(kind: str, args: tuple, idx: int = 0):
+    """An lmms-eval request as its evaluator builds them (args: context, continuation or
+    generation kwargs, doc_to_visual, doc_id, task, split)."""
+    from lmms_eval.api.instance import Instance
+
+    return Instance(kind, args, idx, metadata={"task": args[4], "doc_id": args[3], "repeats": 1})
+
+
 def test_lmms_eval_scores_equal_experiments_evaluate(run, tmp_path):
     """The same samples through lmms-eval's evaluator and through `experiments.evaluate`: the
     same answers, sample by sample, and the same per-task scores. Metric definitions:
@@ -162,7 +170,6 @@ def test_lmms_eval_scores_equal_experiments_evaluate(run, tmp_path):
 def test_loglikelihood_ranks_like_our_choice_scoring(run):
     """lmms-eval's loglikelihood requests for one document (one per option, batched) return
     -log p of each option as the answer, equal to `experiments.evaluate.choice_logprobs`."""
-    from lmms_eval.api.instance import Instance
     import webdataset as wds
 
     from experiments.evaluate import choice_logprobs
@@ -172,7 +179,7 @@ def test_loglikelihood_ranks_like_our_choice_scoring(run):
     model = Casa(pretrained=str(run["ckpt"]), batch_size=3)
     doc = json.loads((run["tasks"] / "casa_synth_choice.jsonl").read_text().splitlines()[0])
     model.task_dict = {"t": {"test": [doc]}}
-    reqs = [Instance("loglikelihood", {}, (doc["question"], c, doc_to_visual, 0, "t", "test"), idx=i)
+    reqs = [_request("loglikelihood", (doc["question"], c, doc_to_visual, 0, "t", "test"), i)
             for i, c in enumerate(doc["choices"])]
     got = [r.text for r in model.loglikelihood(reqs)]  # GenerationResult: lmms-eval passes .text through
     raw = next(r for r in wds.WebDataset(sorted(map(str, run["shards"].glob("*.tar"))), shardshuffle=False)
@@ -187,7 +194,6 @@ def test_generate_until_multi_image_video_file_and_stop_strings(run, tmp_path):
     lays them out), an mp4 file (decoded with PyAV); `until` cuts the answer."""
     import av
     import numpy as np
-    from lmms_eval.api.instance import Instance
     from PIL import Image
 
     from experiments.lmms_eval_casa import Casa, conversation, decode_video
@@ -210,19 +216,19 @@ def test_generate_until_multi_image_video_file_and_stop_strings(run, tmp_path):
     model.task_dict = {"t": {"test": docs}}
     visual = lambda doc: doc["v"]  # noqa: E731
     greedy = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
-    reqs = [Instance("generate_until", {}, ("Which colours?", greedy, visual, 0, "t", "test"), idx=0),
-            Instance("generate_until", {}, ("Which way?", greedy, visual, 1, "t", "test"), idx=0),
-            Instance("generate_until", {}, ("Which colours?", {**greedy, "until": ["zzz"]}, visual, 0, "t", "test"), idx=0)]
+    reqs = [_request("generate_until", ("Which colours?", greedy, visual, 0, "t", "test")),
+            _request("generate_until", ("Which way?", greedy, visual, 1, "t", "test")),
+            _request("generate_until", ("Which colours?", {**greedy, "until": ["\x00"]}, visual, 0, "t", "test"))]
     out = model.generate_until(reqs)
     cfg = model.assistant.generation_config(max_new_tokens=6)
     assert out[0] == model.assistant.chat("Which colours?", images=[a, b], config=cfg)
     assert out[2] == out[0]  # another generation config (its own batch), no stop string in the answer
-    assert isinstance(out[1], str)
-    first = out[0][:2] if len(out[0]) >= 2 else None
-    if first:  # a stop string cuts the answer where it first occurs
-        from experiments.lmms_eval_casa import cut_at_stop
-
-        assert cut_at_stop(out[0], [first[1:]]) == first[:1]
+    assert isinstance(out[1], str) and out[1] == model.generate_until(reqs[1:2])[0]  # batched = alone
+    assert len(out[0]) >= 2, out[0]
+    stop = out[0][-2:]  # cut where it first occurs
+    (cut,) = model.generate_until([_request("generate_until", ("Which colours?", {**greedy, "until": [stop]}, visual, 0,
+                                                                "t", "test"))])
+    assert cut == out[0][:out[0].index(stop)]
     conv, files = conversation("q", [a, b], ".", 2.0)
     assert [c["type"] for c in conv["messages"][0]["content"]] == ["image", "image", "text"] and len(files) == 2
     with pytest.raises(ValueError, match="cannot use a visual"):
