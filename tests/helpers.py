@@ -30,3 +30,27 @@ def tiny_module(fusion=None, **kw) -> CasaModule:
     args = dict(warmup_steps=1, val_max_new_tokens=4, val_max_samples=8)
     args.update(kw)
     return CasaModule(model, **args)
+
+
+def train_two_steps(root: Path, synth: Path) -> Path:
+    """A tiny CASA⊕ run of two steps (the demo config with tests/configs/tiny.yaml) on `synth`
+    -> its last checkpoint, ROOT/run/checkpoints/last.ckpt."""
+    import json
+    import sys
+
+    from experiments.fit import main
+
+    repo = Path(__file__).resolve().parents[1]
+    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    argv = sys.argv
+    sys.argv = ["experiments.fit"]  # LightningCLI(args=...) must not see pytest's argv
+    try:
+        main(["--config", str(repo / "experiments" / "configs" / "demo.yaml"),
+              "--config", str(repo / "tests" / "configs" / "tiny.yaml"), "--run_dir", str(root / "run"),
+              "--trainer.max_steps", "2", "--synth", "null", "--data.init_args.train", str(synth),
+              "--data.init_args.val", str(synth), "--model.val_generate", "false", "--trainer.limit_val_batches", "0",
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false", "--trainer.callbacks", json.dumps(only_ckpt)])
+    finally:
+        sys.argv = argv
+    return root / "run" / "checkpoints" / "last.ckpt"

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import tiny_synth
+from tests.helpers import tiny_synth, train_two_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
@@ -29,22 +29,9 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """-> {"synth", "casa", "insertion", "no_config", "root"}: the data and checkpoint paths."""
-    from experiments.fit import main
-
     root = tmp_path_factory.mktemp("inference")
     synth = tiny_synth(root)
-    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
-    argv = sys.argv
-    sys.argv = ["experiments.fit"]  # LightningCLI(args=...) must not see pytest's argv
-    try:
-        main(["--config", str(DEMO), "--config", str(TINY), "--run_dir", str(root / "run"), "--trainer.max_steps", "2",
-              "--synth", "null", "--data.init_args.train", str(synth), "--data.init_args.val", str(synth),
-              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.callbacks", json.dumps(only_ckpt)])
-    finally:
-        sys.argv = argv
-    casa = root / "run" / "checkpoints" / "last.ckpt"
+    casa = train_two_steps(root, synth)
     ckpt = torch.load(casa, map_location="cpu", weights_only=False)
     # insertion: the same run config with another fusion strategy, weights of a fresh build
     from casa.rebuild import build_model
@@ -248,7 +235,7 @@ def test_evaluate_json(run, capsys, monkeypatch):
     assert {"color", "shape", "count", "video_direction", "live_caption"} <= set(out["tasks"])
     assert "live_caption_stream" in out["tasks"] and {"coarse", "video"} == set(out["groups"])
     for values in [*out["tasks"].values(), *out["groups"].values()]:
-        assert set(values) == {"exact_match", "relaxed_accuracy", "anls"}
+        assert set(values) == {"exact_match", "relaxed_accuracy", "anls", "vqa_accuracy"}  # no options: no choice metrics
         assert all(0.0 <= v <= 1.0 for v in values.values())
     seen = []  # --mask reaches the CASA layers and generation runs uncached
     answer_batch = Assistant.answer_batch

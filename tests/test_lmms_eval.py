@@ -20,36 +20,23 @@ import pytest
 pytestmark = pytest.mark.eval
 pytest.importorskip("lmms_eval", reason="the eval lane (`make test-eval`) installs lmms-eval")
 
-from tests.helpers import tiny_synth  # noqa: E402
+from tests.helpers import tiny_synth, train_two_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 LMMS_TASKS = ("casa_synth_image", "casa_synth_video", "casa_synth_choice")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """-> {"ckpt", "tasks", "shards", "root"}: a two-step checkpoint and the local tasks."""
-    from experiments.fit import main
     from experiments.lmms_tasks.build import build
 
     root = tmp_path_factory.mktemp("lmms")
     synth = tiny_synth(root)
-    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
-    argv = sys.argv
-    sys.argv = ["experiments.fit"]
-    try:
-        main(["--config", str(DEMO), "--config", str(TINY), "--run_dir", str(root / "run"), "--trainer.max_steps", "2",
-              "--synth", "null", "--data.init_args.train", str(synth), "--data.init_args.val", str(synth),
-              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.callbacks", json.dumps(only_ckpt)])
-    finally:
-        sys.argv = argv
+    ckpt = train_two_steps(root, synth)
     counts = build(synth, root / "lmms", "test")
     assert all(counts[t] >= 3 for t in LMMS_TASKS), counts
-    out = {"root": root, "ckpt": root / "run" / "checkpoints" / "last.ckpt", "tasks": root / "lmms" / "tasks",
+    out = {"root": root, "ckpt": ckpt, "tasks": root / "lmms" / "tasks",
            "shards": root / "lmms" / "shards"}
     _plant_answers(out)
     return out
