@@ -251,9 +251,9 @@ class CasaModule(L.LightningModule):
         meta = [m for m, keep in zip(batch.meta, scoring) if keep]
         preds = [tok.decode([t for t in g if t not in stop], skip_special_tokens=True)
                  for g, keep in zip(gen, scoring) if keep]
+        self.task_metrics.update_samples("task", preds, meta)  # all accepted answers, options
+        self.group_metrics.update_samples("group", preds, meta)
         refs = [m["answer"] for m in meta]
-        self.task_metrics.update([m.get("task", "all") for m in meta], preds, refs)
-        self.group_metrics.update([m.get("group", "all") for m in meta], preds, refs)
         self._val_answers += [{"key": m.get("key"), "task": m.get("task", "all"), "group": m.get("group", "all"),
                                "prediction": p, "reference": r} for m, p, r in zip(meta, preds, refs)]
 
