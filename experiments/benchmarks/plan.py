@@ -2,6 +2,8 @@
 
     python -m experiments.bench plan --config CONFIG [--config TRAINER] [--shapes SHAPES.json]
                                      [--gpus 8] [--gpu-memory 80GB] [--json]
+                                     [--max-text-tokens T] [--max-image-tokens N] [--max-pixels P]
+                                     [--search 3] [--frames F] [--steps S] [--mfu 0.4] [--gpu-tflops 989]
 
 The model is built from the configs (`casa.rebuild.build_model`, as training builds it) with
 every tensor a FakeTensor: shapes and dtypes, no storage, so a 2B model costs no memory.
@@ -13,18 +15,17 @@ The batch is the config's worst packed row: the data config's full `max_text_tok
 `max_image_tokens`, as images of `max_pixels` (the biggest the processor makes), all in one
 window with all the text after them (the largest window a CASA / cross-attention layer sees).
 
-One training step (forward, backward, Adam step, gradients dropped) is traced twice under
-`torch.distributed._tools.mem_tracker.MemTracker`; the second (steady-state: optimiser state
-exists) gives the peak, split by MemTracker's categories (parameters, gradients, optimiser
-state, activations, temporaries) and by module group (vision tower, fused blocks, SA blocks,
-head). The numbers come from the real model code: the tracker sees every tensor it creates.
-
-Data-dependent host reads (`.tolist()`, boolean masks) cannot run on fake tensors: `RealIndices`
-runs every op whose inputs are all real (the batch's small index tensors) for real, so index
-bookkeeping stays real while everything that touches a parameter is fake.
-
-Not modelled yet (see docs/benchmarks.md "plan"): FSDP2 sharding (FSDPMemTracker with a fake
-process group), so `--gpus` divides nothing; the CLI says so in its output.
+The step is the run's (`RunSettings`): under `ModelParallelStrategy` the model is sharded as
+`CasaModule.configure_model` shards it (`casa.train.module.shard_model`, FSDP2 with the
+config's `fsdp_param_dtype`) over a fake process group of `--gpus` ranks and traced under
+`FSDPMemTracker`; otherwise unsharded under `MemTracker`. Activation checkpointing as
+configured; with `accumulate_grad_batches` > 1 two micro-batches (the first without gradient
+sync). The peak is split into the trackers' categories (parameters, gradients, optimiser
+state, activations, temporaries, FSDP's all-gather / reduce-scatter buffers) and by module
+group (vision tower, fused blocks, SA blocks, head). See `tracing` for how the real model code
+runs on fake tensors. When the peak exceeds `--gpu-memory`, `largest_fitting_caps` traces
+smaller caps; `--frames` adds cached-generation memory per frame (`stream_memory`); the
+throughput estimate is `casa.flops`' count of the same batch at `--mfu`.
 """
 
 from __future__ import annotations
