@@ -227,6 +227,21 @@ def throughput(flops: int, tokens: int, mfu: float, gpu_tflops: float) -> dict[s
             "tokens_per_s_per_gpu": float(f"{tokens / seconds:.4g}")}
 
 
+def isolated(fn, *args):
+    """fn(*args) in a fresh process: a second fake model built in a process that has traced
+    one (FSDP2, fake process group) aborted with heap corruption ("corrupted double-linked
+    list") at 2B; one trace per process does not share any fake state."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _total(configs: list, shapes, gpus: int | None) -> int:
+    return predict(configs, shapes, gpus=gpus)["total"]
+
+
 def largest_fitting_caps(configs: list, shapes, gpus: int | None, budget: int, first: dict,
                          probes: int = 3, tolerance: float = 0.03) -> dict[str, Any] | None:
     """When the config's caps do not fit: the largest text and image caps that do, both scaled
@@ -249,7 +264,7 @@ def largest_fitting_caps(configs: list, shapes, gpus: int | None, budget: int, f
             scale = lo[0] + (hi[0] - lo[0]) * (budget - lo[1]) / (hi[1] - lo[1])
         scale *= 0.98  # aim just under the budget: a miss costs a probe
         text, image = max(1, int(data.max_text_tokens * scale)), max(1, int(data.max_image_tokens * scale))
-        total = predict([*configs, caps_override(text, image)], shapes, gpus=gpus)["total"]
+        total = isolated(_total, [*configs, caps_override(text, image)], shapes, gpus)
         points.append((scale, total))
         tried.append({"scale": round(scale, 3), "max_text_tokens": text, "max_image_tokens": image,
                       "peak_GiB": round(total / GiB, 2), "fits": total <= budget})
@@ -352,5 +367,5 @@ def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str 
     if total > budget and search > 0:
         out["largest_fitting_caps"] = largest_fitting_caps(configs, shapes, gpus, budget, p, probes=search)
     if frames:
-        out["stream"] = stream_memory(configs, shapes, frames)
+        out["stream"] = isolated(stream_memory, configs, shapes, frames)
     return out
