@@ -17,7 +17,8 @@ def test_casa_kv_layout_matches_a_naive_loop():
     for w in range(4):
         expected += list(range(cu_i[w], cu_i[w + 1]))  # image keys of the window (source 0..N-1)
         expected += [N + p for p in range(cu_t[w], cu_t[w + 1])]  # then its text (source N..N+T-1)
-    rows_img, rows_txt = casa_kv_rows(cu_t, cu_i)
+    cu_k, (rows_img, rows_txt, K) = casa_kv_rows(cu_t, cu_i)
+    assert K == N + T and cu_k.tolist() == [0, 2, 9, 13, 17]
     placed = torch.empty(N + T, dtype=torch.long)
     placed[torch.cat([rows_img, rows_txt])] = torch.arange(N + T)
     assert placed.tolist() == expected
@@ -33,6 +34,42 @@ def test_casa_kv_layout_matches_a_naive_loop():
     g = torch.randn_like(out)
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (img, txt), g),
                                                  torch.autograd.grad(ref, (img, txt), g)))
+
+
+def test_eq3_indicator_gives_a_window_without_image_no_key():
+    """Paper eq. 3's 1[i > K] (CASA⊕/→): the text before a sample's first image has no key, so
+    its queries get no update. The other windows' keys are those without the indicator.
+
+        windows:  (t t | -)  (t t t | I I I I)  (t | -)  (t | I I)      [sample 0 | sample 1]
+        keys:     (none)     I I I I t t t      (none)   I I t
+    """
+    cu_t = torch.tensor([0, 2, 5, 6, 7], dtype=torch.int32)
+    cu_i = torch.tensor([0, 0, 4, 4, 6], dtype=torch.int32)
+    N, T = 6, 7
+    cu_k, (rows_img, rows_txt, K) = casa_kv_rows(cu_t, cu_i, indicator=True)
+    assert cu_k.tolist() == [0, 0, 7, 7, 10] and K == 10
+    expected = list(range(0, 4)) + [N + p for p in (2, 3, 4)] + [4, 5] + [N + 6]  # sources of keys 0..K-1
+    assert rows_txt.tolist() == [K, K, 4, 5, 6, K, 9]  # K: no key
+    index = build_window_index("casa", cu_t, cu_i, torch.zeros(N, 4), torch.zeros(N, 4), indicator=True)
+    assert index.cu_k.tolist() == [0, 0, 7, 7, 10]
+    img = torch.randn(N, 2, 3, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
+    out = window_layout(img, txt, index)
+    ref = torch.cat([img, txt])[torch.tensor(expected)]
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (img, txt), g), torch.autograd.grad(ref, (img, txt), g)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not got[1][[0, 1, 5]].any()  # a text token that is no key gets no gradient through the keys
+    # no image anywhere: no key at all
+    none = build_window_index("casa", cu_t[:2], cu_i[:2] * 0, torch.zeros(0, 4), torch.zeros(0, 4), indicator=True)
+    empty = window_layout(torch.zeros(0, 2, 3, dtype=torch.float64), txt[:2], none)
+    assert empty.shape == (0, 2, 3) and none.cu_k.tolist() == [0, 0]
+    # Table 8 masks never point at a key of another window
+    for mode in ("self", "rnd", "rnd_txt"):
+        masked = table8_masked_key(index, mode, torch.Generator().manual_seed(0)).tolist()
+        assert [masked[p] for p in (0, 1, 5)] == [-1, -1, -1]
+    assert table8_masked_key(index, "self").tolist() == [-1, -1, 4, 5, 6, -1, 9]
 
 
 def test_table8_masks():

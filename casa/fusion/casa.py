@@ -81,6 +81,9 @@ class CASA(WindowedFusion):
         if inference_mask is not None and inference_mask not in INFERENCE_MASKS:
             raise ValueError(f"CASA.inference_mask={inference_mask!r} is not one of {list(INFERENCE_MASKS)} or null")
         self.mode = mode
+        # paper eq. 3's 1[i > K]: text before a sample's first image gets no CASA⊕/→ update;
+        # CASA∨'s layers are the SA of those blocks, so its text-only windows keep windowed SA
+        self.indicator = mode != "replace"
         self.placement = placement
         self.form = FORM_OF_MODE[mode]
         self.which_blocks = placement
