@@ -159,6 +159,7 @@ def build_window_index(kind: str, window_cu_text: torch.Tensor, window_cu_image:
                                             indicator)
         return WindowIndex(kind, window_cu_text, torch.tensor(cu_k, dtype=torch.int32, device=dev), causal, None,
                            image_cos, image_sin, torch.tensor(cu_vis, dtype=torch.int32, device=dev), max_q=max_q,
+                           max_k=max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0),
                            own_cu_image=window_cu_image, kv_gather=torch.tensor(rows, dtype=torch.long, device=dev),
                            indicator=indicator, visible_windows=visible_windows)
     if kind == "casa":
@@ -293,7 +294,7 @@ class WindowedFusion(FusionStrategy):
             index = build_window_index(self.kind, cu_t, cu_i, icos, isin, None, indicator=self.indicator,
                                        visible=self.visible(batch.sample_cu_seqlens, cu_t),
                                        visible_windows=self.visible_windows)
-            index.max_q = None if lens is None else lens.window_text
+            index.max_q = None if lens is None else lens.window_text  # max_k: the layout's, on the host
         if cu_i is not batch.window_cu_seqlens_image and self.own_windows_only:
             # not the batch's windows: a bound from the fixed-size compression, if there is one
             bound = self.compressed_bound(batch.num_images)
