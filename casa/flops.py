@@ -57,6 +57,8 @@ class VisionDims:
 class QFormerDims:
     num_queries: int
     depth: int
+    form: str = "blip2"
+    """`casa.fusion.qformer.QFormer.form`: "joint" (one transformer over [image | queries]) or "blip2"."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class ModelDims:
             vocab=backbone.lm_head.out_features, backbone_trainable=trains(backbone.layers[0].mlp),
             blocks=tuple(b.attention.form for b in backbone.layers), fusion_kind=kind,
             image_ffn_updates=tuple(b.image_ffn_updates for b in backbone.layers),
-            qformer=QFormerDims(fusion.num_queries, fusion.depth) if isinstance(fusion, QFormer) else None,
+            qformer=QFormerDims(fusion.num_queries, fusion.depth, fusion.form) if isinstance(fusion, QFormer) else None,
             perceiver=(PerceiverDims(fusion.num_latents, fusion.depth)
                        if isinstance(fusion, PerceiverCrossAttention) else None),
             indicator=bool(getattr(fusion, "indicator", False)),
@@ -234,6 +236,14 @@ def _qformer(c: FlopCount, m: ModelDims, layout: BatchLayout, image: bool) -> No
     d, Q = m.d, m.qformer.num_queries
     tokens = image_token_count(layout.images, m.vision.merge)
     L, N = Q * len(tokens), sum(tokens)
+    if m.qformer.form == "joint":  # every row of [image_i | queries] through the block: the queries train
+        for _ in range(m.qformer.depth):
+            c.matmul(N + L, d, 3 * d, True, True)
+            c.attention(sum((n + Q) ** 2 for n in tokens), d, True, True, True)
+            c.matmul(N + L, d, d, True, True)
+            c.matmul(N + L, d, 4 * d, True, True)
+            c.matmul(N + L, 4 * d, d, True, True)
+        return
     for _ in range(m.qformer.depth):
         c.matmul(L, d, 3 * d, True, True)
         c.attention(Q * Q * len(tokens), d, True, True, True)
