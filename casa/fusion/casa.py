@@ -43,10 +43,12 @@ PLACEMENTS = ("every_k", "first_k", "first_last_k")
 
 
 def fused_block_indices(placement: str, k: int, num_layers: int) -> list[int]:
-    """Which blocks a placement fuses (pure; tested on its own)."""
+    """Which blocks a placement fuses (pure; tested on its own). every_k: blocks 0, k, 2k, ...
+    (the paper's "every 4th" CASA∨ layer, §4.2, is k = 4: blocks 0, 4, ..., 24 of Helium's 28;
+    a k past the depth fuses block 0 only, so a 28-layer config runs on a 2-layer smoke model)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"CASA.placement={placement!r} is not one of {list(PLACEMENTS)}")
-    if not 1 <= k <= num_layers:
+    if not 1 <= k <= (num_layers if placement != "every_k" else max(k, 1)):
         raise ValueError(f"CASA.k={k!r} must be between 1 and the number of layers ({num_layers})")
     if placement == "every_k":
         return list(range(0, num_layers, k))
