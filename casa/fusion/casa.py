@@ -18,6 +18,12 @@ strategy, where a fusion layer sits in a block is the block's `form` (`casa.bloc
 "parallel", "before", "replace"; CASA⊕'s "plus" is the form "parallel") and which blocks
 are fused is `which_blocks` (CASA's `placement`; `CrossAttention.placement` is a form).
 
+Eq. 3's indicator 1[i > K]: in CASA⊕ and CASA→ the text of a sample before its first image
+gets no update (its window has no key, `casa.fusion.windows`), so on text alone the model is
+its backbone exactly; CASA∨'s layers *are* those blocks' SA, so there the text-only window
+keeps windowed self-attention. Which images a window sees is `visible_windows` (the window
+rule's one hook; `casa.fusion.casa_previous` overrides it).
+
 `inference_mask` applies the paper's Table 8 masks (self, rnd, rnd_txt) in every CASA layer
 when the model is in eval mode; training is never masked.
 """
