@@ -44,6 +44,7 @@ from casa.processing.image import ORIGINAL_SIZE, ImageError, decode_image, patch
 from casa.processing.sample import Sample, build_sample_row
 from casa.processing.template import CAPTION_PROMPT, ChatTemplate
 from casa.processing.tokenizer import resolve_tokenizer
+from casa.processing.video import Frame, VideoError, read_video
 from casa.rebuild import HALF, DataSettings, build_model, read_checkpoint, resolve_precision
 
 ImageLike = Image.Image | str | Path | bytes
@@ -57,14 +58,18 @@ class InputError(ValueError):
 def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = (),
          precision: str = "run") -> "Assistant":
     """Rebuild model + tokenizer + chat template from a checkpoint written by `experiments.fit`
-    (`config_files`: the run's YAML configs, for a checkpoint without `casa_config`).
+    (a file or FSDP2's directory; `config_files`: the run's YAML configs, for a checkpoint
+    without `casa_config`), or from a Hugging Face export directory (`experiments.export`).
 
     precision: one of `PRECISIONS`; "run" (default) is the precision the run validated in
     (`run_precision`), so evaluating a checkpoint reproduces the metrics its validation logged."""
+    from casa.hf.export import is_export_dir
+
+    if is_export_dir(ckpt_path):
+        return _load_export(ckpt_path, device, precision)
     ckpt, config = read_checkpoint(ckpt_path, config_files)
     try:
-        # the run's own YAMLs when given: composed by the CLI's rules, not re-merged by hand
-        model = build_model(list(config_files) or config)
+        model = build_model(config)  # parsed (and composed) by the fit CLI's parser
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot rebuild the model from its run config ({type(e).__name__}: {e})") from None
     weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -79,6 +84,28 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
     except Exception as e:
         raise CheckpointError(f"{ckpt_path}: cannot build tokenizer {settings.tokenizer!r} / template "
                               f"{settings.template!r} ({type(e).__name__}: {e})") from None
+    return _assistant(model, tokenizer, template, settings, config, int(ckpt.get("global_step", 0)), precision, device)
+
+
+def _load_export(path: str | Path, device, precision: str) -> "Assistant":
+    """A Hugging Face export directory (`casa.hf`) -> Assistant: the model from its weights and
+    config.json, the tokenizer saved beside them, pixel limits from its image processor."""
+    from casa.hf.export import read_export
+
+    try:
+        model, tokenizer, hf_config, (min_pixels, max_pixels) = read_export(path)
+        template = ChatTemplate(hf_config.template, tokenizer)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load this Hugging Face export ({type(e).__name__}: {e})") from None
+    fields = {k: v for k, v in hf_config.inference.items() if k in DataSettings.__dataclass_fields__}
+    settings = DataSettings(**{**fields, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    # the run config's parts that inference reads (run_precision takes a trainer precision as is)
+    config = {"model": {"model": hf_config.model_spec}, "trainer": {"precision": hf_config.run_precision}}
+    return _assistant(model, tokenizer, template, settings, config, 0, precision, device)
+
+
+def _assistant(model, tokenizer, template, settings, config: dict, step: int, precision: str, device) -> "Assistant":
+    """The loaded parts -> Assistant, on `device`, in `precision` (resolved against the run's)."""
     precision = resolve_precision(precision, config, model, device)
     model = model.to(device).eval()
     dtype = HALF[precision.split("-")[0]] if precision != "32" else None
@@ -87,7 +114,7 @@ def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files
         # such as the rotary inverse frequencies stay fp32
         for p in model.parameters():
             p.data = p.data.to(dtype)
-    return Assistant(model, tokenizer, template, settings, config, int(ckpt.get("global_step", 0)),
+    return Assistant(model, tokenizer, template, settings, config, step,
                      autocast_dtype=dtype if precision.endswith("-mixed") else None)
 
 
@@ -172,7 +199,7 @@ class FrameRecord:
 
     index: int
     t: float
-    """Frame timestamp (s): index / fps."""
+    """Frame timestamp (s): index / fps, or a video frame's own time from the first frame's."""
     text: str
     """The caption written after this frame ("" = silence)."""
     new_tokens: int
@@ -254,12 +281,22 @@ class Assistant:
         except ImageError as e:
             raise InputError(str(e)) from None
 
+    def video_frames(self, source) -> list[Image.Image]:
+        """A video file, URL or frame folder -> its frames sampled as in training (the run's
+        fps, min_duration, min_frames, max_duration)."""
+        s = self.settings
+        try:
+            return [f.image for f in read_video(source, s.fps, s.min_duration, s.min_frames, s.max_duration)]
+        except VideoError as e:
+            raise InputError(str(e)) from None
+
     # ------------------------------------------------------------------ chat
     def prompt(self, messages: list[dict], images: Iterable[ImageLike] = ()) -> PackedBatch:
         """messages (`data.format` style) -> the generation prompt of their next assistant turn.
 
         Image items carry their image as {"type": "image", "image": PIL | path | bytes}, or take
-        the next one of `images`; {"type": "video", "frames": [...]} puts frames in one window."""
+        the next one of `images`; {"type": "video", "frames": [...]} puts frames in one window,
+        {"type": "video", "video": "clip.mp4"} the frames of a video sampled as in training."""
         pool = list(images)
         msgs, pixels, grids = [], [], []
         for m in messages:
@@ -270,7 +307,7 @@ class Assistant:
                     cap = self.settings.max_pixels if kind == "image" else min(self.settings.max_pixels,
                                                                                self.settings.frame_max_pixels)
                     items = [c["image"] if "image" in c else (pool.pop(0) if pool else None)] if kind == "image" \
-                        else list(c.get("frames", []))
+                        else self.video_frames(c["video"]) if "video" in c else list(c.get("frames", []))
                     if any(x is None for x in items) or not items:
                         raise InputError(f"a {kind} item has no image (pass it inline or in images=)")
                     for x in items:
@@ -317,6 +354,23 @@ class Assistant:
             out = self.model(batch.to(self.device))
         return float(out.loss) * out.num_targets, out.num_targets
 
+    @torch.no_grad()
+    def answer_logprobs(self, batch: PackedBatch) -> list[tuple[float, bool]]:
+        """An evaluation batch -> per sample (sum of the log-probabilities of its answer tokens,
+        whether greedy decoding picks every one of them), teacher-forced: the likelihood that
+        multiple choice ranks options by (`experiments.evaluate`, lmms-eval's `loglikelihood`).
+        The answer tokens are the template's (`ChatTemplate.encode`): the end-of-turn token
+        included, so an option scores as the whole answer, not as a prefix of a longer one."""
+        batch = batch.to(self.device)
+        with self._autocast():
+            logits = self.model(batch).logits.float()  # [T, V]
+        target = batch.labels != -100  # [T]; labels are pre-shifted: logits[p] predicts labels[p]
+        labels = batch.labels.clamp(min=0)
+        token_logp = torch.where(target, logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0], 0.0)  # [T]
+        greedy = (logits.argmax(-1) == labels) | ~target  # [T]
+        cu = batch.sample_cu_seqlens.tolist()
+        return [(float(token_logp[a:b].sum()), bool(greedy[a:b].all())) for a, b in zip(cu, cu[1:])]
+
     # ------------------------------------------------------------------ live captioning
     @torch.no_grad()
     def stream(self, frames: Iterable[ImageLike], fps: float = 2.0, config: GenerationConfig | None = None,
@@ -324,9 +378,11 @@ class Assistant:
                generator: torch.Generator | None = None) -> Iterator[FrameRecord]:
         """Live captioning: one record per frame, yielded as soon as its caption is written.
 
-        Frame i arrives at i / fps s. `wait=True` sleeps until then (a live source); with
-        `wait=False` frames are processed back to back and `delay_s` is what a real-time run
-        would have had: a frame starts when it arrives or when the previous one is done."""
+        Frame i arrives at i / fps s, or, for a `casa.processing.video.Frame` (a decoded video),
+        at its own timestamp from the first frame's: the video's clock. `wait=True` sleeps until
+        then (a live source); with `wait=False` frames are processed back to back and `delay_s`
+        is what a real-time run would have had: a frame starts when it arrives or when the
+        previous one is done."""
         if fps <= 0:
             raise ValueError(f"fps={fps} must be > 0")
         cfg = config or self.generation_config()
@@ -340,8 +396,13 @@ class Assistant:
         cache, pending, size, done_at = KVCache(1), list(layout.first_pre), None, 0.0
         text_seen = image_seen = 0
         t0 = time.perf_counter()
+        first_t = None
         for i, frame in enumerate(frames):
-            arrival = i / fps
+            if isinstance(frame, Frame):  # a decoded video frame: its pts is its arrival
+                first_t = frame.t if first_t is None else first_t
+                arrival, frame = frame.t - first_t, frame.image
+            else:
+                arrival = i / fps
             if wait:
                 time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
             start = time.perf_counter()

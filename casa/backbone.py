@@ -154,6 +154,7 @@ class Backbone(nn.Module):
         # Names of the parameters that come from the checkpoint (before any fusion layer is
         # attached): the optimiser gives them the pretrained learning rate.
         self.pretrained_names = frozenset(n for n, _ in self.named_parameters())
+        self.loaded = path is not None  # ... which are pretrained only when loaded (`casa.train.optim`)
         if freeze:
             for p in self.parameters():
                 p.requires_grad_(False)
@@ -232,3 +233,18 @@ class Backbone(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, d] -> [T, V] logits."""
         return self.lm_head(self.norm(hidden))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the language model as a Hugging Face `save_pretrained` directory that
+        `Backbone(family, path=directory)` loads back: its checkpoint parameters only (fusion
+        layers a strategy attached are not the LM's), into a fresh `<Family>ForCausalLM`, so
+        the files are exactly what the Hugging Face class writes."""
+        if self.family == "qwen2_5_vl":
+            raise ValueError("Backbone.save_pretrained: family 'qwen2_5_vl' is a vision-language checkpoint; "
+                             f"save one of {[f for f in FAMILIES if f != 'qwen2_5_vl']}")
+        _, model_cls = _families()[self.family]
+        hf = model_cls(self.config)
+        own = {n[len("lm."):] for n in self.pretrained_names}
+        state = {k: v for k, v in self.lm.state_dict().items() if k in own or k not in dict(self.lm.named_parameters())}
+        hf.load_state_dict(state, strict=True)  # a key the class does not have is an error, not dropped
+        hf.save_pretrained(Path(directory))

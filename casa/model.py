@@ -47,6 +47,20 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def answer_loss_per_sample(logits: torch.Tensor, labels: torch.Tensor,
+                           sample_cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, V], labels [T] (-100: no target), sample_cu_seqlens [S+1] -> (sum of the
+    answer tokens' cross-entropy [S], their count [S]) per sample: the "sample" loss
+    reduction, and the per-task losses of validation (`casa.train.module`)."""
+    targets = labels != -100
+    per_token = F.cross_entropy(logits[targets].float(), labels[targets], reduction="none")  # [n]
+    cu = sample_cu_seqlens.to(logits.device)
+    pos = torch.arange(logits.shape[0], device=logits.device)
+    sample = torch.searchsorted(cu[1:].contiguous(), pos, right=True)[targets]  # [n] sample of each target
+    S = cu.numel() - 1
+    return per_token.new_zeros(S).index_add_(0, sample, per_token), torch.bincount(sample, minlength=S)
+
+
 class VisionLanguageModel(nn.Module):
     """Args:
         backbone: the language model (`casa.backbone.Backbone`).
@@ -184,16 +198,10 @@ class VisionLanguageModel(nn.Module):
         n = int(targets.sum())
         if n == 0:
             return ModelOutput(logits, logits.sum() * 0.0, 0)
-        per_token = F.cross_entropy(logits[targets].float(), batch.labels[targets], reduction="none")  # [n]
         if self.loss_reduction == "token":
+            per_token = F.cross_entropy(logits[targets].float(), batch.labels[targets], reduction="none")  # [n]
             return ModelOutput(logits, per_token.mean(), n)
-        # sample of every position: sample_cu_seqlens [S+1] -> ids [T]
-        cu = batch.sample_cu_seqlens.to(logits.device)
-        pos = torch.arange(logits.shape[0], device=logits.device)
-        sample = torch.searchsorted(cu[1:].contiguous(), pos, right=True)[targets]  # [n]
-        S = cu.numel() - 1
-        sums = per_token.new_zeros(S).index_add_(0, sample, per_token)
-        counts = torch.bincount(sample, minlength=S)
+        sums, counts = answer_loss_per_sample(logits, batch.labels, batch.sample_cu_seqlens)
         has = counts > 0
         return ModelOutput(logits, (sums[has] / counts[has]).mean(), n)
 

@@ -2,10 +2,11 @@
 
 `experiments.fit` stores the whole run config (YAML) in every checkpoint
 (`checkpoint["casa_config"]`); `read_checkpoint` reads it back (or the run's YAMLs, for a
-checkpoint written before), `build_model` composes its `model.model` part with
-jsonargparse exactly as the fit CLI's parser does, and `DataSettings` / `run_precision`
-read what inference needs from its `data:` and `trainer:` parts. `casa.assistant.load`
-puts them together.
+checkpoint written before) and parses it with the fit CLI's own parser
+(`casa.train.cli.parse_run_config`: values validated, defaults filled in, YAMLs composed by
+the CLI's rules); `build_model` builds its `model.model` part, and `DataSettings` /
+`run_precision` read what inference needs from its `data:` and `trainer:` parts.
+`casa.assistant.load` puts them together.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from casa.processing.image import MIN_PIXELS
 
 @dataclass
 class DataSettings:
-    """What inference needs from the run's `data:` config (tokenizer, template, image sizes)."""
+    """What inference needs from the run's `data:` config (tokenizer, template, image sizes).
+
+    `from_config` reads a parsed config, whose values (defaults included) are the datamodule's;
+    the defaults here serve direct construction (benchmarks) and equal VideoDataModule's
+    (tests/test_export.py checks)."""
 
     tokenizer: str = "char"
     template: str = "helium"
@@ -41,7 +46,7 @@ class DataSettings:
 
     @classmethod
     def from_config(cls, data: dict | None) -> "DataSettings":
-        """`data:` of a run config (Image/Video/MixtureDataModule) -> settings; unknown keys ignored."""
+        """`data:` of a parsed run config (Image/Video/MixtureDataModule) -> settings; other keys ignored."""
         args = dict((data or {}).get("init_args") or {})
         if "image" in args or "video" in args:  # MixtureDataModule: images from `image`, frames from `video`
             image = dict((args.get("image") or {}).get("init_args") or {})
@@ -51,26 +56,16 @@ class DataSettings:
         return cls(**known)
 
 
-def merge_configs(base: dict, override: dict) -> dict:
-    """YAML config composition (`--config a.yaml --config b.yaml`): dicts merge key by key,
-    anything else is replaced; a component whose class_path changes is replaced whole."""
-    out = dict(base)
-    for k, v in override.items():
-        old = out.get(k)
-        same_class = not (isinstance(v, dict) and "class_path" in v and isinstance(old, dict)
-                          and old.get("class_path") != v["class_path"])
-        out[k] = merge_configs(old, v) if isinstance(v, dict) and isinstance(old, dict) and same_class else v
-    return out
-
-
 def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tuple[dict, dict]:
     """A checkpoint file or directory (`casa.checkpoint.read_checkpoint`) -> (checkpoint dict,
     parsed run config); CheckpointError with a readable reason otherwise.
 
     The run config is the checkpoint's `casa_config`, or, when `config_files` are given
     (the YAMLs the run was trained with, composed in order), those instead: the way to
-    load a checkpoint written before experiments.fit stored its config."""
-    import yaml
+    load a checkpoint written before experiments.fit stored its config. Either is parsed by
+    experiments.fit's own parser (`casa.train.cli.parse_run_config`), so an older config gets
+    today's defaults for options added since."""
+    from casa.train.cli import parse_run_config
 
     p = Path(path)
     ckpt = read_checkpoint_dict(p)
@@ -85,12 +80,9 @@ def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tu
                               "config in checkpoints; pass the YAML config(s) it was trained with (--config), or "
                               "re-train with the current experiments.fit")
     try:
-        config: dict = {}
-        for text in texts:
-            config = merge_configs(config, yaml.safe_load(text) or {})
-        config["model"]["model"]
-    except Exception as e:
-        raise CheckpointError(f"{p}: {source} is not a run config with model.model ({type(e).__name__}: {e})") from None
+        config = parse_run_config(texts)
+    except ValueError as e:
+        raise CheckpointError(f"{p}: {source} is not a run config of experiments.fit ({e})") from None
     return ckpt, config
 
 
@@ -98,7 +90,8 @@ def add_checkpoint_arguments(parser) -> None:
     """The options every inference CLI shares: which checkpoint, its config if the file
     predates `casa_config`, where to run and how many CPU threads."""
     parser.add_argument("--ckpt", required=True,
-                        help="checkpoint written by experiments.fit (a file, or the directory FSDP2 writes)")
+                        help="checkpoint written by experiments.fit (a file, or the directory FSDP2 writes), "
+                             "or a Hugging Face directory written by experiments.export")
     parser.add_argument("--config", action="append", default=[],
                         help="the run's YAML config (repeatable, composed in order) for a checkpoint without casa_config")
     parser.add_argument("--device", default="cpu")

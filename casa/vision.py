@@ -180,6 +180,7 @@ class VisionEncoder(nn.Module):
                 raise ValueError(f"VisionEncoder.path={path!r}: vision weights do not match vision_config: "
                                  f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
 
+        self.loaded = path is not None  # weights from a checkpoint (the optimiser's "pretrained" rule)
         self.out_dim = int(tower_config.out_hidden_size)
         self.spatial_merge_size = int(tower_config.spatial_merge_size)
         self._patch_dim = tower_config.in_channels * tower_config.temporal_patch_size * tower_config.patch_size ** 2

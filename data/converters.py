@@ -1,25 +1,40 @@
 """Convert public dataset layouts into `data.format` shards.
 
     python -m data.converters llava  --json FILE --images DIR --out DIR [--prefix train]
+    python -m data.converters videos --json FILE --videos DIR --out DIR [--fps 2]
+    python -m data.converters livecc --jsonl FILE --videos DIR --out DIR [--fps 2]
     python -m data.converters frames --videos DIR --out DIR [--fps 2]
     python -m data.converters livecc --videos DIR --out DIR [--transcripts DIR] [--fps 2] [--align words|start]
 
 llava   LLaVA-style JSON: [{"id", "image": "rel/path.jpg" (or a list, or absent for text-only),
         "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}].
         Each `<image>` tag marks where its image goes (the n-th tag takes the n-th image); an
-        image without any tag goes first in the first human turn, as LLaVA does.
+        image without any tag goes first in the first human turn, as LLaVA does. Optional
+        "answers" (every accepted answer of the last turn, e.g. TextVQA's 10) and "choices"
+        (multiple-choice options) are kept for scoring (`data.format`).
+videos  QA over video files, LLaVA-Video-178K's layout (JSON list or JSONL): {"id", "video":
+        "rel/path.mp4", "conversations": [...]} with `<image>` (or `<video>`) where the clip
+        goes -> "qa" video samples.
+livecc  --jsonl: LiveCC's own records (Live-WhisperX-526K), one conversation per line:
+        [{"role": "user", "content": [{"type": "video", "video": "rel/path.mp4", "video_start": s,
+        "video_end": e}, {"type": "text", "text": prompt}]}, {"role": "assistant", "content":
+        [{"type": "text_stream", "text_stream": [[word_start, word_end, word], ...]}]}]
+        (a last line holding only the seek offsets is ignored) -> live-captioning ("caption")
+        samples: each word goes after the first frame at or after the time it ends (what has
+        been said by then, as LiveCC's training pairs frames with speech).
 frames  one folder per video holding extracted frames (VIDEO/000001.jpg ...) and an
         optional VIDEO/meta.json {"fps": 2, "qa": [{"question": ..., "answer": ...}]} ->
         "qa" video samples: the video, then the QA pairs as turns.
-livecc  the same frame folders plus a timestamped transcript [{"start": s, "end": e, "text": ...}]
-        (VIDEO/transcript.json, or TRANSCRIPTS/VIDEO.json) -> live-captioning ("caption") samples.
+livecc  --videos DIR alone: the same frame folders plus a timestamped transcript
+        [{"start": s, "end": e, "text": ...}] (VIDEO/transcript.json, or TRANSCRIPTS/VIDEO.json).
 
-Video files (mp4, mkv, ...) are NOT decoded: that needs a decoder library (PyAV, decord or
-ffmpeg) which this environment does not have. Extract frames first, for example
-`ffmpeg -i clip.mp4 -vf fps=2 -q:v 3 clip/%06d.jpg`, and point --videos at the folders.
+Video files are decoded by `casa.processing.video` (PyAV) with the paper's sampling (2 fps,
+20 frames for clips under 10 s, the first 180 s); frames are stored as JPEG, downscaled to
+at most --max-pixels (448^2, the paper's frame cap) with their container timestamps.
 
-Bad inputs never stop a conversion: each is skipped and counted by reason, and a summary
-(written, skipped by reason) is printed at the end.
+Bad inputs never stop a conversion: each is skipped and counted by reason (a missing,
+truncated or undecodable video counts as `bad_video`), and a summary (written, skipped by
+reason) is printed at the end.
 """
 
 from __future__ import annotations
@@ -39,14 +54,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from data.format import ShardWriter, image, make_sample, text
+from casa.processing.video import VideoError, read_video
+from data.dataset import VideoOptions
+from data.format import ShardWriter, check_answers, encode_image, image, make_sample, text
 
 IMAGE_TAG = "<image>"
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-VIDEO_FILE_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
-NO_DECODER = ("video files are not decoded here: decoding needs a library (PyAV, decord or ffmpeg) that is not "
-              "installed; extract frames first, e.g. `ffmpeg -i clip.mp4 -vf fps=2 -q:v 3 clip/%06d.jpg`")
+from casa.processing.video import FRAME_SUFFIXES, VIDEO_FILE_SUFFIXES  # noqa: E402,F401  (one list of each)
+NO_DECODER = ("the frame-folder form reads folders of frames; convert video files with their annotations: "
+              "`videos --json QA.json --videos DIR` (LLaVA-Video QA) or `livecc --jsonl FILE --videos DIR`")
 
 
 class Skip(Exception):
@@ -64,7 +80,7 @@ class Summary:
     shards: list[str] = field(default_factory=list)
 
     def table(self, title: str) -> Table:
-        t = Table(title=title)
+        t = Table(title=title, min_width=len(title) + 4)  # the title on one line
         t.add_column("outcome")
         t.add_column("samples", justify="right")
         t.add_row("written", str(self.written))
@@ -95,7 +111,10 @@ def convert(items: Iterable, total: int | None, to_sample: Callable[[int, object
             except Skip as s:
                 summary.skipped[s.reason] += 1
             bar.update(job, advance=1, skipped=sum(summary.skipped.values()))
-    summary.shards = writer.shards if summary.written else []
+    # the writer globs PREFIX-*: keep its own shards, not those of a longer prefix in the same
+    # folder (train-qa-000000.tar next to train-000000.tar)
+    own = re.compile(rf"{re.escape(prefix)}-\d+\.tar")
+    summary.shards = [s for s in writer.shards if own.fullmatch(Path(s).name)] if summary.written else []
     return summary
 
 
@@ -150,7 +169,13 @@ def llava_sample(index: int, record: dict, image_root: Path, task: str, group: s
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant" or not any(c["type"] == "text" for c in messages[-1]["content"]):
         raise Skip("no_answer", str(record.get("id")))
-    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index))}
+    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index)),
+            # the last answer's accepted answers / options, kept for the official metrics (data.format)
+            **{k: record[k] for k in ("answers", "choices") if record.get(k) is not None}}
+    try:
+        check_answers(conv)
+    except ValueError as e:
+        raise Skip("bad_answers", f"{record.get('id')}: {e}") from None
     return make_sample(safe_key(index, record.get("id", "")), conv, files)
 
 
@@ -277,6 +302,128 @@ def livecc_sample(index: int, folder: Path, transcripts: Path | None, fps: float
     return make_sample(safe_key(index, folder.name), conv, files)
 
 
+# ---------------------------------------------------------------------------------- video files
+def video_frames(path: Path, sampling: VideoOptions, start: float | None = None,
+                 end: float | None = None) -> tuple[dict[str, bytes], list[str], list[float], float]:
+    """A video file -> (JPEG files, refs, timestamps from the clip's first frame, that frame's
+    time on the video's clock); Skip if unreadable."""
+    if not path.is_file():
+        raise Skip("missing_video", str(path))
+    try:
+        frames = read_video(path, sampling.fps, sampling.min_duration, sampling.min_frames, sampling.max_duration,
+                            start, end)
+    except VideoError as e:
+        raise Skip("bad_video", str(e)) from None
+    files, refs, times = {}, [], []
+    for i, f in enumerate(frames):
+        img = f.image
+        if img.width * img.height > sampling.frame_max_pixels:  # stored at most at the training cap
+            scale = (sampling.frame_max_pixels / (img.width * img.height)) ** 0.5
+            img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.BICUBIC)
+        refs.append(f"f{i:06d}")
+        files[f"f{i:06d}.jpg"] = encode_image(img, "jpg")
+        times.append(round(f.t - frames[0].t, 3))
+    return files, refs, times, frames[0].t
+
+
+def read_records(path: str | Path) -> list:
+    """A JSON list, or JSONL (one record per line; blank lines ignored). A JSONL line that does
+    not parse is kept as None (counted as malformed by the converter)."""
+    raw = Path(path).read_text()
+    if raw.lstrip().startswith("[") and not str(path).endswith(".jsonl"):
+        records = json.loads(raw)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list or JSONL records")
+        return records
+    out = []
+    for line in raw.splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append(None)
+    return out
+
+
+VIDEO_TAGS = ("<image>", "<video>")
+
+
+def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOptions, task: str, group: str) -> dict:
+    """One LLaVA-Video-178K record -> a "qa" video sample (the clip at its tag, else first)."""
+    if not isinstance(record, dict) or not isinstance(record.get("video"), str) \
+            or not isinstance(record.get("conversations"), list) or not record["conversations"]:
+        raise Skip("malformed_record", repr(record)[:80])
+    messages, placed = [], False
+    for t in record["conversations"]:
+        role = ROLE_OF.get(t.get("from")) if isinstance(t, dict) else None
+        if role is None or not isinstance(t.get("value"), str):
+            raise Skip("bad_turn", repr(t)[:80])
+        value, content = t["value"], []
+        tag = next((g for g in VIDEO_TAGS if g in value), None)
+        if role == "user" and tag and not placed:
+            content.append({"type": "video"})
+            placed = True
+            value = value.replace(tag, "", 1)
+        for g in VIDEO_TAGS:
+            value = value.replace(g, "")
+        if value.strip():
+            content.append(text(value.strip()))
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+        raise Skip("no_answer", str(record.get("id")))
+    files, refs, times, _ = video_frames(root / record["video"], sampling)
+    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index)),
+            "video": {"frames": refs, "timestamps": times, "layout": "qa"}}
+    return make_sample(safe_key(index, record.get("id", Path(record["video"]).stem)), conv, files)
+
+
+def captions_from_words(words: list, times: list[float], offset: float = 0.0) -> list[dict]:
+    """LiveCC word stream [[start, end, word], ...] -> frame-aligned captions {"t", "text"} (pure).
+
+    A word goes after the first frame at or after its end (it has been said by then, as LiveCC
+    pairs each frame chunk with the words ended before it); words ending after the last frame
+    are dropped. times [K]: the kept frames' timestamps; a word's end minus `offset` is on
+    their clock."""
+    per_frame: dict[int, list[str]] = {}
+    if not isinstance(words, list):
+        raise Skip("malformed_transcript", repr(words)[:80])
+    for w in words:
+        try:
+            end, word = float(w[1]) - offset, w[2]
+            if len(w) != 3 or not isinstance(word, str):
+                raise TypeError(w)
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise Skip("malformed_transcript", repr(w)[:80]) from None
+        i = bisect.bisect_left(times, end - 1e-6)
+        if i < len(times) and w[2].strip():
+            per_frame.setdefault(i, []).append(word.strip())
+    return [{"t": times[i], "text": " ".join(ws)} for i, ws in sorted(per_frame.items())]
+
+
+def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions, task: str, group: str) -> dict:
+    """One LiveCC conversation (see module doc) -> a "caption" video sample."""
+    try:
+        user, assistant = record[0], record[1]
+        video = next(c for c in user["content"] if c.get("type") == "video")
+        prompt = next((c["text"] for c in user["content"] if c.get("type") == "text"), None)
+        stream = next(c["text_stream"] for c in assistant["content"] if c.get("type") == "text_stream")
+        path = str(video["video"])
+    except (TypeError, KeyError, IndexError, StopIteration, AttributeError):
+        raise Skip("malformed_record", repr(record)[:80]) from None
+    start, end = video.get("video_start"), video.get("video_end")
+    files, refs, times, first = video_frames(Path(path) if Path(path).is_absolute() else root / path, sampling,
+                                             start, end)
+    # the frames are rebased to 0 at the clip's first frame; the words are on the video's clock
+    captions = captions_from_words(stream, times, offset=first)
+    if not captions:
+        raise Skip("empty_transcript", path)
+    v = {"frames": refs, "timestamps": times, "captions": captions, "layout": "caption"}
+    if isinstance(prompt, str) and prompt.strip():
+        v["prompt"] = prompt.strip()
+    conv = {"messages": [], "task": task, "group": group, "source_id": f"{Path(path).stem}@{start or 0}", "video": v}
+    return make_sample(safe_key(index, Path(path).stem), conv, files)
+
+
 def convert_videos(kind: str, videos: str | Path, out: str | Path, prefix: str = "train", shard_size: int = 100,
                    fps: float = 2.0, transcripts: str | Path | None = None, align: str = "words",
                    task: str | None = None, group: str = "video", progress: bool = True) -> Summary:
@@ -297,6 +444,29 @@ def convert_videos(kind: str, videos: str | Path, out: str | Path, prefix: str =
     return summary
 
 
+def is_seek_index(record) -> bool:
+    """LiveCC's JSONL ends with a line of byte offsets (a list of ints), not a record."""
+    return isinstance(record, list) and bool(record) and all(isinstance(x, int) for x in record)
+
+
+def convert_video_files(kind: str, annotations: str | Path, videos: str | Path, out: str | Path,
+                        prefix: str = "train", shard_size: int = 100, sampling: VideoOptions | None = None,
+                        task: str | None = None, group: str = "video", progress: bool = True) -> Summary:
+    """kind="videos" (LLaVA-Video QA records) or "livecc" (LiveCC conversations) over the video
+    files under `videos` (paths in the records are relative to it, or absolute)."""
+    root, sampling = Path(videos), sampling or VideoOptions()
+    if not root.is_dir():
+        raise ValueError(f"--videos {str(root)!r} is not a directory")
+    records = [r for r in read_records(annotations) if not is_seek_index(r)]
+    if kind == "videos":
+        fn = lambda i, r: llava_video_sample(i, r, root, sampling, task or "video_qa", group)  # noqa: E731
+    elif kind == "livecc":
+        fn = lambda i, r: livecc_record_sample(i, r, root, sampling, task or "live_caption", group)  # noqa: E731
+    else:
+        raise ValueError(f"kind={kind!r} is not one of ['videos', 'livecc']")
+    return convert(records, len(records), fn, out, prefix, shard_size, kind, progress)
+
+
 # ---------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> Summary:
     p = argparse.ArgumentParser(prog="python -m data.converters", description=__doc__,
@@ -313,22 +483,46 @@ def main(argv: list[str] | None = None) -> Summary:
                                     "and counted")
     lp.add_argument("--json", required=True, help="the LLaVA JSON list")
     lp.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--fps", type=float, default=2.0, help="frames kept per second of video (paper: 2)")
+    files.add_argument("--min-duration", type=float, default=10.0, help="shorter clips get --min-frames frames")
+    files.add_argument("--min-frames", type=int, default=20, help="frames of a clip shorter than --min-duration")
+    files.add_argument("--max-duration", type=float, default=180.0, help="seconds of each clip kept")
+    files.add_argument("--max-pixels", type=int, default=448 * 448, help="stored frames are downscaled to this")
+    vp = sub.add_parser("videos", parents=[common, files], help="video files + LLaVA-Video-178K QA JSON/JSONL",
+                        description="QA over video files (LLaVA-Video-178K layout); unreadable videos are "
+                                    "skipped and counted")
+    vp.add_argument("--json", required=True, help="the QA records (JSON list or JSONL)")
+    vp.add_argument("--videos", required=True, help="folder the records' video paths are relative to")
     for name, extra in (("frames", "optional VIDEO/meta.json with fps and qa pairs"),
                         ("livecc", "timestamped transcripts")):
         what = f"folders of extracted frames + {extra}"
-        vp = sub.add_parser(name, parents=[common], help=what, description=f"{what}. Note: {NO_DECODER}.")
-        vp.add_argument("--videos", required=True, help="folder of per-video frame folders (VIDEO/000001.jpg ...)")
-        vp.add_argument("--fps", type=float, default=2.0,
-                        help="frame rate of the extracted frames (meta.json overrides)")
-        if name == "livecc":
-            vp.add_argument("--transcripts", default=None, help="folder of VIDEO.json (default VIDEO/transcript.json)")
+        parents = [common, files] if name == "livecc" else [common]
+        vp = sub.add_parser(name, parents=parents, help=what if name == "frames" else
+                            "LiveCC JSONL over video files (--jsonl), or frame folders + transcripts",
+                            description=f"{what}. {NO_DECODER}." if name == "frames" else
+                            "--jsonl: LiveCC's records over video files; without it: " + what)
+        vp.add_argument("--videos", required=True, help="folder of the video files (--jsonl) or of per-video "
+                                                        "frame folders (VIDEO/000001.jpg ...)")
+        if name == "frames":
+            vp.add_argument("--fps", type=float, default=2.0,
+                            help="frame rate of the extracted frames (meta.json overrides)")
+        else:
+            vp.add_argument("--jsonl", default=None, help="LiveCC's JSONL (word-level text_stream records)")
+            vp.add_argument("--transcripts", default=None, help="frame folders: folder of VIDEO.json "
+                                                                "(default VIDEO/transcript.json)")
             vp.add_argument("--align", choices=("words", "start"), default="words",
-                            help="words: spread each segment's words over [start, end); start: whole segment at start")
+                            help="frame folders: words spreads each segment's words over [start, end); "
+                                 "start: whole segment at start")
     a = p.parse_args(argv)
     try:
         if a.kind == "llava":
             s = convert_llava(a.json, a.images, a.out, a.prefix, a.shard_size or 1000, a.task or "llava",
                               a.group or "general")
+        elif a.kind == "videos" or getattr(a, "jsonl", None):
+            sampling = VideoOptions(a.fps, a.min_duration, a.min_frames, a.max_duration, a.max_pixels)
+            s = convert_video_files(a.kind, a.json if a.kind == "videos" else a.jsonl, a.videos, a.out, a.prefix,
+                                    a.shard_size or 100, sampling, a.task, a.group or "video")
         else:
             s = convert_videos(a.kind, a.videos, a.out, a.prefix, a.shard_size or 100, a.fps,
                                getattr(a, "transcripts", None), getattr(a, "align", "words"), a.task,

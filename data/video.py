@@ -1,6 +1,7 @@
-"""Video samples: frame sampling and the two window layouts.
+"""Video samples: frame sampling, the two window layouts, and writing captioned videos.
 
-Sampling (paper App. "Video data"): frames at `fps` (2), except that a clip shorter than
+Sampling (paper App. "Video data"; `casa.processing.video.sample_frames`, re-exported here,
+as the reader's other names): frames at `fps` (2), except that a clip shorter than
 `min_duration` (10 s) gets `min_frames` (20) uniformly spread frames instead, and only the
 first `max_duration` (180 s) is used. Frames are then ordinary images, capped at 448^2
 pixels by the dataset (256 tokens each), processed frame by frame (no temporal merge: the
@@ -21,43 +22,17 @@ Layouts (t = text, F = frame tokens, | separates windows):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from pathlib import Path
+
+from PIL import Image
 
 from casa.processing.template import CAPTION_PROMPT
+from casa.processing.video import (FRAME_SUFFIXES, VIDEO_FILE_SUFFIXES, Frame, VideoError, open_video,  # noqa: F401
+                                   read_video, sample_frames)
 from data.format import image, text
 
-
-def sample_frames(timestamps: list[float], fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
-                  max_duration: float = 180.0) -> list[int]:
-    """Indices of the frames to keep, in time order (pure).
-
-    timestamps [F] (seconds, increasing) -> indices [K]: the nearest stored frame to each wanted
-    time, without repeats (a source stored below `fps` keeps every frame)."""
-    if fps <= 0:
-        raise ValueError(f"fps={fps} must be > 0")
-    if max_duration <= 0 or min_frames < 1:
-        raise ValueError(f"max_duration={max_duration} and min_frames={min_frames} must be positive")
-    if not timestamps:
-        return []
-    t0 = timestamps[0]
-    duration = min(timestamps[-1] - t0, max_duration)
-    if duration < min_duration:
-        n = min(min_frames, len(timestamps))
-        wanted = [t0 + duration * i / max(n - 1, 1) for i in range(n)]
-    else:
-        # 2 fps from t0. A clip cut at max_duration samples [t0, t0 + max) (180 s -> 360
-        # frames, no extra frame at exactly the cut); an uncut clip keeps its last instant
-        # too, since that is where it ends (a live caption of what happens last sits there)
-        capped = timestamps[-1] - t0 > max_duration
-        n = max(1, math.ceil(duration * fps - 1e-9)) if capped else math.floor(duration * fps + 1e-9) + 1
-        wanted = [t0 + i / fps for i in range(n)]
-    picked: list[int] = []
-    j = 0
-    for w in wanted:
-        while j + 1 < len(timestamps) and abs(timestamps[j + 1] - w) <= abs(timestamps[j] - w):
-            j += 1
-        if not picked or picked[-1] != j:
-            picked.append(j)
-    return picked
+MS = Fraction(1, 1000)
 
 
 def expand_video(conv: dict, frame_refs: list[str], frame_times: list[float], prompt: str = CAPTION_PROMPT,
@@ -87,6 +62,7 @@ def expand_video(conv: dict, frame_refs: list[str], frame_times: list[float], pr
         return out
     if layout != "caption":
         raise ValueError(f"video.layout={layout!r} is not one of ['qa', 'caption']")
+    prompt = video.get("prompt", prompt)  # a source's own request (LiveCC records carry one)
     captions = sorted(video.get("captions", []), key=lambda c: c["t"])
     msgs = [m for m in conv.get("messages", []) if m["role"] == "system"]
     bounds = list(frame_times[1:]) + [end]
@@ -96,3 +72,109 @@ def expand_video(conv: dict, frame_refs: list[str], frame_times: list[float], pr
         msgs.append({"role": "user", "content": [text(prompt), image(ref)] if i == 0 else [image(ref)]})
         msgs.append({"role": "assistant", "content": [text(said)]})
     return msgs
+
+
+# ---------------------------------------------------------------------------------- writing
+class VideoWriter:
+    """An h264 mp4 written frame by frame at explicit times (variable rate is fine).
+
+    yuv420p needs even sizes: an odd row or column is cropped. `rate` is only the nominal rate
+    the container advertises; each frame's pts is its own time (ms)."""
+
+    def __init__(self, path: str | Path, rate: float = 30.0, crf: int = 23, preset: str = "veryfast"):
+        import av
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.container = av.open(str(self.path), "w")
+        self.stream = self.container.add_stream("libx264", rate=Fraction(rate).limit_denominator(1001))
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.codec_context.time_base = MS
+        # veryfast: about 3x the encoding speed of x264's default for slightly bigger files
+        self.stream.options = {"crf": str(crf), "preset": preset}
+        self.size: tuple[int, int] | None = None
+        self.last_pts = -1
+
+    def write(self, image: Image.Image, t: float) -> None:
+        import av
+
+        if self.size is None:
+            self.size = (image.width - image.width % 2, image.height - image.height % 2)
+            self.stream.width, self.stream.height = self.size
+        if image.size != self.size:
+            image = image.crop((0, 0, *self.size)) if image.width >= self.size[0] and image.height >= self.size[1] \
+                else image.resize(self.size)
+        frame = av.VideoFrame.from_image(image.convert("RGB"))
+        # strictly increasing pts: two frames within the same ms keep their order
+        frame.pts, frame.time_base = max(int(round(t * 1000)), self.last_pts + 1), MS
+        self.last_pts = frame.pts
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        if self.size is not None:
+            self.container.mux(self.stream.encode())
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def draw_caption(image: Image.Image, caption: str) -> Image.Image:
+    """The frame with `caption` as a subtitle: white text on a dark band at the bottom,
+    wrapped to the frame's width (the paper's qualitative videos burn captions in)."""
+    from PIL import ImageDraw, ImageFont
+
+    if not caption.strip():
+        return image
+    img = image.convert("RGB").copy()
+    size = max(9, img.height // 16)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the bitmap font, one size
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img, "RGBA")
+    lines, line = [], ""
+    for word in caption.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > img.width - 8:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    lines = lines[-3:]  # a subtitle, not a page: the latest three lines
+    step = size + 3
+    top = img.height - step * len(lines) - 6
+    draw.rectangle((0, top, img.width, img.height), fill=(0, 0, 0, 170))
+    for k, ln in enumerate(lines):
+        w = draw.textlength(ln, font=font)
+        draw.text(((img.width - w) / 2, top + 3 + k * step), ln, font=font, fill=(255, 255, 255))
+    return img
+
+
+def caption_at(cues: list[tuple[float, float, str]], t: float) -> str:
+    """The text of the cue (start, end, text) showing at time t ("" if none; the latest wins)."""
+    shown = [c for c in cues if c[0] <= t < c[1]]
+    return shown[-1][2] if shown else ""
+
+
+def write_captioned(source, out: str | Path, cues: list[tuple[float, float, str]]) -> dict:
+    """Re-encode every frame of `source` (file or URL; upright) into `out` (h264 mp4) with the
+    cue showing at each frame's time drawn on it. cues: (start, end, text), seconds from the
+    source's first frame. -> {"frames", "duration_s", "out"}."""
+    reader = open_video(source)
+    try:
+        rate = getattr(reader, "average_fps", None) or 25.0
+        n, first, last = 0, None, 0.0
+        with VideoWriter(out, rate) as writer:
+            for f in reader.decode_all():
+                first = f.t if first is None else first
+                last = f.t - first
+                writer.write(draw_caption(f.image, caption_at(cues, last)), last)
+                n += 1
+    finally:
+        reader.close()
+    return {"frames": n, "duration_s": round(last, 3), "out": str(out)}

@@ -15,39 +15,23 @@ RUN_DIR/metrics.json (the ablation grid reads it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from casa.train.module import CasaModule
+from casa.train.cli import CLI_ARGS, RunCLI
 
 
-@dataclass
-class SynthSpec:
-    """The synthetic benchmark to generate before training (see data.synth)."""
-
-    out: str = "runs/synth"
-    seed: int = 0
-    train: int = 4000
-    val: int = 200
-    test: int = 200
-    tasks: list[str] = field(default_factory=list)
-
-
-class CasaCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--synth", type=SynthSpec | None, default=None,
-                            help="generate the synthetic benchmark first (skipped when already there)")
-        parser.add_argument("--run_dir", type=str | None, default=None, help="run directory (checkpoints, logs, metrics)")
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help='resume from a checkpoint file, or "last" for the run\'s last checkpoint')
+class CasaCLI(RunCLI):
+    """The fit CLI: RunCLI's arguments (`casa.train.cli`, which checkpoint readers parse
+    run configs with), plus what a training run does before and after fitting."""
 
     def _cfg(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -71,6 +55,8 @@ class CasaCLI(LightningCLI):
             for cb in t.callbacks or []:
                 if str(_get(cb, "class_path")).endswith("ModelCheckpoint"):
                     _set_init_arg(cb, "dirpath", str(Path(run_dir) / "checkpoints"))
+        if os.environ.get("CASA_GRID_WANDB"):
+            add_wandb_logger(cfg.trainer, json.loads(os.environ["CASA_GRID_WANDB"]), run_dir or cfg.trainer.default_root_dir)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -106,6 +92,29 @@ def _log_grid_hparams(cli: LightningCLI) -> None:
     params = {**cli.model.hparams_initial, **{f"grid/{k}": v for k, v in labels.items()}}
     for lg in cli.trainer.loggers:
         lg.log_hyperparams(params)
+
+
+def add_wandb_logger(trainer_cfg, spec: dict, run_dir: str | None) -> None:
+    """Add Lightning's WandbLogger to the parsed trainer config, beside its own loggers: a grid
+    with `wandb:` (experiments.grid_spec.WandbSpec) passes `spec` (project, entity, mode, group =
+    the grid's name, tags = the run's labels). The W&B run id is derived from the run directory,
+    so a run resumed by the grid (`--ckpt_path last`) continues the same W&B run."""
+    from jsonargparse import Namespace
+
+    run_dir = str(Path(run_dir or ".").resolve())
+    init = Namespace(project=spec["project"], entity=spec.get("entity"), group=spec["group"], tags=spec["tags"],
+                     name=Path(run_dir).name, save_dir=run_dir, offline=spec.get("mode") == "offline",
+                     id=hashlib.sha1(run_dir.encode()).hexdigest()[:16], resume="allow")
+    logger = Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=init)
+    current = trainer_cfg.logger
+    if current in (None, True):  # Lightning's default logger, kept beside W&B
+        current = [Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                             init_args=Namespace(save_dir=run_dir))]
+    elif current is False:
+        current = []
+    elif not isinstance(current, list):
+        current = [current]
+    trainer_cfg.logger = [*current, logger]
 
 
 def _peak_memory_bytes(trainer: L.Trainer) -> int | None:
@@ -148,7 +157,8 @@ def print_metrics_table(metrics: dict[str, float], title: str) -> None:
     names = ["exact_match", "relaxed_accuracy", "anls"]
     for n in names:
         table.add_column(n, justify="right")
-    for key in sorted(rows, key=lambda r: (not r.startswith("group"), r)):
+    # rows with no answer metric (a task scored by its loss only: `perplexity_groups`) are left out
+    for key in sorted((r for r in rows if any(n in rows[r] for n in names)), key=lambda r: (not r.startswith("group"), r)):
         table.add_row(key, *(f"{100 * rows[key].get(n, float('nan')):.1f}" for n in names))
     console = Console()
     console.print(table)
@@ -200,8 +210,7 @@ def main(args: list[str] | None = None) -> CasaCLI:
     """Parse the config, build everything, and fit (no subcommand: fitting is the job)."""
     torch.set_float32_matmul_precision("high")
     try:
-        cli = CasaCLI(CasaModule, L.LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
-                      args=args, auto_configure_optimizers=False, run=False)
+        cli = CasaCLI(**CLI_ARGS, save_config_kwargs={"overwrite": True}, args=args, run=False)
         check_attention_precision(cli)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         # a value the type system could not reject (a missing checkpoint directory, a shard

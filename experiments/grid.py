@@ -143,7 +143,7 @@ def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = No
     out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
     out.flush()
     proc = subprocess.Popen([*FIT, *cmd_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                            env={**os.environ, **dict(run.env), **(env or {}), "PYTHONUNBUFFERED": "1",
                                  # logged as hyperparameters (TensorBoard HParams), by experiments.fit
                                  "CASA_GRID_HPARAMS": json.dumps({"run": run.name, **run.labels})})
     if log == "fit.log":  # what `--status` reads while the run is going
@@ -534,6 +534,12 @@ def _groups(results: list[Result]) -> list[str]:
     return sorted({k.split("/")[1] for r in results for k in r.metrics if k.startswith("val_group/")})
 
 
+def _extra_columns(results: list[Result]) -> list[str]:
+    """Metrics shown as they are beside val/loss when any run has them: the held-out text
+    perplexities (`val_ppl/<task>`, `CasaModule.perplexity_groups`)."""
+    return sorted({k for r in results for k in r.metrics if k.startswith("val_ppl/")})
+
+
 def _avg_score(r: Result, groups: list[str], metric: str) -> float | None:
     """The mean of a run's group scores it has (the table's "avg"), None without any."""
     scores = [r.metrics[k] for g in groups if (k := f"val_group/{g}/{metric}") in r.metrics]
@@ -542,13 +548,14 @@ def _avg_score(r: Result, groups: list[str], metric: str) -> float | None:
 
 def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the human-readable table (one metric per group, in %)."""
-    groups = _groups(results)
-    header = ["run", "status", "val/loss", *groups, "avg", "mem (MiB)", "step (s)"]
+    groups, extra = _groups(results), _extra_columns(results)
+    header = ["run", "status", "val/loss", *extra, *groups, "avg", "mem (MiB)", "step (s)"]
     rows = []
     for r in results:
         scores = [r.metrics.get(f"val_group/{g}/{metric}") for g in groups]
         avg, loss, peak, step = _avg_score(r, groups, metric), r.metrics.get("val/loss"), r.peak_memory_bytes, r.step_time_s
         rows.append([r.run.name, r.status, "" if loss is None else f"{loss:.4f}",
+                     *("" if (v := r.metrics.get(k)) is None else f"{v:.3f}" for k in extra),
                      *("" if s is None else f"{100 * s:.1f}" for s in scores),
                      "" if avg is None else f"{100 * avg:.1f}",
                      "" if peak is None else f"{peak / 2 ** 20:,.0f}", "" if step is None else f"{step:.3f}"])
@@ -584,15 +591,16 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 def _mean_columns(results: list[Result], grid: Grid, metric: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the mean ± std table: one row per combination of the other axes,
     over its finished runs (n of them)."""
-    groups = _groups(results)
+    groups, extra = _groups(results), _extra_columns(results)
     others = "-".join(name for name, _ in grid.axes if name != grid.aggregate) or "runs"
-    header = [others, "n", "val/loss", *groups, "avg", "mem (MiB)", "step (s)"]
+    header = [others, "n", "val/loss", *extra, *groups, "avg", "mem (MiB)", "step (s)"]
     rows = []
     for name, runs, done in _repeats(results, grid):
         def present(column):
             return _present(done, lambda r: r.value(column))
 
         rows.append([name, f"{len(done)}/{len(runs)}", _mean_std(present("val/loss"), digits=4),
+                     *(_mean_std(present(k), digits=3) for k in extra),
                      *(_mean_std(present(f"val_group/{g}/{metric}"), 100) for g in groups),
                      _mean_std(_present(done, lambda r: _avg_score(r, groups, metric)), 100),
                      _mean_std(present("peak_memory_bytes"), 2 ** -20, 0), _mean_std(present("step_time_s"), digits=3)])

@@ -17,6 +17,8 @@
                                              # results add mean ± std over it per other-axes combination
     slurm: {partition: gpu, account: proj, nodes: 1, gpus_per_node: 8, time: 240}
                                              # optional: resources of `--launcher slurm` (SlurmSpec)
+    wandb: {project: casa, mode: offline}    # optional: also log every run to Weights & Biases
+                                             # (WandbSpec): group = the grid's name, tags = labels
 
 A run is named by its labels joined with "-" (first axis first) and passes to
 `experiments.fit`: the base configs, the values' configs, the common overrides, then the
@@ -95,6 +97,18 @@ class SlurmSpec:
 
 
 @dataclass(kw_only=True)
+class WandbSpec:
+    """Weights & Biases tracking of every run: Lightning's WandbLogger beside the config's own
+    loggers, with the grid's name as the W&B group and the run's labels as its tags (its
+    hyperparameters hold the labels too, as TensorBoard's do). `offline` writes under
+    RUN_DIR/wandb for a later `wandb sync`; the WANDB_MODE environment variable overrides it."""
+
+    project: str = "casa"
+    entity: Optional[str] = None
+    mode: Literal["online", "offline"] = "online"
+
+
+@dataclass(kw_only=True)
 class GridSpec:
     """A grid file."""
 
@@ -104,6 +118,7 @@ class GridSpec:
     axes: list[AxisSpec]
     aggregate: Optional[str] = None
     slurm: Optional[SlurmSpec] = None
+    wandb: Optional[WandbSpec] = None
 
 
 def _item_dataclass(tp: Any) -> type | None:
@@ -175,6 +190,7 @@ class Run:
     labels: dict[str, str]
     configs: list[str]
     overrides: list[tuple[str, Any]]
+    env: tuple[tuple[str, str], ...] = ()  # environment of its fit process (CASA_GRID_WANDB)
 
     def args(self, run_dir: Path) -> list[str]:
         """The `experiments.fit` arguments of this run."""
@@ -194,16 +210,25 @@ class Grid:
     axes: list[tuple[str, list[Value]]]  # (axis name, its values)
     aggregate: str | None = None  # an axis of repeats (seeds): results also averaged over it
     slurm: SlurmSpec = field(default_factory=SlurmSpec)  # `--launcher slurm` resources
+    wandb: WandbSpec | None = None  # Weights & Biases tracking of every run
 
     def runs(self) -> list[Run]:
         """The cartesian product of the axes, first axis slowest."""
         runs = []
         for combo in itertools.product(*(values for _, values in self.axes)):
-            runs.append(Run(name="-".join(v.label for v in combo),
-                            labels={name: v.label for (name, _), v in zip(self.axes, combo)},
+            labels = {name: v.label for (name, _), v in zip(self.axes, combo)}
+            runs.append(Run(name="-".join(v.label for v in combo), labels=labels,
                             configs=self.base + [c for v in combo for c in v.configs],
-                            overrides=self.overrides + [o for v in combo for o in v.overrides]))
+                            overrides=self.overrides + [o for v in combo for o in v.overrides],
+                            env=self._tracker_env(labels)))
         return runs
+
+    def _tracker_env(self, labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        """CASA_GRID_WANDB for `experiments.fit`, which adds the WandbLogger (`add_wandb_logger`)."""
+        if self.wandb is None:
+            return ()
+        spec = {**dataclasses.asdict(self.wandb), "group": self.path.stem, "tags": list(labels.values())}
+        return (("CASA_GRID_WANDB", json.dumps(spec)),)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -303,7 +328,8 @@ def load_grid(path: str | Path) -> Grid:
         axes.append((name, _values(f"{where}.values", name, specs)))
     if spec.aggregate is not None and spec.aggregate not in names:
         raise GridError(f"{path}: aggregate: {spec.aggregate!r} is not an axis of this grid; axes: {names}")
-    return Grid(path, spec.description.strip(), base, overrides, axes, spec.aggregate, spec.slurm or SlurmSpec())
+    return Grid(path, spec.description.strip(), base, overrides, axes, spec.aggregate, spec.slurm or SlurmSpec(),
+                spec.wandb)
 
 
 def select(runs: list[Run], only: list[str] | None) -> list[Run]:

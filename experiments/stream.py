@@ -1,7 +1,8 @@
 """Live captioning of a video with a trained checkpoint (paper §4.5, Fig. 4).
 
-    python -m experiments.stream --ckpt CKPT --video PATH|synthetic [--fps 2] [--frames N]
-                                 [--no-wait] [--json] [--srt OUT] [--max-new-tokens 32]
+    python -m experiments.stream --ckpt CKPT --video PATH|URL|-|synthetic [--fps 2] [--frames N]
+                                 [--no-wait] [--json] [--srt OUT] [--out CAPTIONED.mp4]
+                                 [--max-new-tokens 32]
 
 Frames arrive at `--fps`; each opens a window and the model writes what it says at that
 frame (usually nothing). Output: one line per caption, `[mm:ss.s|delay] text` (timestamp
@@ -9,7 +10,10 @@ of the frame, then how late the caption was done), a summary, and an SRT file
 (`--srt`, default: next to a video, or runs/stream.srt for `synthetic`). `--no-wait`
 processes frames back to back and reports the delay a real-time run would have had.
 `--json` prints one JSON object with a `frames` list (index, t, text, new_tokens, wall_s,
-delay_s, kv_tokens, window_kv_tokens, kv_bytes, memory_bytes).
+delay_s, kv_tokens, window_kv_tokens, kv_bytes, memory_bytes). `--out captioned.mp4`
+re-encodes the whole input video (every frame, h264) with each caption drawn from the time
+it was produced (frame time + delay) until the next one (at most 3 s): what a viewer of
+the live stream would have seen.
 
 Video sources:
     synthetic        moving-shape clips of the synthetic benchmark's live_caption task
@@ -17,8 +21,11 @@ Video sources:
                      captions are shown next to the model's
     DIR              a folder of frames (jpg/png/webp), in numeric order, one per 1/fps s
     FILE.gif/.webp   an animated image (PIL decodes it), resampled to --fps
-    FILE.mp4 ...     not supported here: no video decoder (PyAV, decord, ffmpeg) is
-                     installed; extract frames first (`ffmpeg -i clip.mp4 -vf fps=2 DIR/%06d.jpg`)
+    FILE.mp4 ...     a video file (mp4, mkv, webm, mov, avi; anything PyAV opens), decoded
+                     as it is read: the frame nearest each 1/fps tick of the video's own
+                     clock (pts), paced to that clock unless --no-wait
+    URL, -           a stream PyAV opens (http, rtsp, ...) or stdin (`cat clip.mkv | ... --video -`),
+                     read as it arrives
 Bad input (missing checkpoint, checkpoint without run config, undecodable video, a frame
 of another size) ends with one message on stderr and exit code 2.
 """
@@ -29,12 +36,11 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 from pathlib import Path
 from typing import Iterator
 
-from data.converters import FRAME_SUFFIXES, VIDEO_FILE_SUFFIXES
+from casa.processing.video import is_video_source
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -58,34 +64,25 @@ def synthetic_clips(frames: int, seed: int = 0, size: int | None = None) -> tupl
     return out[:frames], refs[:frames]
 
 
-def _frame_number(p: Path) -> tuple[int, str]:
-    digits = re.findall(r"\d+", p.stem)
-    return (int(digits[-1]) if digits else -1, p.name)
-
-
-def a_fps(fps: float) -> str:
-    return f"{fps:g}"
-
-
 def video_frames(path: str, fps: float) -> Iterator:
-    """Frames of a folder, an animated image or a still image (InputError for anything else)."""
+    """Frames of a video file / URL / stdin, a frame folder, or an animated or still image
+    (InputError for anything else). Video frames are `Frame`s: they carry their own time."""
+    import itertools
+
     from PIL import Image, ImageSequence
 
     from casa.assistant import InputError
-    from data.video import sample_frames
+    from casa.processing.video import VideoError, open_video, sample_frames
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"--video {path!r} does not exist (a frame folder, a .gif/.webp, or 'synthetic')")
-    if p.is_dir():
-        frames = sorted((f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=_frame_number)
-        if not frames:
-            raise InputError(f"--video {path!r}: the folder holds no frames ({', '.join(FRAME_SUFFIXES)})")
-        return iter(frames)  # read lazily, one per arriving frame
-    if p.suffix.lower() in VIDEO_FILE_SUFFIXES:
-        raise InputError(f"--video {path!r} is a video file, and no video decoder library (PyAV, decord or ffmpeg) "
-                         f"is installed here; extract its frames into a folder first, e.g. "
-                         f"`ffmpeg -i {p.name} -vf fps={a_fps(fps)} DIR/%06d.jpg`, and pass --video DIR")
+    if not is_video_source(path) and not p.exists():
+        raise InputError(f"--video {path!r} does not exist (a video file, a URL, '-', a frame folder, "
+                         f"a .gif/.webp, or 'synthetic')")
+    if p.is_dir() or is_video_source(path):
+        try:
+            return open_video(path, fps).frames_at(fps)  # decoded lazily, one per arriving frame
+        except VideoError as e:
+            raise InputError(f"--video: {e}") from None
     try:
         img = Image.open(p)
         times, t, frames = [], 0.0, []
@@ -94,10 +91,26 @@ def video_frames(path: str, fps: float) -> Iterator:
             t += max(float(f.info.get("duration", 1000.0 / fps) or 1000.0 / fps), 1.0) / 1000.0
             frames.append(f.convert("RGB"))
     except Exception as e:  # PIL raises many types for bytes it cannot read
-        raise InputError(f"--video {path!r} cannot be decoded ({type(e).__name__}: {e}); give a frame folder, "
-                         f"an animated .gif/.webp, or 'synthetic'") from None
+        try:  # not an image: a video under a suffix not listed (.ts, .m4a, ...)? Only if a frame decodes
+            frames = open_video(path, fps).frames_at(fps)
+            first = next(frames, None)
+            if first is None:
+                raise VideoError(f"{path}: no frame decodes")
+            return itertools.chain([first], frames)
+        except VideoError as video_error:
+            raise InputError(f"--video {path!r} cannot be decoded as an image ({type(e).__name__}) nor as a video "
+                             f"({video_error}); give a video file, a frame folder, an animated .gif/.webp, or "
+                             f"'synthetic'") from None
     keep = sample_frames(times, fps, min_duration=0.0, max_duration=float("inf")) if len(frames) > 1 else [0]
     return iter([frames[i] for i in keep])
+
+
+def caption_cues(records: list[dict], hold: float = 3.0) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each caption as a live viewer sees it: from when it was produced
+    (frame time + delay) until the next caption is produced, at most `hold` s."""
+    said = [(r["t"] + max(r["delay_s"], 0.0), r["text"].strip()) for r in records if r["text"].strip()]
+    return [(t, min(said[k + 1][0], t + hold) if k + 1 < len(said) else t + hold, txt)
+            for k, (t, txt) in enumerate(said)]
 
 
 # ---------------------------------------------------------------------------------- output
@@ -138,7 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(p)
-    p.add_argument("--video", required=True, help="'synthetic', a frame folder, or an animated .gif/.webp")
+    p.add_argument("--video", required=True, help="a video file, a URL, '-' (stdin), a frame folder, an animated "
+                                                  ".gif/.webp, or 'synthetic'")
+    p.add_argument("--out", default=None, help="write the input video re-encoded with the captions drawn (mp4)")
     p.add_argument("--fps", type=float, default=2.0, help="frame rate of the stream (training: 2)")
     p.add_argument("--frames", type=int, default=None, help="stop after N frames (synthetic: default 48)")
     p.add_argument("--no-wait", action="store_true", help="do not wait for frames; report the real-time delay")
@@ -150,6 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.fps <= 0 or (a.frames is not None and a.frames < 1) or a.max_new_tokens < 1:
         p.error(f"--fps ({a.fps}) must be > 0, --frames ({a.frames}) and --max-new-tokens ({a.max_new_tokens}) >= 1")
+    if a.out and (a.video in ("synthetic", "-") or Path(a.video).is_dir() or not is_video_source(a.video)):
+        p.error(f"--out re-reads the input video: give a video file or URL as --video, not {a.video!r}")
     return a
 
 
@@ -178,7 +195,8 @@ def _run(a: argparse.Namespace, assistant) -> int:
         srt = Path(a.srt or "runs/stream.srt")
     else:
         frames = video_frames(a.video, a.fps)
-        srt = Path(a.srt) if a.srt else Path(a.video.rstrip("/")).with_suffix(".srt")
+        name = "runs/stream" if a.video == "-" or "://" in a.video else a.video.rstrip("/")
+        srt = Path(a.srt) if a.srt else Path(name).with_suffix(".srt")
     if a.frames:
         frames = itertools.islice(frames, a.frames)
     records = []
@@ -195,6 +213,10 @@ def _run(a: argparse.Namespace, assistant) -> int:
     srt.parent.mkdir(parents=True, exist_ok=True)
     srt.write_text(to_srt(records, a.fps))
     s = summary(records)
+    if a.out:
+        from data.video import write_captioned
+
+        s["out"] = write_captioned(a.video, a.out, caption_cues(records))
     if a.json:
         print(json.dumps({"ckpt": a.ckpt, "video": a.video, "fps": a.fps, "fusion": type(assistant.model.fusion).__name__,
                           "srt": str(srt), "summary": s, "frames": records}))
@@ -203,16 +225,19 @@ def _run(a: argparse.Namespace, assistant) -> int:
               f"final delay {s['final_delay_s']:.2f} s, text KV cache {s['kv_tokens_first']} -> {s['kv_tokens_last']} "
               f"tokens, memory {s['memory_bytes_first'] / 2**20:.0f} -> {s['memory_bytes_last'] / 2**20:.0f} MiB; "
               f"subtitles: {srt}")
+        if a.out:
+            print(f"captioned video: {a.out} ({s['out']['frames']} frames, {s['out']['duration_s']:.2f} s)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from casa.assistant import CheckpointError, InputError
+    from casa.processing.video import VideoError
 
     a = parse_args(argv)
     try:
         return run(a)
-    except (CheckpointError, InputError) as e:
+    except (CheckpointError, InputError, VideoError) as e:  # VideoError: a stream that breaks mid-way
         if os.environ.get("CASA_TRACEBACK"):
             raise
         print(f"experiments.stream: error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)

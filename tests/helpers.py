@@ -30,3 +30,26 @@ def tiny_module(fusion=None, **kw) -> CasaModule:
     args = dict(warmup_steps=1, val_max_new_tokens=4, val_max_samples=8)
     args.update(kw)
     return CasaModule(model, **args)
+
+
+def fit_demo_tiny(root: Path, synth: Path, logger: str = "false") -> Path:
+    """`experiments.fit` on the demo + tiny configs for 2 steps, no validation -> last.ckpt
+    (a checkpoint callback only; `logger`: the --trainer.logger value, JSON)."""
+    import json
+    import sys
+
+    from experiments.fit import main
+
+    configs = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    argv = sys.argv
+    sys.argv = ["experiments.fit"]  # LightningCLI(args=...) must not see pytest's argv
+    try:
+        main(["--config", str(configs / "demo.yaml"), "--config", str(configs.parents[1] / "tests" / "configs" / "tiny.yaml"),
+              "--run_dir", str(root / "run"), "--trainer.max_steps", "2", "--synth", "null",
+              "--data.init_args.train", str(synth), "--data.init_args.val", str(synth), "--model.val_generate", "false",
+              "--trainer.limit_val_batches", "0", "--trainer.logger", logger, "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false", "--trainer.callbacks", json.dumps(only_ckpt)])
+    finally:
+        sys.argv = argv
+    return root / "run" / "checkpoints" / "last.ckpt"

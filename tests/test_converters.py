@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from data.converters import captions_from_transcript, convert_llava, convert_videos, main
+from data.converters import captions_from_words
 from data.format import check_conversation
-from tests.data_fixtures import read_tar
+from data.video import sample_frames
+from tests.data_fixtures import encode_audio_only, encode_clip, read_counter, read_tar
 
 
 def read_all(summary) -> dict[str, dict[str, bytes]]:
@@ -125,14 +127,14 @@ def test_frames_folders_to_qa_video_samples(tmp_path):
     assert [m["content"][-1]["text"] for m in conv["messages"]] == ["What moves?", "a ball", "Where?", "left"]
 
 
-def test_only_video_files_fail_with_the_decoder_message(tmp_path, capsys):
+def test_only_video_files_in_the_folder_form_point_to_the_file_forms(tmp_path, capsys):
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "a.mp4").write_bytes(b"\x00")
-    with pytest.raises(ValueError, match="decod"):
+    with pytest.raises(ValueError, match="videos --json"):
         convert_videos("frames", tmp_path / "v", tmp_path / "out", progress=False)
     with pytest.raises(SystemExit):
         main(["frames", "--videos", str(tmp_path / "v"), "--out", str(tmp_path / "out")])
-    assert "ffmpeg" in capsys.readouterr().err
+    assert "livecc --jsonl" in capsys.readouterr().err
 
 
 def test_livecc_transcripts_become_frame_aligned_captions(tmp_path):
@@ -172,3 +174,104 @@ def test_livecc_separate_transcript_folder_and_cli(tmp_path, capsys):
     assert "written" in capsys.readouterr().out
     (files,) = read_all(s).values()
     assert json.loads(files["json"])["video"]["captions"] == [{"t": 1.0, "text": "it bounces"}]
+
+
+# ---------------------------------------------------------------------------------- video files
+def test_llava_video_qa_over_video_files_counts_broken_ones(tmp_path):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    times = [i / 25 for i in range(300)]  # 12 s at 25 fps -> 2 fps: 23 frames
+    encode_clip(vids / "a.mp4", times, size=(96, 64))
+    data = (vids / "a.mp4").read_bytes()
+    (vids / "cut.mp4").write_bytes(data[: len(data) // 3])
+    encode_audio_only(vids / "audio.mp4")
+    qa = [{"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": "stripes"}]
+    records = [{"id": "a", "video": "a.mp4", "conversations": qa},
+               {"id": "cut", "video": "cut.mp4", "conversations": qa},
+               {"id": "audio", "video": "audio.mp4", "conversations": qa},
+               {"id": "gone", "video": "nope.mp4", "conversations": qa},
+               {"id": "noanswer", "video": "a.mp4", "conversations": qa[:1]}]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
+    s = main(["videos", "--json", str(tmp_path / "qa.jsonl"), "--videos", str(vids), "--out", str(tmp_path / "out"),
+              "--max-pixels", str(48 * 32)])
+    assert s.written == 1 and dict(s.skipped) == {"bad_video": 2, "missing_video": 1, "no_answer": 1,
+                                                  "malformed_record": 1}
+    (files,) = read_all(s).values()
+    conv = json.loads(files["json"])
+    v = conv["video"]
+    expected = sample_frames(times)
+    assert v["layout"] == "qa" and v["timestamps"] == pytest.approx([times[i] for i in expected], abs=1e-3)
+    by_ref = {k.split(".")[0]: Image.open(io.BytesIO(b)) for k, b in files.items() if k != "json"}
+    assert [read_counter(by_ref[r]) for r in v["frames"]] == [i % 256 for i in expected]
+    assert by_ref[v["frames"][0]].size == (48, 32)  # downscaled to --max-pixels, aspect kept
+    assert conv["messages"][0]["content"] == [{"type": "video"}, {"type": "text", "text": "What moves?"}]
+
+
+def test_captions_from_words_follow_livecc_said_by_the_frame():
+    times = [0.0, 0.5, 1.0, 1.5]
+    words = [[0.0, 0.2, "a"], [0.3, 0.5, "ball"], [0.6, 0.9, "rolls"], [1.2, 1.9, "late"], [9.0, 9.5, "gone"]]
+    #   frame 0.0: "a" (not yet ended at 0.0 -> after frame 0.5)   said by 0.5: a ball   by 1.0: rolls
+    assert captions_from_words(words, times) == [{"t": 0.5, "text": "a ball"}, {"t": 1.0, "text": "rolls"}]
+    assert captions_from_words([[10.1, 10.5, "x"]], times, offset=10.0) == [{"t": 0.5, "text": "x"}]
+
+
+def test_livecc_jsonl_over_video_files(tmp_path):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    times = [i / 30 for i in range(600)]  # 20 s at 30 fps
+    encode_clip(vids / "game.mp4", times)
+
+    def record(start, end, stream, video="game.mp4"):
+        return [{"role": "user", "content": [{"type": "video", "video": video, "video_start": start, "video_end": end},
+                                              {"type": "text", "text": "Commentate."}]},
+                {"role": "assistant", "content": [{"type": "text_stream", "text_stream": stream}]}]
+
+    stream = [[4.1, 4.4, "kick"], [4.5, 5.2, "off"], [12.0, 12.3, "goal"], [19.0, 19.2, "after"]]
+    lines = [record(4.0, 16.0, stream), record(0, 3, [[0.1, 0.2, "x"]], video="missing.mp4"),
+             record(4.0, 16.0, [[1.0, 2.0]]), record(4.0, 16.0, [[19.0, 19.2, "after"]])]
+    with open(tmp_path / "live.jsonl", "w") as f:
+        for r in lines:
+            f.write(json.dumps(r) + "\n")
+        f.write(json.dumps([0, 311, 622, 933]) + "\n")  # LiveCC's seek-offset line
+    s = main(["livecc", "--jsonl", str(tmp_path / "live.jsonl"), "--videos", str(vids), "--out", str(tmp_path / "o")])
+    assert s.written == 1 and dict(s.skipped) == {"missing_video": 1, "malformed_transcript": 1, "empty_transcript": 1}
+    (files,) = read_all(s).values()
+    conv = json.loads(files["json"])
+    v = conv["video"]
+    kept = [i for i, t in enumerate(times) if 4.0 - 1e-6 <= t <= 16.0 + 1e-6]
+    expected = [kept[0] + i for i in sample_frames([times[i] for i in kept])]
+    by_ref = {k.split(".")[0]: Image.open(io.BytesIO(b)) for k, b in files.items() if k != "json"}
+    assert [read_counter(by_ref[r]) for r in v["frames"]] == [i % 256 for i in expected]
+    assert v["timestamps"][0] == 0.0 and v["timestamps"][-1] == pytest.approx(12.0, abs=1e-3)
+    # words on the video's clock, frames from 4.0 s: "kick" ends 4.4 -> the frame at 4.5 (0.5 in the clip)
+    assert v["captions"] == [{"t": 0.5, "text": "kick"}, {"t": 1.5, "text": "off"}, {"t": 8.5, "text": "goal"}]
+    assert v["prompt"] == "Commentate." and v["layout"] == "caption"
+
+
+def test_demo_videos_round_trip_through_the_published_formats(tmp_path):
+    """Synthetic clips -> mp4 + LiveCC / LLaVA-Video records (data.video_demo) -> converters:
+    the shards hold the synthetic task's own captions at its own frame times, and its QA."""
+    import random
+
+    from data.synth_tasks.video import direction, live_caption
+    from data.video_demo import write_demo
+
+    assert write_demo(tmp_path / "d", clips=4, val=0, size=56) == {
+        "livecc.jsonl": 2, "videos.jsonl": 2, "val-livecc.jsonl": 0, "val-videos.jsonl": 0}
+    d = tmp_path / "d"
+    # QA first: the captions' summary must not count the train-qa shards as its own (train-*)
+    qa = main(["videos", "--json", str(d / "videos.jsonl"), "--videos", str(d / "videos"), "--out",
+               str(tmp_path / "s"), "--prefix", "train-qa", "--min-duration", "0"])
+    live = main(["livecc", "--jsonl", str(d / "livecc.jsonl"), "--videos", str(d / "videos"), "--out",
+                 str(tmp_path / "s"), "--min-duration", "0"])
+    assert [Path(p).name for p in live.shards] == ["train-000000.tar"]
+    assert live.written == 2 and qa.written == 2 and not live.skipped and not qa.skipped
+    for k, files in enumerate(read_all(live).values()):
+        want, _ = live_caption(random.Random(f"video-demo/0/{2 * k}"), 56)
+        v = json.loads(files["json"])["video"]
+        assert v["timestamps"] == pytest.approx(want["video"]["timestamps"], abs=1e-3)
+        assert v["captions"] == want["video"]["captions"]
+    for k, files in enumerate(read_all(qa).values()):
+        want, _ = direction(random.Random(f"video-demo/0/{2 * k + 1}"), 56)
+        got = json.loads(files["json"])
+        assert got["messages"] == want["messages"] and len(got["video"]["frames"]) == len(want["video"]["frames"])

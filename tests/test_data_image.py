@@ -77,10 +77,12 @@ def test_truncated_jpeg_raises_image_error():
 @pytest.mark.parametrize("size,max_pixels,min_pixels", [((130, 90), 112 * 112, 56 * 56), ((300, 41), 224 * 224, 56 * 56),
                                                         ((20, 30), 224 * 224, 56 * 56), ((644, 476), 448 * 448, 56 * 56)])
 def test_patchify_equals_qwen2vl_image_processor(size, max_pixels, min_pixels):
-    from transformers import Qwen2VLImageProcessor  # falls back to its PIL implementation without torchvision
+    # the PIL backend, named: `Qwen2VLImageProcessor` resolves to the torchvision one when torchvision
+    # is installed, whose bicubic resize is not PIL's; our pixels are PIL's (casa.processing.image)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    ref = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)(images=[img], return_tensors="pt")
+    ref = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(images=[img], return_tensors="pt")
     pv, grid = patchify(img, max_pixels, min_pixels)
     assert grid == ref["image_grid_thw"][0].tolist()
     torch.testing.assert_close(pv, ref["pixel_values"].float())

@@ -1,6 +1,6 @@
 """What `fit` writes under FSDP2 (a DCP checkpoint directory) is read by every casa reader:
 the next stage's `init_from`, `experiments.evaluate`, `experiments.stream`,
-`casa.assistant.load` and `experiments.consolidate`, with the trained weights.
+`casa.assistant.load`, `experiments.consolidate` and `experiments.export`, with the trained weights.
 
 The reference for "the trained weights" is torch's own conversion of the directory
 (`torch.distributed.checkpoint.format_utils.dcp_to_torch_save`), not our reader."""
@@ -63,6 +63,10 @@ def test_fsdp2_checkpoint_directory_is_read_by_every_reader(in_tmp, capsys, monk
     assistant = load(last)
     _assert_same(assistant.model.state_dict(), reference)
     assert assistant.global_step == 2
+
+    from experiments.export import export  # the Hugging Face export (tests/test_export.py)
+
+    _assert_same(load(export(last, in_tmp / "hf")).model.state_dict(), reference)
 
     from experiments.consolidate import main as consolidate
 

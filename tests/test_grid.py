@@ -32,6 +32,13 @@ EXPECTED = {
     "table7": ["every_k-k2", "every_k-k4", "first_k-k2", "first_k-k4", "first_last_k-k2", "first_last_k-k4"],
     "table6a_seeds": [f"{f}-s{i}" for f in ("casa_plus", "cross_attention", "insertion") for i in range(3)],
     "strategies": strategies.names(),  # `strategies: all`: the whole matrix, a new YAML included
+    # the protocol's grids (docs/reproduction.md), three seeds each
+    "protocol_table6a": [f"{f}-s{i}" for f in ("casa_plus", "casa_before", "casa_replace", "cross_attention",
+                                               "gated_cross_attention", "insertion") for i in range(3)],
+    "protocol_table6b": [f"{f}-s{i}" for f in ("qformer_q2", "qformer_q4", "insertion") for i in range(3)],
+    "protocol_table7": [f"{p}-{k}-s{i}" for p in ("every_k", "first_k", "first_last_k") for k in ("k2", "k4")
+                        for i in range(3)],
+    "protocol_table8": [f"{m}-s{i}" for m in ("none", "self", "rnd", "rnd_txt") for i in range(3)],
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
 TINY_GRID_2X2 = ROOT / "tests" / "configs" / "tiny_grid_2x2.yaml"  # x seeds s0, s1
@@ -160,7 +167,7 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
 
 @pytest.mark.parametrize("text, message", [
     (f"base: {TINY}\naxis: []\n",
-     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm'\]"),
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm', 'wandb'\]"),
     (f"base: {TINY}\naggregate: seed\naxes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n",
      r"aggregate: 'seed' is not an axis of this grid; axes: \['fusion'\]"),
     (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
@@ -192,6 +199,8 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
     (f"base: {TINY}\naxes: [{{name: f, values: [{{label: a, overrides: [1]}}]}}]\n",
      r"Parser key \"overrides\":(.|\n)*Expected a <class 'dict'>"),
     (f"base: {TINY}\naxes: {{name: f}}\n", r"Parser key \"axes\":(.|\n)*Expected a <class 'list'>"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}]}}]\nwandb: {{mode: cloud}}\n",
+     r"Parser key \"mode\":(.|\n)*Expected a typing.Literal\['online', 'offline'\]. Got value: cloud"),
     (f"base: {TINY}\naxes: [[]]\n", r"axes\[0\]: expected a mapping with keys \['name', 'values', 'strategies'\], got \[\]"),
     (f"base: {TINY}\naxes: [{{name: f, strategies: all, values: [{GOOD_VALUE}]}}]\n",
      r"axes\[0\]: axis 'f' needs exactly one of 'values' or 'strategies', got \['name', 'strategies', 'values'\]"),
@@ -490,6 +499,55 @@ def test_status_shows_each_runs_state_from_its_run_dir(tmp_path, at_root, capsys
         "waits": ["queued", "job 123_4"],
         "new": ["pending", ""]}
     assert not (out / "new").exists()
+
+
+def _wandb_records(run_file: Path) -> list:
+    """The records of a W&B run file (`run-<id>.wandb`): a ":W&B" header, then LevelDB-log
+    chunks (crc32, length, type; 32 KiB blocks) holding `wandb_internal_pb2.Record` protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, part = run_file.read_bytes(), 7, 32768, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            records.append(record)
+            part = b""
+    return records
+
+
+def test_a_grid_with_wandb_logs_every_run_offline_with_its_group_tags_and_labels(tmp_path, at_root, monkeypatch):
+    """`wandb: {project, mode: offline}` in a grid file: each run also logs to Lightning's
+    WandbLogger, offline under RUN_DIR/wandb, with the grid's name as the W&B group, its labels
+    as tags, the grid labels in its config, and its training curve."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = yaml.safe_load(TINY_GRID.read_text())
+    spec["axes"][0]["values"] = spec["axes"][0]["values"][:1]
+    spec["wandb"] = {"project": "casa-test", "mode": "offline"}
+    grid = tmp_path / "wb_grid.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    results, output = run(grid, tmp_path / "out")
+    assert [r.status for r in results] == ["finished"], output
+    (run_file,) = (results[0].run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = _wandb_records(run_file)
+    (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (info.project, info.run_group, list(info.tags), info.display_name) == (
+        "casa-test", "wb_grid", ["casa_plus", "s2"], "casa_plus-s2")
+    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for u in r.config.update}
+    assert config["grid/fusion"] == "casa_plus" and config["grid/steps"] == "s2" and "warmup_steps" in config
+    logged = {i.key or "/".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+              for i in r.history.item}
+    assert {"val/loss", "attention/layer_00/self"} <= logged, sorted(logged)
 
 
 def test_every_run_logs_its_grid_labels_as_tensorboard_hparams(tiny):

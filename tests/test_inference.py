@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import tiny_synth
+from tests.helpers import fit_demo_tiny, tiny_synth
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
@@ -29,22 +29,9 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """-> {"synth", "casa", "insertion", "no_config", "root"}: the data and checkpoint paths."""
-    from experiments.fit import main
-
     root = tmp_path_factory.mktemp("inference")
     synth = tiny_synth(root)
-    only_ckpt = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
-    argv = sys.argv
-    sys.argv = ["experiments.fit"]  # LightningCLI(args=...) must not see pytest's argv
-    try:
-        main(["--config", str(DEMO), "--config", str(TINY), "--run_dir", str(root / "run"), "--trainer.max_steps", "2",
-              "--synth", "null", "--data.init_args.train", str(synth), "--data.init_args.val", str(synth),
-              "--model.val_generate", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.callbacks", json.dumps(only_ckpt)])
-    finally:
-        sys.argv = argv
-    casa = root / "run" / "checkpoints" / "last.ckpt"
+    casa = fit_demo_tiny(root, synth)
     ckpt = torch.load(casa, map_location="cpu", weights_only=False)
     # insertion: the same run config with another fusion strategy, weights of a fresh build
     from casa.rebuild import build_model
@@ -175,19 +162,38 @@ def test_mask_changes_casa_answers_and_is_refused_elsewhere(run):
         load(run["insertion"]).set_inference_mask("self")
 
 
-def test_checkpoint_without_config_loads_with_its_yaml_configs(run):
+def test_checkpoint_without_config_loads_with_its_yaml_configs(run, tmp_path):
     from casa.assistant import load
-    from casa.rebuild import merge_configs
+    from casa.checkpoint import CheckpointError
+    from casa.train.cli import parse_run_config
 
     a, b = load(run["casa"]), load(run["no_config"], config_files=[DEMO, TINY])
     assert type(b.model.fusion) is type(a.model.fusion) and b.settings == a.settings
     for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(p, q), name
-    # composition: dicts merge, a new class_path replaces the component with its own init_args
-    base = {"fusion": {"class_path": "CASA", "init_args": {"mode": "plus"}}, "lr": 1, "keep": {"a": 1}}
-    over = {"fusion": {"class_path": "QFormer", "init_args": {"num_queries": 8}}, "lr": 2, "keep": {"b": 2}}
-    assert merge_configs(base, over) == {"fusion": over["fusion"], "lr": 2, "keep": {"a": 1, "b": 2}}
+    # composition is the fit CLI's: a strategy YAML with another class_path replaces the fusion whole
+    # (CASA's `mode` does not leak into QFormer), and the parser fills in every default
+    qformer = ROOT / "experiments" / "configs" / "strategies" / "qformer.yaml"
+    fusion = parse_run_config([DEMO, TINY, qformer])["model"]["model"]["init_args"]["fusion"]
+    assert fusion["class_path"] == "casa.fusion.QFormer" and "mode" not in fusion["init_args"]
+    assert yaml.safe_load(qformer.read_text())["model"]["model"]["init_args"]["fusion"]["init_args"].items() \
+        <= fusion["init_args"].items()
+    # an invalid value is the parser's error, naming the field and the choices
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    template: chatml\n")
+    with pytest.raises(CheckpointError, match=r"(?s)template.*chatml"):
+        load(run["no_config"], config_files=[DEMO, TINY, bad])
 
+
+def test_reading_a_run_config_does_not_seed_the_callers_generators():
+    """Parsing builds nothing and leaves the RNG alone (the stored config has seed_everything: 0)."""
+    from casa.train.cli import parse_run_config
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    config = parse_run_config([DEMO, TINY])
+    assert config["seed_everything"] == 0 and torch.equal(torch.rand(3), expected)
 
 
 # Every class a checkpoint written before the package layering (issue 15, step 1) names: the
@@ -216,7 +222,8 @@ def test_checkpoints_name_no_moved_module_and_old_ones_still_load(run):
 
     # weights_only: plain tensors and containers, no pickled class whose module could move
     ckpt = torch.load(run["casa"], map_location="cpu", weights_only=True)
-    assert ckpt["hparams_name"] == "kwargs" and "model" not in ckpt["hyper_parameters"]
+    # the model hyperparameter is its spec (class_path + init_args), not a pickled module
+    assert ckpt["hparams_name"] == "kwargs" and ckpt["hyper_parameters"]["model"]["class_path"] == "casa.model.VisionLanguageModel"
     stored = _class_paths(yaml.safe_load(ckpt["casa_config"]))
     assert "casa.model.VisionLanguageModel" in stored
     for path in sorted(set(stored) | set(OLD_CHECKPOINT_CLASS_PATHS)):
@@ -248,7 +255,7 @@ def test_evaluate_json(run, capsys, monkeypatch):
     assert {"color", "shape", "count", "video_direction", "live_caption"} <= set(out["tasks"])
     assert "live_caption_stream" in out["tasks"] and {"coarse", "video"} == set(out["groups"])
     for values in [*out["tasks"].values(), *out["groups"].values()]:
-        assert set(values) == {"exact_match", "relaxed_accuracy", "anls"}
+        assert set(values) == {"exact_match", "relaxed_accuracy", "anls", "vqa_accuracy"}  # no options: no choice metrics
         assert all(0.0 <= v <= 1.0 for v in values.values())
     seen = []  # --mask reaches the CASA layers and generation runs uncached
     answer_batch = Assistant.answer_batch
@@ -325,7 +332,7 @@ def bad_inputs(run) -> list[tuple[str, list[str], str]]:
     return [
         ("missing checkpoint", [*stream, "--ckpt", str(root / "nope.ckpt"), "--video", "synthetic"], "does not exist"),
         ("no casa_config", [*stream, "--ckpt", str(run["no_config"]), "--video", "synthetic"], "casa_config"),
-        ("video file", [*stream, "--ckpt", str(run["casa"]), "--video", str(root / "clip.mp4")], "no video decoder"),
+        ("video file", [*stream, "--ckpt", str(run["casa"]), "--video", str(root / "clip.mp4")], "cannot open as a video"),
         ("undecodable", [*stream, "--ckpt", str(run["casa"]), "--video", str(root / "broken.gif")], "cannot be decoded"),
         ("frame size", [*stream, "--ckpt", str(run["casa"]), "--video", str(frames)], "frame 2 is 64x64"),
         ("eval missing ckpt", [*evaluate, "--ckpt", str(root / "nope.ckpt"), "--data", str(run["synth"])], "does not exist"),

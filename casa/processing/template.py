@@ -6,11 +6,15 @@ or open a window there).
 
     helium      <|user|>{text; an image opens a window at its text position}<|end|>
                 <|assistant|>{answer}<|end|>
-    qwen2_5_vl  <|im_start|>user\\n<|vision_start|>[image]<|vision_end|>{text}<|im_end|>\\n
+    qwen2_5_vl  <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n   (unless the
+                conversation opens with its own system turn)
+                <|im_start|>user\\n<|vision_start|>[image]<|vision_end|>{text}<|im_end|>\\n
                 <|im_start|>assistant\\n{answer}<|im_end|>\\n
-                The image's position is the index of <|vision_end|> (the token it precedes);
-                with a tokenizer without <|im_*|> tokens (the char tokenizer) the turns use
-                our <|user|> ... <|end|> specials instead.
+                The image's position is the index of <|vision_end|> (the token it precedes):
+                Qwen2.5-VL-Instruct's own chat template with its <|image_pad|> run taken out
+                (tests/test_data_templates.py renders that Jinja template and compares). With a
+                tokenizer without <|im_*|> tokens (the char tokenizer) the turns use our
+                <|user|> ... <|end|> specials instead, without the default system turn.
 
 A tokenizer that lacks the <|user|>/<|end|> specials (e.g. a stock Helium or Llama
 tokenizer) gets plain-text role markers ("User: ", "Assistant: ") and its EOS as the end
@@ -27,6 +31,11 @@ from dataclasses import dataclass
 TEMPLATES = ("helium", "qwen2_5_vl")
 OUR_TURNS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 PLAIN_TURNS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
+"""The system turn Qwen2.5-VL-Instruct's chat template opens every conversation with when the
+conversation has none."""
+IMAGE_PAD = "<|image_pad|>"
+"""What `render` / `jinja` write for an image (Qwen's placeholder; the char tokenizer has it too)."""
 CAPTION_PROMPT = "Describe what happens."
 """The user prompt that opens a live-captioning conversation (`data.video`'s caption layout, and
 `casa.assistant`'s stream)."""
@@ -45,6 +54,16 @@ class Encoded:
     answer: str = ""
     """Reference text of the last assistant answer."""
 
+    def with_placeholders(self, placeholder_id: int) -> list[int]:
+        """input_ids with `placeholder_id` inserted at each image position: the ids a Jinja
+        rendering (`ChatTemplate.jinja`, Qwen's template) tokenises to, with one
+        placeholder per image."""
+        out, last = [], 0
+        for p in self.image_positions:
+            out += self.input_ids[last:p] + [placeholder_id]
+            last = p
+        return out + self.input_ids[last:]
+
 
 class ChatTemplate:
     """Args:
@@ -59,10 +78,13 @@ class ChatTemplate:
         self.name, self.tok = name, tokenizer
         self.vocab = tokenizer.get_vocab()
         self.vision = name == "qwen2_5_vl"
+        self.default_system: str | None = None
+        """Text of the system turn opening a conversation that has none (Qwen's layout only)."""
         if self.vision and "<|im_start|>" in self.vocab and "<|im_end|>" in self.vocab:
             # Qwen's own layout: <|im_start|>role\n ... <|im_end|>\n
             self.turn_open = {r: ["<|im_start|>", f"{r}\n"] for r in OUR_TURNS}
             self.end_token, self.after_end = "<|im_end|>", ["\n"]
+            self.default_system = QWEN_DEFAULT_SYSTEM
         elif all(t in self.vocab for t in (*OUR_TURNS.values(), "<|end|>")):
             self.turn_open = {r: [t] for r, t in OUR_TURNS.items()}
             self.end_token, self.after_end = "<|end|>", []
@@ -111,8 +133,12 @@ class ChatTemplate:
             ids.extend(tokens)
             mask.extend([target] * len(tokens))
 
+        if self.default_system is not None and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}, *messages]
         for m in messages:
             role = m["role"]
+            if isinstance(m["content"], str):  # the Hugging Face shorthand for one text item
+                m = {**m, "content": [{"type": "text", "text": m["content"]}]}
             add(self._pieces(self.turn_open[role]), False)
             if role == "assistant":
                 text = "".join(c.get("text", "") for c in m["content"] if c["type"] == "text")
@@ -138,6 +164,34 @@ class ChatTemplate:
         if image_token_counts is not None and len(image_token_counts) != len(positions):
             raise ValueError(f"{len(image_token_counts)} image token counts for {len(positions)} images in the conversation")
         return Encoded(ids, mask, positions, prompt_len, answer)
+
+
+    # ------------------------------------------------------------------ Jinja
+    def jinja(self) -> str:
+        """This template as a Hugging Face chat template (Jinja), for `tokenizer.chat_template`:
+        `tokenizer.apply_chat_template(messages, add_generation_prompt=...)` renders the text
+        whose tokens are `encode(messages).with_placeholders(<|image_pad|>)` (the generation
+        prompt: the tokens before `prompt_len`). Images render as `<|image_pad|>` (inside
+        <|vision_start|> ... <|vision_end|> for qwen2_5_vl), or as nothing with a tokenizer that
+        lacks it; videos must be expanded into images first, as for `encode`."""
+        def lit(s: str) -> str:  # a Jinja string literal
+            return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+        opens = {r: "".join(p) for r, p in self.turn_open.items()}
+        pad = IMAGE_PAD if IMAGE_PAD in self.vocab else ""
+        image = f"<|vision_start|>{pad}<|vision_end|>" if self.vision else pad
+        close = self.end_token + "".join(self.after_end)
+        system = ("" if self.default_system is None else
+                  "{% if loop.first and message['role'] != 'system' %}{{ " + lit(opens["system"] + self.default_system + close)
+                  + " }}{% endif %}")
+        return ("{% set opens = {" + ", ".join(f"{lit(r)}: {lit(o)}" for r, o in opens.items()) + "} %}"
+                "{% for message in messages %}" + system + "{{ opens[message['role']] }}"
+                "{% if message['content'] is string %}{{ message['content'] }}"
+                "{% else %}{% for content in message['content'] %}"
+                "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{{ " + lit(image) + " }}"
+                "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+                "{{ " + lit(close) + " }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ opens['assistant'] }}{% endif %}")
 
 
 _CACHE: dict[tuple[str, int], ChatTemplate] = {}

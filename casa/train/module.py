@@ -16,13 +16,14 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch.distributed.fsdp import FSDPModule
 
 from casa.batch import PackedBatch
 from casa.generation import GenerationConfig, generate, truncate_samples
-from casa.model import VisionLanguageModel
-from casa.train.metrics import GroupedAnswerMetrics, WeightedMean
-from casa.train.optim import build_optimizer, build_scheduler
+from casa.model import VisionLanguageModel, answer_loss_per_sample
+from casa.train.metrics import GroupedAnswerMetrics, GroupedLoss, WeightedMean
+from casa.train.optim import build_optimizer, build_scheduler, random_init_in_pretrained
 
 
 def _synchronize(device: torch.device) -> None:
@@ -48,6 +49,10 @@ def block_precision_policies(dtype: torch.dtype | None):
             MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
 
 
+_CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+"""What LightningCLI records in the hyperparameters it gives (`load_from_checkpoint` calls it)."""
+
+
 class CasaModule(L.LightningModule):
     """Args:
         model: the vision-language model (backbone + vision + fusion).
@@ -69,13 +74,23 @@ class CasaModule(L.LightningModule):
         activation_checkpointing: recompute each decoder block in the backward pass.
         fsdp_param_dtype: under FSDP2 (`ModelParallelStrategy`), the parameter dtype of the
             sharded blocks' compute ("bfloat16" on H100s; gradients are reduced in fp32).
+        require_pretrained: refuse to train (ValueError at `configure_optimizers`) when a
+            trainable parameter in the "pretrained" group comes from a randomly initialised
+            backbone or vision tower (`casa.train.optim.random_init_in_pretrained`): the
+            protocol's guard for the paper's learning-rate rule.
+        perplexity_groups: validation task groups that measure the LM's held-out text (the
+            synthetic `lm` group, docs/reproduction.md): their samples are scored by answer
+            loss only, logged as `val_ppl/<task>` = exp(loss per answer token), and never
+            scored by generation (nor counted in `val_max_samples`). Every task's answer loss
+            is logged as `val_task/<task>/loss`.
     """
 
     def __init__(self, model: VisionLanguageModel, lr_new: float = 1e-4, lr_pretrained: float = 1e-5,
                  weight_decay: float = 0.0, warmup_steps: int = 100, decay_steps: int = 0, val_generate: bool = True,
                  val_max_new_tokens: int = 16, val_predictions: bool = True, val_max_samples: int = 256, compile: bool = False,
                  activation_checkpointing: bool = False, fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
-                 init_from: str | None = None):
+                 init_from: str | None = None, require_pretrained: bool = False,
+                 perplexity_groups: list[str] = ["lm"]):
         super().__init__()
         if lr_new <= 0 or lr_pretrained < 0:
             raise ValueError(f"CasaModule: lr_new={lr_new} must be > 0 and lr_pretrained={lr_pretrained} >= 0")
@@ -85,11 +100,17 @@ class CasaModule(L.LightningModule):
         model.activation_checkpointing = activation_checkpointing
         if init_from is not None:
             self._load_weights(init_from)
-        self.save_hyperparameters(ignore=["model"])
+        # Under the fit CLI the hyperparameters are the parsed config, `model` being the
+        # VisionLanguageModel's spec (class_path + init_args): Lightning stores it in every
+        # checkpoint (load_from_checkpoint rebuilds the model from it) and the loggers show it
+        # (TensorBoard's HParams). Built in Python, `model` is a module, not a hyperparameter.
+        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["model"])
         self.task_metrics = GroupedAnswerMetrics()
         self.group_metrics = GroupedAnswerMetrics()
         # sum of loss x answer tokens over sum of answer tokens, synced once per epoch
         self.val_loss = WeightedMean()
+        self.task_loss = GroupedLoss()  # per task, every validation sample
+        self.text_loss = GroupedLoss()  # per task, the perplexity groups' samples only
         self._val_generated = 0  # generated validation samples, summed over ranks
         self._val_answers: list[dict] = []  # this rank's generated answers of the current validation run
         self._step_start: float | None = None  # host clock at the first micro-batch of the current optimizer step
@@ -163,7 +184,18 @@ class CasaModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        opt = build_optimizer(self.model.parameter_groups(), h.lr_new, h.lr_pretrained, h.weight_decay)
+        groups = self.model.parameter_groups()
+        if h.require_pretrained:
+            random_init = tuple(f"{name}." for name in ("backbone", "vision")
+                                if not getattr(getattr(self.model, name), "loaded", True))
+            # init_from loads every weight from an earlier stage: nothing is random then
+            bad = [] if h.init_from else random_init_in_pretrained(groups, random_init)
+            if bad:
+                raise ValueError(f"CasaModule.require_pretrained=True but {len(bad)} trainable parameters of the "
+                                 f"\"pretrained\" group (lr_pretrained={h.lr_pretrained}) are randomly initialised, "
+                                 f"e.g. {bad[:3]}: load them (Backbone.path / VisionEncoder.path), freeze them, or "
+                                 f"set require_pretrained: false")
+        opt = build_optimizer(groups, h.lr_new, h.lr_pretrained, h.weight_decay)
         total = int(self.trainer.max_steps) if self.trainer and self.trainer.max_steps > 0 else 0
         if total <= 0:
             raise ValueError("trainer.max_steps must be set: the data streams have no fixed length")
@@ -181,6 +213,8 @@ class CasaModule(L.LightningModule):
         self._val_generated = 0
         self._val_answers = []
         self.val_loss.reset()
+        self.task_loss.reset()
+        self.text_loss.reset()
         self.task_metrics.reset()
         self.group_metrics.reset()
 
@@ -189,14 +223,20 @@ class CasaModule(L.LightningModule):
         padding = _is_padding(batch)
         # token-weighted; a padding batch has weight 0: it counts nothing but is still an update
         self.val_loss.update(out.loss, 0 if padding else out.num_targets)
+        if not padding and batch.meta:
+            self._update_task_losses(batch, out.logits)
         if not self._generation_wanted():
             return
         generatable = bool(batch.meta) and all("answer" in m and "prompt_len" in m for m in batch.meta)
-        real = 0 if padding or not generatable else len(batch.meta)
-        # one all-reduce: [samples scored this step, ranks whose batch cannot be generated]
-        counts = self._sum_over_ranks(torch.tensor([real, int(not generatable)], device=self.device))
-        scored, refusals = (int(c) for c in counts.tolist())
-        if refusals:  # no rank generates, or some would generate alone
+        # samples of the perplexity groups are generated with their batch but never scored
+        scoring = [m.get("group") not in self.hparams.perplexity_groups for m in batch.meta]
+        real = 0 if padding or not generatable else sum(scoring)
+        # one all-reduce: [samples scored this step, ranks whose batch cannot be generated,
+        # ranks with a sample to score]
+        counts = self._sum_over_ranks(torch.tensor([real, int(not generatable), int(not padding and any(scoring))],
+                                                   device=self.device))
+        scored, refusals, wanted = (int(c) for c in counts.tolist())
+        if refusals or not wanted:  # no rank generates, or some would generate alone, or nothing to score
             return
         tok = self._tokenizer()
         prompts = truncate_samples(batch, [m["prompt_len"] for m in batch.meta],
@@ -208,12 +248,25 @@ class CasaModule(L.LightningModule):
         if padding:
             return
         stop = set(self._stop_ids())
-        preds = [tok.decode([t for t in g if t not in stop], skip_special_tokens=True) for g in gen]
-        refs = [m["answer"] for m in batch.meta]
-        self.task_metrics.update([m.get("task", "all") for m in batch.meta], preds, refs)
-        self.group_metrics.update([m.get("group", "all") for m in batch.meta], preds, refs)
+        meta = [m for m, keep in zip(batch.meta, scoring) if keep]
+        preds = [tok.decode([t for t in g if t not in stop], skip_special_tokens=True)
+                 for g, keep in zip(gen, scoring) if keep]
+        self.task_metrics.update_samples("task", preds, meta)  # all accepted answers, options
+        self.group_metrics.update_samples("group", preds, meta)
+        refs = [m["answer"] for m in meta]
         self._val_answers += [{"key": m.get("key"), "task": m.get("task", "all"), "group": m.get("group", "all"),
-                               "prediction": p, "reference": r} for m, p, r in zip(batch.meta, preds, refs)]
+                               "prediction": p, "reference": r} for m, p, r in zip(meta, preds, refs)]
+
+    def _update_task_losses(self, batch: PackedBatch, logits: torch.Tensor) -> None:
+        """Answer loss per task (and per perplexity-group task) of a real validation batch."""
+        S = len(batch.meta)
+        sums, counts = answer_loss_per_sample(logits[:batch.num_text_tokens], batch.labels, batch.sample_cu_seqlens)
+        sums, counts = sums[:S], counts[:S]  # [S]
+        tasks = [m.get("task", "all") for m in batch.meta]
+        self.task_loss.update(tasks, sums, counts)
+        text = [i for i, m in enumerate(batch.meta) if m.get("group") in self.hparams.perplexity_groups]
+        if text:
+            self.text_loss.update([tasks[i] for i in text], sums[text], counts[text])
 
     def _generation_wanted(self) -> bool:
         """Generate this batch? The same answer on every rank: `_val_generated` counts all ranks."""
@@ -230,6 +283,11 @@ class CasaModule(L.LightningModule):
         # every rank ran the same number of validation steps, so update_count agrees across ranks
         if self.val_loss.update_count:
             self.log("val/loss", self.val_loss.compute(), prog_bar=True, rank_zero_only=False)
+        # collectives: every rank computes both (the key union is gathered first)
+        for task, values in self.task_loss.compute().items():
+            self.log(f"val_task/{task}/loss", values["loss"], rank_zero_only=False)
+        for task, values in self.text_loss.compute().items():
+            self.log(f"val_ppl/{task}", torch.exp(torch.tensor(values["loss"])), rank_zero_only=False)
         if not self.hparams.val_generate:
             return
         for prefix, metrics in (("val_task", self.task_metrics), ("val_group", self.group_metrics)):
@@ -267,6 +325,39 @@ class CasaModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.run_config = checkpoint.get("casa_config", self.run_config)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's loader for every checkpoint `experiments.fit` writes: a file, or FSDP2's
+        directory (read by `casa.checkpoint.read_checkpoint`, without optimizer states).
+
+        The model is rebuilt from the hyperparameters (the fit CLI stores its spec there); a
+        checkpoint written before they held it is converted: the model spec of its run config
+        (`casa_config`) goes into its hyperparameters, as the fit CLI puts it there today.
+        `init_from` is not re-read: the checkpoint's weights replace the ones it would load.
+        kwargs override hyperparameters, as in Lightning. The checkpoint is handed to Lightning
+        in memory (twice its size, briefly)."""
+        import io
+
+        from casa.checkpoint import CheckpointError, read_checkpoint
+
+        ckpt = read_checkpoint(checkpoint_path)
+        kwargs.setdefault("init_from", None)
+        hparams = ckpt.setdefault("hyper_parameters", {})
+        if "model" not in hparams and "model" not in kwargs:
+            if not ckpt.get("casa_config"):
+                raise CheckpointError(f"{checkpoint_path}: neither its hyperparameters nor a 'casa_config' give the "
+                                      "model; pass model=VisionLanguageModel(...) to load_from_checkpoint")
+            import yaml
+
+            # converted to what the fit CLI stores today: the model's spec, built by Lightning's instantiator
+            hparams["model"] = yaml.safe_load(ckpt["casa_config"])["model"]["model"]
+            hparams["_instantiator"] = _CLI_INSTANTIATOR
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=False, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     def _load_weights(self, path: str) -> None:

@@ -27,6 +27,17 @@ def warmup_constant_decay(step: int, warmup_steps: int, decay_steps: int, total_
     return 1.0
 
 
+def random_init_in_pretrained(groups: dict[str, list], random_prefixes: tuple[str, ...]) -> list[str]:
+    """Names in the "pretrained" group that start with one of `random_prefixes` (the
+    components built from random weights, e.g. ("backbone.",) for `Backbone(config=...)`).
+
+    The paper's rule (App. B, Table 10) gives the low rate to weights that *were* pretrained;
+    a random-initialised LM or tower in that group learns 10x slower than the new layers, so
+    a comparison between strategies that read images through new layers (CA, CASA⊕) and
+    ones that read them through existing weights (insertion, CASA∨) is confounded (issue 16)."""
+    return [n for n, _ in groups.get("pretrained", []) if n.startswith(random_prefixes)] if random_prefixes else []
+
+
 def build_optimizer(groups: dict[str, list], lr_new: float, lr_pretrained: float, weight_decay: float = 0.0,
                     betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
     """groups: {"new": [(name, param)], "pretrained": [...]} (`VisionLanguageModel.parameter_groups`)."""

@@ -6,7 +6,7 @@ adds) and its files (`{"img0.png": bytes}` or `{"f000.jpg": bytes, ...}`). `size
 image (or frame) side in pixels, set per group. The function draws only from `rng`.
 """
 
-from data.synth_tasks import coarse, ocr, reading, text, video
+from data.synth_tasks import coarse, describe, detail, ocr, reading, text, video
 
 TASKS = {
     "color": ("coarse", coarse.color),
@@ -18,13 +18,19 @@ TASKS = {
     "video_direction": ("video", video.direction),
     "live_caption": ("video", video.live_caption),
     "arithmetic": ("text", text.arithmetic),
+    "spot_color": ("fine", detail.spot_color),
+    "read_number": ("read", detail.read_number),
+    "describe": ("lm", describe.describe),
+    "describe_after_image": ("lm", describe.describe_after_image),
 }
 """task -> (group, generator). Groups mirror the paper's evaluation groups: coarse VQA,
 fine-grained reading (HRES-like: charts, tables), text reading (OCR-like), video; and
-text-only conversations, which have no image."""
+text-only conversations, which have no image. The protocol's groups (docs/reproduction.md):
+`fine` and `read`, fine detail and text reading learnable at tiny scale, and `lm`, held-out
+text whose answer loss is the LM's perplexity (never trained on by the fusion runs)."""
 
-GROUPS = ("coarse", "reading", "ocr", "video", "text")
+GROUPS = ("coarse", "reading", "ocr", "video", "text", "fine", "read", "lm")
 
-DEFAULT_SIZES = {"coarse": 56, "reading": 112, "ocr": 112, "video": 56}
+DEFAULT_SIZES = {"coarse": 56, "reading": 112, "ocr": 112, "video": 56, "fine": 112, "read": 112, "lm": 56}
 """Image side per group with images: 56 px -> 4 visual tokens after the 2x2 merge, 112 px -> 16.
 The text group has no image and no size."""

@@ -125,15 +125,10 @@ def use_flash_memory_model(model) -> bool:
 
 # ---------------------------------------------------------------------- configs
 def load_configs(configs: list[str | Path | dict]) -> dict:
-    """The composed run config (YAML files and dicts merged in order, as `--config` composes)."""
-    import yaml
+    """The composed run config, parsed by the fit CLI's own parser (`--config` composition)."""
+    from casa.train.cli import parse_run_config
 
-    from casa.rebuild import merge_configs
-
-    out: dict = {}
-    for c in configs:
-        out = merge_configs(out, c if isinstance(c, dict) else (yaml.safe_load(Path(c).read_text()) or {}))
-    return out
+    return parse_run_config(configs)
 
 
 def shapes_override(config: dict, shapes: str | Path | dict | None) -> dict:
