@@ -19,11 +19,23 @@ def test_traced_peak_matches_the_measured_step_within_5_percent(name):
     """Per strategy: the planner's prediction (peak over what is live at the step's start,
     fake tensors only) equals the profiler's allocation peak of the same real step (after a
     warm-up step, so Adam's state exists in both) within 5%."""
+    _check_traced_peak(TINY + [str(strategies.strategy(name).path)], name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["tiny", "demo"])
+@pytest.mark.parametrize("name", strategies.names())
+def test_every_strategy_of_the_matrix_is_traced_within_5_percent(name, base):
+    """The same check over the whole strategy matrix, on the tiny and on the demo config
+    (`make test-all`; about 10-20 s each)."""
+    _check_traced_peak((TINY if base == "tiny" else TINY[:1]) + [str(strategies.strategy(name).path)], name)
+
+
+def _check_traced_peak(configs: list[str], name: str) -> None:
     from casa.rebuild import build_model
     from casa.tiny import random_packed_batch
     from casa.train.optim import build_optimizer
 
-    configs = TINY + [str(strategies.strategy(name).path)]
     predicted = plan.predict(configs)
     extra = predicted["total"] - sum(predicted["start"].values())
 
