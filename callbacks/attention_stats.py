@@ -55,7 +55,7 @@ def fig7(records: list[dict], group: int = 16, special_ids: dict[str, int] | Non
         for w, p in enumerate(rec["probs"]):
             H, Lq, Lk = p.shape
             n_img = cu_i[w + 1] - cu_i[w]
-            if Lq == 0:
+            if Lq == 0 or Lk == 0:  # Lk == 0: no key, no attention (eq. 3's indicator, casa.fusion.windows)
                 continue
             pm = p.double().mean(0)  # [Lq, Lk] averaged over heads
             j = torch.arange(Lq)
@@ -106,7 +106,7 @@ def layer_masses(records: list[dict]) -> dict[int, dict[str, float]]:
         cu_i = rec["window_cu_image"]
         a = acc.setdefault(rec["layer"], {"self": [0.0, 0], "text": [0.0, 0], "image": [0.0, 0]})
         for w, p in enumerate(rec["probs"]):
-            if p.shape[1] == 0:
+            if p.shape[1] == 0 or (p.shape[2] == 0 and rec["kind"] == "casa"):  # no query, or no key (eq. 3)
                 continue
             m = window_masses(p.double(), cu_i[w + 1] - cu_i[w], rec["kind"])
             for k, v in m.items():

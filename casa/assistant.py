@@ -354,6 +354,23 @@ class Assistant:
             out = self.model(batch.to(self.device))
         return float(out.loss) * out.num_targets, out.num_targets
 
+    @torch.no_grad()
+    def answer_logprobs(self, batch: PackedBatch) -> list[tuple[float, bool]]:
+        """An evaluation batch -> per sample (sum of the log-probabilities of its answer tokens,
+        whether greedy decoding picks every one of them), teacher-forced: the likelihood that
+        multiple choice ranks options by (`experiments.evaluate`, lmms-eval's `loglikelihood`).
+        The answer tokens are the template's (`ChatTemplate.encode`): the end-of-turn token
+        included, so an option scores as the whole answer, not as a prefix of a longer one."""
+        batch = batch.to(self.device)
+        with self._autocast():
+            logits = self.model(batch).logits.float()  # [T, V]
+        target = batch.labels != -100  # [T]; labels are pre-shifted: logits[p] predicts labels[p]
+        labels = batch.labels.clamp(min=0)
+        token_logp = torch.where(target, logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0], 0.0)  # [T]
+        greedy = (logits.argmax(-1) == labels) | ~target  # [T]
+        cu = batch.sample_cu_seqlens.tolist()
+        return [(float(token_logp[a:b].sum()), bool(greedy[a:b].all())) for a, b in zip(cu, cu[1:])]
+
     # ------------------------------------------------------------------ live captioning
     @torch.no_grad()
     def stream(self, frames: Iterable[ImageLike], fps: float = 2.0, config: GenerationConfig | None = None,

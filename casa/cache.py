@@ -4,8 +4,11 @@ What each kind of layer keeps, per sample (DESIGN.md, "Inference"):
 
     SA layers          every past token of the stream: text only for CA/CASA, text *and*
                        image tokens for insertion / Q-Former (which is why they grow per frame)
-    CASA layers        the current window: [image keys of the window | its text keys so far];
-                       a chunk that starts with an image opens a new window and drops the old
+    CASA layers        the current window: [image keys the window sees | its text keys so far];
+                       an image opens the sample's next window, which sees what the strategy's
+                       window rule says (`WindowedFusion.visible_windows`; CASA's: the images
+                       that opened it, so the old window is dropped); with eq. 3's indicator
+                       (CASA⊕/→) a window that sees no image keeps no key at all
     CA layers          the image keys of the current window only
 
 A forward over a *chunk* (new tokens of every cached sample, possibly with images) calls
@@ -65,6 +68,45 @@ class _FlashRows:
         return [(self.k[s, :n], self.v[s, :n]) for s, n in enumerate(self.lens)]
 
 
+def _own_window(j: int) -> list[int]:
+    """CASA's window rule: window j sees its own images."""
+    return [j]
+
+
+@dataclass
+class _OpenWindow:
+    """What a fused layer's cache knows of a sample's open window, beyond its keys.
+
+    number: the window's place in its sample (0, 1, ...: `WindowedFusion.visible_windows`);
+    seen: {window number: its image (k, v) [n, Hkv, D]} the images of the windows it sees that
+    the next window will still see (nothing under CASA's own-window rule, so no image key is
+    held twice); keyless: eq. 3's indicator gave it no key."""
+
+    number: int
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    keyless: bool = False
+
+    @staticmethod
+    def open(prev: "_OpenWindow | None", own: tuple[torch.Tensor, torch.Tensor],
+             rule) -> "tuple[_OpenWindow, tuple[torch.Tensor, torch.Tensor]]":
+        """The sample's next window (its first if prev is None), opened by the images `own`
+        [n, Hkv, D] -> (its state, the image (k, v) it sees, in key order)."""
+        j = 0 if prev is None else prev.number + 1
+        available = {**(prev.seen if prev is not None else {}), j: own}
+        wanted = list(rule(j))
+        missing = [v for v in wanted if v not in available]
+        if missing:
+            raise ValueError(f"the window rule's window {j} sees windows {wanted}, but the cache no longer holds "
+                             f"the images of {missing}: a window may see only windows the one before it saw, "
+                             "plus itself (casa.fusion.windows.WindowedFusion.visible_windows)")
+        parts = [available[v] for v in wanted]
+        images = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        if not parts:
+            images = own[0][:0], own[1][:0]
+        later = set(rule(j + 1))
+        return _OpenWindow(j, {v: available[v] for v in wanted if v in later}), images
+
+
 class KVCache:
     def __init__(self, num_samples: int):
         self.num_samples = num_samples
@@ -76,6 +118,7 @@ class KVCache:
         # memcpy); one sample's storage is head-major with keys transposed, see `_append`
         self._sa_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._win_buf: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self._win_open: dict[int, list[_OpenWindow | None]] = {}  # the open windows' rule state (`window`)
         self._workspace: torch.Tensor | None = None
         self._flash_sa: dict[int, _FlashRows] = {}  # SA layers under flash with several samples
         self._seqlens: tuple[tuple[int, ...], torch.Tensor] | None = None  # one per step, shared by the layers
@@ -86,7 +129,7 @@ class KVCache:
     # ------------------------------------------------------------------ bookkeeping
     def keep(self, indices: list[int]) -> None:
         """Keep only these samples (in this order), e.g. drop the ones that finished."""
-        for store in (self.sa, self.win, self._sa_buf, self._win_buf):
+        for store in (self.sa, self.win, self._sa_buf, self._win_buf, self._win_open):
             for layer, per_sample in store.items():
                 store[layer] = [per_sample[i] for i in indices]
         if indices != list(range(self.num_samples)):  # generation calls this every step
@@ -249,13 +292,21 @@ class KVCache:
         """Keys/values for the chunk's windows -> (k, v, cu_k [W+1]), segmented (one
         [Lk_w, Hkv, D] per window, `casa.attention`; a `DecodeKV` for head-major CASA windows).
 
-        A chunk window that has no image continues the sample's cached window (a chunk of
-        new text tokens); one with images opens a new window. CASA windows live in buffers
-        like the SA cache's ([image_w | text_w] rows, `_append`): a decoded token writes its
-        own key, not a copy of the window; CA windows are the image keys as computed."""
-        cu_t, cu_i = self._host(index.cu_q), self._host(index.window_cu_image)
+        k_img, v_img [N, Hkv, D]: the chunk's images, window w's own at rows
+        `index.own_cu_image` (or `window_cu_image`) w:w+1. A chunk window that has no image
+        continues the sample's cached window (a chunk of new text tokens); one with images
+        opens the sample's next window, which sees the images the strategy's window rule says
+        (`index.visible_windows`, CASA's: its own), drawn from the new images and those the
+        cache kept. CASA windows live in buffers like the SA cache's ([images | text] rows,
+        `_append`): a decoded token writes its own key, not a copy of the window; CA windows
+        are the image keys. With eq. 3's indicator (`index.indicator`) a CASA window that
+        sees no image has no key: its text gets no update, as in the full forward."""
+        cu_t = self._host(index.cu_q)
+        cu_i = self._host(index.own_cu_image if index.own_cu_image is not None else index.window_cu_image)
+        rule = index.visible_windows or _own_window
         store = self.win.setdefault(layer, [None] * self.num_samples)
         bufs = self._win_buf.setdefault(layer, [None] * self.num_samples)
+        opened = self._win_open.setdefault(layer, [None] * self.num_samples)
         # which window continues a sample's open window and which opens one: the window
         # rule's (`casa.batch.continues_open_window`), on the chunk's boundaries
         owner, _ = window_samples(self._sample_cu, cu_t)
@@ -264,21 +315,29 @@ class KVCache:
         grad = torch.is_grad_enabled()
         head_major = self._head_major(backend)
         for w in range(len(cu_t) - 1):
-            img_k, img_v = k_img[cu_i[w]:cu_i[w + 1]], v_img[cu_i[w]:cu_i[w + 1]]
             txt_k, txt_v = k_txt[cu_t[w]:cu_t[w + 1]], v_txt[cu_t[w]:cu_t[w + 1]]
             s = owner[w]
-            continues = continued[w] and store[s] is not None
-            if kind != "casa":
-                keys = store[s] if continues else (img_k, img_v)
-            elif grad:  # in-place buffer writes would break autograd
-                past = store[s] if continues else (img_k, img_v)
-                keys = torch.cat([past[0], txt_k]), torch.cat([past[1], txt_v])
-            elif continues:
-                keys = self._append(bufs, s, store[s], txt_k, txt_v, head_major, extra=64)
+            if continued[w] and store[s] is not None:
+                if kind != "casa" or opened[s].keyless:
+                    keys = store[s]
+                elif grad:  # in-place buffer writes would break autograd
+                    keys = torch.cat([store[s][0], txt_k]), torch.cat([store[s][1], txt_v])
+                else:
+                    keys = self._append(bufs, s, store[s], txt_k, txt_v, head_major, extra=64)
             else:
-                # a fresh buffer: this chunk may still read the old window (its continuation)
-                keys = self._append(bufs, s, None, img_k, img_v, head_major, extra=txt_k.shape[0] + 64)
-                keys = self._append(bufs, s, keys, txt_k, txt_v, head_major, extra=64)
+                own = k_img[cu_i[w]:cu_i[w + 1]], v_img[cu_i[w]:cu_i[w + 1]]
+                opened[s], (img_k, img_v) = _OpenWindow.open(opened[s] if store[s] is not None else None, own, rule)
+                opened[s].keyless = kind == "casa" and index.indicator and img_k.shape[0] == 0
+                if kind != "casa":
+                    keys = img_k, img_v
+                elif opened[s].keyless:  # eq. 3: no image seen, no key
+                    keys = txt_k[:0], txt_v[:0]
+                elif grad:
+                    keys = torch.cat([img_k, txt_k]), torch.cat([img_v, txt_v])
+                else:
+                    # a fresh buffer: this chunk may still read the old window (its continuation)
+                    keys = self._append(bufs, s, None, img_k, img_v, head_major, extra=txt_k.shape[0] + 64)
+                    keys = self._append(bufs, s, keys, txt_k, txt_v, head_major, extra=64)
             ks.append(keys[0])
             vs.append(keys[1])
             lens.append(lens[-1] + keys[0].shape[0])

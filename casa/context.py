@@ -18,7 +18,7 @@ back goes into an `AttentionRecorder`, which the cast passes through as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -53,18 +53,32 @@ class WindowIndex:
     cu_k: torch.Tensor
     """[W+1] int32 window boundaries of the keys ([image_w | text_w] for CASA, image_w for CA)."""
     causal: bool
-    kv_rows: tuple[torch.Tensor, torch.Tensor] | None
-    """([N], [T]) int64: the layout row of each image key and each text key (CASA only)."""
+    kv_rows: tuple[torch.Tensor, torch.Tensor, int] | None
+    """([N], [T]) int64 the layout row of each image key and each text key, and K the keys as a
+    host int (CASA, each window seeing its own images); a text token that is no key
+    (`indicator`) has row K (none)."""
     image_cos: torch.Tensor
     image_sin: torch.Tensor
     """[N, D] rotary tables of the image tokens (positions of `casa.positions.window_image_positions`)."""
     window_cu_image: torch.Tensor
-    """[W+1] int32, kept for attention-map capture (how many image keys each window has)."""
+    """[W+1] int32 image keys each window sees, first in its keys (attention-map capture, Table 8)."""
     masked_key: torch.Tensor | None = None
     """[T] int64 key hidden from each query (Table 8 inference masks), -1 = none."""
     max_q: int | None = None
     max_k: int | None = None
     """Longest query / key window as host ints (`casa.batch.SeqLens`), or None (unknown)."""
+    own_cu_image: torch.Tensor | None = None
+    """[W+1] int32 the images that open each window (rows of the image tokens), None: the
+    same as `window_cu_image` (each window sees its own images only)."""
+    kv_gather: torch.Tensor | None = None
+    """[K] int64 rows of cat([images, text]) forming the keys, window by window, when a window
+    also sees earlier windows' images (`visible_windows`); None: the `kv_rows` layout."""
+    indicator: bool = False
+    """Paper eq. 3's 1[i > K]: a window that sees no image token has no keys at all, so its
+    queries get no update (CASA⊕/→; CASA∨ replaces SA, so its text-only windows keep theirs)."""
+    visible_windows: Callable[[int], Sequence[int]] | None = None
+    """The strategy's window rule for the cache (`casa.fusion.windows.WindowedFusion.visible_windows`):
+    window j of a sample (0, 1, ... in order) -> the windows whose images it sees; None: [j]."""
 
 
 @dataclass

@@ -30,8 +30,9 @@ tiny model of every strategy, forward and backward separately.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
-from casa.batch import image_token_count
+from casa.batch import image_token_count, window_samples
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class VisionDims:
 class QFormerDims:
     num_queries: int
     depth: int
+    form: str = "blip2"
+    """`casa.fusion.qformer.QFormer.form`: "joint" (one transformer over [image | queries]) or "blip2"."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class ModelDims:
     qformer: QFormerDims | None = None
     perceiver: PerceiverDims | None = None
     """The Perceiver resampler's, whose compressed tokens the fused layers attend to."""
+    indicator: bool = False
+    """Paper eq. 3's 1[i > K] (`WindowedFusion.indicator`): a CASA window that sees no image has no key."""
+    visible_windows: Callable[[int], Sequence[int]] | None = None
+    """The window rule's reach (`WindowedFusion.visible_windows`), None: each window sees its own images."""
 
     @staticmethod
     def of(model) -> "ModelDims":
@@ -111,9 +118,11 @@ class ModelDims:
             vocab=backbone.lm_head.out_features, backbone_trainable=trains(backbone.layers[0].mlp),
             blocks=tuple(b.attention.form for b in backbone.layers), fusion_kind=kind,
             image_ffn_updates=tuple(b.image_ffn_updates for b in backbone.layers),
-            qformer=QFormerDims(fusion.num_queries, fusion.depth) if isinstance(fusion, QFormer) else None,
+            qformer=QFormerDims(fusion.num_queries, fusion.depth, fusion.form) if isinstance(fusion, QFormer) else None,
             perceiver=(PerceiverDims(fusion.num_latents, fusion.depth)
-                       if isinstance(fusion, PerceiverCrossAttention) else None))
+                       if isinstance(fusion, PerceiverCrossAttention) else None),
+            indicator=bool(getattr(fusion, "indicator", False)),
+            visible_windows=None if getattr(fusion, "own_windows_only", True) else fusion.visible_windows)
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,8 @@ class BatchLayout:
     """Per image: its (t, h, w) patch grid."""
     window_images: tuple[int, ...] = ()
     """Per window: how many images opened it (a resampler gives each its Q tokens)."""
+    window_first: tuple[bool, ...] = ()
+    """Per window: whether it is its sample's first (`casa.batch.window_samples`)."""
 
     @staticmethod
     def of(batch, merge: int = 2) -> "BatchLayout":
@@ -155,7 +166,8 @@ class BatchLayout:
                 n -= tokens_of_image[image]
                 image += 1
             window_images.append(image - first)
-        return BatchLayout(tuple(samples), windows, grids, tuple(window_images))
+        return BatchLayout(tuple(samples), windows, grids, tuple(window_images),
+                           tuple(window_samples(sample_cu, win_t)[1]))
 
 
 @dataclass
@@ -224,6 +236,14 @@ def _qformer(c: FlopCount, m: ModelDims, layout: BatchLayout, image: bool) -> No
     d, Q = m.d, m.qformer.num_queries
     tokens = image_token_count(layout.images, m.vision.merge)
     L, N = Q * len(tokens), sum(tokens)
+    if m.qformer.form == "joint":  # every row of [image_i | queries] through the block: the queries train
+        for _ in range(m.qformer.depth):
+            c.matmul(N + L, d, 3 * d, True, True)
+            c.attention(sum((n + Q) ** 2 for n in tokens), d, True, True, True)
+            c.matmul(N + L, d, d, True, True)
+            c.matmul(N + L, d, 4 * d, True, True)
+            c.matmul(N + L, 4 * d, d, True, True)
+        return
     for _ in range(m.qformer.depth):
         c.matmul(L, d, 3 * d, True, True)
         c.attention(Q * Q * len(tokens), d, True, True, True)
@@ -272,9 +292,20 @@ def _window_attention(c: FlopCount, m: ModelDims, layout: BatchLayout, h: bool, 
     c.matmul(T, m.d, KD, h, trains, used=casa)
     ki = c.matmul(N, m.d, 2 * KD, image, trains)  # image keys and values: one product (`casa.image_kv`)
     k = ki or (kt and casa)
-    pairs = sum(t * (n + t) if casa else t * n for t, n in layout.windows)
+    pairs = sum(t * (n + t) if casa and (n or not m.indicator) else t * n for t, n in _seen(m, layout))
     a = c.attention(pairs, HD, q, k, k)
     return c.matmul(T, HD, m.d, a, trains)
+
+
+def _seen(m: ModelDims, layout: BatchLayout) -> list[tuple[int, int]]:
+    """Per window: (text tokens, image tokens its queries see under the window rule)."""
+    if m.visible_windows is None:
+        return list(layout.windows)
+    out, start = [], 0
+    for w, (t, _) in enumerate(layout.windows):
+        start = w if layout.window_first[w] else start
+        out.append((t, sum(layout.windows[start + v][1] for v in m.visible_windows(w - start))))
+    return out
 
 
 def _self_attention(c: FlopCount, m: ModelDims, lengths: list[int], h: bool) -> bool:

@@ -68,9 +68,10 @@ class VisionLanguageModel(nn.Module):
         fusion: how image tokens reach the LM (a `casa.fusion` strategy).
         projector: "mlp", "linear" or "identity" (vision width -> LM width); new parameters.
         loss_reduction: "token" averages the cross-entropy over all answer tokens of the
-            batch (long answers weigh more); "sample" averages each sample's answer tokens
-            first, then the samples, so a one-word answer counts as much as a caption track
-            (used by the demo, whose live-caption samples hold most answer tokens).
+            batch (long answers weigh more: the paper's "standard cross-entropy" over answer tokens,
+            App. B.1 "Optimization", and the demo's,
+            `experiments/configs/demo.yaml`); "sample" averages each sample's answer tokens
+            first, then the samples, so a one-word answer counts as much as a caption track.
     """
 
     def __init__(self, backbone: Backbone, vision: VisionEncoder, fusion: FusionStrategy,

@@ -9,7 +9,9 @@
 llava   LLaVA-style JSON: [{"id", "image": "rel/path.jpg" (or a list, or absent for text-only),
         "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}].
         Each `<image>` tag marks where its image goes (the n-th tag takes the n-th image); an
-        image without any tag goes first in the first human turn, as LLaVA does.
+        image without any tag goes first in the first human turn, as LLaVA does. Optional
+        "answers" (every accepted answer of the last turn, e.g. TextVQA's 10) and "choices"
+        (multiple-choice options) are kept for scoring (`data.format`).
 videos  QA over video files, LLaVA-Video-178K's layout (JSON list or JSONL): {"id", "video":
         "rel/path.mp4", "conversations": [...]} with `<image>` (or `<video>`) where the clip
         goes -> "qa" video samples.
@@ -55,7 +57,7 @@ from rich.table import Table
 
 from casa.processing.video import VideoError, read_video
 from data.dataset import VideoOptions
-from data.format import ShardWriter, encode_image, image, make_sample, pack_frames, text
+from data.format import ShardWriter, check_answers, encode_image, image, make_sample, pack_frames, text
 
 IMAGE_TAG = "<image>"
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -168,7 +170,13 @@ def llava_sample(index: int, record: dict, image_root: Path, task: str, group: s
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant" or not any(c["type"] == "text" for c in messages[-1]["content"]):
         raise Skip("no_answer", str(record.get("id")))
-    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index))}
+    conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index)),
+            # the last answer's accepted answers / options, kept for the official metrics (data.format)
+            **{k: record[k] for k in ("answers", "choices") if record.get(k) is not None}}
+    try:
+        check_answers(conv)
+    except ValueError as e:
+        raise Skip("bad_answers", f"{record.get('id')}: {e}") from None
     return make_sample(safe_key(index, record.get("id", "")), conv, files)
 
 

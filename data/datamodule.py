@@ -178,18 +178,22 @@ class ImageDataModule(_ResumableData):
         shuffle_buffer: samples in the shuffle buffer.
         pack_buffer: look-ahead of the packer.
         val_rows_samples: samples per validation row (small rows keep generation batches small).
+        train_samples_per_row: samples per training row (None: as many as the caps take;
+            1: no packing, the paper's video training, §4.1).
     """
 
     def __init__(self, train: str, val: str | None = None, tokenizer: str = CHAR_TOKENIZER, template: Literal["helium", "qwen2_5_vl"] = "helium",
                  max_text_tokens: int = 2048, max_image_tokens: int = 20480, max_pixels: int = 896 * 896,
                  min_pixels: int = MIN_PIXELS, rows_per_batch: int = 1, num_workers: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 256, pack_buffer: int = 64, val_rows_samples: int = 16):
+                 shuffle_buffer: int = 256, pack_buffer: int = 64, val_rows_samples: int = 16,
+                 train_samples_per_row: int | None = None):
         super().__init__()
         name = type(self).__name__
         for field, value, lo in (("max_text_tokens", max_text_tokens, 1), ("max_image_tokens", max_image_tokens, 0),
                                  ("rows_per_batch", rows_per_batch, 1), ("num_workers", num_workers, 0),
                                  ("pack_buffer", pack_buffer, 1), ("val_rows_samples", val_rows_samples, 1),
-                                 ("min_pixels", min_pixels, 1), ("shuffle_buffer", shuffle_buffer, 0)):
+                                 ("min_pixels", min_pixels, 1), ("shuffle_buffer", shuffle_buffer, 0),
+                                 ("train_samples_per_row", 1 if train_samples_per_row is None else train_samples_per_row, 1)):
             if value < lo:
                 raise ValueError(f"{name}.{field}={value} must be >= {lo}")
         if max_pixels < min_pixels:
@@ -203,6 +207,7 @@ class ImageDataModule(_ResumableData):
         self.max_pixels, self.min_pixels = max_pixels, min_pixels
         self.rows_per_batch, self.num_workers = rows_per_batch, num_workers
         self.shuffle_buffer, self.pack_buffer, self.val_rows_samples = shuffle_buffer, pack_buffer, val_rows_samples
+        self.train_samples_per_row = train_samples_per_row
         self._init_resume(seed)
         self.task_groups = self._read_manifest()
 
@@ -222,7 +227,7 @@ class ImageDataModule(_ResumableData):
     def _packer(self, eval_rows: bool = False) -> dict[str, Any]:
         return dict(max_text_tokens=self.max_text_tokens, max_image_tokens=self.max_image_tokens,
                     buffer_size=1 if eval_rows else self.pack_buffer,
-                    max_samples_per_row=self.val_rows_samples if eval_rows else None)
+                    max_samples_per_row=self.val_rows_samples if eval_rows else self.train_samples_per_row)
 
     def train_stream(self, skip_batches: int = 0) -> ShardStream:
         rank, world = self._rank()
@@ -271,9 +276,11 @@ class VideoDataModule(ImageDataModule):
                  min_pixels: int = MIN_PIXELS, rows_per_batch: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 256, pack_buffer: int = 64, val_rows_samples: int = 16, fps: float = 2.0,
                  min_duration: float = 10.0, min_frames: int = 20, max_duration: float = 180.0,
-                 frame_max_pixels: int = 448 * 448, layout: Literal["qa", "caption"] = "qa"):
+                 frame_max_pixels: int = 448 * 448, layout: Literal["qa", "caption"] = "qa",
+                 train_samples_per_row: int | None = None):
         super().__init__(train, val, tokenizer, template, max_text_tokens, max_image_tokens, max_pixels, min_pixels,
-                         rows_per_batch, num_workers, seed, shuffle_buffer, pack_buffer, val_rows_samples)
+                         rows_per_batch, num_workers, seed, shuffle_buffer, pack_buffer, val_rows_samples,
+                         train_samples_per_row)
         if fps <= 0 or max_duration <= 0 or min_frames < 1 or frame_max_pixels < min_pixels:
             raise ValueError(f"VideoDataModule: fps={fps}, max_duration={max_duration} must be > 0, min_frames="
                              f"{min_frames} >= 1 and frame_max_pixels={frame_max_pixels} >= min_pixels={min_pixels}")

@@ -179,7 +179,9 @@ class SampleProcessor:
         if any(p >= len(enc.input_ids) for p in enc.image_positions):
             raise SkipSample("malformed_json", f"{key}: an image is the last item of the conversation")
         meta = {"key": key, "task": conv.get("task", "unknown"), "group": conv.get("group", "unknown"),
-                "answer": enc.answer, "prompt_len": enc.prompt_len}
+                "answer": enc.answer, "prompt_len": enc.prompt_len,
+                # the last answer's accepted answers and options, when the shard has them (data.format)
+                **{k: conv[k] for k in ("answers", "choices") if conv.get(k)}}
         return Sample(enc.input_ids, enc.answer_mask, enc.image_positions, pixels, grids, meta)
 
     def _expand_video(self, key: str, conv: dict) -> tuple[list[dict], int]:

@@ -19,6 +19,12 @@ The JSON:
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]}
       ],
       "task": "color", "group": "coarse",            # metrics are grouped by these
+      "answers": ["red", "dark red"],                 # optional: every accepted answer of the LAST
+                                                      # assistant turn (DocVQA's list, TextVQA's 10 human
+                                                      # answers, duplicates kept); scored by
+                                                      # casa.train.metrics, the turn's text is the target
+      "choices": ["red", "green", "blue"],            # optional: the options of a multiple-choice
+                                                      # question (the answer is one of them, or its letter)
       "video": {                                      # only for video samples
         "frames": ["f000", "f001", ...],              # frame names, in time order
         "frame_file": "frames",                       # the member holding them all (absent: one
@@ -128,6 +134,7 @@ def check_conversation(conv: dict[str, Any], available: set[str]) -> None:
                 raise ValueError(f"content type {kind!r} is not one of {list(CONTENT_TYPES)}")
             if kind == "image" and item.get("ref") not in available:
                 raise ValueError(f"image ref {item.get('ref')!r} has no file in the sample")
+    check_answers(conv)
     video = conv.get("video")
     if video is not None:
         if video.get("layout", "qa") not in VIDEO_LAYOUTS:
@@ -141,6 +148,26 @@ def check_conversation(conv: dict[str, Any], available: set[str]) -> None:
             raise ValueError(f"video frames {missing[:3]} have no file in the sample")
         if packed is not None and len(video.get("frame_offsets", [])) != len(frames) + 1:
             raise ValueError(f"video.frame_offsets must hold len(frames) + 1 = {len(frames) + 1} offsets")
+
+
+def check_answers(conv: dict[str, Any]) -> None:
+    """The optional "answers" / "choices" fields (ValueError naming the problem)."""
+    answers, choices = conv.get("answers"), conv.get("choices")
+    if answers is not None and (not isinstance(answers, list) or not answers
+                                or not all(isinstance(a, str) and a.strip() for a in answers)):
+        raise ValueError(f"conversation.answers={answers!r} must be a non-empty list of non-empty strings")
+    if choices is None:
+        return
+    if (not isinstance(choices, list) or not 2 <= len(choices) <= 26 or len(set(choices)) != len(choices)
+            or not all(isinstance(c, str) and c.strip() for c in choices)):
+        raise ValueError(f"conversation.choices={choices!r} must be a list of 2..26 distinct non-empty strings")
+    last = conv["messages"][-1] if conv["messages"] else {}
+    said = "".join(c.get("text", "") for c in last.get("content", []) if c.get("type") == "text")
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    accepted = answers or ([said] if last.get("role") == "assistant" else [])
+    if accepted and not any(a.strip() in choices or a.strip() in letters for a in accepted):
+        raise ValueError(f"the answer {accepted[0]!r} is none of conversation.choices={choices} (nor a letter A-"
+                         f"{letters[-1]})")
 
 
 class ShardWriter:

@@ -27,7 +27,7 @@ from typing import Any
 from experiments.benchmarks import SUITES
 
 OPTIONS = ("device", "dtype", "backbone", "pattern", "video_pattern", "config", "shapes", "gpus", "gpu_memory", "mfu",
-           "gpu_tflops")
+           "gpu_tflops", "max_text_tokens", "max_image_tokens", "max_pixels", "frames", "search", "steps")
 """Dispatcher flags passed to a suite's `run` as keyword arguments, when given."""
 
 
@@ -137,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory", default=None, help="plan: memory of one GPU (default 80GB)")
     p.add_argument("--mfu", type=float, default=None, help="plan: assumed model FLOP utilisation (default 0.4)")
     p.add_argument("--gpu-tflops", type=float, default=None, help="plan: peak TFLOP/s of one GPU (default 989, H100 bf16)")
+    p.add_argument("--max-text-tokens", type=int, default=None, help="plan: override the data config's text cap")
+    p.add_argument("--max-image-tokens", type=int, default=None, help="plan: override the data config's image cap")
+    p.add_argument("--max-pixels", type=int, default=None, help="plan: override the data config's image size cap")
+    p.add_argument("--frames", type=int, default=None, help="plan: cached-generation memory of a stream of F frames")
+    p.add_argument("--search", type=int, default=None,
+                   help="plan: traces spent on the largest caps that fit, when the config does not (default 3, 0: none)")
+    p.add_argument("--steps", type=int, default=None, help="plan: optimizer steps of the run, for its total time")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     names = list(SUITES) if a.suite == "all" else [a.suite]

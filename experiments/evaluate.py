@@ -6,8 +6,12 @@
 
 Every sample's last assistant answer is generated (greedy) from its prompt, exactly as
 validation does during training (`Assistant.answer_batch` = `CasaModule.validation_step`'s
-truncate + generate + decode), and scored with exact match, relaxed accuracy (ChartQA)
-and ANLS (DocVQA) per task and per group. Live-captioning clips are ALSO run as a live
+truncate + generate + decode), and scored with exact match, relaxed accuracy (ChartQA),
+ANLS (DocVQA), VQA accuracy (TextVQA) and, for samples with options, choice accuracy, per
+task and per group, against all accepted answers (`casa.train.metrics`). Samples with
+options are also scored by log-likelihood: task metric `choice_loglikelihood`, the option
+whose answer is likeliest (teacher-forced, `Assistant.answer_logprobs`), as lmms-eval's
+multiple_choice tasks score them. Live-captioning clips are ALSO run as a live
 stream (`Assistant.stream`, no teacher forcing): task `live_caption_stream` scores the
 frames where the reference or the model says something (a caption at the wrong frame
 counts as a miss and as a false alarm). Its chance level, `live_caption_stream_other_clip`,
@@ -36,7 +40,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls")
+METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls", "vqa_accuracy", "choice_accuracy", "choice_loglikelihood")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,15 +70,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def split_stream(assistant, urls: list[str]):
-    """The shards read once, in order, with the run's image and frame settings."""
-    from data.dataset import SampleProcessor, ShardStream, VideoOptions
+def sample_processor(assistant):
+    """Raw sample -> `Sample` with the run's image and frame settings (what validation reads)."""
+    from data.dataset import SampleProcessor, VideoOptions
 
     s = assistant.settings
     video = VideoOptions(s.fps, s.min_duration, s.min_frames, s.max_duration, s.frame_max_pixels, layout=s.layout)
-    processor = SampleProcessor(assistant.template, s.max_pixels, s.min_pixels, video)
+    return SampleProcessor(assistant.template, s.max_pixels, s.min_pixels, video)
+
+
+def split_stream(assistant, urls: list[str]):
+    """The shards read once, in order, with the run's image and frame settings."""
+    from data.dataset import ShardStream
+
+    s = assistant.settings
     packer = dict(max_text_tokens=s.max_text_tokens, max_image_tokens=s.max_image_tokens, buffer_size=1)
-    return ShardStream(urls, processor, packer, 1, shuffle=False, repeat=False)
+    return ShardStream(urls, sample_processor(assistant), packer, 1, shuffle=False, repeat=False)
+
+
+def with_answer(raw: dict, answer: str) -> dict:
+    """A raw sample whose last (assistant) turn says `answer` instead."""
+    conv = json.loads(raw["json"])
+    conv["messages"][-1] = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    conv.pop("answers", None)
+    return {**raw, "json": json.dumps(conv).encode()}
+
+
+def choice_logprobs(assistant, processor, raws: list[dict], choices: list[list[str]], per_batch: int) -> list[list[float]]:
+    """Per sample, the log-likelihood of each option as its last answer (`Assistant.answer_logprobs`,
+    packed `per_batch` answers at a time): what lmms-eval's multiple_choice output type ranks."""
+    from data.packing import build_row
+
+    variants = [processor(with_answer(raw, c)) for raw, opts in zip(raws, choices) for c in opts]
+    scores = []
+    for i in range(0, len(variants), per_batch):
+        scores += [lp for lp, _ in assistant.answer_logprobs(build_row(variants[i:i + per_batch]))]
+    out, k = [], 0
+    for opts in choices:
+        out.append(scores[k:k + len(opts)])
+        k += len(opts)
+    return out
+
+
+def evaluate_choices(assistant, stream, a: argparse.Namespace, progress) -> dict[str, dict[str, float]]:
+    """Samples with options (`choices`): the option of highest log-likelihood is the answer
+    ("choice_loglikelihood", per task; lmms-eval's `acc` of a multiple_choice task)."""
+    from casa.train.metrics import GroupedAnswerMetrics
+
+    items = []  # (task, raw, choices, references)
+    for raw in islice(stream.raw_samples(), a.max_samples):
+        conv = json.loads(raw["json"])
+        if conv.get("choices"):
+            refs = conv.get("answers") or ["".join(c.get("text", "") for c in conv["messages"][-1]["content"])]
+            items.append((conv.get("task", "unknown"), raw, conv["choices"], refs))
+    if not items:
+        return {}
+    job = progress.add_task("options (log-likelihood)", total=len(items))
+    per_batch = a.batch_samples or assistant.settings.val_rows_samples
+    metrics = GroupedAnswerMetrics()
+    processor = sample_processor(assistant)
+    for i in range(0, len(items), per_batch):
+        chunk = items[i:i + per_batch]
+        lps = choice_logprobs(assistant, processor, [r for _, r, _, _ in chunk], [c for _, _, c, _ in chunk], per_batch)
+        best = [opts[max(range(len(opts)), key=lp.__getitem__)] for (_, _, opts, _), lp in zip(chunk, lps)]
+        metrics.update([t for t, *_ in chunk], best, [refs for *_, refs in chunk])
+        progress.advance(job, len(chunk))
+    return {k: {"choice_loglikelihood": v["exact_match"]} for k, v in metrics.compute().items()}
 
 
 def expected_samples(data: str, split: str) -> int | None:
@@ -125,8 +186,8 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
         loss_sum, answer_tokens = loss_sum + batch_loss, answer_tokens + n
         preds = assistant.answer_batch(batch, cfg)
         refs = [m["answer"] for m in batch.meta]
-        tasks.update([m["task"] for m in batch.meta], preds, refs)
-        groups.update([m["group"] for m in batch.meta], preds, refs)
+        tasks.update_samples("task", preds, batch.meta)  # all accepted answers, options (casa.train.metrics)
+        groups.update_samples("group", preds, batch.meta)
         answers += [{"key": m.get("key"), "task": m["task"], "group": m["group"], "prediction": p, "reference": r}
                     for m, p, r in zip(batch.meta, preds, refs)]
         progress.advance(job, len(chunk))
@@ -140,6 +201,8 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
     skipped = {k: v for k, v in stream.stats().items() if v and k not in ("samples_read", "samples_kept", "epochs")}
     if skipped:
         progress.console.print(f"[yellow]skipped samples: {skipped}")
+    for task, scores in evaluate_choices(assistant, stream, a, progress).items():
+        out["tasks"].setdefault(task, {}).update(scores)
     if not a.no_stream and assistant.inference_mask is None:
         live = evaluate_stream(assistant, stream, a, progress)
         if live is not None:
@@ -190,7 +253,7 @@ def print_table(results: dict, title: str) -> None:
     for kind in ("groups", "tasks"):
         for key in sorted(results[kind]):
             vals = results[kind][key]
-            table.add_row(f"{kind[:-1]}:{key}", *(f"{100 * vals.get(n, float('nan')):.1f}" for n in METRIC_NAMES))
+            table.add_row(f"{kind[:-1]}:{key}", *(f"{100 * vals[n]:.1f}" if n in vals else "-" for n in METRIC_NAMES))
     console = Console()
     console.print(table)
     if "loss" in results:

@@ -1,7 +1,7 @@
 """Fusion by composition (issue 15, step 3): blocks composed of attention steps, checkpoint
 keys as they were, new parameters marked where they are created, compression in the base
 class (the Perceiver resampler feeding gated cross-attention), and a CASA variant with
-another window rule written as one method."""
+another window rule written as one file (`casa.fusion.casa_previous`)."""
 
 import json
 from pathlib import Path
@@ -12,6 +12,7 @@ import torch
 from casa.blocks import AttentionStep, Before, DecoderBlock, Parallel, Replace, SelfAttention
 from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion, QFormer
 from casa.fusion.layers import WindowAttention
+from casa.fusion.casa_previous import CASAPrevious
 from casa.fusion.perceiver import Perceiver, PerceiverCrossAttention
 from casa.fusion.windows import WindowedFusion
 from casa.tiny import random_packed_batch, tiny_model
@@ -188,29 +189,15 @@ def test_perceiver_windows_hold_q_tokens_per_image():
 
 
 # ---------------------------------------------------------------------- another window rule
-class CASAKeepPrevious(CASA):
-    """A CASA variant whose windows also attend to the previous window's image tokens (of the
-    same sample): one method. (Cached decoding would need the cache to keep them too.)"""
-
-    def window_images(self, batch, images, compressed):
-        images, pos, cu_i = super().window_images(batch, images, compressed)
-        cu_t, cu_i = batch.window_cu_seqlens_text.tolist(), cu_i.tolist()
-        sample_starts = set(batch.sample_cu_seqlens.tolist())
-        rows, cu = [], [0]
-        for w in range(len(cu_t) - 1):
-            if w > 0 and cu_t[w] not in sample_starts:  # the previous window's images first
-                rows += range(cu_i[w - 1], cu_i[w])
-            rows += range(cu_i[w], cu_i[w + 1])
-            cu.append(len(rows))
-        rows = torch.tensor(rows, dtype=torch.long, device=images.device)
-        return images[rows], pos[..., rows], torch.tensor(cu, dtype=torch.int32, device=images.device)
-
-
-def test_a_casa_window_rule_variant_is_one_method():
-    """One fused block: text after image B sees image A too (CASA's does not), text before B
-    computes what CASA computes, and packing changes nothing."""
+def test_a_casa_window_rule_variant_is_one_file():
+    """`casa.fusion.casa_previous.CASAPrevious` overrides `visible_windows` only. One fused
+    block: text after image B sees image A too (CASA's does not), text before B computes what
+    CASA computes, and packing changes nothing. (Incremental decoding == full forward for it:
+    tests/test_generation.py, over the strategy matrix.)"""
+    assert set(vars(CASAPrevious)) - {"__module__", "__doc__", "__init__", "__qualname__", "__static_attributes__",
+                                      "__firstlineno__"} == {"name", "visible_windows", "extra_repr"}
     spec = [("text", 3), ("image", (4, 4)), ("text", 4), ("image", (2, 4)), ("text", 5)]
-    variant = tiny_model(CASAKeepPrevious("plus"), num_layers=1).eval()
+    variant = tiny_model(CASAPrevious(mode="plus"), num_layers=1).eval()
     base = tiny_model(CASA("plus"), num_layers=1).eval()
     batch = random_packed_batch([spec], seed=4)
     other = random_packed_batch([spec], seed=4)
@@ -234,6 +221,40 @@ def test_a_casa_window_rule_variant_is_one_method():
             alone.input_ids = packed.input_ids[lo:hi].clone()
             alone.pixel_values = packed.pixel_values[p_lo:p_hi].clone()
             torch.testing.assert_close(variant(alone).logits, out[lo:hi], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="previous=0 must be an int >= 1"):
+        CASAPrevious(previous=0)
+
+
+def test_the_cache_keeps_what_the_window_rule_still_needs():
+    """Frame after frame, a CASAPrevious window caches [previous frame | frame | text] and
+    CASA's [frame | text]; a rule that looks back past what the window before saw cannot be
+    served from the cache, and says so."""
+    from casa.cache import KVCache
+    from casa.generation import image_chunk
+
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.randn(16, 3 * 2 * 14 * 14, generator=g) for _ in range(4)]
+    for fusion, images in ((CASA("plus"), 4), (CASAPrevious(mode="plus"), 8), (CASAPrevious(2, mode="plus"), 12)):
+        model = tiny_model(fusion, num_layers=1).eval()
+        cache = KVCache(1)
+        sizes = []
+        with torch.no_grad():
+            for f in frames:
+                model.hidden_states(image_chunk([5, 6], f, torch.tensor([[1, 4, 4]])), cache=cache)
+                sizes.append(cache.window_kv_tokens())
+                held = sum(k.shape[0] for k, _ in cache._win_open[0][0].seen.values())
+        assert sizes[-1] == images + 2, type(fusion).__name__  # the last window: its images + 2 text tokens
+        assert held == images - 4  # images kept for the next window (CASA: none)
+
+    class SkipOne(CASA):  # window j sees j - 2 and j: window 1 saw only itself, not window 0
+        def visible_windows(self, j):
+            return [j - 2, j] if j >= 2 else [j]
+
+    model = tiny_model(SkipOne("plus"), num_layers=1).eval()
+    cache = KVCache(1)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"window 2 sees windows \[0, 2\].*no longer holds"):
+        for f in frames:
+            model.hidden_states(image_chunk([5, 6], f, torch.tensor([[1, 4, 4]])), cache=cache)
 
 
 def test_windowed_strategies_share_one_prepare():

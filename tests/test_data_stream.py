@@ -248,3 +248,14 @@ def test_inspect_json_and_bench(tmp_path, capsys):
     assert sum(b["count"] for b in out["text_tokens"]) == 5 and 0 < out["fill_text"] <= 1
     r = bench.run(str(tmp_path), max_pixels=56 * 56, max_text_tokens=128, max_batches=6)
     assert r["batches"] == 6 and r["samples_per_s"] > 0 and 0 < r["fill_text"] <= 1
+
+
+def test_train_samples_per_row_one_is_no_packing(tmp_path):
+    """`train_samples_per_row=1`: one sample per training row (the paper's video training, §4.1:
+    "do not employ sequence packing"); the default packs as many as the caps take."""
+    write(tmp_path, "train", good_samples(12), max_count=12)
+    packed = next(iter(_dm(tmp_path, 0).train_dataloader()))
+    alone = [b.num_samples for b in itertools.islice(_dm(tmp_path, 0, train_samples_per_row=1).train_dataloader(), 4)]
+    assert packed.num_samples > 1 and alone == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="train_samples_per_row=0 must be >= 1"):
+        _dm(tmp_path, 0, train_samples_per_row=0)

@@ -109,7 +109,9 @@ def test_cached_generation_of_several_samples_with_flash_equals_sdpa(strategy):
     from casa.generation import GenerationConfig, generate, truncate_samples
 
     fusion = {"casa_plus": lambda: CASA(mode="plus"), "insertion": Insertion}[strategy]
-    prompts = truncate_samples(random_packed_batch(LAYOUT), [10, 8, 14])
+    # seed 1: with seed 0 the bf16 logits of one step tie exactly (both backends agree with their
+    # own uncached runs; the tie breaks differently), which says nothing about the cache
+    prompts = truncate_samples(random_packed_batch(LAYOUT, seed=1), [10, 8, 14])
     calls = []
 
     def spy(q, k_cache, v_cache, **kw):

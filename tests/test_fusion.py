@@ -97,6 +97,31 @@ def test_gated_cross_attention_at_init_is_the_backbone(gated, placement):
         assert not torch.allclose(model(batch).logits, ref)
 
 
+@pytest.mark.parametrize("mode", ["plus", "before"])
+def test_eq3_indicator_text_before_the_first_image_is_the_backbone(mode):
+    """Paper eq. 3's 1[i > K]: CASA⊕/→ give text before a sample's first image no update, so
+    with random (non-zero) fused weights a text-only input runs exactly as the backbone, and
+    so does the text of a sample before its image; the text after the image does not."""
+    model = tiny_model(CASA(mode)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".fusion_attn." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    plain = Backbone("llama", config=tiny_backbone_config("llama")).eval()
+    missing, unexpected = plain.lm.load_state_dict(model.backbone.lm.state_dict(), strict=False)
+    assert not missing and unexpected and all(".fusion_attn." in k for k in unexpected)
+    text_only = random_packed_batch([[("text", 9)], [("text", 4)]], seed=3)
+    mixed = random_packed_batch([[("text", 5), ("image", (4, 4)), ("text", 7)]], seed=3)
+    with torch.no_grad():
+        for batch in (text_only, mixed):
+            fused = model(batch).logits
+            ref = plain(batch.input_ids, batch.position_ids, batch.sample_cu_seqlens)
+            K = 5 if batch is mixed else batch.num_text_tokens  # text before the first image
+            assert torch.equal(fused[:K], ref[:K])
+        assert not torch.allclose(fused[K:], ref[K:])  # after the image, CASA updates the text
+
+
 def _count(model, prefix=""):
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
 

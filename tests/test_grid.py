@@ -42,9 +42,9 @@ EXPECTED = {
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
 TINY_GRID_2X2 = ROOT / "tests" / "configs" / "tiny_grid_2x2.yaml"  # x seeds s0, s1
-# k=99 > the tiny backbone's 2 layers: experiments.fit fails while building the model
+# k=0: no block to fuse (CASA.k must be >= 1): experiments.fit fails while building the model
 BROKEN = {"label": "broken", "configs": [STRATEGY.format("casa_replace")],
-          "overrides": {"model.model.init_args.fusion.init_args.k": 99}}
+          "overrides": {"model.model.init_args.fusion.init_args.k": 0}}
 
 
 def run(grid: Path, out: Path, **kw):
@@ -120,7 +120,7 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(tiny, at_root):
     assert [(r.run.name, r.status) for r in results] == [
         ("broken-s2", "failed"), ("casa_plus-s2", "skipped"), ("casa_replace-s2", "skipped")], output
     broken = results[0]
-    assert broken.exit_code != 0 and "CASA.k=99" in broken.log.read_text()
+    assert broken.exit_code != 0 and "CASA.k=0" in broken.log.read_text()
     assert f"log: {broken.log}" in output.replace("\n", "")
     with open(out / "results.csv", newline="") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
@@ -306,7 +306,7 @@ def test_parallel_grid_gives_the_sequential_results_and_a_failure_stops_no_other
     assert [(r.run.name, r.status) for r in parallel] == [
         ("broken-s0", "failed"), ("broken-s1", "failed"), ("casa_plus-s0", "finished"), ("casa_plus-s1", "finished"),
         ("casa_replace-s0", "finished"), ("casa_replace-s1", "finished")], output
-    assert "2 at once" in output and "CASA.k=99" in parallel[0].log.read_text()
+    assert "2 at once" in output and "CASA.k=0" in parallel[0].log.read_text()
     seq, par = _stable_rows(sequential_2x2), _stable_rows(tmp_path / "par")
     assert {k: par[k] for k in seq} == seq
     assert all(r["global_step"] == "2" and float(r["val/loss"]) > 0 for r in seq.values())

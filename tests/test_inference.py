@@ -255,7 +255,7 @@ def test_evaluate_json(run, capsys, monkeypatch):
     assert {"color", "shape", "count", "video_direction", "live_caption"} <= set(out["tasks"])
     assert "live_caption_stream" in out["tasks"] and {"coarse", "video"} == set(out["groups"])
     for values in [*out["tasks"].values(), *out["groups"].values()]:
-        assert set(values) == {"exact_match", "relaxed_accuracy", "anls"}
+        assert set(values) == {"exact_match", "relaxed_accuracy", "anls", "vqa_accuracy"}  # no options: no choice metrics
         assert all(0.0 <= v <= 1.0 for v in values.values())
     seen = []  # --mask reaches the CASA layers and generation runs uncached
     answer_batch = Assistant.answer_batch

@@ -8,6 +8,19 @@ from casa.fusion.windows import build_window_index, casa_kv_rows, table8_masked_
 from casa.positions import insertion_layout, insertion_positions, window_image_positions
 
 
+def _layout_is_cat_and_gather(index, N: int, T: int, expected: list[int]) -> torch.Tensor:
+    """window_layout == cat([image, text])[expected], values and gradients -> the text's gradient."""
+    img = torch.randn(N, 2, 3, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
+    out = window_layout(img, txt, index)
+    ref = torch.cat([img, txt])[torch.tensor(expected)]
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (img, txt), g), torch.autograd.grad(ref, (img, txt), g)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    return got[1]
+
+
 def test_casa_kv_layout_matches_a_naive_loop():
     # windows:  (t t | -)  (t t t | I I I I)  (t t | I I)  (t | I I I)
     cu_t = torch.tensor([0, 2, 5, 7, 8], dtype=torch.int32)
@@ -17,22 +30,45 @@ def test_casa_kv_layout_matches_a_naive_loop():
     for w in range(4):
         expected += list(range(cu_i[w], cu_i[w + 1]))  # image keys of the window (source 0..N-1)
         expected += [N + p for p in range(cu_t[w], cu_t[w + 1])]  # then its text (source N..N+T-1)
-    rows_img, rows_txt = casa_kv_rows(cu_t, cu_i)
+    cu_k, (rows_img, rows_txt, K) = casa_kv_rows(cu_t, cu_i)
+    assert K == N + T and cu_k.tolist() == [0, 2, 9, 13, 17]
     placed = torch.empty(N + T, dtype=torch.long)
     placed[torch.cat([rows_img, rows_txt])] = torch.arange(N + T)
     assert placed.tolist() == expected
     # keys laid out as:  t t | I I I I t t t | I I t t | I I I t
     index = build_window_index("casa", cu_t, cu_i, torch.zeros(N, 4), torch.zeros(N, 4))
     assert index.cu_k.tolist() == [0, 2, 9, 13, 17] and index.causal
-    # window_layout == cat + gather, values and gradients
-    img = torch.randn(N, 2, 3, dtype=torch.float64, requires_grad=True)
-    txt = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
-    out = window_layout(img, txt, index)
-    ref = torch.cat([img, txt])[torch.tensor(expected)]
-    assert torch.equal(out, ref)
-    g = torch.randn_like(out)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (img, txt), g),
-                                                 torch.autograd.grad(ref, (img, txt), g)))
+    _layout_is_cat_and_gather(index, N, T, expected)
+
+
+def test_eq3_indicator_gives_a_window_without_image_no_key():
+    """Paper eq. 3's 1[i > K] (CASA⊕/→): the text before a sample's first image has no key, so
+    its queries get no update. The other windows' keys are those without the indicator.
+
+        windows:  (t t | -)  (t t t | I I I I)  (t | -)  (t | I I)      [sample 0 | sample 1]
+        keys:     (none)     I I I I t t t      (none)   I I t
+    """
+    cu_t = torch.tensor([0, 2, 5, 6, 7], dtype=torch.int32)
+    cu_i = torch.tensor([0, 0, 4, 4, 6], dtype=torch.int32)
+    N, T = 6, 7
+    cu_k, (rows_img, rows_txt, K) = casa_kv_rows(cu_t, cu_i, indicator=True)
+    assert cu_k.tolist() == [0, 0, 7, 7, 10] and K == 10
+    expected = list(range(0, 4)) + [N + p for p in (2, 3, 4)] + [4, 5] + [N + 6]  # sources of keys 0..K-1
+    assert rows_txt.tolist() == [K, K, 4, 5, 6, K, 9]  # K: no key
+    index = build_window_index("casa", cu_t, cu_i, torch.zeros(N, 4), torch.zeros(N, 4), indicator=True)
+    assert index.cu_k.tolist() == [0, 0, 7, 7, 10]
+    txt = torch.randn(T, 2, 3, dtype=torch.float64)
+    grad_txt = _layout_is_cat_and_gather(index, N, T, expected)
+    assert not grad_txt[[0, 1, 5]].any()  # a text token that is no key gets no gradient through the keys
+    # no image anywhere: no key at all
+    none = build_window_index("casa", cu_t[:2], cu_i[:2] * 0, torch.zeros(0, 4), torch.zeros(0, 4), indicator=True)
+    empty = window_layout(torch.zeros(0, 2, 3, dtype=torch.float64), txt[:2], none)
+    assert empty.shape == (0, 2, 3) and none.cu_k.tolist() == [0, 0]
+    # Table 8 masks never point at a key of another window
+    for mode in ("self", "rnd", "rnd_txt"):
+        masked = table8_masked_key(index, mode, torch.Generator().manual_seed(0)).tolist()
+        assert [masked[p] for p in (0, 1, 5)] == [-1, -1, -1]
+    assert table8_masked_key(index, "self").tolist() == [-1, -1, 4, 5, 6, -1, 9]
 
 
 def test_table8_masks():

@@ -18,6 +18,12 @@ strategy, where a fusion layer sits in a block is the block's `form` (`casa.bloc
 "parallel", "before", "replace"; CASA⊕'s "plus" is the form "parallel") and which blocks
 are fused is `which_blocks` (CASA's `placement`; `CrossAttention.placement` is a form).
 
+Eq. 3's indicator 1[i > K]: in CASA⊕ and CASA→ the text of a sample before its first image
+gets no update (its window has no key, `casa.fusion.windows`), so on text alone the model is
+its backbone exactly; CASA∨'s layers *are* those blocks' SA, so there the text-only window
+keeps windowed self-attention. Which images a window sees is `visible_windows` (the window
+rule's one hook; `casa.fusion.casa_previous` overrides it).
+
 `inference_mask` applies the paper's Table 8 masks (self, rnd, rnd_txt) in every CASA layer
 when the model is in eval mode; training is never masked.
 """
@@ -43,10 +49,12 @@ PLACEMENTS = ("every_k", "first_k", "first_last_k")
 
 
 def fused_block_indices(placement: str, k: int, num_layers: int) -> list[int]:
-    """Which blocks a placement fuses (pure; tested on its own)."""
+    """Which blocks a placement fuses (pure; tested on its own). every_k: blocks 0, k, 2k, ...
+    (the paper's "every 4th" CASA∨ layer, §4.2, is k = 4: blocks 0, 4, ..., 24 of Helium's 28;
+    a k past the depth fuses block 0 only, so a 28-layer config runs on a 2-layer smoke model)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"CASA.placement={placement!r} is not one of {list(PLACEMENTS)}")
-    if not 1 <= k <= num_layers:
+    if not 1 <= k <= (num_layers if placement != "every_k" else max(k, 1)):
         raise ValueError(f"CASA.k={k!r} must be between 1 and the number of layers ({num_layers})")
     if placement == "every_k":
         return list(range(0, num_layers, k))
@@ -81,6 +89,9 @@ class CASA(WindowedFusion):
         if inference_mask is not None and inference_mask not in INFERENCE_MASKS:
             raise ValueError(f"CASA.inference_mask={inference_mask!r} is not one of {list(INFERENCE_MASKS)} or null")
         self.mode = mode
+        # paper eq. 3's 1[i > K]: text before a sample's first image gets no CASA⊕/→ update;
+        # CASA∨'s layers are the SA of those blocks, so its text-only windows keep windowed SA
+        self.indicator = mode != "replace"
         self.placement = placement
         self.form = FORM_OF_MODE[mode]
         self.which_blocks = placement

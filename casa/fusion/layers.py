@@ -17,7 +17,7 @@ from casa.attention import AttentionBackend, make_backend, varlen_attention
 from casa.blocks import project_qkv
 from casa.context import StreamContext
 from casa.family import Family
-from casa.fusion.windows import window_layout
+from casa.fusion.windows import window_keys
 from casa.image_kv import image_kv
 
 
@@ -44,11 +44,8 @@ def window_attention(attn: nn.Module, family: Family, h: torch.Tensor, images: t
     cu_k = index.cu_k
     if ctx.cache is not None:
         k, v, cu_k = ctx.cache.window(layer_idx, kind, k_img, v_img, k_txt, v_txt, index, backend)
-    elif kind == "casa":
-        k = window_layout(k_img, k_txt, index)  # [N+T, Hkv, D] in [image_w | text_w] layout
-        v = window_layout(v_img, v_txt, index)
-    else:
-        k, v = k_img, v_img  # [N, Hkv, D]
+    else:  # CASA: [K, Hkv, D] in [image_w | text_w] layout; CA: the images each window sees
+        k, v = window_keys(k_img, k_txt, index), window_keys(v_img, v_txt, index)
     masked = index.masked_key
     if ctx.capture is not None:
         o, probs = varlen_attention(q, k, v, index.cu_q, cu_k, causal=index.causal, backend=backend,

@@ -1,9 +1,18 @@
 """Answer metrics of the paper's benchmarks, as torchmetrics (synchronised across ranks).
+The per-answer scores, with their official definitions, are in `casa.train.scoring`.
 
-    exact_match       normalised string equality (lower case, spaces collapsed, final period dropped)
-    relaxed_accuracy  ChartQA's rule: numbers within 5% of the reference count as correct,
-                      other answers need an exact match
-    anls              DocVQA's Average Normalised Levenshtein Similarity, threshold 0.5
+    exact_match       normalised string equality with any accepted answer
+    relaxed_accuracy  ChartQA's rule: numbers within 5% of the reference count as correct
+                      ("45%" = 0.45, thousands separators read), other answers need an exact match
+    anls              DocVQA's Average Normalised Levenshtein Similarity (best accepted answer),
+                      threshold 0.5
+    vqa_accuracy      TextVQA / VQAv2 accuracy over the human answers (EvalAI normalisation)
+    choice_accuracy   multiple choice: the option the answer names (MMMU parsing) is the
+                      reference; counted only on samples that have options (`choices`), absent
+                      from the results of a key without any
+
+A sample's references come from its meta (`data.dataset`): "answers" (all accepted answers,
+when the shard has them) or "answer" (the last assistant turn), and "choices" (the options).
 
 `GroupedAnswerMetrics` keeps one set per task and per group (fine-grained reading, OCR,
 coarse, video) so the validation table reads like the paper's.
@@ -11,44 +20,14 @@ coarse, video) so the validation table reads like the paper's.
 
 from __future__ import annotations
 
-import re
+import math
 import warnings
+from typing import Sequence
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.functional.text import edit_distance
 
-
-def normalize(text: str) -> str:
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    return text[:-1] if text.endswith(".") else text
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", "").rstrip("%"))
-    except ValueError:
-        return None
-
-
-def exact_match(pred: str, ref: str) -> float:
-    return float(normalize(pred) == normalize(ref))
-
-
-def relaxed_match(pred: str, ref: str, tolerance: float = 0.05) -> float:
-    p, r = _number(normalize(pred)), _number(normalize(ref))
-    if p is not None and r is not None:
-        return float(abs(p - r) <= tolerance * abs(r)) if r != 0 else float(p == 0)
-    return exact_match(pred, ref)
-
-
-def anls_score(pred: str, ref: str, threshold: float = 0.5) -> float:
-    p, r = normalize(pred), normalize(ref)
-    if not p and not r:
-        return 1.0
-    dist = float(edit_distance([p], [r], reduction="none")[0]) if p and r else float(max(len(p), len(r)))
-    nl = dist / max(len(p), len(r))
-    return 1.0 - nl if nl < threshold else 0.0
+from casa.train.scoring import Reference, anls_score, choice_match, exact_match, relaxed_match, vqa_accuracy
 
 
 class _MeanScore(Metric):
@@ -62,22 +41,27 @@ class _MeanScore(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def score(self, pred: str, ref: str) -> float:
+    def score(self, pred: str, ref: Reference, choices: Sequence[str] | None) -> float | None:
+        """-> the answer's score, or None when the metric does not apply (not counted)."""
         raise NotImplementedError
 
-    def update(self, preds: list[str], refs: list[str]) -> None:
-        if len(preds) != len(refs):
-            raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-        for p, r in zip(preds, refs):
-            self.total += self.score(p, r)
-            self.count += 1
+    def update(self, preds: list[str], refs: list[Reference], choices: list[Sequence[str] | None] | None = None) -> None:
+        if len(preds) != len(refs) or (choices is not None and len(choices) != len(preds)):
+            raise ValueError(f"{len(preds)} predictions for {len(refs)} references"
+                             + (f" and {len(choices)} option lists" if choices is not None else ""))
+        for p, r, c in zip(preds, refs, choices or [None] * len(preds)):
+            s = self.score(p, r, c)
+            if s is not None:
+                self.total += s
+                self.count += 1
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+        """-> the mean score; NaN when no answer was counted (on any rank)."""
+        return (self.total / self.count).float()
 
 
 class ExactMatch(_MeanScore):
-    def score(self, pred: str, ref: str) -> float:
+    def score(self, pred, ref, choices) -> float:
         return exact_match(pred, ref)
 
 
@@ -86,7 +70,7 @@ class RelaxedAccuracy(_MeanScore):
         super().__init__()
         self.tolerance = tolerance
 
-    def score(self, pred: str, ref: str) -> float:
+    def score(self, pred, ref, choices) -> float:
         return relaxed_match(pred, ref, self.tolerance)
 
 
@@ -95,8 +79,20 @@ class ANLS(_MeanScore):
         super().__init__()
         self.threshold = threshold
 
-    def score(self, pred: str, ref: str) -> float:
+    def score(self, pred, ref, choices) -> float:
         return anls_score(pred, ref, self.threshold)
+
+
+class VQAAccuracy(_MeanScore):
+    def score(self, pred, ref, choices) -> float:
+        return vqa_accuracy(pred, ref)
+
+
+class ChoiceAccuracy(_MeanScore):
+    """Counted on samples with options only."""
+
+    def score(self, pred, ref, choices) -> float | None:
+        return None if not choices else choice_match(pred, ref, choices)
 
 
 class WeightedMean(Metric):
@@ -124,7 +120,16 @@ class WeightedMean(Metric):
         return (self.total / self.weight).float()
 
 
-METRICS = {"exact_match": ExactMatch, "relaxed_accuracy": RelaxedAccuracy, "anls": ANLS}
+METRICS = {"exact_match": ExactMatch, "relaxed_accuracy": RelaxedAccuracy, "anls": ANLS, "vqa_accuracy": VQAAccuracy,
+           "choice_accuracy": ChoiceAccuracy}
+OPTIONAL_METRICS = ("choice_accuracy",)
+"""Metrics that apply to some samples only: left out of a key's results when none of its
+samples had them (instead of a NaN in every table and log)."""
+
+
+def sample_references(meta: dict) -> tuple[Reference, list[str] | None]:
+    """A sample's meta (`data.dataset`) -> (its accepted answers, its options or None)."""
+    return meta.get("answers") or meta["answer"], meta.get("choices") or None
 
 
 class GroupedAnswerMetrics(torch.nn.Module):
@@ -156,10 +161,20 @@ class GroupedAnswerMetrics(torch.nn.Module):
                 self._device_anchor.device)
         return self.sets[safe]
 
-    def update(self, keys: list[str], preds: list[str], refs: list[str]) -> None:
-        for k, p, r in zip(keys, preds, refs):
+    def update(self, keys: list[str], preds: list[str], refs: list[Reference],
+               choices: list[Sequence[str] | None] | None = None) -> None:
+        """One (key, prediction, reference[, options]) per answer; a reference is a str or
+        the list of accepted answers."""
+        for i, (k, p, r) in enumerate(zip(keys, preds, refs)):
+            c = [choices[i]] if choices is not None else None
             for m in self._get(k).values():
-                m.update([p], [r])
+                m.update([p], [r], c)
+
+    def update_samples(self, by: str, preds: list[str], metas: list[dict]) -> None:
+        """Score generated answers against their samples' meta (`sample_references`),
+        per `meta[by]` (e.g. "task" or "group"; "all" when the meta has no such field)."""
+        refs, choices = zip(*map(sample_references, metas)) if metas else ((), ())
+        self.update([m.get(by, "all") for m in metas], preds, list(refs), list(choices))
 
     def _sync_keys(self) -> list[str]:
         """-> the sorted union of the keys of every rank (creating the missing ones here)."""
@@ -179,7 +194,8 @@ class GroupedAnswerMetrics(torch.nn.Module):
             # a key this rank never saw is computed for the sync: its empty states are expected
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
             for k in self._sync_keys():
-                out[k] = {name: float(m.compute()) for name, m in self.sets[k].items()}
+                values = {name: float(m.compute()) for name, m in self.sets[k].items()}
+                out[k] = {n: v for n, v in values.items() if not (n in OPTIONAL_METRICS and math.isnan(v))}
         return out
 
     def reset(self) -> None:

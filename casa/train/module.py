@@ -53,6 +53,22 @@ _CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 """What LightningCLI records in the hyperparameters it gives (`load_from_checkpoint` calls it)."""
 
 
+def shard_model(model: VisionLanguageModel, mesh, param_dtype: str | None = None) -> None:
+    """FSDP2 as training applies it (`CasaModule.configure_model`; `experiments.bench plan`
+    traces the same): one `fully_shard` unit per decoder block and per vision block, then the
+    root, over the 1-D data-parallel `mesh`; `param_dtype` ("bfloat16", "float16", "float32"
+    or None: as stored) is the blocks' compute dtype, gradients are reduced in fp32."""
+    from torch.distributed.fsdp import fully_shard
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(param_dtype or "", None)
+    root, blocks = block_precision_policies(dtype)
+    for block in model.backbone.layers:
+        fully_shard(block, mesh=mesh, mp_policy=blocks)
+    for block in model.vision.tower.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=blocks)
+    fully_shard(model, mesh=mesh, mp_policy=root)
+
+
 class CasaModule(L.LightningModule):
     """Args:
         model: the vision-language model (backbone + vision + fusion).
@@ -126,17 +142,7 @@ class CasaModule(L.LightningModule):
         mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
         if mesh is None or getattr(self, "_sharded", False):
             return
-        from torch.distributed.fsdp import fully_shard
-
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-            self.hparams.fsdp_param_dtype or "", None)
-        root, blocks = block_precision_policies(dtype)
-        dp_mesh = mesh["data_parallel"]
-        for block in self.model.backbone.layers:
-            fully_shard(block, mesh=dp_mesh, mp_policy=blocks)
-        for block in self.model.vision.tower.blocks:
-            fully_shard(block, mesh=dp_mesh, mp_policy=blocks)
-        fully_shard(self.model, mesh=dp_mesh, mp_policy=root)
+        shard_model(self.model, mesh["data_parallel"], self.hparams.fsdp_param_dtype)
         self._sharded = True
 
     # ------------------------------------------------------------------ training
@@ -251,9 +257,9 @@ class CasaModule(L.LightningModule):
         meta = [m for m, keep in zip(batch.meta, scoring) if keep]
         preds = [tok.decode([t for t in g if t not in stop], skip_special_tokens=True)
                  for g, keep in zip(gen, scoring) if keep]
+        self.task_metrics.update_samples("task", preds, meta)  # all accepted answers, options
+        self.group_metrics.update_samples("group", preds, meta)
         refs = [m["answer"] for m in meta]
-        self.task_metrics.update([m.get("task", "all") for m in meta], preds, refs)
-        self.group_metrics.update([m.get("group", "all") for m in meta], preds, refs)
         self._val_answers += [{"key": m.get("key"), "task": m.get("task", "all"), "group": m.get("group", "all"),
                                "prediction": p, "reference": r} for m, p, r in zip(meta, preds, refs)]
 

@@ -2,6 +2,8 @@
 
     python -m experiments.bench plan --config CONFIG [--config TRAINER] [--shapes SHAPES.json]
                                      [--gpus 8] [--gpu-memory 80GB] [--json]
+                                     [--max-text-tokens T] [--max-image-tokens N] [--max-pixels P]
+                                     [--search 3] [--frames F] [--steps S] [--mfu 0.4] [--gpu-tflops 989]
 
 The model is built from the configs (`casa.rebuild.build_model`, as training builds it) with
 every tensor a FakeTensor: shapes and dtypes, no storage, so a 2B model costs no memory.
@@ -13,22 +15,22 @@ The batch is the config's worst packed row: the data config's full `max_text_tok
 `max_image_tokens`, as images of `max_pixels` (the biggest the processor makes), all in one
 window with all the text after them (the largest window a CASA / cross-attention layer sees).
 
-One training step (forward, backward, Adam step, gradients dropped) is traced twice under
-`torch.distributed._tools.mem_tracker.MemTracker`; the second (steady-state: optimiser state
-exists) gives the peak, split by MemTracker's categories (parameters, gradients, optimiser
-state, activations, temporaries) and by module group (vision tower, fused blocks, SA blocks,
-head). The numbers come from the real model code: the tracker sees every tensor it creates.
-
-Data-dependent host reads (`.tolist()`, boolean masks) cannot run on fake tensors: `RealIndices`
-runs every op whose inputs are all real (the batch's small index tensors) for real, so index
-bookkeeping stays real while everything that touches a parameter is fake.
-
-Not modelled yet (see docs/benchmarks.md "plan"): FSDP2 sharding (FSDPMemTracker with a fake
-process group), so `--gpus` divides nothing; the CLI says so in its output.
+The step is the run's (`RunSettings`): under `ModelParallelStrategy` the model is sharded as
+`CasaModule.configure_model` shards it (`casa.train.module.shard_model`, FSDP2 with the
+config's `fsdp_param_dtype`) over a fake process group of `--gpus` ranks and traced under
+`FSDPMemTracker`; otherwise unsharded under `MemTracker`. Activation checkpointing as
+configured; with `accumulate_grad_batches` > 1 two micro-batches (the first without gradient
+sync). The peak is split into the trackers' categories (parameters, gradients, optimiser
+state, activations, temporaries, FSDP's all-gather / reduce-scatter buffers) and by module
+group (vision tower, fused blocks, SA blocks, head). See `tracing` for how the real model code
+runs on fake tensors. When the peak exceeds `--gpu-memory`, `largest_fitting_caps` traces
+smaller caps; `--frames` adds cached-generation memory per frame (`stream_memory`); the
+throughput estimate is `casa.flops`' count of the same batch at `--mfu`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,89 +40,10 @@ from typing import Any
 
 import torch
 
-CATEGORIES = {"Parameter": "parameters", "Gradient": "gradients", "Optstate": "optimizer_state",
-              "Activation": "activations", "Temp": "temporaries", "Buffer": "buffers", "Other": "other"}
-"""MemTracker's reference types -> the names this suite reports."""
+from experiments.benchmarks import tracing
+
 GiB = 2 ** 30
 MiB = 2 ** 20
-
-
-# ---------------------------------------------------------------------- fake execution
-def _real_indices_mode():
-    """A TorchDispatchMode (entered inside a FakeTensorMode) that runs for real every op whose
-    tensor inputs are all real, and every factory op making a non-float tensor (index ranges):
-    the host-side index bookkeeping of packing (window boundaries, masks) then stays real and
-    readable; ops touching a fake tensor stay fake. A boolean mask indexing a fake tensor is
-    turned into real indices first (FakeTensor cannot know how many elements a mask keeps)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-    from torch.utils._pytree import tree_leaves
-
-    aten = torch.ops.aten
-    indexing = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default}
-
-    class RealIndices(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-            if any(isinstance(x, FakeTensor) for x in tensors):
-                if func in indexing:
-                    with _disable_current_modes():
-                        idx = []
-                        for i in args[1]:
-                            real_mask = (isinstance(i, torch.Tensor) and not isinstance(i, FakeTensor)
-                                         and i.dtype in (torch.bool, torch.uint8))
-                            idx.extend(i.nonzero(as_tuple=True) if real_mask else [i])
-                    args = (args[0], idx, *args[2:])
-                return func(*args, **kwargs)
-            if not tensors:  # a factory: fake if it makes floats (activations), real for indices
-                out = func(*args, **kwargs)
-                if any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in tree_leaves(out)):
-                    return out
-            with _disable_current_modes():
-                return func(*args, **kwargs)
-
-    return RealIndices()
-
-
-class _FlashVarlenMemory(torch.autograd.Function):
-    """The memory of flash-attn's varlen kernel, which the paper configs ask the vision tower
-    for (`attn_implementation: flash_attention_2`) and which does not exist on CPU: the output,
-    with q, k, v, the output and the fp32 log-sum-exp saved for backward, which returns
-    dq, dk, dv. Values are never read (the tensors are fake)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):  # [1, H, L, D] each
-        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # [1, L, H, D]
-        lse = q.new_empty(q.shape[:3], dtype=torch.float32)  # [1, H, L]
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-PLAN_FLASH = "plan_flash_varlen"
-"""Registered attention implementation of `_FlashVarlenMemory`: "flash" in its name makes
-the Qwen2.5-VL tower take its varlen (one call) path instead of a Python loop per window."""
-
-
-def _plan_flash(module, query, key, value, attention_mask=None, **kwargs):
-    return _FlashVarlenMemory.apply(query, key, value), None
-
-
-def use_flash_memory_model(model) -> bool:
-    """Give the vision tower `_FlashVarlenMemory` when its config asks for flash attention
-    (replaced by sdpa to build on CPU) -> whether it did."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PLAN_FLASH, _plan_flash)
-    configs = {id(m.config): m.config for m in model.vision.tower.modules() if hasattr(m, "config")}
-    for c in configs.values():
-        c._attn_implementation = PLAN_FLASH
-    return True
 
 
 # ---------------------------------------------------------------------- configs
@@ -195,105 +118,83 @@ def fake_batch(segments, vocab_size: int, patch_dim: int, mode):
     return dataclasses.replace(batch, pixel_values=pixels)
 
 
-# ---------------------------------------------------------------------- tracing
-def module_groups(model) -> dict[str, list[torch.nn.Module]]:
-    """{"vision tower", "fused blocks", "SA blocks", "head"} -> their modules. A fused block
-    is a decoder block holding parameters the checkpoint does not have (a CASA / CA layer)."""
-    bb = model.backbone
-    prefix = {id(m): n for n, m in bb.named_modules()}
-    fused, plain = [], []
-    for block in bb.layers:
-        name = prefix[id(block)]
-        new = any(f"{name}.{n}" not in bb.pretrained_names for n, _ in block.named_parameters())
-        (fused if new else plain).append(block)
-    return {"vision tower": [model.vision], "fused blocks": fused, "SA blocks": plain, "head": [bb.lm_head]}
+# ---------------------------------------------------------------------- run settings
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What of the composed run config shapes one GPU's training step."""
+
+    fsdp: bool
+    """`trainer.strategy` is Lightning's ModelParallelStrategy: FSDP2 (`CasaModule.configure_model`)."""
+    param_dtype: str | None
+    """`model.fsdp_param_dtype` (FSDP2's compute dtype of the blocks; None: as stored)."""
+    activation_checkpointing: bool
+    accumulate: int
+    """`trainer.accumulate_grad_batches`."""
+    devices: int | None
+    """`trainer.devices` x `trainer.num_nodes` when both are integers."""
+
+    @staticmethod
+    def of(config: dict) -> "RunSettings":
+        module, trainer = config.get("model") or {}, config.get("trainer") or {}
+        devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+        return RunSettings(
+            fsdp="ModelParallelStrategy" in str(trainer.get("strategy")),
+            param_dtype=module.get("fsdp_param_dtype"),
+            activation_checkpointing=bool(module.get("activation_checkpointing", False)),
+            accumulate=int(trainer.get("accumulate_grad_batches") or 1),
+            devices=devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None)
 
 
-def _bytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
+def caps_override(text: int | None = None, image: int | None = None, pixels: int | None = None) -> dict:
+    """-> a config override of the data config's packing caps (None: the config's own)."""
+    caps = {k: v for k, v in (("max_text_tokens", text), ("max_image_tokens", image), ("max_pixels", pixels))
+            if v is not None}
+    for k, v in caps.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"plan: {k}={v!r} must be a positive integer")
+    return {"data": {"init_args": caps}} if caps else {}
 
 
-class _NoHook:
-    """A hook handle with nothing to remove (see `trace_step`)."""
-
-    def remove(self) -> None:
-        pass
-
-
-def trace_step(model, batch, optimizer, mode) -> dict[str, Any]:
-    """Trace two training steps under MemTracker inside `mode` (a FakeTensorMode) -> the second
-    step's peak {category: bytes}, its `total`, the state live at its start (`start`), and
-    per module group {params, grads, local_peak} bytes."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
-
-    tracker = MemTracker()
-    # MemTracker hooks every parameter's gradient, and torch refuses a hook on a frozen one (the
-    # paper configs freeze most of the vision tower): a frozen parameter gets a no-op handle
-    # instead, which the tracker's `_param_to_grad_hook_handles` check then skips.
-    for p in model.parameters():
-        if not p.requires_grad:
-            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-    tracker.track_external(model, optimizer)
-    with mode, _real_indices_mode(), tracker:
-        for i in range(2):  # the first step creates Adam's state: the second is the steady state
-            if i == 1:
-                tracker.reset_mod_stats()
-                start = next(iter(tracker.get_tracker_snapshot("current").values()))
-            model(batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    split = {name: int(peak.get(key, 0)) for key, name in CATEGORIES.items()}
-    out = {"peak": split, "total": int(peak.get("Total", sum(split.values()))),
-           "start": {name: int(start.get(key, 0)) for key, name in CATEGORIES.items()}}
-    groups = {}
-    for name, mods in module_groups(model).items():
-        params = [p for m in mods for p in m.parameters()]
-        stats = [tracker.memory_tracking[m] for m in mods if m in tracker.memory_tracking]
-        local = max((max(s.local_peak.values(), default=0) for s in stats), default=0)
-        fw = [snap for s in stats for snap in s.snapshots.get(_ModState.PEAK_FW, [])]
-        groups[name] = {"modules": len(mods), "params": _bytes(params),
-                        "grads": _bytes([p for p in params if p.requires_grad]), "local_peak": int(local),
-                        "activations_at_fw_peak": max((int(next(iter(s.values())).get("Activation", 0))
-                                                       for s in fw), default=0)}
-    out["groups"] = groups
-    return out
-
-
-def predict(configs: list, shapes: str | Path | dict | None = None, batch_segments=None) -> dict[str, Any]:
-    """Build the configs' model with fake tensors, trace one step on the worst-case batch ->
-    `trace_step`'s dict + {"batch": the layout, "config": settings used}."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from casa.rebuild import build_model
+def predict(configs: list, shapes: str | Path | dict | None = None, batch_segments=None,
+            gpus: int | None = None, fast: bool = True) -> dict[str, Any]:
+    """Build the configs' model with fake tensors (FSDP2-sharded over a fake process group of
+    `gpus` ranks when the trainer config asks for FSDP2), trace one training step on the
+    worst-case batch -> `tracing.trace_step`'s dict + the batch, settings and FLOPs."""
+    from casa.flops import training_flops
     from casa.train.optim import build_optimizer
 
     config = load_configs(configs)
     over = shapes_override(config, shapes)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        model = build_model([*configs, over] if over else list(configs))
-    module = (config.get("model") or {})
-    model.train()
-    model.activation_checkpointing = bool(module.get("activation_checkpointing", False))
-    vision_args = ((config["model"]["model"].get("init_args") or {}).get("vision") or {}).get("init_args") or {}
-    flash_vision = vision_args.get("attn_implementation") == "flash_attention_2" and use_flash_memory_model(model)
-    tower = model.vision.tower.config
-    segments = batch_segments or worst_case_layout(config, tower.patch_size, tower.spatial_merge_size)
-    patch_dim = tower.in_channels * tower.temporal_patch_size * tower.patch_size ** 2
-    batch = fake_batch(segments, model.backbone.config.vocab_size, patch_dim, mode)
-    optimizer = build_optimizer(model.parameter_groups(), float(module.get("lr_new", 1e-4)),
-                                float(module.get("lr_pretrained", 1e-5)), float(module.get("weight_decay", 0.0)))
-    from casa.flops import training_flops
-
-    flops = training_flops(model, batch)  # before the trace: a pure function of dims and layout
-    out = trace_step(model, batch, optimizer, mode)
+    settings = RunSettings.of(config)
+    world = gpus or settings.devices or 1
+    mode = tracing.new_fake_mode()
+    model_configs = [*configs, over] if over else list(configs)
+    with (tracing.fake_process_group(world) if settings.fsdp else contextlib.nullcontext()) as mesh:
+        model = tracing.build_fake_model(model_configs, mode, mesh, settings.param_dtype)
+        module = config.get("model") or {}
+        model.train()
+        model.activation_checkpointing = settings.activation_checkpointing
+        vision_args = ((config["model"]["model"].get("init_args") or {}).get("vision") or {}).get("init_args") or {}
+        flash_vision = (vision_args.get("attn_implementation") == "flash_attention_2"
+                        and tracing.use_flash_memory_model(model))
+        tower = model.vision.tower.config
+        segments = batch_segments or worst_case_layout(config, tower.patch_size, tower.spatial_merge_size)
+        patch_dim = tower.in_channels * tower.temporal_patch_size * tower.patch_size ** 2
+        batch = fake_batch(segments, model.backbone.config.vocab_size, patch_dim, mode)
+        with mode:
+            optimizer = build_optimizer(model.parameter_groups(), float(module.get("lr_new", 1e-4)),
+                                        float(module.get("lr_pretrained", 1e-5)), float(module.get("weight_decay", 0.0)))
+        flops = training_flops(model, batch)  # before the trace: a pure function of dims and layout
+        out = tracing.trace_step(model, batch, optimizer, mode, settings.accumulate, fast)
+        out["parameters_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)  # DTensor: global
+        del model, optimizer
+    tracing.release_fake_state()
     out["train_flops"] = int(flops)
     out["batch"] = {"text_tokens": batch.num_text_tokens, "image_tokens": int(batch.image_grid_thw.prod(-1).sum())
                     // tower.spatial_merge_size ** 2, "images": int(batch.image_grid_thw.shape[0]), "windows": 1}
-    out["activation_checkpointing"] = model.activation_checkpointing
+    out["settings"] = {**dataclasses.asdict(settings), "world_size": world if settings.fsdp else 1}
+    out["activation_checkpointing"] = settings.activation_checkpointing
     out["vision_attention"] = "flash-attn varlen memory model" if flash_vision else "as configured"
-    out["parameters_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return out
 
 
@@ -321,24 +222,145 @@ def throughput(flops: int, tokens: int, mfu: float, gpu_tflops: float) -> dict[s
             "tokens_per_s_per_gpu": float(f"{tokens / seconds:.4g}")}
 
 
-def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str | None = None, gpus: int = 8,
-        gpu_memory: str = "80GB", mfu: float = 0.4, gpu_tflops: float = H100_BF16_TFLOPS) -> dict[str, Any]:
+def isolated(fn, *args):
+    """fn(*args) in a fresh process: a second fake model built in a process that has traced
+    one (FSDP2, fake process group) aborted with heap corruption ("corrupted double-linked
+    list") at 2B; one trace per process does not share any fake state."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _total(configs: list, shapes, gpus: int | None) -> int:
+    return predict(configs, shapes, gpus=gpus)["total"]
+
+
+def largest_fitting_caps(configs: list, shapes, gpus: int | None, budget: int, first: dict,
+                         probes: int = 3, tolerance: float = 0.03) -> dict[str, Any] | None:
+    """When the config's caps do not fit: the largest text and image caps that do, both scaled
+    by one factor (the config's ratio kept, as the paper shrank insertion's sequence), each
+    candidate traced like the config itself. Secant steps on the traced peaks (memory grows
+    about linearly with the caps), at most `probes` traces, stopping at a fitting candidate
+    within `tolerance` of `budget`. -> {"max_text_tokens", "max_image_tokens", "scale",
+    "peak_GiB", "probes"} of the largest traced candidate that fits (None if none did)."""
+    from casa.rebuild import DataSettings
+
+    data = DataSettings.from_config(load_configs(configs).get("data"))
+    points = [(1.0, first["total"])]  # (scale, traced peak)
+    best, tried = None, []
+    for _ in range(probes):
+        lo = max(((s, t) for s, t in points if t <= budget), default=(0.0, None), key=lambda p: p[0])
+        hi = min(((s, t) for s, t in points if t > budget), key=lambda p: p[0])
+        if lo[1] is None:  # nothing fits yet: the line through the origin and the smallest miss
+            scale = hi[0] * budget / hi[1]
+        else:
+            scale = lo[0] + (hi[0] - lo[0]) * (budget - lo[1]) / (hi[1] - lo[1])
+        scale *= 0.98  # aim just under the budget: a miss costs a probe
+        text, image = max(1, int(data.max_text_tokens * scale)), max(1, int(data.max_image_tokens * scale))
+        total = isolated(_total, [*configs, caps_override(text, image)], shapes, gpus)
+        points.append((scale, total))
+        tried.append({"scale": round(scale, 3), "max_text_tokens": text, "max_image_tokens": image,
+                      "peak_GiB": round(total / GiB, 2), "fits": total <= budget})
+        if total <= budget and (best is None or scale > best["scale"]):
+            best = tried[-1]
+        if total <= budget and total >= (1 - tolerance) * budget:
+            break
+    return None if best is None else {**best, "probes": tried}
+
+
+def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: int = 2) -> dict[str, Any]:
+    """Cached generation over a stream of frames (the paper's Fig. 5): the model (parameters
+    in the run's precision) and its KV cache after each frame, on fake tensors. Frame i is
+    one chunk (its image in a new window + 1 text token) and `tokens` decoded tokens, as
+    `Assistant.stream` feeds it, through the model's own cache (`casa.cache.KVCache.nbytes`).
+    `traced` frames run; the cache grows by the same bytes every frame after the first (each
+    frame appends the same tokens), so frame `frames` is the last traced one plus that growth.
+    -> {"per_frame_MiB", "weights_GiB", "at_frames_MiB": {frame: weights + cache}, ...}."""
+    from casa.assistant import frame_chunk
+    from casa.cache import KVCache
+    from casa.generation import text_chunk
+    from casa.rebuild import HALF, DataSettings, run_precision
+
+    if frames < 1 or traced < 2:
+        raise ValueError(f"plan: --frames={frames} must be >= 1 (and traced={traced} >= 2)")
+    config = load_configs(configs)
+    over = shapes_override(config, shapes)
+    mode = tracing.new_fake_mode()
+    model = tracing.build_fake_model([*configs, over] if over else list(configs), mode)
+    precision = run_precision(config)
+    dtype = HALF.get(precision.split("-")[0]) if precision.endswith("-true") else None
+    with mode:
+        if dtype is not None:  # `.data`, not `model.to`: swapping fake parameters fails (weakrefs)
+            for p in model.parameters():
+                p.data = p.data.to(dtype)
+    model.eval()
+    tower = model.vision.tower.config
+    data = DataSettings.from_config(config.get("data"))
+    frame_pixels = min(data.max_pixels, data.frame_max_pixels)  # as Assistant.stream caps a frame
+    merge = tower.spatial_merge_size
+    side = max(merge, int(math.isqrt(frame_pixels) // tower.patch_size) // merge * merge)
+    patch_dim = tower.in_channels * tower.temporal_patch_size * tower.patch_size ** 2
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache, sizes = KVCache(1), []
+    # the chunks' index tensors are made outside the fake mode (real), only the pixels are fake
+    chunk = frame_chunk([1], [2], torch.zeros(side * side, 1), [[1, side, side]], merge=merge)
+    with mode:
+        chunk = dataclasses.replace(chunk, pixel_values=torch.empty(side * side, patch_dim, dtype=dtype or torch.float32))
+    step = text_chunk([[3]], patch_dim=patch_dim)
+    with torch.no_grad(), mode, tracing._real_indices_mode():
+        for _ in range(min(traced, frames)):
+            model.last_logits(chunk, cache=cache)
+            for _ in range(tokens):
+                model.last_logits(step, cache=cache, images_on_any_rank=False)
+            sizes.append(cache.nbytes())
+    del cache, model
+    tracing.release_fake_state()
+    growth = sizes[-1] - sizes[-2] if len(sizes) > 1 else 0
+    at = lambda f: weights + (sizes[f - 1] if f <= len(sizes) else sizes[-1] + (f - len(sizes)) * growth)  # noqa: E731
+    marks = sorted({1, 10, 100, frames} & set(range(1, frames + 1)))
+    return {"frame_px": side * tower.patch_size, "image_tokens_per_frame": side * side // tower.spatial_merge_size ** 2,
+            "precision": precision, "weights_GiB": round(weights / GiB, 3), "per_frame_MiB": round(growth / MiB, 3),
+            "cache_bytes_traced": sizes, "at_frames_MiB": {str(f): round(at(f) / MiB, 1) for f in marks}}
+
+
+MODES = {"none": "not sharded: one replica per GPU", "fsdp2": "FSDP2 (fully_shard per block), traced "
+         "under FSDPMemTracker with a fake process group"}
+
+
+def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str | None = None, gpus: int | None = None,
+        gpu_memory: str = "80GB", mfu: float = 0.4, gpu_tflops: float = H100_BF16_TFLOPS,
+        max_text_tokens: int | None = None, max_image_tokens: int | None = None, max_pixels: int | None = None,
+        frames: int | None = None, search: int = 3, steps: int | None = None) -> dict[str, Any]:
     if not config:  # `bench all` plans the demo (tiny with --quick): the configs that build anywhere
         config = ["experiments/configs/demo.yaml"] + (["tests/configs/tiny.yaml"] if quick else [])
-    if gpus < 1:
+    if gpus is not None and gpus < 1:
         raise ValueError(f"plan: --gpus={gpus} must be >= 1")
     budget = parse_memory(gpu_memory)
-    p = predict(config, shapes)
-    total = p["total"]
+    caps = caps_override(max_text_tokens, max_image_tokens, max_pixels)
+    configs = [*config, caps] if caps else list(config)
+    p = predict(configs, shapes, gpus=gpus)
+    total, settings = p["total"], p["settings"]
     rows = [{"category": k, "GiB": round(v / GiB, 3), "MiB": round(v / MiB, 1)} for k, v in p["peak"].items()]
     groups = [{"module": k, "params_GiB": round(g["params"] / GiB, 3), "local_peak_GiB": round(g["local_peak"] / GiB, 3),
                "activations_GiB": round(g["activations_at_fw_peak"] / GiB, 3), "modules": g["modules"]}
               for k, g in p["groups"].items()]
-    return {"configs": config, "shapes": shapes, "gpus": gpus, "gpu_memory_GiB": round(budget / GiB, 1),
-            "batch": p["batch"], "parameters_M": p["parameters_M"],
-            "activation_checkpointing": p["activation_checkpointing"],
-            "peak_GiB": round(total / GiB, 3), "fits": total <= budget,
-            "sharding": "none traced: per-process peak of one unsharded replica (FSDP2 not modelled yet)",
-            "throughput": throughput(p["train_flops"], p["batch"]["text_tokens"] + p["batch"]["image_tokens"],
-                                     mfu, gpu_tflops),
-            "peak": rows, "modules": groups}
+    tokens = p["batch"]["text_tokens"] + p["batch"]["image_tokens"]
+    speed = throughput(p["train_flops"], tokens, mfu, gpu_tflops)
+    if steps:  # the run's optimizer steps: each is `accumulate` micro-batches per GPU
+        speed["steps"] = steps
+        speed["total_h"] = round(steps * settings["accumulate"] * speed["microbatch_s"] / 3600, 2)
+    out = {"configs": [c if isinstance(c, str) else json.dumps(c) for c in configs], "shapes": shapes,
+           "gpus": settings["world_size"], "gpu_memory_GiB": round(budget / GiB, 1),
+           "sharding": MODES["fsdp2" if settings["fsdp"] else "none"], "param_dtype": settings["param_dtype"],
+           "micro_batches_traced": p["micro_batches"], "accumulate_grad_batches": settings["accumulate"],
+           "batch": p["batch"], "parameters_M": p["parameters_M"],
+           "activation_checkpointing": p["activation_checkpointing"],
+           "peak_GiB": round(total / GiB, 3), "fits": total <= budget, "throughput": speed,
+           "peak": rows, "modules": groups}
+    if total > budget and search > 0:
+        out["largest_fitting_caps"] = largest_fitting_caps(configs, shapes, gpus, budget, p, probes=search)
+    if frames:
+        out["stream"] = isolated(stream_memory, configs, shapes, frames)
+    return out
