@@ -254,7 +254,9 @@ def test_stream_memory_is_the_real_cache_after_f_frames(name):
 
     configs = TINY + [str(strategies.strategy(name).path)]
     frames = 6
-    out = plan.stream_memory(configs, None, frames)
+    # in a fresh process, as the CLI runs it: a real model built after a fake generation run
+    # in the same process crashed torch (heap corruption, `plan.isolated`)
+    out = plan.isolated(plan.stream_memory, configs, None, frames)
     model = build_model(configs).eval()
     side = out["frame_px"] // 14
     cache = KVCache(1)
