@@ -699,7 +699,9 @@ def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> 
     (out / "results.md").write_text("\n".join(md) + "\n")
 
     axes = [name for name, _ in grid.axes]
-    keys = sorted({k for r in results for k in r.metrics if k.startswith("val_group/")})
+    # every group metric, then the held-out text perplexities (`val_ppl/<task>`), as in results.md
+    keys = (sorted({k for r in results for k in r.metrics if k.startswith("val_group/")})
+            + _extra_columns(results))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "status", *axes, "global_step", "val/loss", *keys, "peak_memory_bytes",

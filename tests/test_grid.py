@@ -242,7 +242,8 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
         score = coarse[run.name]
         summary = {} if score is None else {
             "metrics": {"val/loss": 1 - score, "val_group/coarse/relaxed_accuracy": score,
-                        "val_group/video/relaxed_accuracy": score / 2, "train/step_time_s": 0.1},
+                        "val_group/video/relaxed_accuracy": score / 2, "val_ppl/describe": 1 + score,
+                        "train/step_time_s": 0.1},
             "peak_memory_bytes": 100 * 2 ** 20}
         results.append(Result(run, "failed" if score is None else "finished", tmp_path / "runs" / run.name,
                               summary=summary))
@@ -251,15 +252,19 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
     md = (out / "results.md").read_text()
     mean_rows = md.split("Mean ± sample standard deviation over the axis `seed`")[1]
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in mean_rows.splitlines() if line.startswith("|")]
-    assert table[0] == ["fusion", "n", "val/loss", "coarse", "video", "avg", "mem (MiB)", "step (s)"]
-    assert table[2] == ["a", "3/3", "0.4000 ± 0.1000", "60.0 ± 10.0", "30.0 ± 5.0", "45.0 ± 7.5", "100 ± 0", "0.100 ± 0.000"]
-    assert table[3][:5] == ["b", "2/3", "0.7500 ± 0.0707", "25.0 ± 7.1", "12.5 ± 3.5"]
+    assert table[0] == ["fusion", "n", "val/loss", "val_ppl/describe", "coarse", "video", "avg", "mem (MiB)", "step (s)"]
+    assert table[2] == ["a", "3/3", "0.4000 ± 0.1000", "1.600 ± 0.100", "60.0 ± 10.0", "30.0 ± 5.0", "45.0 ± 7.5",
+                        "100 ± 0", "0.100 ± 0.000"]
+    assert table[3][:6] == ["b", "2/3", "0.7500 ± 0.0707", "1.250 ± 0.071", "25.0 ± 7.1", "12.5 ± 3.5"]
+    with open(out / "results.csv", newline="") as f:  # the held-out perplexities reach the CSVs too
+        assert [r["val_ppl/describe"] for r in csv.DictReader(f)] == ["1.5", "1.6", "1.7", "1.2", "1.3", ""]
     with open(out / "results_mean.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["fusion"], r["n"]) for r in rows] == [("a", "3"), ("b", "2")]
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_mean"]) == pytest.approx(0.6)
     assert float(rows[0]["val_group/coarse/relaxed_accuracy_std"]) == pytest.approx(0.1)
     assert float(rows[1]["val/loss_std"]) == pytest.approx(0.0707107, rel=1e-4)
+    assert float(rows[0]["val_ppl/describe_mean"]) == pytest.approx(1.6)
     # the plot: per group, mean ± std over the seeds of each fusion value
     names, series = plot_series(results, grid, "relaxed_accuracy")
     assert names == ["a", "b"] and list(series) == ["coarse", "video"]
