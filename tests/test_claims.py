@@ -63,6 +63,10 @@ def test_claim_rows_from_run_dirs_and_evaluations(tmp_path):
     assert found[("text ability kept better by CASA than by ungated CA", "val_ppl/describe_after_image (lower is better)",
                   "casa_plus", "cross_attention")] == "holds"
     assert claims.gap_closed(grids)["casa_plus"] == pytest.approx(0.75)
+    for s in range(3):  # insertion below CA: there is no gap, and no share of it is reported
+        metrics = {"finished": True, "metrics": _metrics(0.3, 0.3, 0.3, 0.3)}
+        (grids / "protocol_table6a" / f"insertion-s{s}" / "metrics.json").write_text(json.dumps(metrics))
+    assert claims.gap_closed(grids) == {}
 
 
 def test_cli_without_runs_says_what_to_run_first(tmp_path, capsys):
