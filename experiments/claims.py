@@ -1,8 +1,8 @@
-"""The paper's five claims, judged on the protocol's grids (docs/reproduction.md).
+"""The paper's claims, judged on the protocol's grids (docs/reproduction.md).
 
     python -m experiments.claims [--grids runs/grids] [--table8 runs/protocol/table8]
 
-Reads the finished runs of `protocol_table6a` and `protocol_table7` (each run's
+Reads the finished runs of `protocol_table6a`, `protocol_table6b` and `protocol_table7` (each run's
 metrics.json, as `experiments.grid` leaves them) and Table 8's evaluations: one
 `experiments.evaluate --json` output per seed and mask, `casa_plus-s<N>-<mask>.json`,
 of protocol_table6a's CASA⊕ checkpoints (the commands are in docs/reproduction.md). It
@@ -122,6 +122,12 @@ def rows(grids: Path, table8: Path) -> list[tuple[str, str, str, str]]:
             for ca in ("cross_attention", "gated_cross_attention"):
                 compare("CASA > CA on reading / high resolution", f"{group} accuracy (%)",
                         side(t6, casa, lambda m: accuracy(m, group)), side(t6, ca, lambda m: accuracy(m, group)))
+    # Table 6b: compressing the images (Q-Former) loses what insertion keeps, most where detail matters
+    t6b = grid_runs("protocol_table6b", grids)
+    for group in (None, "fine", "read"):
+        for q in ("qformer_q2", "qformer_q4"):
+            compare("insertion > Q-Former (Table 6b)", f"{group or 'avg'} accuracy (%)",
+                    side(t6b, "insertion", lambda m: accuracy(m, group)), side(t6b, q, lambda m: accuracy(m, group)))
     # 3. Table 7: CASA∨ layers spread uniformly beat the same number bunched together
     t7 = grid_runs("protocol_table7", grids)
     if not t7.get("every_k-k4"):  # blocks 0 and 4: the very runs of Table 6a's casa_replace

@@ -37,6 +37,9 @@ def test_claim_rows_from_run_dirs_and_evaluations(tmp_path):
             a = acc + 0.01 * s
             _write_run(grids, "protocol_table6a", f"{fusion}-s{s}",
                        _metrics(a, a, a, a, ppl=2.5 if fusion == "cross_attention" else 1.3 + 0.01 * s))
+    for fusion, acc in (("insertion", 0.8), ("qformer_q2", 0.5)):  # Table 6b: only the 2-query Q-Former ran
+        for s in range(3):
+            _write_run(grids, "protocol_table6b", f"{fusion}-s{s}", _metrics(acc, acc, acc + 0.01 * s, acc))
     # Table 7 absent except one placement: every_k-k4 comes from 6a's casa_replace, first_k-k2 is better
     for s in range(3):
         _write_run(grids, "protocol_table7", f"first_k-k2-s{s}", _metrics(0.9, 0.9, 0.9, 0.9 + 0.01 * s))
@@ -57,6 +60,8 @@ def test_claim_rows_from_run_dirs_and_evaluations(tmp_path):
     assert found[("CASA∨ is best spread uniformly", "avg accuracy (%), 2 CASA∨ layers", "every_k-k4",
                   "first_k-k2")] == "reversed"
     assert not any("4 CASA∨ layers" in q for _, q, _, _ in table)  # no runs, no row
+    assert found[("insertion > Q-Former (Table 6b)", "read accuracy (%)", "insertion", "qformer_q2")] == "holds"
+    assert not any("qformer_q4" in sides for _, _, sides, _ in table)
     mask = "masking *self* hurts most"
     assert found[(mask, "avg accuracy (%) under the mask", "rnd", "self")] == "reversed"
     assert found[(mask, "avg accuracy (%) under the mask", "rnd_txt", "self")] == "within the seed spread"
