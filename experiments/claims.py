@@ -81,8 +81,9 @@ def grid_runs(name: str, grids: Path) -> dict[str, list[dict[str, float]]]:
     return runs
 
 
-def side(runs: dict[str, list[dict[str, float]]], key: str, get, name: str | None = None) -> Side:
-    return Side(name or key, [v for m in runs.get(key, []) if (v := get(m)) is not None])
+def side(runs: dict[str, list[dict[str, float]]], key: str, get) -> Side:
+    """`get(metrics)` of each seed's run of `key` that has it."""
+    return Side(key, [v for m in runs.get(key, []) if (v := get(m)) is not None])
 
 
 def table8_runs(folder: Path) -> dict[str, list[dict[str, float]]]:
@@ -157,7 +158,7 @@ def gap_closed(grids: Path) -> dict[str, float]:
     """(CASA − CA) / (insertion − CA) on mean avg accuracy, per CASA variant; empty when
     insertion is not above CA (no gap to close)."""
     t6 = grid_runs("protocol_table6a", grids)
-    means = {k: side(t6, k, accuracy).mean() for k in t6 if side(t6, k, accuracy).values}
+    means = {k: s.mean() for k in t6 if (s := side(t6, k, accuracy)).values}
     if not {"insertion", "cross_attention"} <= set(means):
         return {}
     gap = means["insertion"] - means["cross_attention"]
