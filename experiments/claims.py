@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.grid import previous
+from experiments.grid import mean_group_score, previous
 from experiments.grid_spec import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,7 @@ def accuracy(metrics: dict[str, float], group: str | None = None) -> float | Non
     the grids' "avg" column."""
     if group is not None:
         return metrics.get(f"val_group/{group}/{METRIC}")
-    scores = [metrics[k] for g in GROUPS if (k := f"val_group/{g}/{METRIC}") in metrics]
-    return sum(scores) / len(scores) if scores else None
+    return mean_group_score(metrics, GROUPS, METRIC)
 
 
 def grid_runs(name: str, grids: Path) -> dict[str, list[dict[str, float]]]:

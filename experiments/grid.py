@@ -540,9 +540,10 @@ def _extra_columns(results: list[Result]) -> list[str]:
     return sorted({k for r in results for k in r.metrics if k.startswith("val_ppl/")})
 
 
-def _avg_score(r: Result, groups: list[str], metric: str) -> float | None:
-    """The mean of a run's group scores it has (the table's "avg"), None without any."""
-    scores = [r.metrics[k] for g in groups if (k := f"val_group/{g}/{metric}") in r.metrics]
+def mean_group_score(metrics: dict[str, float], groups, metric: str) -> float | None:
+    """The mean of `metric` over the `groups` a run's metrics have (the table's "avg"), None
+    without any (experiments.claims reads its accuracies through it too)."""
+    scores = [metrics[k] for g in groups if (k := f"val_group/{g}/{metric}") in metrics]
     return sum(scores) / len(scores) if scores else None
 
 
@@ -553,7 +554,7 @@ def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[s
     rows = []
     for r in results:
         scores = [r.metrics.get(f"val_group/{g}/{metric}") for g in groups]
-        avg, loss, peak, step = _avg_score(r, groups, metric), r.metrics.get("val/loss"), r.peak_memory_bytes, r.step_time_s
+        avg, loss, peak, step = mean_group_score(r.metrics, groups, metric), r.metrics.get("val/loss"), r.peak_memory_bytes, r.step_time_s
         rows.append([r.run.name, r.status, "" if loss is None else f"{loss:.4f}",
                      *("" if (v := r.metrics.get(k)) is None else f"{v:.3f}" for k in extra),
                      *("" if s is None else f"{100 * s:.1f}" for s in scores),
@@ -602,7 +603,7 @@ def _mean_columns(results: list[Result], grid: Grid, metric: str) -> tuple[list[
         rows.append([name, f"{len(done)}/{len(runs)}", _mean_std(present("val/loss"), digits=4),
                      *(_mean_std(present(k), digits=3) for k in extra),
                      *(_mean_std(present(f"val_group/{g}/{metric}"), 100) for g in groups),
-                     _mean_std(_present(done, lambda r: _avg_score(r, groups, metric)), 100),
+                     _mean_std(_present(done, lambda r: mean_group_score(r.metrics, groups, metric)), 100),
                      _mean_std(present("peak_memory_bytes"), 2 ** -20, 0), _mean_std(present("step_time_s"), digits=3)])
     return header, rows
 

@@ -287,7 +287,7 @@ def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: i
         raise ValueError(f"plan: --frames={frames} must be >= 1 (and traced={traced} >= 2)")
     config = load_configs(configs)
     over = shapes_override(config, shapes)
-    mode = tracing.new_fake_mode()
+    mode = tracing.new_fake_mode(cache=False)  # on, the cache corrupted the heap here (new_fake_mode)
     model = tracing.build_fake_model([*configs, over] if over else list(configs), mode)
     precision = run_precision(config)
     dtype = HALF.get(precision.split("-")[0]) if precision.endswith("-true") else None
