@@ -243,6 +243,22 @@ def test_largest_fitting_caps_are_traced_and_fit():
     assert again <= plan.parse_memory(f"{budget / 2 ** 20}MB") < full
 
 
+@pytest.mark.parametrize("name", ["casa_plus", "cross_attention"])
+def test_a_fake_model_with_copied_layers_has_one_fake_mode(name):
+    """The fusion layers deep-copy their block's attention; built fake, the copies' parameters
+    must belong to the one FakeTensorMode, not to deep copies of it, whose teardown corrupted
+    the heap (`tracing._deepcopy_keeps_fake_mode`). Outside the build, deepcopy is torch's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = tracing.new_fake_mode()
+    model = tracing.build_fake_model(TINY + [str(strategies.strategy(name).path)], mode)
+    params = list(model.parameters())
+    assert len({id(p.fake_mode) for p in params}) == 1 and params[0].fake_mode is mode
+    assert "__deepcopy__" not in vars(FakeTensorMode)
+    del model, params
+    tracing.release_fake_state()
+
+
 @pytest.mark.parametrize("name", ["casa_plus", "insertion"])
 def test_stream_memory_is_the_real_cache_after_f_frames(name):
     """The planner's weights + KV cache after F frames (3 traced on fake tensors, then the
@@ -254,8 +270,7 @@ def test_stream_memory_is_the_real_cache_after_f_frames(name):
 
     configs = TINY + [str(strategies.strategy(name).path)]
     frames = 6
-    # in a fresh process, as the CLI runs it: a real model built after a fake generation run
-    # in the same process crashed torch (heap corruption, `plan.isolated`)
+    # in a fresh process, as the CLI runs it (`plan.isolated`)
     out = plan.isolated(plan.stream_memory, configs, None, frames)
     model = build_model(configs).eval()
     side = out["frame_px"] // 14

@@ -223,9 +223,11 @@ def throughput(flops: int, tokens: int, mfu: float, gpu_tflops: float) -> dict[s
 
 
 def isolated(fn, *args):
-    """fn(*args) in a fresh process: a second fake model built in a process that has traced
-    one (FSDP2, fake process group) aborted with heap corruption ("corrupted double-linked
-    list") at 2B; one trace per process does not share any fake state."""
+    """fn(*args) in a fresh process: one trace per process shares no fake state (the
+    class-wide dispatch cache, a fake model's cycles) and returns its memory. The abort that
+    first motivated it ("corrupted double-linked list", a second fake 2B model after an FSDP2
+    trace) was the unsharded build's deep-copied fake modes (`tracing._deepcopy_keeps_fake_mode`),
+    which crashed a fresh process too."""
     import concurrent.futures
     import multiprocessing
 
@@ -287,7 +289,7 @@ def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: i
         raise ValueError(f"plan: --frames={frames} must be >= 1 (and traced={traced} >= 2)")
     config = load_configs(configs)
     over = shapes_override(config, shapes)
-    mode = tracing.new_fake_mode(cache=False)  # on, the cache corrupted the heap here (new_fake_mode)
+    mode = tracing.new_fake_mode()
     model = tracing.build_fake_model([*configs, over] if over else list(configs), mode)
     precision = run_precision(config)
     dtype = HALF.get(precision.split("-")[0]) if precision.endswith("-true") else None

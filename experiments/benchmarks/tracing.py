@@ -115,21 +115,17 @@ def use_flash_memory_model(model) -> bool:
     return True
 
 
-def new_fake_mode(cache: bool = True):
+def new_fake_mode():
     """A FakeTensorMode taking real inputs (the batch's index tensors). FakeTensorMode's
     dispatch cache is class-wide: entries a previous trace left (outputs of ops on its real
     index tensors, since freed) crashed the next model build in the same process (segfault in
-    `_output_from_cache_entry`), so every trace starts with an empty cache. `cache=False`
-    turns the cache off for this mode: cached generation on fake tensors (`plan.stream_memory`)
-    corrupted the heap with it on (a segfault later in the process, ~6% of runs under
-    MALLOC_PERTURB_, 0 of 110 with it off); a training-step trace did not (0 of 50), and the
-    cache makes a 2B trace 1.5x faster."""
+    `_output_from_cache_entry`), so every trace starts with an empty cache. (That crash, and
+    `release_fake_state`'s, came before `_deepcopy_keeps_fake_mode`, whose bug corrupted the
+    heap wherever it struck next, and most likely were it; the clearing stays as hygiene.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     FakeTensorMode.cache_clear()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    mode.cache_enabled = mode.cache_enabled and cache
-    return mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def release_fake_state() -> None:
@@ -231,6 +227,30 @@ def fake_process_group(world_size: int):
 
 
 # ---------------------------------------------------------------------- model and step
+@contextlib.contextmanager
+def _deepcopy_keeps_fake_mode():
+    """A parameter made inside a FakeTensorMode is a FakeTensor (flagged `_is_param`), not an
+    `nn.Parameter`, so `copy.deepcopy` of a module holding it (the fusion layers copy their
+    block's attention, `casa.fusion.layers.WindowAttention`) takes `Tensor.__deepcopy__`, which
+    deep-copies the tensor's `__dict__` and with it its `fake_mode`: every copied parameter got
+    its own copy of the FakeTensorMode and its converter's tables. Tearing those copies down
+    corrupted the heap ("corrupted double-linked list" or a segfault when the model was freed:
+    every CASA⊕ build at the 2B shapes, ~6% of tiny stream estimates, later in the process).
+    Inside this context a FakeTensorMode deep-copies to itself, as the tensors it owns must."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    had = "__deepcopy__" in vars(FakeTensorMode)
+    previous = vars(FakeTensorMode).get("__deepcopy__")
+    FakeTensorMode.__deepcopy__ = lambda self, memo: self
+    try:
+        yield
+    finally:
+        if had:
+            FakeTensorMode.__deepcopy__ = previous
+        else:
+            del FakeTensorMode.__deepcopy__
+
+
 def build_fake_model(configs: list, mode, mesh=None, param_dtype: str | None = None):
     """The configs' model with fake parameters. Unsharded (`mesh` None): built inside `mode`
     (initialising fake weights costs no memory and ~1 s at 2B). Sharded: built on the meta
@@ -242,7 +262,8 @@ def build_fake_model(configs: list, mode, mesh=None, param_dtype: str | None = N
 
     with mode:
         if mesh is None:
-            return build_model(configs)
+            with _deepcopy_keeps_fake_mode():
+                return build_model(configs)
         with torch.device("meta"):
             model = build_model(configs)
         shard_model(model, mesh, param_dtype)
