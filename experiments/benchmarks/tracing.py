@@ -119,9 +119,9 @@ def new_fake_mode():
     """A FakeTensorMode taking real inputs (the batch's index tensors). FakeTensorMode's
     dispatch cache is class-wide: entries a previous trace left (outputs of ops on its real
     index tensors, since freed) crashed the next model build in the same process (segfault in
-    `_output_from_cache_entry`), so every trace starts with an empty cache. (That crash, and
-    `release_fake_state`'s, came before `_deepcopy_keeps_fake_mode`, whose bug corrupted the
-    heap wherever it struck next, and most likely were it; the clearing stays as hygiene.)"""
+    `_output_from_cache_entry`), so every trace starts with an empty cache. That crash and
+    `release_fake_state`'s predate `_deepcopy_keeps_fake_mode`: the bug it fixes corrupted the
+    heap wherever it next struck, most likely theirs too. The clearing stays as hygiene."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     FakeTensorMode.cache_clear()
