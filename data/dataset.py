@@ -45,7 +45,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from casa.batch import PackedBatch, collate_packed, image_token_count
-from casa.processing.image import MERGE, MIN_PIXELS, ImageError, decode_image, patchify_many
+from casa.processing.image import MERGE, MIN_PIXELS, ImageError, ImageTooLarge, decode_image, patchify_many
 from casa.processing.sample import Sample
 from casa.processing.template import ChatTemplate
 from data.format import CONTENT_TYPES, ROLES, unpack_frames
@@ -55,7 +55,7 @@ from data.video import CAPTION_PROMPT, expand_video, sample_frames
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("corrupt_image", "malformed_json", "missing_image", "empty_answer", "oversize", "empty_shard",
-                "corrupt_shard")
+                "corrupt_shard", "image_too_large")
 
 
 class SkipSample(Exception):
@@ -165,6 +165,8 @@ class SampleProcessor:
                 try:
                     decoded.append(decode_image(data, max_pixels))
                     refs.append(c["ref"])
+                except ImageTooLarge as e:  # above casa.processing.image.MAX_DECODE_PIXELS: never decoded
+                    raise SkipSample("image_too_large", f"{key}: image {c['ref']!r}: {e}") from None
                 except ImageError as e:
                     raise SkipSample("corrupt_image", f"{key}: image {c['ref']!r}: {e}") from None
         try:  # a video's frames share a size: patchified as one tensor

@@ -1,8 +1,10 @@
 """Images: bytes -> RGB -> resized under a pixel cap -> Qwen2.5-VL patches.
 
     decode_image(bytes, max_pixels)   any PIL-readable format; CMYK, LA, P, RGBA, I;16 ... -> RGB.
-                                      Huge files are decoded at reduced scale (JPEG draft,
-                                      `Image.reduce` otherwise) before the exact resize.
+                                      Files above MAX_DECODE_PIXELS raise ImageTooLarge; huge
+                                      ones are decoded at reduced scale (JPEG draft, a box
+                                      reduce in the stored mode otherwise) before conversion
+                                      and the exact resize.
     resize_for_vision(img, cap)       keep the aspect ratio, both sides multiples of 28 (14 px
                                       patches x 2x2 merge), h*w <= max_pixels (paper: 896^2
                                       for images, 448^2 for video frames)
@@ -12,7 +14,8 @@
                                       as one tensor op
 
 An image yields P/4 tokens after the vision encoder's 2x2 merge. Undecodable, truncated or
-absurd bytes raise `ImageError`, which the dataset counts as a skipped `corrupt_image`.
+absurd bytes raise `ImageError`, which the dataset counts as a skipped `corrupt_image`
+(`image_too_large` for `ImageTooLarge`).
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_PIXELS = 56 * 56
-MAX_DECODE_PIXELS = 20000 * 20000
-"""Beyond this a file is treated as a decompression bomb. PIL's own guard (89 MP warning,
-179 MP error) would warn on, or reject, a legitimate 10000 x 10000 scan, so we raise PIL's
-limit to ours and check it ourselves in `decode_image`."""
-if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_DECODE_PIXELS:
-    Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
+MAX_DECODE_PIXELS = 12000 * 12000
+"""Our own limit on a stored image (144 MP), checked from the header before any pixel is
+decoded: a larger file raises `ImageTooLarge` (the dataset counts it as `image_too_large`).
+PIL's global guard (`Image.MAX_IMAGE_PIXELS`: a warning above 89 MP, `DecompressionBombError`
+above twice that) is left as it is; its error is reported the same way. Memory: a PNG/TIFF is
+decoded whole in its stored mode (at most 4 bytes a pixel, 576 MB at the limit), then reduced
+in that mode or in strips (`reduce_bounded`); nothing of full size is built beyond it (a 16-bit
+10000^2 PNG: 200 MB stored, peak RSS growth under 400 MB, tests/test_image_memory.py)."""
+
+STRIP_PIXELS = 1 << 20
+"""Pixels converted at a time where a mode must be converted at full size (P, 1, I;16 before a
+reduce; I/F/I;16 -> 8 bits): the temporary is a strip (<= 4 MB as float32), not the image."""
 
 BATCH_PIXELS = 1 << 18
 """`patchify_many` batches same-size images up to this many pixels (80 frames of 56², one of
@@ -54,26 +63,48 @@ class ImageError(ValueError):
     """Undecodable, truncated or absurd image bytes (counted as `corrupt_image`)."""
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+class ImageTooLarge(ImageError):
+    """A stored image above the decode limit (counted as `image_too_large`): names its size
+    and the limit."""
+
+
+def value_top(img: Image.Image) -> float:
+    """The value an I;16 / I / F image's white maps to (see `to_rgb`), from its stored
+    extrema (PIL computes them without a copy), so a reduced copy scales as its original."""
+    if img.mode in _SIXTEEN_BIT:
+        return 65535.0  # 16-bit PNGs open as "I;16" (new Pillow) or "I" (older Pillow)
+    lo, top = img.getextrema() if img.width and img.height else (0.0, 0.0)
+    top = float(top)
+    if 255.0 < top <= 65535.0:
+        return 65535.0
+    if img.mode == "F" and top <= 1.0:
+        return 1.0  # float images in [0, 1]
+    return max(top, 255.0)
+
+
+def _to_eight_bits(img: Image.Image, hi: float) -> Image.Image:
+    """I;16 / I / F image -> L, x / hi * 255 rounded, a strip of rows at a time in float32
+    (a float64 copy of a 100 MP scan would be 800 MB; a strip is at most 4 MB)."""
+    out = np.empty((img.height, img.width), dtype=np.uint8)  # [H, W]
+    rows = max(1, STRIP_PIXELS // max(img.width, 1))
+    for top in range(0, img.height, rows):
+        strip = np.asarray(img.crop((0, top, img.width, min(img.height, top + rows))), dtype=np.float32)
+        out[top:top + strip.shape[0]] = np.clip(np.rint(strip / np.float32(hi) * np.float32(255.0)), 0, 255)
+    return Image.fromarray(out, mode="L")
+
+
+def to_rgb(img: Image.Image, hi: float | None = None) -> Image.Image:
     """Any PIL mode -> RGB.
 
     16-bit greyscale is rescaled to 8 bits (x / 65535 * 255, not clipped at 255, which would
     turn almost every pixel white); 32-bit "I"/"F" images are rescaled from the range their
-    values imply. Transparency is composited on white (a transparent PNG's hidden RGB is
-    often black or garbage)."""
+    values imply (`value_top`; `hi` overrides it: a reduced copy keeps its original's scale).
+    Transparency is composited on white (a transparent PNG's hidden RGB is often black or
+    garbage)."""
     if img.mode == "RGB":
         return img
     if img.mode in (*_SIXTEEN_BIT, "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = float(arr.max()) if arr.size else 0.0
-        if img.mode in _SIXTEEN_BIT or 255.0 < top <= 65535.0:
-            hi = 65535.0  # 16-bit PNGs open as "I;16" (new Pillow) or "I" (older Pillow)
-        elif img.mode == "F" and top <= 1.0:
-            hi = 1.0  # float images in [0, 1]
-        else:
-            hi = max(top, 255.0)
-        arr = np.clip(np.rint(arr / hi * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return _to_eight_bits(img, hi if hi is not None else value_top(img)).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -81,6 +112,34 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # CMYK, L, P, YCbCr, 1 ...
+
+
+def _reduce_via(img: Image.Image) -> str | None:
+    """The mode a stored mode is converted to before a box reduce (None: reduce it as it is).
+    Palette indices and 1-bit pixels cannot be averaged, and PIL's `reduce` refuses I;16."""
+    if img.mode in _SIXTEEN_BIT:
+        return "I"  # the same integers, 32 bits: the scale (`value_top`) is unchanged
+    if img.mode == "PA" or (img.mode == "P" and "transparency" in img.info):
+        return "RGBA"
+    return {"P": "RGB", "1": "L"}.get(img.mode)
+
+
+def reduce_bounded(img: Image.Image, factor: int) -> Image.Image:
+    """`img.reduce(factor)` (box filter) for every mode, never converting the whole image:
+    a mode that must be converted first (`_reduce_via`) is converted and reduced a strip of
+    rows at a time (strip heights are multiples of `factor`, so the boxes are the same ones)."""
+    if factor <= 1:
+        return img
+    via = _reduce_via(img)
+    if via is None:
+        return img.reduce(factor)
+    w, h = img.size
+    out = Image.new(via, (-(-w // factor), -(-h // factor)))
+    rows = factor * max(1, STRIP_PIXELS // (w * factor))
+    for top in range(0, h, rows):
+        strip = img.crop((0, top, w, min(h, top + rows))).convert(via).reduce(factor)
+        out.paste(strip, (0, top // factor))
+    return out
 
 
 def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = 896 * 896,
@@ -107,32 +166,38 @@ def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixe
     return h_bar, w_bar
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = None, limit: int = MAX_DECODE_PIXELS) -> Image.Image:
     """bytes -> RGB image.
 
-    With `max_pixels`, an image far above the cap is decoded at reduced scale first: JPEGs
-    through PIL's draft mode (the DCT skips the detail, 10000^2 decodes in ~0.1 s), other
-    formats with `Image.reduce` (box filter). Both keep at least 2x the final resolution so
-    the exact bicubic resize that follows still sets the output quality."""
+    A stored size above `limit` pixels raises `ImageTooLarge` before any decoding. With
+    `max_pixels`, an image far above the cap is decoded at reduced scale first: JPEGs through
+    PIL's draft mode (the DCT skips the detail, 10000^2 decodes in ~0.1 s), every other format
+    and mode with a box reduce in its stored mode (`reduce_bounded`), before any conversion.
+    Both keep at least 2x the final resolution so the exact bicubic resize that follows still
+    sets the output quality."""
     try:
         img = Image.open(io.BytesIO(data))
         original = img.size
-        if img.width * img.height > MAX_DECODE_PIXELS:
-            raise ImageError(f"{img.width}x{img.height} exceeds the decode limit of {MAX_DECODE_PIXELS} pixels")
+        if img.width * img.height > limit:
+            raise ImageTooLarge(f"{img.width}x{img.height} = {img.width * img.height} pixels exceeds the decode "
+                                f"limit of {limit} pixels")
         over = img.width * img.height / max_pixels if max_pixels else 0.0
         if over > 16 and img.format == "JPEG":
             scale = math.sqrt(over)
             img.draft(img.mode, (int(img.width / scale * 2), int(img.height / scale * 2)))
         img.load()
+        hi = value_top(img) if img.mode in (*_SIXTEEN_BIT, "I", "F") else None
         over = img.width * img.height / max_pixels if max_pixels else 0.0
-        if over > 16 and img.mode not in (*_SIXTEEN_BIT, "I", "F", "P", "1"):
-            img = img.reduce(int(math.sqrt(over) / 2))
+        if over > 16:
+            img = reduce_bounded(img, int(math.sqrt(over) / 2))
     except ImageError:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own guard, above twice Image.MAX_IMAGE_PIXELS
+        raise ImageTooLarge(f"{e}") from None
     except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError ...)
         raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from e
     try:
-        out = to_rgb(img)
+        out = to_rgb(img, hi)
     except Exception as e:  # exotic modes PIL cannot convert (LAB, HSV ...)
         raise ImageError(f"cannot convert mode {img.mode!r} to RGB: {e}") from e
     # the target size is computed from the stored size, so a reduced decode does not change
