@@ -35,7 +35,12 @@ clip's frames in one member (`data.format.pack_frames`).
 
 Bad inputs never stop a conversion: each is skipped and counted by reason (a missing,
 truncated or undecodable video counts as `bad_video`), and a summary (written, skipped by
-reason) is printed at the end.
+reason, the first example of each) is printed at the end.
+
+Only files under the given root (--images / --videos) are packed: a record's path that leaves
+it (`../../x.png`, `/abs/x.png`, a symlink pointing out) is skipped as `outside_root`, since a
+record from elsewhere should not be able to copy any file the user can read into a shard.
+`--allow-outside-root` packs them anyway (records written with absolute paths on purpose).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from casa.processing.image import MAX_DECODE_PIXELS
 from casa.processing.video import VideoError, read_video
 from data.dataset import VideoOptions
 from data.format import ShardWriter, check_answers, encode_image, image, make_sample, pack_frames, text
@@ -74,11 +80,30 @@ class Skip(Exception):
         self.reason = reason
 
 
+def under_root(root: Path, rel: str | Path, allow_outside: bool = False) -> Path:
+    """`root / rel` (a record's path), or Skip("outside_root") when it resolves (`..`, an
+    absolute path, symlinks followed) outside `root`, unless `allow_outside`."""
+    return inside_root(root, root / rel, allow_outside, shown=rel)  # an absolute rel replaces root
+
+
+def inside_root(root: Path, path: Path, allow_outside: bool = False, shown: str | Path | None = None) -> Path:
+    """`path`, or Skip("outside_root") if, symlinks followed, it is not under `root`."""
+    if allow_outside:
+        return path
+    real, real_root = path.resolve(), root.resolve()
+    if not real.is_relative_to(real_root):
+        raise Skip("outside_root", f"{str(shown if shown is not None else path)!r} resolves to {real}, outside "
+                                   f"{root} (--allow-outside-root packs it)")
+    return path
+
+
 @dataclass
 class Summary:
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     shards: list[str] = field(default_factory=list)
+    examples: dict[str, str] = field(default_factory=dict)
+    """The first skip of each reason, its detail (which file, why)."""
 
     def table(self, title: str) -> Table:
         t = Table(title=title, min_width=len(title) + 4)  # the title on one line
@@ -89,6 +114,10 @@ class Summary:
             t.add_row(f"skipped: {reason}", str(n))
         t.add_row("shards", str(len(self.shards)))
         return t
+
+    def first_skips(self) -> list[str]:
+        """One line per skip reason: its first case (printed whole, under the table)."""
+        return [f"first {reason}: {self.examples[reason]}" for reason in sorted(self.examples)]
 
 
 def safe_key(index: int, source_id: str) -> str:
@@ -111,6 +140,7 @@ def convert(items: Iterable, total: int | None, to_sample: Callable[[int, object
                 summary.written += 1
             except Skip as s:
                 summary.skipped[s.reason] += 1
+                summary.examples.setdefault(s.reason, str(s).removeprefix(f"{s.reason}: ")[:300])
             bar.update(job, advance=1, skipped=sum(summary.skipped.values()))
     # the writer globs PREFIX-*: keep its own shards, not those of a longer prefix in the same
     # folder (train-qa-000000.tar next to train-000000.tar)
@@ -121,20 +151,29 @@ def convert(items: Iterable, total: int | None, to_sample: Callable[[int, object
 
 # ---------------------------------------------------------------------------------- llava
 def read_image(path: Path) -> tuple[str, bytes]:
-    """(extension, original bytes) of an image file; Skip if missing or undecodable."""
+    """(extension, original bytes) of an image file; Skip if missing, undecodable or above the
+    decode limit that training would refuse it at (`casa.processing.image.MAX_DECODE_PIXELS`)."""
     if not path.is_file():
         raise Skip("missing_image", str(path))
     data = path.read_bytes()
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_DECODE_PIXELS:
+                raise Skip("image_too_large", f"{path}: {im.width}x{im.height} = {im.width * im.height} pixels "
+                                              f"exceeds the decode limit of {MAX_DECODE_PIXELS} pixels")
             im.verify()  # header + structure check without a full decode
             fmt = (im.format or "").lower()
+    except Skip:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own guard
+        raise Skip("image_too_large", f"{path}: {e}") from None
     except Exception as e:  # PIL raises many types for truncated or foreign files
         raise Skip("corrupt_image", f"{path}: {e}") from None
     return {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt), data
 
 
-def llava_sample(index: int, record: dict, image_root: Path, task: str, group: str) -> dict:
+def llava_sample(index: int, record: dict, image_root: Path, task: str, group: str,
+                 allow_outside_root: bool = False) -> dict:
     """One LLaVA record -> a webdataset sample (user turns carry the images at their tags)."""
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or not record["conversations"]:
         raise Skip("malformed_record", repr(record)[:80])
@@ -146,7 +185,7 @@ def llava_sample(index: int, record: dict, image_root: Path, task: str, group: s
         raise Skip("image_tag_mismatch", f"{tags} tags for {len(paths)} images")
     files = {}
     for k, p in enumerate(paths):
-        ext, data = read_image(image_root / p)
+        ext, data = read_image(under_root(image_root, p, allow_outside_root))
         files[f"img{k}.{ext}"] = data
     messages, next_image = [], 0
     for t in turns:
@@ -182,13 +221,13 @@ def llava_sample(index: int, record: dict, image_root: Path, task: str, group: s
 
 def convert_llava(json_path: str | Path, images: str | Path, out: str | Path, prefix: str = "train",
                   shard_size: int = 1000, task: str = "llava", group: str = "general",
-                  progress: bool = True) -> Summary:
+                  progress: bool = True, allow_outside_root: bool = False) -> Summary:
     records = json.loads(Path(json_path).read_text())
     if not isinstance(records, list):
         raise ValueError(f"{json_path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
     root = Path(images)
-    return convert(records, len(records), lambda i, r: llava_sample(i, r, root, task, group), out, prefix,
-                   shard_size, "llava", progress)
+    return convert(records, len(records), lambda i, r: llava_sample(i, r, root, task, group, allow_outside_root),
+                   out, prefix, shard_size, "llava", progress)
 
 
 # ---------------------------------------------------------------------------------- video folders
@@ -210,9 +249,11 @@ def video_dirs(root: str | Path) -> tuple[list[Path], list[Path]]:
     return dirs, videos
 
 
-def load_frames(folder: Path, fps: float) -> tuple[dict[str, bytes], list[str], list[float], dict]:
+def load_frames(folder: Path, fps: float, root: Path | None = None,
+                allow_outside_root: bool = False) -> tuple[dict[str, bytes], list[str], list[float], dict]:
     """Frames of one video folder (numeric order) -> (files, refs, timestamps, meta).
-    Timestamps come from meta.json "timestamps" if given, else frame index / fps."""
+    Timestamps come from meta.json "timestamps" if given, else frame index / fps. With `root`,
+    a frame (or the folder) that is a symlink out of it is skipped as `outside_root`."""
     meta = {}
     if (folder / "meta.json").is_file():
         try:
@@ -230,14 +271,15 @@ def load_frames(folder: Path, fps: float) -> tuple[dict[str, bytes], list[str], 
         raise Skip("malformed_meta", f"{folder}: {len(times)} timestamps for {len(paths)} frames")
     files, refs = {}, []
     for i, p in enumerate(paths):
-        ext, data = read_image(p)
+        ext, data = read_image(inside_root(root, p, allow_outside_root) if root is not None else p)
         refs.append(f"f{i:06d}")
         files[f"f{i:06d}.{ext}"] = data
     return files, refs, [float(t) for t in times], meta
 
 
-def frames_sample(index: int, folder: Path, fps: float, task: str, group: str) -> dict:
-    files, refs, times, meta = load_frames(folder, fps)
+def frames_sample(index: int, folder: Path, fps: float, task: str, group: str, root: Path | None = None,
+                  allow_outside_root: bool = False) -> dict:
+    files, refs, times, meta = load_frames(folder, fps, root, allow_outside_root)
     qa = meta.get("qa") or []
     pairs = [(q.get("question"), q.get("answer")) for q in qa if isinstance(q, dict)]
     if not pairs or not all(isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip() for q, a in pairs):
@@ -284,7 +326,7 @@ def captions_from_transcript(segments: list, times: list[float], align: str) -> 
 
 
 def livecc_sample(index: int, folder: Path, transcripts: Path | None, fps: float, align: str, task: str,
-                  group: str) -> dict:
+                  group: str, root: Path | None = None, allow_outside_root: bool = False) -> dict:
     path = (transcripts / f"{folder.name}.json") if transcripts else folder / "transcript.json"
     if not path.is_file():
         raise Skip("missing_transcript", str(path))
@@ -294,7 +336,7 @@ def livecc_sample(index: int, folder: Path, transcripts: Path | None, fps: float
         raise Skip("malformed_transcript", f"{path}: {e}") from None
     if not isinstance(segments, list):
         raise Skip("malformed_transcript", f"{path}: expected a list of segments")
-    files, refs, times, meta = load_frames(folder, fps)
+    files, refs, times, meta = load_frames(folder, fps, root, allow_outside_root)
     captions = captions_from_transcript(segments, times, align)
     if not captions:
         raise Skip("empty_transcript", str(path))
@@ -350,7 +392,8 @@ def read_records(path: str | Path) -> list:
 VIDEO_TAGS = ("<image>", "<video>")
 
 
-def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOptions, task: str, group: str) -> dict:
+def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOptions, task: str, group: str,
+                       allow_outside_root: bool = False) -> dict:
     """One LLaVA-Video-178K record -> a "qa" video sample (the clip at its tag, else first)."""
     if not isinstance(record, dict) or not isinstance(record.get("video"), str) \
             or not isinstance(record.get("conversations"), list) or not record["conversations"]:
@@ -373,7 +416,7 @@ def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOpti
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
         raise Skip("no_answer", str(record.get("id")))
-    files, fields, times, _ = video_frames(root / record["video"], sampling)
+    files, fields, times, _ = video_frames(under_root(root, record["video"], allow_outside_root), sampling)
     conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index)),
             "video": {**fields, "timestamps": times, "layout": "qa"}}
     return make_sample(safe_key(index, record.get("id", Path(record["video"]).stem)), conv, files)
@@ -402,7 +445,8 @@ def captions_from_words(words: list, times: list[float], offset: float = 0.0) ->
     return [{"t": times[i], "text": " ".join(ws)} for i, ws in sorted(per_frame.items())]
 
 
-def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions, task: str, group: str) -> dict:
+def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions, task: str, group: str,
+                         allow_outside_root: bool = False) -> dict:
     """One LiveCC conversation (see module doc) -> a "caption" video sample."""
     try:
         user, assistant = record[0], record[1]
@@ -413,8 +457,7 @@ def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions,
     except (TypeError, KeyError, IndexError, StopIteration, AttributeError):
         raise Skip("malformed_record", repr(record)[:80]) from None
     start, end = video.get("video_start"), video.get("video_end")
-    files, fields, times, first = video_frames(Path(path) if Path(path).is_absolute() else root / path, sampling,
-                                             start, end)
+    files, fields, times, first = video_frames(under_root(root, path, allow_outside_root), sampling, start, end)
     # the frames are rebased to 0 at the clip's first frame; the words are on the video's clock
     captions = captions_from_words(stream, times, offset=first)
     if not captions:
@@ -428,16 +471,19 @@ def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions,
 
 def convert_videos(kind: str, videos: str | Path, out: str | Path, prefix: str = "train", shard_size: int = 100,
                    fps: float = 2.0, transcripts: str | Path | None = None, align: str = "words",
-                   task: str | None = None, group: str = "video", progress: bool = True) -> Summary:
+                   task: str | None = None, group: str = "video", progress: bool = True,
+                   allow_outside_root: bool = False) -> Summary:
     """kind="frames" (QA from meta.json) or "livecc" (transcripts) over the folders of `videos`."""
     dirs, undecodable = video_dirs(videos)
+    root = Path(videos)
     if kind == "frames":
-        fn = lambda i, d: frames_sample(i, d, fps, task or "video_qa", group)  # noqa: E731
+        fn = lambda i, d: frames_sample(i, d, fps, task or "video_qa", group, root, allow_outside_root)  # noqa: E731
     elif kind == "livecc":
         if align not in ("start", "words"):
             raise ValueError(f"align={align!r} is not one of ['start', 'words']")
         tdir = Path(transcripts) if transcripts else None
-        fn = lambda i, d: livecc_sample(i, d, tdir, fps, align, task or "live_caption", group)  # noqa: E731
+        fn = lambda i, d: livecc_sample(i, d, tdir, fps, align, task or "live_caption", group, root,  # noqa: E731
+                                        allow_outside_root)
     else:
         raise ValueError(f"kind={kind!r} is not one of ['frames', 'livecc']")
     summary = convert(dirs, len(dirs), fn, out, prefix, shard_size, kind, progress)
@@ -453,17 +499,21 @@ def is_seek_index(record) -> bool:
 
 def convert_video_files(kind: str, annotations: str | Path, videos: str | Path, out: str | Path,
                         prefix: str = "train", shard_size: int = 100, sampling: VideoOptions | None = None,
-                        task: str | None = None, group: str = "video", progress: bool = True) -> Summary:
+                        task: str | None = None, group: str = "video", progress: bool = True,
+                        allow_outside_root: bool = False) -> Summary:
     """kind="videos" (LLaVA-Video QA records) or "livecc" (LiveCC conversations) over the video
-    files under `videos` (paths in the records are relative to it, or absolute)."""
+    files under `videos` (paths in the records are relative to it; absolute or escaping ones
+    only with `allow_outside_root`)."""
     root, sampling = Path(videos), sampling or VideoOptions()
     if not root.is_dir():
         raise ValueError(f"--videos {str(root)!r} is not a directory")
     records = [r for r in read_records(annotations) if not is_seek_index(r)]
     if kind == "videos":
-        fn = lambda i, r: llava_video_sample(i, r, root, sampling, task or "video_qa", group)  # noqa: E731
+        fn = lambda i, r: llava_video_sample(i, r, root, sampling, task or "video_qa", group,  # noqa: E731
+                                             allow_outside_root)
     elif kind == "livecc":
-        fn = lambda i, r: livecc_record_sample(i, r, root, sampling, task or "live_caption", group)  # noqa: E731
+        fn = lambda i, r: livecc_record_sample(i, r, root, sampling, task or "live_caption", group,  # noqa: E731
+                                               allow_outside_root)
     else:
         raise ValueError(f"kind={kind!r} is not one of ['videos', 'livecc']")
     return convert(records, len(records), fn, out, prefix, shard_size, kind, progress)
@@ -480,6 +530,9 @@ def main(argv: list[str] | None = None) -> Summary:
     common.add_argument("--shard-size", type=int, default=None, help="samples per shard")
     common.add_argument("--task", default=None, help="task name recorded in each sample (metrics group by it)")
     common.add_argument("--group", default=None, help="group name recorded in each sample")
+    common.add_argument("--allow-outside-root", action="store_true",
+                        help="pack files whose paths leave --images/--videos (.., absolute paths, symlinks "
+                             "pointing out); by default they are skipped as outside_root")
     lp = sub.add_parser("llava", parents=[common], help="LLaVA-style JSON + image folder",
                         description="LLaVA-style JSON + image folder; missing or corrupt images are skipped "
                                     "and counted")
@@ -520,18 +573,21 @@ def main(argv: list[str] | None = None) -> Summary:
     try:
         if a.kind == "llava":
             s = convert_llava(a.json, a.images, a.out, a.prefix, a.shard_size or 1000, a.task or "llava",
-                              a.group or "general")
+                              a.group or "general", allow_outside_root=a.allow_outside_root)
         elif a.kind == "videos" or getattr(a, "jsonl", None):
             sampling = VideoOptions(a.fps, a.min_duration, a.min_frames, a.max_duration, a.max_pixels)
             s = convert_video_files(a.kind, a.json if a.kind == "videos" else a.jsonl, a.videos, a.out, a.prefix,
-                                    a.shard_size or 100, sampling, a.task, a.group or "video")
+                                    a.shard_size or 100, sampling, a.task, a.group or "video",
+                                    allow_outside_root=a.allow_outside_root)
         else:
             s = convert_videos(a.kind, a.videos, a.out, a.prefix, a.shard_size or 100, a.fps,
                                getattr(a, "transcripts", None), getattr(a, "align", "words"), a.task,
-                               a.group or "video")
+                               a.group or "video", allow_outside_root=a.allow_outside_root)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     Console().print(s.table(f"{a.kind} -> {a.out}"))
+    for line in s.first_skips():
+        print(line)  # plain: paths are not rich markup, and a table cell would wrap them
     return s
 
 
