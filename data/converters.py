@@ -29,9 +29,10 @@ livecc  --videos DIR alone: the same frame folders plus a timestamped transcript
         [{"start": s, "end": e, "text": ...}] (VIDEO/transcript.json, or TRANSCRIPTS/VIDEO.json).
 
 Video files are decoded by `casa.processing.video` (PyAV) with the paper's sampling (2 fps,
-20 frames for clips under 10 s, the first 180 s); frames are stored as JPEG, downscaled to
-at most --max-pixels (448^2, the paper's frame cap) with their container timestamps, all of a
-clip's frames in one member (`data.format.pack_frames`).
+20 frames for clips under 10 s, the first 180 s); each frame is downscaled to at most
+--max-pixels (448^2, the paper's frame cap) as it is decoded and stored as JPEG at once, with
+its container timestamp, all of a clip's frames in one member (`data.format.pack_frames`); a
+clip whose sampling keeps more than --max-frames (1024) is skipped as `too_many_frames`.
 
 Bad inputs never stop a conversion: each is skipped and counted by reason (a missing,
 truncated or undecodable video counts as `bad_video`), and a summary (written, skipped by
@@ -61,7 +62,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from casa.processing.image import MAX_DECODE_PIXELS
-from casa.processing.video import VideoError, read_video
+from casa.processing.video import MAX_FRAMES, TooManyFrames, VideoError, open_video
 from data.dataset import VideoOptions
 from data.format import ShardWriter, check_answers, encode_image, image, make_sample, pack_frames, text
 
@@ -347,27 +348,30 @@ def livecc_sample(index: int, folder: Path, transcripts: Path | None, fps: float
 
 # ---------------------------------------------------------------------------------- video files
 def video_frames(path: Path, sampling: VideoOptions, start: float | None = None,
-                 end: float | None = None) -> tuple[dict[str, bytes], dict, list[float], float]:
+                 end: float | None = None, max_frames: int | None = MAX_FRAMES) -> tuple[dict[str, bytes], dict,
+                                                                                   list[float], float]:
     """A video file -> (files: the frames as one JPEG member, the "video" fields naming them
     (`data.format.pack_frames`), timestamps from the clip's first frame, that frame's time on
-    the video's clock); Skip if unreadable."""
+    the video's clock); Skip if unreadable or above `max_frames` (`too_many_frames`).
+
+    Each frame is downscaled to the training cap as it is decoded and JPEG-encoded at once,
+    so a clip costs one small frame at a time plus its JPEGs, whatever its resolution."""
     if not path.is_file():
         raise Skip("missing_video", str(path))
+    jpegs, times = [], []
     try:
-        frames = read_video(path, sampling.fps, sampling.min_duration, sampling.min_frames, sampling.max_duration,
-                            start, end)
+        with open_video(path, sampling.fps, max_pixels=sampling.frame_max_pixels) as reader:
+            keep = reader.sample_indices(sampling.fps, sampling.min_duration, sampling.min_frames,
+                                         sampling.max_duration, start, end, max_frames)
+            for f in reader.iter_read(keep):
+                jpegs.append(encode_image(f.image, "jpg"))
+                times.append(f.t)
+    except TooManyFrames as e:
+        raise Skip("too_many_frames", str(e)) from None
     except VideoError as e:
         raise Skip("bad_video", str(e)) from None
-    jpegs, times = [], []
-    for f in frames:
-        img = f.image
-        if img.width * img.height > sampling.frame_max_pixels:  # stored at most at the training cap
-            scale = (sampling.frame_max_pixels / (img.width * img.height)) ** 0.5
-            img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.BICUBIC)
-        jpegs.append(encode_image(img, "jpg"))
-        times.append(round(f.t - frames[0].t, 3))
     files, fields = pack_frames([f"f{i:06d}" for i in range(len(jpegs))], jpegs)
-    return files, fields, times, frames[0].t
+    return files, fields, [round(t - times[0], 3) for t in times], times[0]
 
 
 def read_records(path: str | Path) -> list:
@@ -393,7 +397,7 @@ VIDEO_TAGS = ("<image>", "<video>")
 
 
 def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOptions, task: str, group: str,
-                       allow_outside_root: bool = False) -> dict:
+                       allow_outside_root: bool = False, max_frames: int | None = MAX_FRAMES) -> dict:
     """One LLaVA-Video-178K record -> a "qa" video sample (the clip at its tag, else first)."""
     if not isinstance(record, dict) or not isinstance(record.get("video"), str) \
             or not isinstance(record.get("conversations"), list) or not record["conversations"]:
@@ -416,7 +420,8 @@ def llava_video_sample(index: int, record: dict, root: Path, sampling: VideoOpti
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
         raise Skip("no_answer", str(record.get("id")))
-    files, fields, times, _ = video_frames(under_root(root, record["video"], allow_outside_root), sampling)
+    files, fields, times, _ = video_frames(under_root(root, record["video"], allow_outside_root), sampling,
+                                           max_frames=max_frames)
     conv = {"messages": messages, "task": task, "group": group, "source_id": str(record.get("id", index)),
             "video": {**fields, "timestamps": times, "layout": "qa"}}
     return make_sample(safe_key(index, record.get("id", Path(record["video"]).stem)), conv, files)
@@ -446,7 +451,7 @@ def captions_from_words(words: list, times: list[float], offset: float = 0.0) ->
 
 
 def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions, task: str, group: str,
-                         allow_outside_root: bool = False) -> dict:
+                         allow_outside_root: bool = False, max_frames: int | None = MAX_FRAMES) -> dict:
     """One LiveCC conversation (see module doc) -> a "caption" video sample."""
     try:
         user, assistant = record[0], record[1]
@@ -457,7 +462,8 @@ def livecc_record_sample(index: int, record, root: Path, sampling: VideoOptions,
     except (TypeError, KeyError, IndexError, StopIteration, AttributeError):
         raise Skip("malformed_record", repr(record)[:80]) from None
     start, end = video.get("video_start"), video.get("video_end")
-    files, fields, times, first = video_frames(under_root(root, path, allow_outside_root), sampling, start, end)
+    files, fields, times, first = video_frames(under_root(root, path, allow_outside_root), sampling, start, end,
+                                               max_frames)
     # the frames are rebased to 0 at the clip's first frame; the words are on the video's clock
     captions = captions_from_words(stream, times, offset=first)
     if not captions:
@@ -500,7 +506,7 @@ def is_seek_index(record) -> bool:
 def convert_video_files(kind: str, annotations: str | Path, videos: str | Path, out: str | Path,
                         prefix: str = "train", shard_size: int = 100, sampling: VideoOptions | None = None,
                         task: str | None = None, group: str = "video", progress: bool = True,
-                        allow_outside_root: bool = False) -> Summary:
+                        allow_outside_root: bool = False, max_frames: int | None = MAX_FRAMES) -> Summary:
     """kind="videos" (LLaVA-Video QA records) or "livecc" (LiveCC conversations) over the video
     files under `videos` (paths in the records are relative to it; absolute or escaping ones
     only with `allow_outside_root`)."""
@@ -510,10 +516,10 @@ def convert_video_files(kind: str, annotations: str | Path, videos: str | Path, 
     records = [r for r in read_records(annotations) if not is_seek_index(r)]
     if kind == "videos":
         fn = lambda i, r: llava_video_sample(i, r, root, sampling, task or "video_qa", group,  # noqa: E731
-                                             allow_outside_root)
+                                             allow_outside_root, max_frames)
     elif kind == "livecc":
         fn = lambda i, r: livecc_record_sample(i, r, root, sampling, task or "live_caption", group,  # noqa: E731
-                                               allow_outside_root)
+                                               allow_outside_root, max_frames)
     else:
         raise ValueError(f"kind={kind!r} is not one of ['videos', 'livecc']")
     return convert(records, len(records), fn, out, prefix, shard_size, kind, progress)
@@ -543,7 +549,10 @@ def main(argv: list[str] | None = None) -> Summary:
     files.add_argument("--min-duration", type=float, default=10.0, help="shorter clips get --min-frames frames")
     files.add_argument("--min-frames", type=int, default=20, help="frames of a clip shorter than --min-duration")
     files.add_argument("--max-duration", type=float, default=180.0, help="seconds of each clip kept")
-    files.add_argument("--max-pixels", type=int, default=448 * 448, help="stored frames are downscaled to this")
+    files.add_argument("--max-pixels", type=int, default=448 * 448,
+                       help="frames are downscaled to this as they are decoded, and stored so")
+    files.add_argument("--max-frames", type=int, default=MAX_FRAMES,
+                       help="a clip whose sampling keeps more frames is skipped as too_many_frames")
     vp = sub.add_parser("videos", parents=[common, files], help="video files + LLaVA-Video-178K QA JSON/JSONL",
                         description="QA over video files (LLaVA-Video-178K layout); unreadable videos are "
                                     "skipped and counted")
@@ -578,7 +587,7 @@ def main(argv: list[str] | None = None) -> Summary:
             sampling = VideoOptions(a.fps, a.min_duration, a.min_frames, a.max_duration, a.max_pixels)
             s = convert_video_files(a.kind, a.json if a.kind == "videos" else a.jsonl, a.videos, a.out, a.prefix,
                                     a.shard_size or 100, sampling, a.task, a.group or "video",
-                                    allow_outside_root=a.allow_outside_root)
+                                    allow_outside_root=a.allow_outside_root, max_frames=a.max_frames)
         else:
             s = convert_videos(a.kind, a.videos, a.out, a.prefix, a.shard_size or 100, a.fps,
                                getattr(a, "transcripts", None), getattr(a, "align", "words"), a.task,

@@ -11,7 +11,11 @@ a nominal rate, so variable-frame-rate files sample the frames shown at the want
 `sample_frames`, then seeks to the keyframe before each wanted frame whenever that skips
 decoding (a keyframe lies after the last decoded frame); otherwise it decodes forward.
 Frames come out upright (the display-matrix rotation is applied) at their stored size
-(odd sizes included). Anything PyAV cannot open or decode raises `VideoError`, one line.
+(odd sizes included), or, with `max_pixels`, downscaled as each is decoded (`fit_pixels`:
+FFmpeg's scaler converts the decoded YUV straight to the small RGB frame, so no full-size RGB
+copy exists). A read keeps at most `max_frames` frames (`TooManyFrames`), so a read holds at
+most max_frames x max_pixels x 3 bytes of frames. Anything PyAV cannot open or decode raises
+`VideoError`, one line.
 
 PyAV is imported when a video is opened, so importing this module costs nothing; the code
 uses only APIs PyAV 14-18 share (frame.rotation is read when present, else the stream's
@@ -37,10 +41,32 @@ VIDEO_FILE_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 
 TIE = 1e-6
 """Seconds within which two frames are equally near a wanted time (the later one wins)."""
+MAX_FRAMES = 1024
+"""Frames one read may keep (the paper's rule keeps at most 361: 2 fps over 180 s). Beyond it a
+read raises `TooManyFrames` instead of holding them all (1024 frames of 448^2: 617 MB)."""
 
 
 class VideoError(ValueError):
     """A video that cannot be read (missing, not a video, no video stream, broken): one line."""
+
+
+class TooManyFrames(VideoError):
+    """A read that would keep more than its frame cap (names the count, the cap and the rule)."""
+
+
+def fit_pixels(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most `max_pixels` (unchanged if it fits
+    or max_pixels is None): the size frames are stored at (the converters' frame cap)."""
+    if not max_pixels or width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def check_frame_cap(n: int, max_frames: int | None, name: str) -> None:
+    if max_frames is not None and n > max_frames:
+        raise TooManyFrames(f"{name}: the sampling keeps {n} frames, above the cap of {max_frames} "
+                            f"(lower fps / max_duration, or raise max_frames)")
 
 
 @dataclass
@@ -130,8 +156,9 @@ class FrameFolder:
     """A folder of extracted frames (numeric order) read through the video interface.
     Timestamps: meta.json "timestamps" if given, else index / fps (meta.json "fps" overrides)."""
 
-    def __init__(self, path: str | Path, fps: float = 2.0):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, fps: float = 2.0, max_pixels: int | None = None):
+        """max_pixels: frames are downscaled to it as they are read (None: stored size)."""
+        self.path, self.max_pixels = Path(path), max_pixels
         meta = {}
         if (self.path / "meta.json").is_file():
             try:
@@ -153,19 +180,30 @@ class FrameFolder:
     def timestamps(self) -> list[float]:
         return list(self._times)
 
-    def read(self, indices: list[int]) -> list[Frame]:
-        out = []
+    def iter_read(self, indices: list[int]) -> Iterator[Frame]:
+        from casa.processing.image import ImageError, decode_image
+
         for i in indices:
             try:
-                with Image.open(self.files[i]) as im:
-                    out.append(Frame(im.convert("RGB"), self._times[i]))
-            except OSError as e:
+                # the bounded image decode (its size limit, a reduced decode of a huge frame)
+                img = decode_image(self.files[i].read_bytes(), self.max_pixels)
+            except (OSError, ImageError) as e:
                 raise VideoError(f"{self.files[i]}: {e}") from None
-        return out
+            size = fit_pixels(*img.info.get("casa_original_size", img.size), self.max_pixels)
+            yield Frame(img if img.size == size else img.resize(size, Image.BICUBIC), self._times[i])
+
+    def read(self, indices: list[int]) -> list[Frame]:
+        return list(self.iter_read(indices))
+
+    def sample_indices(self, fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
+                       max_duration: float = 180.0, max_frames: int | None = MAX_FRAMES) -> list[int]:
+        keep = sample_frames(self._times, fps, min_duration, min_frames, max_duration)
+        check_frame_cap(len(keep), max_frames, str(self.path))
+        return keep
 
     def sample(self, fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
-               max_duration: float = 180.0) -> list[Frame]:
-        return self.read(sample_frames(self._times, fps, min_duration, min_frames, max_duration))
+               max_duration: float = 180.0, max_frames: int | None = MAX_FRAMES) -> list[Frame]:
+        return self.read(self.sample_indices(fps, min_duration, min_frames, max_duration, max_frames))
 
     def frames_at(self, fps: float) -> Iterator[Frame]:
         """Frames nearest to each 1/fps tick, read one at a time as they are needed."""
@@ -185,10 +223,13 @@ class FrameFolder:
 class VideoFile:
     """A source PyAV opens: a file, a URL, a file object, or "-" (stdin, read as it arrives)."""
 
-    def __init__(self, source, options: dict | None = None, threads: int | None = None):
-        """threads: decoder threads (None: FFmpeg's choice, all cores; 1 for one per DataLoader worker)."""
+    def __init__(self, source, options: dict | None = None, threads: int | None = None,
+                 max_pixels: int | None = None):
+        """threads: decoder threads (None: FFmpeg's choice, all cores; 1 for one per DataLoader worker).
+        max_pixels: frames are downscaled to it as they are decoded (None: stored size)."""
         import av
 
+        self.max_pixels = max_pixels
         self.name = "stdin" if source == "-" else str(source)
         local = isinstance(source, (str, Path)) and source != "-" and "://" not in str(source)
         if local and not Path(source).is_file():
@@ -221,7 +262,13 @@ class VideoFile:
         return float(r)
 
     def _frame(self, frame) -> Frame:
-        return Frame(rotate_upright(frame.to_image(), self._rotation(frame)), frame.pts * self.time_base)
+        rotation, t = self._rotation(frame), frame.pts * self.time_base  # side data stays on the decoded frame
+        w, h = fit_pixels(frame.width, frame.height, self.max_pixels)
+        if (w, h) != (frame.width, frame.height):
+            # YUV -> small RGB in one swscale pass (bicubic, as the PIL resize it replaces): the
+            # full-size RGB frame (6 MB at 1080p) is never built
+            frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="BICUBIC")
+        return Frame(rotate_upright(frame.to_image(), rotation), t)
 
     def _packet_index(self) -> tuple[list[int], list[int]]:
         """(pts of every frame in presentation order, pts of the keyframes), from the packets
@@ -254,13 +301,16 @@ class VideoFile:
     def read(self, indices: list[int]) -> list[Frame]:
         """The frames at `indices` of `timestamps()` (increasing), seeking past stretches that
         hold a keyframe instead of decoding them."""
+        return list(self.iter_read(indices))
+
+    def iter_read(self, indices: list[int]) -> Iterator[Frame]:
+        """`read`, one frame at a time (a caller that encodes each frame holds one)."""
         import av
 
         pts, keys = self._packet_index()
         wanted = [pts[i] for i in indices]
         if any(b <= a for a, b in zip(wanted, wanted[1:])):
             raise ValueError("indices must be increasing")
-        out: list[Frame] = []
         decoded, last = None, None  # the decoding generator, the pts of the last frame it gave
         try:
             for w in wanted:
@@ -280,22 +330,30 @@ class VideoFile:
                 if frame is None:
                     raise VideoError(f"{self.name}: the frame at {w * self.time_base:.3f}s cannot be decoded "
                                      f"(truncated file?)")
-                out.append(self._frame(frame))
+                yield self._frame(frame)
         except av.error.FFmpegError as e:
             raise VideoError(f"{self.name}: decoding failed ({type(e).__name__}: {e})") from None
-        return out
 
-    def sample(self, fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
-               max_duration: float = 180.0, start: float | None = None, end: float | None = None) -> list[Frame]:
-        """The paper's sampling of the frames in [start, end] (s, the container's clock)."""
+    def sample_indices(self, fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
+                       max_duration: float = 180.0, start: float | None = None, end: float | None = None,
+                       max_frames: int | None = MAX_FRAMES) -> list[int]:
+        """Indices (of `timestamps()`) of the paper's sampling of the frames in [start, end]
+        (s, the container's clock); TooManyFrames above `max_frames`."""
         ts = self.timestamps()
         lo = bisect.bisect_left(ts, start - 1e-6) if start is not None else 0
         hi = bisect.bisect_right(ts, end + 1e-6) if end is not None else len(ts)
         if hi <= lo:
             raise VideoError(f"{self.name}: no frame in [{start}, {end}] s (the video spans "
                              f"{ts[0]:.2f}-{ts[-1]:.2f} s)")
-        keep = sample_frames(ts[lo:hi], fps, min_duration, min_frames, max_duration)
-        return self.read([lo + i for i in keep])
+        keep = [lo + i for i in sample_frames(ts[lo:hi], fps, min_duration, min_frames, max_duration)]
+        check_frame_cap(len(keep), max_frames, self.name)
+        return keep
+
+    def sample(self, fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
+               max_duration: float = 180.0, start: float | None = None, end: float | None = None,
+               max_frames: int | None = MAX_FRAMES) -> list[Frame]:
+        """The paper's sampling of the frames in [start, end] (s, the container's clock)."""
+        return self.read(self.sample_indices(fps, min_duration, min_frames, max_duration, start, end, max_frames))
 
     def decode_all(self) -> Iterator[Frame]:
         """Every frame in order, decoded as the bytes arrive (pipes and URLs included); a
@@ -348,21 +406,25 @@ def is_video_source(source: str | Path) -> bool:
     return s == "-" or "://" in s or Path(s).suffix.lower() in VIDEO_FILE_SUFFIXES
 
 
-def open_video(source, fps: float = 2.0, threads: int | None = None) -> VideoFile | FrameFolder:
-    """A frame folder (`fps`: its frame rate, unless meta.json says) or anything PyAV opens."""
+def open_video(source, fps: float = 2.0, threads: int | None = None,
+               max_pixels: int | None = None) -> VideoFile | FrameFolder:
+    """A frame folder (`fps`: its frame rate, unless meta.json says) or anything PyAV opens;
+    `max_pixels`: frames downscaled to it as they are decoded."""
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-        return FrameFolder(source, fps)
-    return VideoFile(source, threads=threads)
+        return FrameFolder(source, fps, max_pixels)
+    return VideoFile(source, threads=threads, max_pixels=max_pixels)
 
 
 def read_video(source, fps: float = 2.0, min_duration: float = 10.0, min_frames: int = 20,
                max_duration: float = 180.0, start: float | None = None, end: float | None = None,
-               threads: int | None = None) -> list[Frame]:
-    """The paper's frame sampling of one video (file, URL, bytes file object, or frame folder)."""
-    reader = open_video(source, fps, threads)
+               threads: int | None = None, max_pixels: int | None = None,
+               max_frames: int | None = MAX_FRAMES) -> list[Frame]:
+    """The paper's frame sampling of one video (file, URL, bytes file object, or frame folder),
+    each frame downscaled to `max_pixels` as it is decoded, at most `max_frames` of them."""
+    reader = open_video(source, fps, threads, max_pixels)
     try:
         if isinstance(reader, FrameFolder):
-            return reader.sample(fps, min_duration, min_frames, max_duration)
-        return reader.sample(fps, min_duration, min_frames, max_duration, start, end)
+            return reader.sample(fps, min_duration, min_frames, max_duration, max_frames)
+        return reader.sample(fps, min_duration, min_frames, max_duration, start, end, max_frames)
     finally:
         reader.close()
