@@ -12,6 +12,13 @@ that batch only) and writes, under `<run_dir>/attention/step_XXXXXX/`:
                              and image per layer (the implicit-gating diagnostic) as curves.
 
 Nothing runs on other steps. Only rank zero captures and writes.
+
+Several ranks: under FSDP2 every block forward is a collective, so every rank runs the capture
+forward; only rank zero needs a validation batch with images (`plan_capture`). The others
+join with any batch of theirs (a text-only one runs the model's idle sample, which keeps the
+collectives matched: `VisionLanguageModel.needs_idle_sample`). When rank zero has no image
+batch but another rank has, that rank's batch is sent to rank zero once; when no rank has one,
+rank zero says so once and nothing is captured.
 """
 
 from __future__ import annotations
@@ -21,8 +28,26 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.attention_stats import fig7, layer_masses
+
+
+def plan_capture(has_image: list[bool], has_batch: list[bool]) -> tuple[int | None, str | None]:
+    """Who provides rank zero's capture batch, from every rank's (has a validation batch with
+    images, has any batch to join the forward with) -> (source rank, None), or (None, why not).
+
+    Rank zero captures from the lowest rank with an image batch (itself when it has one); every
+    other rank must have some batch to run the forward with (the collectives must match)."""
+    if not any(has_image):
+        return None, ("no rank has a validation batch with images (text-only validation data?): no attention "
+                      "map is written")
+    src = has_image.index(True)
+    idle = [r for r in range(1, len(has_batch)) if not (has_batch[r] or has_image[r])]
+    if idle:
+        return None, (f"rank(s) {idle} have no validation batch to run the capture forward with (every rank must "
+                      "join it): no attention map is written")
+    return src, None
 
 
 class AttentionMaps(L.Callback):
@@ -42,24 +67,54 @@ class AttentionMaps(L.Callback):
             raise ValueError(f"AttentionMaps.every_n_steps={every_n_steps} must be >= 1")
         self.every_n_steps, self.layers, self.heads = every_n_steps, layers, heads
         self.num_windows, self.max_samples, self.out_dir = num_windows, max_samples, out_dir
-        self._batch = None
+        self._batch = None  # this rank's first validation batch with images
+        self._join = None  # this rank's first validation batch (what a rank other than zero runs)
+        self._scanned = False
+        self._warned = False
         self.captures = 0
         self._step = 0  # the global step of the last optimizer step seen
 
     # ------------------------------------------------------------------ batch
     def _fixed_batch(self, trainer: L.Trainer):
-        if self._batch is None:
+        """This rank's first validation batch with images (None if it has none); its first
+        batch of any kind is kept in `_join`. Read once: the result is cached, absence too."""
+        if not self._scanned:
+            self._scanned = True
             dm = trainer.datamodule
             loaders = dm.val_dataloader() if dm is not None else []
             loaders = loaders if isinstance(loaders, list) else [loaders]
             for dl in loaders:
                 for b in dl:
+                    self._join = b if self._join is None else self._join
                     if b.num_images:
                         self._batch = b
                         break
                 if self._batch is not None:
                     break
         return self._batch
+
+    def _capture_batch(self, trainer: L.Trainer):
+        """The batch this rank runs the capture forward with (rank zero: one with images), the
+        same decision on every rank; None (on every rank) when there is no capture."""
+        own = self._fixed_batch(trainer)
+        dist = torch.distributed
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            src, why = plan_capture([own is not None], [self._join is not None])
+        else:
+            flags: list = [None] * dist.get_world_size()
+            dist.all_gather_object(flags, (own is not None, self._join is not None))
+            src, why = plan_capture([f[0] for f in flags], [f[1] for f in flags])
+            if src not in (None, 0):  # rank zero has no image batch: rank src's, sent once (then cached)
+                box = [own if trainer.global_rank == src else None]
+                dist.broadcast_object_list(box, src=src)
+                if trainer.is_global_zero:
+                    self._batch = own = box[0]
+        if why is not None:
+            if not self._warned:
+                rank_zero_warn(f"AttentionMaps: {why}")
+                self._warned = True
+            return None
+        return own if trainer.is_global_zero or own is not None else self._join
 
     def _dir(self, trainer: L.Trainer) -> Path:
         return Path(self.out_dir or Path(trainer.default_root_dir) / "attention")
@@ -84,11 +139,11 @@ class AttentionMaps(L.Callback):
         model = getattr(pl_module, "model", pl_module)
         if not hasattr(model, "capture_attention"):
             return None
-        batch = self._fixed_batch(trainer)
         # Every rank runs the capture forward: under FSDP2 each block's forward all-gathers its
         # parameters, so a forward on rank zero alone would wait forever for the others. The
-        # ranks agree first, so one without an image batch makes everyone skip.
-        if not trainer.strategy.reduce_boolean_decision(batch is not None, all=True):
+        # ranks agree first on whether there is a capture (see the module doc).
+        batch = self._capture_batch(trainer)
+        if batch is None:
             return None
         batch = batch.to(pl_module.device)
         was_training = model.training
@@ -100,8 +155,9 @@ class AttentionMaps(L.Callback):
                 model(batch)
         finally:
             model.train(was_training)
-        # a batch with images gives one record per fused layer call; none from a layer means
-        # the records were lost on the way (e.g. a capture list copied by FSDP2's input cast)
+        # a batch with images gives one record per fused layer call (a text-only batch on a rank
+        # other than zero runs the idle sample's image); none from a layer means the records were
+        # lost on the way (e.g. a capture list copied by FSDP2's input cast): every rank raises
         fusion = getattr(model, "fusion", None)
         missing = sorted(set(fusion.fused_layers() if fusion is not None else ()) - {r["layer"] for r in records})
         if missing:
