@@ -73,7 +73,7 @@ def value_top(img: Image.Image) -> float:
     extrema (PIL computes them without a copy), so a reduced copy scales as its original."""
     if img.mode in _SIXTEEN_BIT:
         return 65535.0  # 16-bit PNGs open as "I;16" (new Pillow) or "I" (older Pillow)
-    lo, top = img.getextrema() if img.width and img.height else (0.0, 0.0)
+    _, top = img.getextrema() if img.width and img.height else (0.0, 0.0)
     top = float(top)
     if 255.0 < top <= 65535.0:
         return 65535.0
