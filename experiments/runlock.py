@@ -175,7 +175,7 @@ def check_one_run(run_dir: str | Path, checkpoint_dirs: list[str | Path], ckpt_p
         if Path(ckpt_path).resolve().parent in dirs:
             return
     what = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    what = ", ".join(x for x in ((f"checkpoints {what}" if found else ""), "metrics.json" if finished else "") if x)
+    what = "; ".join(x for x in ((f"checkpoints: {what}" if found else ""), "metrics.json" if finished else "") if x)
     how = ("resume it with --ckpt_path last" if found else
            "its checkpoints are gone, so it cannot be resumed") + "; or start this run in a new --run_dir (or delete the old one)"
     start = "a new run" if ckpt_path is None else f"a run from {ckpt_path}, another run's checkpoint,"

@@ -101,7 +101,7 @@ def test_a_used_run_dir_accepts_only_a_resume_of_its_own_checkpoints(tmp_path):
     check_one_run(tmp_path / "run", [ckpts], None)  # nothing there yet
     ckpts.mkdir(parents=True)
     (ckpts / "last.ckpt").write_text("")
-    with pytest.raises(RunDirUsed, match=r"checkpoints last.ckpt.*--ckpt_path last.*--run_dir"):
+    with pytest.raises(RunDirUsed, match=r"\(checkpoints: last.ckpt\).*--ckpt_path last.*--run_dir"):
         check_one_run(tmp_path / "run", [ckpts], None)
     check_one_run(tmp_path / "run", [ckpts], "last")
     check_one_run(tmp_path / "run", [ckpts], str(ckpts / "last.ckpt"))
@@ -168,7 +168,7 @@ def test_a_new_run_into_a_used_run_dir_is_refused_and_a_resume_keeps_the_earlier
         main(_fit_args(run_dir))
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert f"run dir {run_dir} already holds a run (checkpoints " in err
+    assert f"run dir {run_dir} already holds a run (checkpoints: " in err
     assert "--ckpt_path last" in err and "--run_dir" in err
     assert not list(run_dir.rglob("last-v1.ckpt"))
 
