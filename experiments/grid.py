@@ -12,7 +12,10 @@ with its output streamed to OUT/NAME/fit.log. A run whose OUT/NAME/metrics.json 
 dir with checkpoints/last.ckpt but no finished metrics.json (interrupted, preempted) resumes
 with `--ckpt_path last`. `--jobs N` runs up to N at once, each with its own GPUs
 (CUDA_VISIBLE_DEVICES) or its share of the CPU threads (OMP_NUM_THREADS); Ctrl-C stops
-them all with one SIGINT each (Lightning's clean shutdown) and leaves them resumable.
+them all with one SIGINT each (Lightning's clean shutdown) and leaves them resumable, and a
+grid that dies otherwise (`kill -9`) takes its runs with it (SIGTERM, `experiments.tether`)
+unless `--detach` started them to outlive it. A run dir that a live process holds
+(`experiments.runlock`) is reported as running and not started twice.
 OUT/results.md and OUT/results.csv hold the validation metrics per group, the peak memory
 and the median step time of every run of the grid. A grid with `aggregate: AXIS` (an axis of
 repeats, e.g. seeds) also gets, per combination of the other axes, mean ± sample std over
@@ -140,7 +143,7 @@ def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = No
     if log == "fit.log":  # not by the other tasks of a multi-task SLURM run
         (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
     args = run.args(run_dir)
-    resumed = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    resumed = (run_dir / "checkpoints" / "last.ckpt").exists()  # a file, or FSDP2's directory
     cmd_args = [*args, *extra] + (["--ckpt_path", "last"] if resumed else [])
     out = open(run_dir / log, "a" if resumed else "w")
     out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
