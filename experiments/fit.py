@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from casa.train.cli import CLI_ARGS, RunCLI
 from experiments.runlock import RunDirUsed, RunLock, RunLocked, check_one_run
@@ -277,6 +279,10 @@ def main(args: list[str] | None = None) -> CasaCLI:
         _log_grid_hparams(cli)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
         cli.after_fit()
+    except SIGTERMException:  # e.g. its grid died (experiments.tether): stopped at a batch boundary
+        print(f"experiments.fit: stopped by SIGTERM at step {cli.trainer.global_step}; its checkpoints are kept "
+              f"(resume with --ckpt_path last)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         if lock is not None:
             lock.release()
