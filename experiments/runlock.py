@@ -49,7 +49,8 @@ class Owner:
     command: str = ""
 
     def describe(self) -> str:
-        return f"pid {self.pid} on {self.host}, started {self.started}" + (f": {self.command}" if self.command else "")
+        who = f"pid {self.pid}" if self.pid else "a process"
+        return f"{who} on {self.host}, started {self.started}" + (f": {self.command}" if self.command else "")
 
 
 class RunLocked(RuntimeError):
@@ -140,7 +141,8 @@ def holder(run_dir: str | Path) -> Owner | None:
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            return _read_owner(f) or Owner(-1, "?", "?")
+            # held, its text not written yet (the owner is between flock and write): still live
+            return _read_owner(f) or Owner(0, "an unknown host", "just now")
         fcntl.flock(f, fcntl.LOCK_UN)
         return None
 
