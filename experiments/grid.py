@@ -801,7 +801,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("experiments.grid: interrupted; finished runs are kept, run the grid again to go on "
-              "(interrupted runs resume from their last.ckpt)", file=sys.stderr)
+              + ("(detached runs go on training: --status shows them)" if args.detach else
+                 "(interrupted runs resume from their last.ckpt)"), file=sys.stderr)
         raise SystemExit(130) from None
 
 
