@@ -1,6 +1,6 @@
 """Benchmarks: the measured cost of each fusion strategy, side by side, on this machine.
 
-    python -m experiments.bench SUITE [--quick] [--json] [--out-dir docs/img]
+    python -m experiments.bench SUITE [--quick] [--json] [--out-dir runs/bench]
                                 [--device cpu|cuda] [--dtype bfloat16|float32] [--threads N]
                                 [--backbone helium|helium_preview|qwen2_5_vl] [--pattern SHARDS]
 
@@ -8,7 +8,9 @@ SUITE is one of `layer` (paper Table 11), `attention` (varlen_attention backends
 `stream` (paper Figs. 5-6), `step` (a full training step per strategy, Table 1), `data`
 (the data pipeline), `plan` (will a run config fit: its traced peak memory), or `all`. Each suite is `experiments.benchmarks.<suite>.run(quick,
 out_dir, ...) -> dict`; this prints the dict as tables (or, with --json, exactly one JSON
-object per suite on its own line) and the suites write their PNGs into --out-dir.
+object per suite on its own line) and the suites write their PNGs into --out-dir: runs/bench
+by default, never docs/img unless asked (`--out-dir docs/img` refreshes the tracked plots of
+docs/benchmarks.md; a --quick run there would replace them with smoke-size results).
 Options a suite does not take (e.g. --backbone for `data`) are refused for that suite.
 docs/benchmarks.md has the results of this machine and how to read them.
 """
@@ -29,6 +31,8 @@ from experiments.benchmarks import SUITES
 OPTIONS = ("device", "dtype", "backbone", "pattern", "video_pattern", "config", "shapes", "gpus", "gpu_memory", "mfu",
            "gpu_tflops", "max_text_tokens", "max_image_tokens", "max_pixels", "frames", "search", "steps")
 """Dispatcher flags passed to a suite's `run` as keyword arguments, when given."""
+OUT_DIR = "runs/bench"
+"""Where the PNGs go by default: under runs/ (git-ignored) like every other output."""
 
 
 class SuiteUnavailable(RuntimeError):
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("suite", help=f"one of {', '.join(SUITES)}, or all")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the tests' smoke run)")
     p.add_argument("--json", action="store_true", help="one JSON object per suite on stdout")
-    p.add_argument("--out-dir", default="docs/img", help="where the PNGs go")
+    p.add_argument("--out-dir", default=OUT_DIR, help=f"where the PNGs go (default {OUT_DIR}; "
+                   "docs/img for the plots of docs/benchmarks.md)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:i]")
     p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32")
     p.add_argument("--backbone", default=None, help="layer: helium (default), helium_preview or qwen2_5_vl widths")

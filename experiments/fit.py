@@ -11,6 +11,12 @@ Extra top-level options:
     --run_dir DIR         where checkpoints, logs and metrics.json go (default runs/<config name>)
 At the end of `fit` a table of the final validation metrics is printed and written to
 RUN_DIR/metrics.json (the ablation grid reads it).
+
+A run directory holds one run, written by one process (`experiments.runlock`): rank zero locks
+RUN_DIR/run.lock for the whole fit (a second fit there is refused, naming the first), and a new
+run into a directory that holds checkpoints or a finished metrics.json is refused with the ways
+out (`--ckpt_path last`, or a new --run_dir). A resumed run keeps its earlier CSV log rows
+(`casa.train.csv_logger`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,8 +32,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from casa.train.cli import CLI_ARGS, RunCLI
+from experiments.runlock import RunDirUsed, RunLock, RunLocked, check_one_run
 
 
 class CasaCLI(RunCLI):
@@ -55,6 +64,7 @@ class CasaCLI(RunCLI):
             for cb in t.callbacks or []:
                 if str(_get(cb, "class_path")).endswith("ModelCheckpoint"):
                     _set_init_arg(cb, "dirpath", str(Path(run_dir) / "checkpoints"))
+        _resumable_csv_logs(cfg.trainer, resume=cfg.get("ckpt_path") is not None)
         if os.environ.get("CASA_GRID_WANDB"):
             add_wandb_logger(cfg.trainer, json.loads(os.environ["CASA_GRID_WANDB"]), run_dir or cfg.trainer.default_root_dir)
 
@@ -123,6 +133,44 @@ def _peak_memory_bytes(trainer: L.Trainer) -> int | None:
 
     monitor = next((cb for cb in trainer.callbacks if isinstance(cb, MemoryMonitor)), None)
     return None if monitor is None else monitor.run_peak_bytes(trainer.lightning_module.device)
+
+
+CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
+
+
+def _resumable_csv_logs(trainer_cfg, resume: bool) -> None:
+    """Lightning's CSVLogger deletes metrics.csv when its directory is not empty, so a resumed
+    run lost its earlier rows: every config's CSVLogger becomes casa's drop-in subclass, told
+    whether the run resumes."""
+    loggers = trainer_cfg.logger if isinstance(trainer_cfg.logger, list) else [trainer_cfg.logger]
+    for lg in loggers:
+        if str(_get(lg, "class_path")) in CSV_LOGGERS:
+            if isinstance(lg, dict):
+                lg["class_path"] = "casa.train.csv_logger.ResumableCSVLogger"
+            else:
+                lg.class_path = "casa.train.csv_logger.ResumableCSVLogger"
+            _set_init_arg(lg, "resume", resume)
+
+
+def claim_run_dir(cli: CasaCLI) -> RunLock | None:
+    """Rank zero takes RUN_DIR's lock (RunLocked when a live process holds it; a lock left by a
+    dead one is taken over, with a warning); then every rank checks that a new run does not
+    start over a used run dir (RunDirUsed). No run_dir: Lightning's versioned log dirs apply."""
+    run_dir = cli.config.get("run_dir")
+    if not run_dir:
+        return None
+    lock = RunLock(run_dir) if cli.trainer.is_global_zero else None
+    if lock is not None and (stale := lock.acquire()) is not None:
+        print(f"experiments.fit: took over {lock.path} from {stale.describe()}, which is no longer running",
+              file=sys.stderr)
+    try:
+        dirs = [cb.dirpath for cb in cli.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        check_one_run(run_dir, dirs, cli.config.get("ckpt_path"))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def _get(obj, key):
@@ -212,6 +260,12 @@ def main(args: list[str] | None = None) -> CasaCLI:
     try:
         cli = CasaCLI(**CLI_ARGS, save_config_kwargs={"overwrite": True}, args=args, run=False)
         check_attention_precision(cli)
+        lock = claim_run_dir(cli)
+    except (RunLocked, RunDirUsed) as e:
+        if os.environ.get("CASA_TRACEBACK"):
+            raise
+        print(f"experiments.fit: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         # a value the type system could not reject (a missing checkpoint directory, a shard
         # pattern matching nothing, inconsistent sizes): one line naming it, no traceback
@@ -220,10 +274,18 @@ def main(args: list[str] | None = None) -> CasaCLI:
         print(f"experiments.fit: config error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     # the checkpoint carries its own config, so evaluate/stream/casa.assistant need only the file
-    cli.model.run_config = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
-    _log_grid_hparams(cli)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
-    cli.after_fit()
+    try:
+        cli.model.run_config = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
+        _log_grid_hparams(cli)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+        cli.after_fit()
+    except SIGTERMException:  # e.g. its grid died (experiments.tether): stopped at a batch boundary
+        print(f"experiments.fit: stopped by SIGTERM at step {cli.trainer.global_step}; its checkpoints are kept "
+              f"(resume with --ckpt_path last)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        if lock is not None:
+            lock.release()
     return cli
 
 

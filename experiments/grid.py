@@ -12,7 +12,10 @@ with its output streamed to OUT/NAME/fit.log. A run whose OUT/NAME/metrics.json 
 dir with checkpoints/last.ckpt but no finished metrics.json (interrupted, preempted) resumes
 with `--ckpt_path last`. `--jobs N` runs up to N at once, each with its own GPUs
 (CUDA_VISIBLE_DEVICES) or its share of the CPU threads (OMP_NUM_THREADS); Ctrl-C stops
-them all with one SIGINT each (Lightning's clean shutdown) and leaves them resumable.
+them all with one SIGINT each (Lightning's clean shutdown) and leaves them resumable, and a
+grid that dies otherwise (`kill -9`) takes its runs with it (SIGTERM, `experiments.tether`)
+unless `--detach` started them to outlive it. A run dir that a live process holds
+(`experiments.runlock`) is reported as running and not started twice.
 OUT/results.md and OUT/results.csv hold the validation metrics per group, the peak memory
 and the median step time of every run of the grid. A grid with `aggregate: AXIS` (an axis of
 repeats, e.g. seeds) also gets, per combination of the other axes, mean ± sample std over
@@ -38,6 +41,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from experiments import runlock, tether
 from experiments.grid_spec import Grid, GridError, Run, load_grid, select
 
 __all__ = ["Grid", "GridError", "Result", "Run", "load_grid", "main", "run_grid", "select"]
@@ -48,7 +52,7 @@ METRICS = ("exact_match", "relaxed_accuracy", "anls")
 @dataclass
 class Result:
     run: Run
-    status: str  # "finished" (ran now), "skipped" (finished earlier), "failed", "pending" (not run yet)
+    status: str  # "finished" (ran now), "skipped" (finished earlier), "failed", "pending" (not run yet), "running" (elsewhere)
     run_dir: Path
     exit_code: int | None = None
     seconds: float | None = None
@@ -125,24 +129,27 @@ class _Launched:
 
 
 def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = None,
-            extra: list[str] = (), log: str = "fit.log") -> _Launched:
+            extra: list[str] = (), log: str = "fit.log", detach: bool = False) -> _Launched:
     """Start `experiments.fit` for one combination, its output appended to RUN_DIR/fit.log.
 
     A run dir holding checkpoints/last.ckpt is an interrupted run (finished ones are skipped
     before): it resumes with `--ckpt_path last` instead of starting over. The child gets its
     own session, so a Ctrl-C at the terminal reaches only the grid, which then stops every
     child once (`_stop`): a second SIGINT would cut Lightning's own clean shutdown short.
+    The child also gets SIGTERM when the grid dies by any other means (`experiments.tether`:
+    `kill -9` of the grid leaves no orphan training), unless `detach` starts it to outlive the grid.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     if log == "fit.log":  # not by the other tasks of a multi-task SLURM run
         (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
     args = run.args(run_dir)
-    resumed = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    resumed = (run_dir / "checkpoints" / "last.ckpt").exists()  # a file, or FSDP2's directory
     cmd_args = [*args, *extra] + (["--ckpt_path", "last"] if resumed else [])
     out = open(run_dir / log, "a" if resumed else "w")
     out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
     out.flush()
-    proc = subprocess.Popen([*FIT, *cmd_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    cmd = [*FIT, *cmd_args] if detach else tether.command([*FIT, *cmd_args])
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **dict(run.env), **(env or {}), "PYTHONUNBUFFERED": "1",
                                  # logged as hyperparameters (TensorBoard HParams), by experiments.fit
                                  "CASA_GRID_HPARAMS": json.dumps({"run": run.name, **run.labels})})
@@ -169,9 +176,14 @@ def _collect(job: _Launched) -> Result:
     return Result(job.run, "finished" if ok else "failed", job.run_dir, code, seconds, summary)
 
 
-def _stop(jobs: list[_Launched]) -> None:
+def _stop(jobs: list[_Launched], detach: bool = False) -> None:
     """Interrupt every running fit once (SIGINT: Lightning stops cleanly, checkpoints stay),
-    wait up to GRACE_S for them all, then kill the rest; no training process is left behind."""
+    wait up to GRACE_S for them all, then kill the rest; no training process is left behind.
+    Detached runs (`--detach`) are left running: they were started to outlive the grid."""
+    if detach:
+        for job in jobs:
+            job.out.close()
+        return
     for job in jobs:
         if job.proc.poll() is None:
             job.proc.send_signal(signal.SIGINT)
@@ -209,20 +221,20 @@ def device_slots(jobs: int) -> list[dict[str, str]]:
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(jobs)]
 
 
-def execute(run: Run, run_dir: Path, label: str, console) -> Result:
+def execute(run: Run, run_dir: Path, label: str, console, detach: bool = False) -> Result:
     """Run `experiments.fit` for one combination in its own process, output to RUN_DIR/fit.log."""
     from rich.progress import Progress
 
     with Progress(*_progress_columns(), console=console, transient=True,
                   disable=not console.is_terminal) as progress:
-        job = _launch(run, run_dir, label)
+        job = _launch(run, run_dir, label, detach=detach)
         task = progress.add_task(label, last="")
         try:
             while job.proc.poll() is None:
                 progress.update(task, last=_last_line(run_dir / "fit.log"))
                 time.sleep(0.5)
         except BaseException:  # interrupted: leave no training process behind, resumable
-            _stop([job])
+            _stop([job], detach)
             raise
     return _collect(job)
 
@@ -236,7 +248,7 @@ def _progress_columns():
             TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}", table_column=Column(no_wrap=True, ratio=1)))
 
 
-def execute_parallel(todo: list[tuple[Run, Path, str]], jobs: int, console, done) -> None:
+def execute_parallel(todo: list[tuple[Run, Path, str]], jobs: int, console, done, detach: bool = False) -> None:
     """Run the (run, run_dir, label) triples, up to `jobs` at once, each in its device slot;
     `done(result)` as each ends (in completion order). A failed run frees its slot for the
     next; Ctrl-C (or SIGTERM) stops every running fit cleanly (`_stop`) and re-raises."""
@@ -252,7 +264,7 @@ def execute_parallel(todo: list[tuple[Run, Path, str]], jobs: int, console, done
                 for i, env in enumerate(free):
                     if queue and i not in running:
                         run, run_dir, label = queue.pop(0)
-                        job = _launch(run, run_dir, label, env)
+                        job = _launch(run, run_dir, label, env, detach=detach)
                         running[i] = (job, env, progress.add_task(label, last=""))
                 for i, (job, _, task) in list(running.items()):
                     if job.proc.poll() is None:
@@ -263,7 +275,7 @@ def execute_parallel(todo: list[tuple[Run, Path, str]], jobs: int, console, done
                     done(_collect(job))
                 time.sleep(0.5)
         except BaseException:
-            _stop([job for job, _, _ in running.values()])
+            _stop([job for job, _, _ in running.values()], detach)
             raise
 
 
@@ -382,12 +394,16 @@ def previous(run: Run, run_dir: Path) -> Result | None:
 
 
 def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool = False,
-             metric: str = "relaxed_accuracy", console=None, jobs: int = 1, launcher: str = "local") -> list[Result]:
+             metric: str = "relaxed_accuracy", console=None, jobs: int = 1, launcher: str = "local",
+             detach: bool = False) -> list[Result]:
     """Run (or with dry_run, list) the selected combinations, up to `jobs` at once; return
     their results in grid order.
 
     The results tables always cover the whole grid: runs not selected (or not reached yet)
-    appear with their earlier results, or as "pending".
+    appear with their earlier results, or as "pending". A run whose directory a live process
+    holds (`experiments.runlock`: an earlier grid's detached run, a fit started by hand) is
+    reported as "running" and not started a second time. `detach` starts the runs so that
+    they outlive the grid (Ctrl-C, `kill -9`); otherwise they stop with it.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -396,6 +412,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
         raise GridError(f"--jobs: {jobs} must be at least 1")
     if launcher not in LAUNCHERS:
         raise GridError(f"--launcher: {launcher!r} is not one of {list(LAUNCHERS)}")
+    if detach and launcher != "local":
+        raise GridError(f"--detach is for --launcher local, not {launcher!r}: SLURM jobs already run without the grid")
     # piped to a file, rich would wrap the results table at 80 columns
     console = console or Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
     every = grid.runs()
@@ -436,6 +454,9 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
                 console.print(f"[yellow]  it ran with other arguments than this grid's; "
                               f"delete {run_dir} to re-run it[/]", soft_wrap=True)
             results[run.name] = result
+        elif owner := runlock.holder(run_dir):
+            console.print(f"[cyan]{label}: running ({owner.describe()}), not started again[/]", soft_wrap=True)
+            results[run.name] = Result(run, "running", run_dir)
         elif dry_run:
             resume = ["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
             extra = fit_extra(grid) if launcher == "slurm" else []
@@ -453,10 +474,10 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
             extra = fit_extra(grid) if launcher == "slurm" else []
             execute_submitit(todo, executor, extra, console, report)
         elif jobs > 1 and len(todo) > 1:
-            execute_parallel(todo, jobs, console, report)
+            execute_parallel(todo, jobs, console, report, detach)
         else:
             for run, run_dir, label in todo:
-                report(execute(run, run_dir, label, console))
+                report(execute(run, run_dir, label, console, detach))
         write_results(table(), grid, out, metric)  # also when every run was skipped
         console.print(results_table(table(), grid, metric))
         written = [out / "results.md", out / "results.csv"]
@@ -749,6 +770,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--launcher", default="local", choices=LAUNCHERS,
                         help="local: subprocesses here (--jobs); slurm: one SLURM job per run through submitit; "
                              "submitit-local: submitit's local executor (the same job pickles, as subprocesses)")
+    parser.add_argument("--detach", action="store_true",
+                        help="start the runs so that they outlive the grid (Ctrl-C or kill of the grid leaves them "
+                             "training; a re-run of the grid skips them while they run); by default they stop with it")
     slurm = parser.add_argument_group("SLURM (--launcher slurm; override the grid file's `slurm:`)")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
@@ -770,13 +794,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
             Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160).print(status_table(grid, out))
             return []
-        return run_grid(grid, out, args.only, args.dry_run, args.metric, jobs=args.jobs, launcher=args.launcher)
+        return run_grid(grid, out, args.only, args.dry_run, args.metric, jobs=args.jobs, launcher=args.launcher,
+                        detach=args.detach)
     except GridError as e:
         print(f"experiments.grid: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("experiments.grid: interrupted; finished runs are kept, run the grid again to go on "
-              "(interrupted runs resume from their last.ckpt)", file=sys.stderr)
+              + ("(detached runs go on training: --status shows them)" if args.detach else
+                 "(interrupted runs resume from their last.ckpt)"), file=sys.stderr)
         raise SystemExit(130) from None
 
 
