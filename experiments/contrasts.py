@@ -21,7 +21,7 @@ term has 2-4 degrees of freedom and a normal quantile would be far too narrow.
 
 The verdict of a family of contrasts (`judge`): Holm-adjusted p < alpha -> "holds" (A > B) or
 "reversed"; otherwise "equivalent" when the 95% CI lies inside [-margin, +margin] (two one-sided
-tests at 2.5% each), else "inconclusive". The minimum detectable difference at 80% power is
+tests at 2.5% each) with a spread measured (se > 0), else "inconclusive". The minimum detectable difference at 80% power is
 (t_{1-alpha/2} + t_{0.8}) x SE, from the same variance.
 """
 
@@ -192,7 +192,9 @@ def verdict(est: Estimate, p_adjusted: float, margin: float | None, alpha: float
     [-margin, margin]), else inconclusive. `margin` in the scores' units (0.02 = 2 points)."""
     if p_adjusted < alpha and est.diff != 0:
         return "holds" if est.diff > 0 else "reversed"
-    if margin is not None and -margin < est.ci[0] and est.ci[1] < margin:
+    # equivalence needs a measured spread: with no discordant pair (both arms at the floor) the
+    # zero-width interval reflects what the data cannot show, not a precise agreement
+    if margin is not None and est.se > 0 and -margin < est.ci[0] and est.ci[1] < margin:
         return "equivalent"
     return "inconclusive"
 

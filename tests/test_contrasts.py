@@ -101,6 +101,8 @@ def test_verdicts():
     assert verdict(_est(0.001, -0.015, 0.017), 0.8, 0.02) == "equivalent"
     assert verdict(_est(0.001, -0.015, 0.021), 0.8, 0.02) == "inconclusive"  # the CI leaves the margin
     assert verdict(_est(0.001, -0.015, 0.017), 0.8, None) == "inconclusive"  # no margin, no equivalence
+    floor = estimate(np.zeros((3, 60)))  # both arms wrong on every item: nothing measured
+    assert verdict(floor, 1.0, 0.02) == "inconclusive"
 
 
 def test_judge_corrects_across_the_family():

@@ -167,7 +167,20 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
 
 @pytest.mark.parametrize("text, message", [
     (f"base: {TINY}\naxis: []\n",
-     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm', 'wandb'\]"),
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'compare', "
+     r"'margin', 'slurm', 'wandb'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: {{baseline: c}}\n",
+     r"compare\.baseline: 'c' is not an arm of this grid; arms: \['a', 'b'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: {{base: a}}\n",
+     r"compare: unknown key\(s\) \['base'\]; valid keys: \['baseline'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: [[a, a]]\n",
+     r"compare\[0\]: \['a', 'a'\] must be two different arms \[a, b\] \(a - b\); arms: \['a', 'b'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: [[a, z]]\n",
+     r"compare\[0\]: \['z'\] not an arm of this grid; arms: \['a', 'b'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: [[a, b]]\nmargin: 0\n",
+     r"margin: 0\.0 must be a positive number of points"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\nmargin: 2\n",
+     r"margin: 2\.0 is given but no `compare:` declares contrasts"),
     (f"base: {TINY}\naggregate: seed\naxes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n",
      r"aggregate: 'seed' is not an axis of this grid; axes: \['fusion'\]"),
     (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
@@ -272,6 +285,87 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
     assert write_plot(results, grid, out, "relaxed_accuracy") == out / "results.png"
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def _train_shard(folder: Path, answers: dict[str, list[str]]) -> None:
+    """A training shard of JSON-only samples (`data.format`): task -> its answers."""
+    import tarfile
+
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "train-000000.tar", "w") as tar:
+        for task, values in answers.items():
+            for i, answer in enumerate(values):
+                conv = {"task": task, "group": "g", "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "how many?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+                data = json.dumps(conv).encode()
+                info = tarfile.TarInfo(f"{task}-{i:03d}.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_declared_contrasts_are_paired_by_seed_and_item_beside_the_answer_prior(tmp_path, at_root):
+    """`compare: {baseline: b}`: every other arm minus b, paired by seed label and item key,
+    Holm over the family, in results.md and results_contrasts.csv; the answer prior's row."""
+    from experiments.contrasts import estimate, holm
+
+    path = tmp_path / "cmp.yaml"
+    path.write_text(f"base: {TINY}\naggregate: seed\ncompare: {{baseline: b}}\nmargin: 2\naxes:\n"
+                    f"  - {{name: fusion, values: [{GOOD_VALUE}, {{label: b}}, {{label: c}}]}}\n"
+                    f"  - {{name: seed, values: [{{label: s0}}, {{label: s1}}, {{label: s2}}]}}\n")
+    grid = load_grid(path)
+    assert grid.contrasts == [("a", "b"), ("c", "b")] and grid.margin == 2
+    _train_shard(tmp_path / "shards", {"count": ["3"] * 5 + ["4"] * 2, "color": ["red", "blue", "blue"]})
+    rng = __import__("numpy").random.default_rng(0)
+    # 40 count items (reference "3" or "4"; "3.1" is within 5% of "3") and 20 colour items
+    refs = [("count", "count", str(3 + i % 2)) for i in range(40)] + [("color", "colour", "red") for _ in range(20)]
+    refs[1] = ("count", "count", "3.1")  # was "4"
+    p_right = {"a": 0.8, "b": 0.5, "c": 0.5}
+    correct = {}
+    results = []
+    for run in grid.runs():
+        fusion, seed = run.labels["fusion"], run.labels["seed"]
+        run_dir = tmp_path / "runs" / run.name
+        (run_dir / "predictions").mkdir(parents=True)
+        (run_dir / "tb").mkdir()
+        (run_dir / "tb" / "config.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"train": str(tmp_path / "shards")}}}))
+        right = rng.random(len(refs)) < p_right[fusion]
+        correct[(fusion, seed)] = right.astype(float)
+        # the items in another order per run, and an earlier validation's file that must not be read
+        order = rng.permutation(len(refs))
+        (run_dir / "predictions" / "val_step_000001.jsonl").write_text("")
+        (run_dir / "predictions" / "val_step_000002.jsonl").write_text("".join(
+            json.dumps({"key": f"k{i:03d}", "task": refs[i][0], "group": refs[i][1],
+                        "prediction": refs[i][2] if right[i] else "wrong", "reference": refs[i][2]}) + "\n"
+            for i in order))
+        metrics = {f"val_group/{g}/relaxed_accuracy": right[[i for i, r in enumerate(refs) if r[1] == g]].mean()
+                   for g in ("count", "colour")}
+        results.append(Result(run, "finished", run_dir, summary={"metrics": {"val/loss": 1.0, **metrics}}))
+    out = tmp_path / "out"
+    write_results(results, grid, out, "relaxed_accuracy")
+    md = (out / "results.md").read_text()
+
+    strata = [g for _, g, _ in refs]
+    expected = [estimate([correct[(x, s)] - correct[("b", s)] for s in ("s0", "s1", "s2")], strata) for x in "ac"]
+    adjusted = holm([e.p for e in expected])
+    with open(out / "results_contrasts.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["a"], r["b"], r["seeds"], r["items"]) for r in rows] == [("a", "b", "3", "60"), ("c", "b", "3", "60")]
+    for row, e, p in zip(rows, expected, adjusted):
+        assert float(row["difference"]) == pytest.approx(e.diff) and float(row["ci_low"]) == pytest.approx(e.ci[0])
+        assert float(row["mdd"]) == pytest.approx(e.mdd) and float(row["p_holm"]) == pytest.approx(p)
+    assert rows[0]["verdict"] == "holds" and expected[0].diff > 0.2  # 80% against 50% right
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in md.split("Paired contrasts")[1].splitlines()
+             if line.startswith("| a")]
+    assert table[0][:4] == ["a − b", "3", "60", f"{100 * expected[0].diff:+.1f}"]
+    assert table[0][-1] == "holds"
+    # the answer prior: "3" for count (right on 20 of 40 items, and on "3.1"), "blue" for colour (never)
+    prior = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| answer prior")]
+    header = [c.strip() for c in md.split("Mean ± sample")[1].splitlines()[2].split("|")[1:-1]]
+    assert len(prior) == 2  # under the per-run table and under the mean table
+    assert dict(zip(header, prior[1]))["count"] == f"{100 * 21 / 40:.1f}"
+    assert dict(zip(header, prior[1]))["colour"] == "0.0"
+    assert dict(zip(header, prior[1]))["avg"] == f"{100 * 21 / 80:.1f}"
 
 # ---------------------------------------------------------------------------- --jobs N
 def _grid_2x2(path: Path, first: list[dict] = ()) -> Path:
