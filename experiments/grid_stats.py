@@ -55,8 +55,12 @@ def score(metric: str, prediction: str, record: dict[str, Any]) -> float | None:
 def item_scores(run_dir: Path, metric: str) -> dict[str, tuple[str, float]]:
     """{item key: (its group, its score)} of a run's last validation ({} without predictions)."""
     path = last_predictions(run_dir)
-    if path is None:
-        return {}
+    return {} if path is None else file_scores(path, metric)
+
+
+def file_scores(path: Path, metric: str) -> dict[str, tuple[str, float]]:
+    """{item key: (its group, its score)} of a predictions JSONL (a run's, or `experiments.evaluate
+    --predictions`)."""
     out = {}
     for r in _records(path):
         s = score(metric, r["prediction"], r)
