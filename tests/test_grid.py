@@ -154,6 +154,25 @@ def test_shipped_grids_expand_and_parse_with_fit(name, tmp_path, at_root, capsys
         assert e.value.code in (0, None), capsys.readouterr().err
 
 
+def test_the_blind_arm_reaches_the_vision_tower_through_fit(tmp_path, at_root, capsys, monkeypatch):
+    """tests/configs/tiny_grid_contrasts.yaml: its `blind` arm's override is a real VisionEncoder
+    argument (`blank_images`), the seeing arms leave it off, and its contrasts name its arms."""
+    import yaml as _yaml
+
+    from experiments.fit import main as fit
+
+    grid = load_grid(ROOT / "tests" / "configs" / "tiny_grid_contrasts.yaml")
+    assert grid.contrasts == [("casa_plus", "blind"), ("insertion", "blind"), ("casa_plus", "insertion")]
+    monkeypatch.setattr("sys.argv", ["experiments.fit"])
+    blank = {}
+    for run in [r for r in grid.runs() if r.labels["seed"] == "s0"]:
+        with pytest.raises(SystemExit):
+            fit(run.args(tmp_path / run.name) + ["--print_config"])
+        config = _yaml.safe_load(capsys.readouterr().out)
+        blank[run.labels["fusion"]] = config["model"]["model"]["init_args"]["vision"]["init_args"]["blank_images"]
+    assert blank == {"casa_plus": False, "insertion": False, "blind": True}
+
+
 def test_only_selects_runs_by_name_or_pattern(at_root, tmp_path):
     grid = GRIDS / "table7.yaml"
     results = main([str(grid), "--dry-run", "--out", str(tmp_path), "--only", "first_*", "every_k-k4"])
