@@ -17,6 +17,9 @@ OUT/results.md and OUT/results.csv hold the validation metrics per group, the pe
 and the median step time of every run of the grid. A grid with `aggregate: AXIS` (an axis of
 repeats, e.g. seeds) also gets, per combination of the other axes, mean ± sample std over
 the finished runs of that axis: a second table in results.md and OUT/results_mean.csv.
+Contrasts the grid file declares (`compare:`, `margin:`) are paired by seed and by item from
+each run's per-item answers and judged together (`experiments.grid_stats`): a third table and
+OUT/results_contrasts.csv; an `answer prior` row gives chance from the training answers.
 """
 
 from __future__ import annotations
