@@ -2,13 +2,12 @@
 paired contrast with its CI and a Holm-corrected verdict; the rule's error rate on simulated nulls."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 
 from experiments import claims
-from experiments.claims import RunData, comparisons, judge_claims, null_grids, simulate_null
+from experiments.claims import comparisons, judge_claims, null_grids
 
 
 def _write_run(root, grid, name, metrics, answers=None):
