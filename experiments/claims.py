@@ -328,8 +328,14 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
                      "experiments.grid experiments/grids/protocol_table6a.yaml first)")
     closed = gap_closed(Path(args.grids))
     if args.json:
-        print(json.dumps({"claims": table, "gap_closed": closed}, indent=1,
-                         default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+        def finite(x):  # JSON has no inf/NaN (an unreplicated contrast's CI): null instead
+            if isinstance(x, dict):
+                return {k: finite(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [finite(v) for v in x]
+            return None if isinstance(x, float) and not math.isfinite(x) else x
+
+        print(json.dumps(finite({"claims": table, "gap_closed": closed}), indent=1))
         return table
     print("\n".join(_markdown(table)))
     print(f"\nPaired by seed and item; Holm over the {len(table)} rows; equivalence margin ±{args.margin:g} points "

@@ -185,6 +185,8 @@ def estimate(diff: np.ndarray, strata: Sequence[str] | None = None, alpha: float
         p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
         z = t_quantile(1 - alpha / 2, math.inf) + t_quantile(power, math.inf)
         return Estimate(d, float(means.std()), math.inf, (float(lo), float(hi)), z * float(means.std()), float(p), S, I)
+    if not terms:  # one seed and one item per stratum: nothing replicated, no variance to estimate
+        return Estimate(d, math.inf, math.nan, (-math.inf, math.inf), math.inf, 1.0, S, I)
     if se == 0.0:  # every pair differs by the same amount: no uncertainty left to estimate
         return Estimate(d, 0.0, df, (d, d), 0.0, 1.0 if d == 0 else 0.0, S, I)
     half = t_quantile(1 - alpha / 2, df) * se

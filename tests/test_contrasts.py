@@ -78,6 +78,12 @@ def test_bootstrap_resamples_seeds_and_items():
     assert e.ci[0] < diff.mean() < e.ci[1] and e.df == math.inf
 
 
+def test_nothing_replicated_is_never_a_verdict():
+    e = estimate(np.array([[0.3]]))  # one run per side, one value: no variance to estimate
+    assert (e.p, e.se, e.ci) == (1.0, math.inf, (-math.inf, math.inf))
+    assert verdict(e, 1.0, 0.02) == "inconclusive"
+
+
 def test_no_spread_means_no_uncertainty():
     assert estimate(np.zeros((3, 5))).p == 1.0
     e = estimate(np.full((3, 5), 0.1))
