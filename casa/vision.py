@@ -130,6 +130,10 @@ class VisionEncoder(nn.Module):
         freeze: freeze the tower except its trainable tail; `False` trains everything.
         attn_implementation: Hugging Face attention kernel of the tower, one of
             `ATTN_IMPLEMENTATIONS` (`sdpa` on CPU; `flash_attention_2` on CUDA).
+        blank_images: the blind control arm of a comparison: every image the model sees
+            (training, validation, evaluation, generation: all go through this forward) is
+            replaced by zeros, the normalisation mean (a uniform grey image), keeping its size
+            and so its number of tokens. What such a model scores is chance given the text.
 
     Trainable tail: the last `trainable_blocks` blocks *and the merger* (the merger's
     LayerNorm + 2-layer MLP that maps 2x2 patch features to `out_hidden_size`). We read the
@@ -146,8 +150,10 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, config: dict[str, Any] | None = None, path: str | None = None, trainable_blocks: int = 4,
                  freeze: bool = True,
-                 attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"):
+                 attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+                 blank_images: bool = False):
         super().__init__()
+        self.blank_images = bool(blank_images)
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         if (config is None) == (path is None):
@@ -213,6 +219,8 @@ class VisionEncoder(nn.Module):
         if bool((image_grid_thw[:, 1:] % merge != 0).any()):
             raise ValueError(f"VisionEncoder: image_grid_thw h and w must be multiples of spatial_merge_size={merge}, "
                              f"got {image_grid_thw.tolist()}")
+        if self.blank_images:  # the one place every image passes: the model can see none of them
+            pixel_values = torch.zeros_like(pixel_values)
         dtype = self.tower.patch_embed.proj.weight.dtype
         if num_patches == 0:  # a text-only batch: the HF tower cannot run on zero patches
             return pixel_values.new_zeros(0, self.out_dim, dtype=dtype)

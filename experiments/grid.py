@@ -20,6 +20,9 @@ OUT/results.md and OUT/results.csv hold the validation metrics per group, the pe
 and the median step time of every run of the grid. A grid with `aggregate: AXIS` (an axis of
 repeats, e.g. seeds) also gets, per combination of the other axes, mean ± sample std over
 the finished runs of that axis: a second table in results.md and OUT/results_mean.csv.
+Contrasts the grid file declares (`compare:`, `margin:`) are paired by seed and by item from
+each run's per-item answers and judged together (`experiments.grid_stats`): a third table and
+OUT/results_contrasts.csv; an `answer prior` row gives chance from the training answers.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from experiments import runlock, tether
+from experiments import grid_stats, runlock, tether
 from experiments.grid_spec import Grid, GridError, Run, load_grid, select
 
 __all__ = ["Grid", "GridError", "Result", "Run", "load_grid", "main", "run_grid", "select"]
@@ -479,11 +482,15 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
             for run, run_dir, label in todo:
                 report(execute(run, run_dir, label, console, detach))
         write_results(table(), grid, out, metric)  # also when every run was skipped
-        console.print(results_table(table(), grid, metric))
+        prior = grid_stats.answer_prior(table(), metric)
+        console.print(results_table(table(), grid, metric, prior))
         written = [out / "results.md", out / "results.csv"]
         if grid.aggregate:
-            console.print(mean_table(table(), grid, metric))
+            console.print(mean_table(table(), grid, metric, prior))
             written.append(out / "results_mean.csv")
+        if grid.contrasts:
+            console.print(contrasts_table(grid_stats.grid_contrasts(table(), grid, metric), grid, metric))
+            written.append(out / "results_contrasts.csv")
         if plot := write_plot(table(), grid, out, metric):
             written.append(plot)
         console.print(f"written: {', '.join(map(str, written))}", soft_wrap=True)
@@ -568,8 +575,24 @@ def mean_group_score(metrics: dict[str, float], groups, metric: str) -> float | 
     return sum(scores) / len(scores) if scores else None
 
 
-def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the human-readable table (one metric per group, in %)."""
+def _prior_row(header: list[str], groups: list[str], prior: dict[str, float] | None) -> list[list[str]]:
+    """The answer prior's row (`experiments.grid_stats.answer_prior`) under a table: its score
+    per group and their mean, in %, in the groups' columns; no row without a prior."""
+    if not prior:
+        return []
+    row = [""] * len(header)
+    row[0] = grid_stats.PRIOR_ROW
+    for g in groups:
+        if g in prior:
+            row[header.index(g)] = f"{100 * prior[g]:.1f}"
+    avg = mean_group_score({f"val_group/{g}/m": v for g, v in prior.items()}, groups, "m")
+    row[header.index("avg")] = "" if avg is None else f"{100 * avg:.1f}"
+    return [row]
+
+
+def _columns(results: list[Result], metric: str, prior: dict[str, float] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the human-readable table (one metric per group, in %), the answer
+    prior's row last when given."""
     groups, extra = _groups(results), _extra_columns(results)
     header = ["run", "status", "val/loss", *extra, *groups, "avg", "mem (MiB)", "step (s)"]
     rows = []
@@ -581,7 +604,7 @@ def _columns(results: list[Result], metric: str) -> tuple[list[str], list[list[s
                      *("" if s is None else f"{100 * s:.1f}" for s in scores),
                      "" if avg is None else f"{100 * avg:.1f}",
                      "" if peak is None else f"{peak / 2 ** 20:,.0f}", "" if step is None else f"{step:.3f}"])
-    return header, rows
+    return header, rows + _prior_row(header, groups, prior)
 
 
 def _repeats(results: list[Result], grid: Grid) -> list[tuple[str, list[Result], list[Result]]]:
@@ -610,9 +633,10 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
-def _mean_columns(results: list[Result], grid: Grid, metric: str) -> tuple[list[str], list[list[str]]]:
+def _mean_columns(results: list[Result], grid: Grid, metric: str,
+                  prior: dict[str, float] | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the mean ± std table: one row per combination of the other axes,
-    over its finished runs (n of them)."""
+    over its finished runs (n of them); the answer prior's row last when given."""
     groups, extra = _groups(results), _extra_columns(results)
     others = "-".join(name for name, _ in grid.axes if name != grid.aggregate) or "runs"
     header = [others, "n", "val/loss", *extra, *groups, "avg", "mem (MiB)", "step (s)"]
@@ -626,7 +650,7 @@ def _mean_columns(results: list[Result], grid: Grid, metric: str) -> tuple[list[
                      *(_mean_std(present(f"val_group/{g}/{metric}"), 100) for g in groups),
                      _mean_std(_present(done, lambda r: mean_group_score(r.metrics, groups, metric)), 100),
                      _mean_std(present("peak_memory_bytes"), 2 ** -20, 0), _mean_std(present("step_time_s"), digits=3)])
-    return header, rows
+    return header, rows + _prior_row(header, groups, prior)
 
 
 def _rich_table(title: str, header: list[str], rows: list[list[str]]):
@@ -640,13 +664,20 @@ def _rich_table(title: str, header: list[str], rows: list[list[str]]):
     return table
 
 
-def results_table(results: list[Result], grid: Grid, metric: str):
-    return _rich_table(f"{grid.path.stem}: val {metric} per group (%)", *_columns(results, metric))
+def results_table(results: list[Result], grid: Grid, metric: str, prior: dict[str, float] | None = None):
+    return _rich_table(f"{grid.path.stem}: val {metric} per group (%)", *_columns(results, metric, prior))
 
 
-def mean_table(results: list[Result], grid: Grid, metric: str):
+def mean_table(results: list[Result], grid: Grid, metric: str, prior: dict[str, float] | None = None):
     return _rich_table(f"{grid.path.stem}: mean ± std over {grid.aggregate!r}, val {metric} per group (%)",
-                       *_mean_columns(results, grid, metric))
+                       *_mean_columns(results, grid, metric, prior))
+
+
+def contrasts_table(contrasts, grid: Grid, metric: str):
+    """The declared contrasts (`experiments.grid_stats`), paired by seed and item, in points."""
+    margin = "" if grid.margin is None else f", equivalence margin ±{grid.margin:g}"
+    return _rich_table(f"{grid.path.stem}: paired contrasts of avg val {metric} (points, Holm over {len(contrasts)}"
+                       f"{margin})", grid_stats.CONTRAST_HEADER, grid_stats.contrast_rows(contrasts))
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -704,16 +735,30 @@ def write_plot(results: list[Result], grid: Grid, out: Path, metric: str) -> Pat
 
 
 def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> None:
-    """OUT/results.md (one metric per group) and OUT/results.csv (every group metric, raw)."""
-    header, rows = _columns(results, metric)
+    """OUT/results.md (one metric per group), OUT/results.csv (every group metric, raw) and,
+    with `compare:`, OUT/results_contrasts.csv."""
+    prior = grid_stats.answer_prior(results, metric)
+    header, rows = _columns(results, metric, prior)
     md = [f"# {grid.path.stem}", "", *([grid.description, ""] if grid.description else []),
           f"`python -m experiments.grid {grid.path}`: val {metric} per group (%) and their mean, "
           "peak memory (RSS on CPU, allocated on CUDA), median training step time.", "",
           *_markdown(header, rows)]
     if grid.aggregate:
-        header, rows = _mean_columns(results, grid, metric)
+        header, rows = _mean_columns(results, grid, metric, prior)
         md += ["", f"Mean ± sample standard deviation over the axis `{grid.aggregate}` (n = finished runs / runs):",
                "", *_markdown(header, rows)]
+    if prior:
+        md += ["", f"`{grid_stats.PRIOR_ROW}`: the score of always answering each task's most frequent training "
+               "answer, on the same evaluation items (chance without the image)."]
+    if grid.contrasts:
+        contrasts = grid_stats.grid_contrasts(results, grid, metric)
+        margin = "no equivalence margin" if grid.margin is None else f"equivalence margin ±{grid.margin:g} points"
+        md += ["", f"Paired contrasts of avg val {metric} (points; paired by `{grid.aggregate or 'run'}` and by item; "
+               f"95% CI; MDD: the smallest difference detectable at 80% power; Holm over the {len(contrasts)} "
+               f"contrasts with data; {margin}; docs/grids.md, Contrasts):", "",
+               *_markdown(grid_stats.CONTRAST_HEADER, grid_stats.contrast_rows(contrasts))]
+        out.mkdir(parents=True, exist_ok=True)
+        grid_stats.write_contrasts_csv(contrasts, out / "results_contrasts.csv")
     failed = [r for r in results if r.status == "failed"]
     if failed:
         md += ["", "Failed runs:", "", *(f"- `{r.run.name}`: exit code {r.exit_code}, log `{r.log}`" for r in failed)]

@@ -15,6 +15,10 @@
                                              # {label: <name>, configs: [strategies/<name>.yaml]}
     aggregate: seed                          # optional: an axis whose runs are repeats (seeds);
                                              # results add mean ± std over it per other-axes combination
+    compare: {baseline: insertion}           # optional: paired contrasts (experiments.contrasts) of every
+                                             # arm against the baseline, or a list of [a, b] pairs (a - b);
+                                             # an arm is a combination of the axes other than `aggregate`
+    margin: 2                                # optional: equivalence margin in points (|a - b| < margin)
     slurm: {partition: gpu, account: proj, nodes: 1, gpus_per_node: 8, time: 240}
                                              # optional: resources of `--launcher slurm` (SlurmSpec)
     wandb: {project: casa, mode: offline}    # optional: also log every run to Weights & Biases
@@ -109,6 +113,13 @@ class WandbSpec:
 
 
 @dataclass(kw_only=True)
+class CompareSpec:
+    """`compare: {baseline: NAME}`: every other arm against NAME (arm - NAME)."""
+
+    baseline: str
+
+
+@dataclass(kw_only=True)
 class GridSpec:
     """A grid file."""
 
@@ -117,6 +128,8 @@ class GridSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     axes: list[AxisSpec]
     aggregate: Optional[str] = None
+    compare: Union[CompareSpec, list[list[str]], None] = None
+    margin: Optional[float] = None
     slurm: Optional[SlurmSpec] = None
     wandb: Optional[WandbSpec] = None
 
@@ -153,7 +166,7 @@ def _check_keys(where: str, raw: Any, cls: type, at: str = "") -> None:
                 _check_keys(where, x, item, f"{at}.{name}[{i}]" if at else f"{name}[{i}]")
         union = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Union else ()
         one = next((a for a in (hints[name], *union) if dataclasses.is_dataclass(a)), None)  # `slurm:`
-        if one is not None and raw.get(name) is not None:
+        if one is not None and isinstance(raw.get(name), dict):  # `compare:` may be a list instead
             _check_keys(where, raw[name], one, f"{at}.{name}" if at else name)
 
 
@@ -211,6 +224,14 @@ class Grid:
     aggregate: str | None = None  # an axis of repeats (seeds): results also averaged over it
     slurm: SlurmSpec = field(default_factory=SlurmSpec)  # `--launcher slurm` resources
     wandb: WandbSpec | None = None  # Weights & Biases tracking of every run
+    contrasts: list[tuple[str, str]] = field(default_factory=list)  # (a, b): arm a - arm b, paired
+    margin: float | None = None  # equivalence margin, in points
+
+    def arms(self) -> list[str]:
+        """The combinations of the axes other than `aggregate`, "-"-joined, in grid order: what
+        a contrast compares (its runs over the `aggregate` axis are its seeds)."""
+        others = [values for name, values in self.axes if name != self.aggregate]
+        return ["-".join(v.label for v in combo) or "all" for combo in itertools.product(*others)]
 
     def runs(self) -> list[Run]:
         """The cartesian product of the axes, first axis slowest."""
@@ -328,8 +349,38 @@ def load_grid(path: str | Path) -> Grid:
         axes.append((name, _values(f"{where}.values", name, specs)))
     if spec.aggregate is not None and spec.aggregate not in names:
         raise GridError(f"{path}: aggregate: {spec.aggregate!r} is not an axis of this grid; axes: {names}")
-    return Grid(path, spec.description.strip(), base, overrides, axes, spec.aggregate, spec.slurm or SlurmSpec(),
+    grid = Grid(path, spec.description.strip(), base, overrides, axes, spec.aggregate, spec.slurm or SlurmSpec(),
                 spec.wandb)
+    grid.contrasts = _contrasts(f"{path}: compare", spec.compare, grid.arms())
+    if spec.margin is not None and not spec.margin > 0:
+        raise GridError(f"{path}: margin: {spec.margin!r} must be a positive number of points (e.g. 2)")
+    if spec.margin is not None and not grid.contrasts:
+        raise GridError(f"{path}: margin: {spec.margin!r} is given but no `compare:` declares contrasts")
+    grid.margin = spec.margin
+    return grid
+
+
+def _contrasts(where: str, compare: CompareSpec | list[list[str]] | None, arms: list[str]) -> list[tuple[str, str]]:
+    """`compare:` -> [(a, b)] over the grid's arms; every name must be an arm."""
+    if compare is None:
+        return []
+    if isinstance(compare, CompareSpec):
+        if compare.baseline not in arms:
+            raise GridError(f"{where}.baseline: {compare.baseline!r} is not an arm of this grid; arms: {arms}")
+        return [(a, compare.baseline) for a in arms if a != compare.baseline]
+    if not compare:
+        raise GridError(f"{where}: expected {{baseline: ARM}} or a non-empty list of [a, b] pairs, got []")
+    pairs = []
+    for i, pair in enumerate(compare):
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise GridError(f"{where}[{i}]: {pair!r} must be two different arms [a, b] (a - b); arms: {arms}")
+        bad = [a for a in pair if a not in arms]
+        if bad:
+            raise GridError(f"{where}[{i}]: {bad} not an arm of this grid; arms: {arms}")
+        if tuple(pair) in pairs:
+            raise GridError(f"{where}[{i}]: {pair!r} is declared twice")
+        pairs.append(tuple(pair))
+    return pairs
 
 
 def select(runs: list[Run], only: list[str] | None) -> list[Run]:

@@ -89,7 +89,8 @@ def test_tiny_grid_runs_every_combination_and_writes_tables(tiny):
     table = [line for line in md.splitlines() if line.startswith("|")]
     header = ["run", "status", "val/loss", "coarse", "video", "avg", "mem (MiB)", "step (s)"]
     assert [h.strip() for h in table[0].split("|")[1:-1]] == header
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["casa_plus-s2", "casa_replace-s2"]
+    # the runs, then chance: the answer prior from the tiny synth's training answers
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["casa_plus-s2", "casa_replace-s2", "answer prior"]
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and str(out / "results.png") in output
 
 
@@ -154,6 +155,25 @@ def test_shipped_grids_expand_and_parse_with_fit(name, tmp_path, at_root, capsys
         assert e.value.code in (0, None), capsys.readouterr().err
 
 
+def test_the_blind_arm_reaches_the_vision_tower_through_fit(tmp_path, at_root, capsys, monkeypatch):
+    """tests/configs/tiny_grid_contrasts.yaml: its `blind` arm's override is a real VisionEncoder
+    argument (`blank_images`), the seeing arms leave it off, and its contrasts name its arms."""
+    import yaml as _yaml
+
+    from experiments.fit import main as fit
+
+    grid = load_grid(ROOT / "tests" / "configs" / "tiny_grid_contrasts.yaml")
+    assert grid.contrasts == [("casa_plus", "blind"), ("insertion", "blind"), ("casa_plus", "insertion")]
+    monkeypatch.setattr("sys.argv", ["experiments.fit"])
+    blank = {}
+    for run in [r for r in grid.runs() if r.labels["seed"] == "s0"]:
+        with pytest.raises(SystemExit):
+            fit(run.args(tmp_path / run.name) + ["--print_config"])
+        config = _yaml.safe_load(capsys.readouterr().out)
+        blank[run.labels["fusion"]] = config["model"]["model"]["init_args"]["vision"]["init_args"]["blank_images"]
+    assert blank == {"casa_plus": False, "insertion": False, "blind": True}
+
+
 def test_only_selects_runs_by_name_or_pattern(at_root, tmp_path):
     grid = GRIDS / "table7.yaml"
     results = main([str(grid), "--dry-run", "--out", str(tmp_path), "--only", "first_*", "every_k-k4"])
@@ -167,7 +187,20 @@ GOOD_VALUE = f"{{label: a, configs: [{STRATEGY.format('casa_plus')}]}}"
 
 @pytest.mark.parametrize("text, message", [
     (f"base: {TINY}\naxis: []\n",
-     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'slurm', 'wandb'\]"),
+     r"unknown key\(s\) \['axis'\]; valid keys: \['description', 'base', 'overrides', 'axes', 'aggregate', 'compare', "
+     r"'margin', 'slurm', 'wandb'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: {{baseline: c}}\n",
+     r"compare\.baseline: 'c' is not an arm of this grid; arms: \['a', 'b'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: {{base: a}}\n",
+     r"compare: unknown key\(s\) \['base'\]; valid keys: \['baseline'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: [[a, a]]\n",
+     r"compare\[0\]: \['a', 'a'\] must be two different arms \[a, b\] \(a - b\); arms: \['a', 'b'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: [[a, z]]\n",
+     r"compare\[0\]: \['z'\] not an arm of this grid; arms: \['a', 'b'\]"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\ncompare: [[a, b]]\nmargin: 0\n",
+     r"margin: 0\.0 must be a positive number of points"),
+    (f"base: {TINY}\naxes: [{{name: f, values: [{GOOD_VALUE}, {{label: b}}]}}]\nmargin: 2\n",
+     r"margin: 2\.0 is given but no `compare:` declares contrasts"),
     (f"base: {TINY}\naggregate: seed\naxes: [{{name: fusion, values: [{GOOD_VALUE}]}}]\n",
      r"aggregate: 'seed' is not an axis of this grid; axes: \['fusion'\]"),
     (f"base: {TINY}\n", r"missing key\(s\) \['axes'\]"),
@@ -272,6 +305,87 @@ def test_aggregate_axis_adds_mean_and_std_over_its_repeats(tmp_path, at_root):
     assert write_plot(results, grid, out, "relaxed_accuracy") == out / "results.png"
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def _train_shard(folder: Path, answers: dict[str, list[str]]) -> None:
+    """A training shard of JSON-only samples (`data.format`): task -> its answers."""
+    import tarfile
+
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "train-000000.tar", "w") as tar:
+        for task, values in answers.items():
+            for i, answer in enumerate(values):
+                conv = {"task": task, "group": "g", "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "how many?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+                data = json.dumps(conv).encode()
+                info = tarfile.TarInfo(f"{task}-{i:03d}.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_declared_contrasts_are_paired_by_seed_and_item_beside_the_answer_prior(tmp_path, at_root):
+    """`compare: {baseline: b}`: every other arm minus b, paired by seed label and item key,
+    Holm over the family, in results.md and results_contrasts.csv; the answer prior's row."""
+    from experiments.contrasts import estimate, holm
+
+    path = tmp_path / "cmp.yaml"
+    path.write_text(f"base: {TINY}\naggregate: seed\ncompare: {{baseline: b}}\nmargin: 2\naxes:\n"
+                    f"  - {{name: fusion, values: [{GOOD_VALUE}, {{label: b}}, {{label: c}}]}}\n"
+                    f"  - {{name: seed, values: [{{label: s0}}, {{label: s1}}, {{label: s2}}]}}\n")
+    grid = load_grid(path)
+    assert grid.contrasts == [("a", "b"), ("c", "b")] and grid.margin == 2
+    _train_shard(tmp_path / "shards", {"count": ["3"] * 5 + ["4"] * 2, "color": ["red", "blue", "blue"]})
+    rng = __import__("numpy").random.default_rng(0)
+    # 40 count items (reference "3" or "4"; "3.1" is within 5% of "3") and 20 colour items
+    refs = [("count", "count", str(3 + i % 2)) for i in range(40)] + [("color", "colour", "red") for _ in range(20)]
+    refs[1] = ("count", "count", "3.1")  # was "4"
+    p_right = {"a": 1.0, "b": 0.5, "c": 0.5}
+    correct = {}
+    results = []
+    for run in grid.runs():
+        fusion, seed = run.labels["fusion"], run.labels["seed"]
+        run_dir = tmp_path / "runs" / run.name
+        (run_dir / "predictions").mkdir(parents=True)
+        (run_dir / "tb").mkdir()
+        (run_dir / "tb" / "config.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"train": str(tmp_path / "shards")}}}))
+        right = rng.random(len(refs)) < p_right[fusion]
+        correct[(fusion, seed)] = right.astype(float)
+        # the items in another order per run, and an earlier validation's file that must not be read
+        order = rng.permutation(len(refs))
+        (run_dir / "predictions" / "val_step_000001.jsonl").write_text("")
+        (run_dir / "predictions" / "val_step_000002.jsonl").write_text("".join(
+            json.dumps({"key": f"k{i:03d}", "task": refs[i][0], "group": refs[i][1],
+                        "prediction": refs[i][2] if right[i] else "wrong", "reference": refs[i][2]}) + "\n"
+            for i in order))
+        metrics = {f"val_group/{g}/relaxed_accuracy": right[[i for i, r in enumerate(refs) if r[1] == g]].mean()
+                   for g in ("count", "colour")}
+        results.append(Result(run, "finished", run_dir, summary={"metrics": {"val/loss": 1.0, **metrics}}))
+    out = tmp_path / "out"
+    write_results(results, grid, out, "relaxed_accuracy")
+    md = (out / "results.md").read_text()
+
+    strata = [g for _, g, _ in refs]
+    expected = [estimate([correct[(x, s)] - correct[("b", s)] for s in ("s0", "s1", "s2")], strata) for x in "ac"]
+    adjusted = holm([e.p for e in expected])
+    with open(out / "results_contrasts.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["a"], r["b"], r["seeds"], r["items"]) for r in rows] == [("a", "b", "3", "60"), ("c", "b", "3", "60")]
+    for row, e, p in zip(rows, expected, adjusted):
+        assert float(row["difference"]) == pytest.approx(e.diff) and float(row["ci_low"]) == pytest.approx(e.ci[0])
+        assert float(row["mdd"]) == pytest.approx(e.mdd) and float(row["p_holm"]) == pytest.approx(p)
+    assert rows[0]["verdict"] == "holds" and expected[0].diff > 0.4  # right on every item against half
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in md.split("Paired contrasts")[1].splitlines()
+             if line.startswith("| a")]
+    assert table[0][:4] == ["a − b", "3", "60", f"{100 * expected[0].diff:+.1f}"]
+    assert table[0][-1] == "holds"
+    # the answer prior: "3" for count (right on 20 of 40 items, and on "3.1"), "blue" for colour (never)
+    prior = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| answer prior")]
+    header = [c.strip() for c in md.split("Mean ± sample")[1].splitlines()[2].split("|")[1:-1]]
+    assert len(prior) == 2  # under the per-run table and under the mean table
+    assert dict(zip(header, prior[1]))["count"] == f"{100 * 21 / 40:.1f}"
+    assert dict(zip(header, prior[1]))["colour"] == "0.0"
+    assert dict(zip(header, prior[1]))["avg"] == f"{100 * 21 / 80:.1f}"
 
 # ---------------------------------------------------------------------------- --jobs N
 def _grid_2x2(path: Path, first: list[dict] = ()) -> Path:

@@ -155,3 +155,50 @@ def test_llava_converter_keeps_answers_and_dataset_meta_reads_them(tmp_path):
     metas = [SampleProcessor(template, max_pixels=28 * 28)(r).meta for r in raws]
     assert metas[0]["answers"] == ["red"] * 9 + ["crimson"] and "choices" not in metas[0]
     assert metas[1]["choices"] == ["red", "blue"] and "answers" not in metas[1]
+
+
+# ------------------------------------------------------- the classes validation builds, at their thresholds
+def _validation_scores(preds, refs, choices=None):
+    """The scores of the metric set validation builds for a key (`GroupedAnswerMetrics()`, every
+    class at its default): {metric name: mean over the answers}."""
+    metrics = GroupedAnswerMetrics()
+    metrics.update(["k"] * len(preds), preds, refs, choices)
+    return metrics.compute()["k"]
+
+
+@pytest.mark.parametrize("pred, counted", [
+    ("105", True),     # exactly 5% above the reference: counted (|p - r| / |r| <= 0.05)
+    ("95", True),      # exactly 5% below
+    ("105.1", False),  # 5.1%: out
+    ("94.9", False),
+    ("10%", False),    # 0.1, not 10
+])
+def test_relaxed_accuracy_class_holds_a_5_percent_tolerance(pred, counted):
+    """The validation class at its default: a tolerance of 0.5 (or 0.04) would move a row."""
+    scores = _validation_scores([pred, "100"], ["100", "100"])  # the second answer is exact: 1
+    assert scores["relaxed_accuracy"] == (1.0 if counted else 0.5)
+    assert scores["exact_match"] == 0.5  # only the exact answer, whatever the tolerance
+
+
+@pytest.mark.parametrize("pred, ref, anls", [
+    ("ab", "ac", 0.5),                       # s = 1 - 1/2 = 0.5: at the threshold, counted
+    ("abcdefXXXXX", "abcdefghijk", 6 / 11),  # s = 1 - 5/11 = 0.545: counted as s
+    ("abcdeXXXXXX", "abcdefghijk", 0.0),     # s = 1 - 6/11 = 0.455: just below 0.5, scores 0
+])
+def test_anls_class_holds_its_0_5_threshold(pred, ref, anls):
+    """The validation class at its default: a threshold of 0.3 would count the last case."""
+    assert _validation_scores([pred], [ref])["anls"] == pytest.approx(anls)
+
+
+def test_exact_match_vqa_and_choice_classes_at_their_edges():
+    scores = _validation_scores(["  Red ", "reds"], ["red", "red"])
+    assert scores["exact_match"] == 0.5  # case and surrounding space do not count; a plural does
+    # VQA: 3 of 10 humans -> 0.9, 4 -> 1.0 (min(#humans / 3, 1) averaged over the 10 leave-one-out subsets)
+    three, four = ["yes"] * 3 + ["no"] * 7, ["yes"] * 4 + ["no"] * 6
+    assert _validation_scores(["yes", "yes"], [three, four])["vqa_accuracy"] == pytest.approx((0.9 + 1.0) / 2)
+    # choices: counted only where the sample has options; the letter or the option's text names it
+    scores = _validation_scores(["B", "green", "blue"], ["green", "green", "blue"],
+                                [["red", "green"], ["red", "green"], None])
+    assert scores["choice_accuracy"] == 1.0
+    scores = _validation_scores(["A", "green"], ["green", "green"], [["red", "green"], ["red", "green"]])
+    assert scores["choice_accuracy"] == 0.5

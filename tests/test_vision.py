@@ -168,3 +168,18 @@ def test_projector_errors():
         Projector(8, 0)
     with pytest.raises(ValueError, match=r"expected image_embeds \[N, 8\], got \[5, 4\]"):
         Projector(8, 16)(torch.randn(5, 4))
+
+
+def test_blank_images_hides_every_image_from_the_model():
+    """The blind arm (`blank_images`): the tower's output no longer depends on the pixels, and
+    is what the same weights make of a zero (mean grey) image of the same size."""
+    torch.manual_seed(0)
+    seeing = VisionEncoder(config=tiny_vision_config()).eval()
+    blind = VisionEncoder(config=tiny_vision_config(), blank_images=True).eval()
+    blind.load_state_dict(seeing.state_dict())
+    pix, thw = _pixels([(4, 6)])
+    with torch.no_grad():
+        out, other = blind(pix, thw), blind(torch.randn_like(pix), thw)
+        torch.testing.assert_close(out, other, atol=0, rtol=0)
+        torch.testing.assert_close(out, seeing(torch.zeros_like(pix), thw), atol=0, rtol=0)
+        assert not torch.allclose(seeing(pix, thw), seeing(torch.randn_like(pix), thw))

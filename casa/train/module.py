@@ -260,8 +260,10 @@ class CasaModule(L.LightningModule):
         self.task_metrics.update_samples("task", preds, meta)  # all accepted answers, options
         self.group_metrics.update_samples("group", preds, meta)
         refs = [m["answer"] for m in meta]
+        # with the accepted answers and options the metrics used, so an item can be scored again exactly
         self._val_answers += [{"key": m.get("key"), "task": m.get("task", "all"), "group": m.get("group", "all"),
-                               "prediction": p, "reference": r} for m, p, r in zip(meta, preds, refs)]
+                               "prediction": p, "reference": r, **{k: m[k] for k in ("answers", "choices") if m.get(k)}}
+                              for m, p, r in zip(meta, preds, refs)]
 
     def _update_task_losses(self, batch: PackedBatch, logits: torch.Tensor) -> None:
         """Answer loss per task (and per perplexity-group task) of a real validation batch."""
