@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from casa.batch import PackedBatch, build_batch
-from casa.cache import KVCache
+from casa.cache import ContextPolicy
 from casa.checkpoint import CheckpointError
 from casa.generation import GenerationConfig, generate, truncate_samples
 from casa.memory import rss_bytes
@@ -223,6 +223,11 @@ class FrameRecord:
     """Bytes held by the KV cache (all layers, keys and values)."""
     memory_bytes: int
     """CUDA: allocated bytes; CPU: process RSS."""
+    dropped_tokens: int = 0
+    """SA cache tokens the context policy dropped before this frame (`casa.cache.ContextPolicy`)."""
+    attention: dict | None = None
+    """`stream(attention=True)`: mean attention mass of the frame's CASA queries on
+    {"image", "text", "self"} (`casa.captioning.attention_masses`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -374,27 +379,25 @@ class Assistant:
     # ------------------------------------------------------------------ live captioning
     @torch.no_grad()
     def stream(self, frames: Iterable[ImageLike], fps: float = 2.0, config: GenerationConfig | None = None,
-               prompt: str = CAPTION_PROMPT, wait: bool = True,
-               generator: torch.Generator | None = None) -> Iterator[FrameRecord]:
-        """Live captioning: one record per frame, yielded as soon as its caption is written.
+               prompt: str = CAPTION_PROMPT, wait: bool = True, generator: torch.Generator | None = None,
+               context: ContextPolicy | None = None, attention: bool = False) -> Iterator[FrameRecord]:
+        """Live captioning: one record per frame, yielded as soon as its caption is written
+        (`casa.captioning.CaptionSession`: the per-frame work, shared with the live web view).
 
         Frame i arrives at i / fps s, or, for a `casa.processing.video.Frame` (a decoded video),
         at its own timestamp from the first frame's: the video's clock. `wait=True` sleeps until
         then (a live source); with `wait=False` frames are processed back to back and `delay_s`
         is what a real-time run would have had: a frame starts when it arrives or when the
-        previous one is done."""
+        previous one is done. `config`: generation settings (`generation_config(temperature=...,
+        repetition_penalty=..., seed=...)`); `context`: the text KV cache's policy (default:
+        at most max_position_embeddings tokens, the prompt and the recent past kept,
+        `casa.cache.ContextPolicy`); `attention`: record the CASA layers' attention masses."""
+        from casa.captioning import CaptionSession
+
         if fps <= 0:
             raise ValueError(f"fps={fps} must be > 0")
-        cfg = config or self.generation_config()
-        if cfg.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={cfg.max_new_tokens} must be >= 1 for captioning")
-        if self.inference_mask is not None:
-            raise ValueError(f"streaming decodes with the KV cache, which cannot apply the {self.inference_mask!r} mask")
-        layout = CaptionLayout.from_template(self.template, prompt)
-        dev, stop = self.device, set(cfg.stop_token_ids)
-        cap = min(self.settings.max_pixels, self.settings.frame_max_pixels)
-        cache, pending, size, done_at = KVCache(1), list(layout.first_pre), None, 0.0
-        text_seen = image_seen = 0
+        session = CaptionSession(self, prompt, config, context, generator, attention)
+        dev, done_at = self.device, 0.0
         t0 = time.perf_counter()
         first_t = None
         for i, frame in enumerate(frames):
@@ -406,25 +409,12 @@ class Assistant:
             if wait:
                 time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
             start = time.perf_counter()
-            img = to_image(frame, cap)
-            stored = img.info.get(ORIGINAL_SIZE, img.size)  # before any reduced-scale decode
-            if size is None:
-                size = stored
-            elif stored != size:
-                raise InputError(f"frame {i} is {stored[0]}x{stored[1]} but the stream's frames are "
-                                 f"{size[0]}x{size[1]} (a video keeps one frame size)")
-            pv, grid = self.pixels(img, cap)
-            chunk = frame_chunk(pending, layout.post, pv.to(dev), [grid], merge=self.model.vision.spatial_merge_size)
-            text_seen += chunk.num_text_tokens
-            image_seen += chunk.num_image_tokens
-            out = self._generate(chunk, cfg, generator, cache=cache)[0]
-            text_seen += len(out) - 1  # the last token is not fed yet
-            # the last token is fed with the next frame's chunk, with the turn's closing tokens
-            pending = layout.close(out[-1], out[-1] in stop) + layout.pre
+            cap = session.step(frame, i)
             end = time.perf_counter()
             wall = end - start
             delay = (end - t0) - arrival if wait else max(arrival, done_at) + wall - arrival
             done_at = arrival + delay
-            yield FrameRecord(i, round(arrival, 3), self.decode(out), len(out), out[-1] in stop, wall, delay,
-                              cache.text_kv_tokens(), text_seen, image_seen, cache.window_kv_tokens(), cache.nbytes(),
-                              memory_bytes(dev))
+            cache = session.cache
+            yield FrameRecord(i, round(arrival, 3), cap.text, len(cap.tokens), cap.stopped, wall, delay,
+                              cache.text_kv_tokens(), session.text_seen, session.image_seen, cache.window_kv_tokens(),
+                              cache.nbytes(), memory_bytes(dev), cap.dropped, cap.attention)
