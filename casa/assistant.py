@@ -380,7 +380,7 @@ class Assistant:
     @torch.no_grad()
     def stream(self, frames: Iterable[ImageLike], fps: float = 2.0, config: GenerationConfig | None = None,
                prompt: str = CAPTION_PROMPT, wait: bool = True, generator: torch.Generator | None = None,
-               context: ContextPolicy | None = None, attention: bool = False) -> Iterator[FrameRecord]:
+               context: ContextPolicy | None | bool = None, attention: bool = False) -> Iterator[FrameRecord]:
         """Live captioning: one record per frame, yielded as soon as its caption is written
         (`casa.captioning.CaptionSession`: the per-frame work, shared with the live web view).
 
@@ -391,7 +391,7 @@ class Assistant:
         previous one is done. `config`: generation settings (`generation_config(temperature=...,
         repetition_penalty=..., seed=...)`); `context`: the text KV cache's policy (default:
         at most max_position_embeddings tokens, the prompt and the recent past kept,
-        `casa.cache.ContextPolicy`); `attention`: record the CASA layers' attention masses."""
+        `casa.cache.ContextPolicy`; False: unbounded, for growth benchmarks); `attention`: record the CASA layers' attention masses."""
         from casa.captioning import CaptionSession
 
         if fps <= 0:

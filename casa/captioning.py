@@ -60,10 +60,11 @@ class CaptionSession:
     assistant: a `casa.assistant.Assistant`; prompt: the user prompt opening the stream;
     config: the default generation settings (`Assistant.generation_config`); context: the
     cache policy (None: max_tokens = the backbone's max_position_embeddings, keep_first = the
-    prompt's tokens); generator: the sampling RNG (None: seeded from config.seed, else torch's)."""
+    prompt's tokens; False: none, the cache grows and positions may pass the model's limit,
+    for benchmarks that measure that growth); generator: the sampling RNG (None: seeded from config.seed, else torch's)."""
 
     def __init__(self, assistant, prompt: str = CAPTION_PROMPT, config: GenerationConfig | None = None,
-                 context: ContextPolicy | None = None, generator: torch.Generator | None = None,
+                 context: ContextPolicy | None | bool = None, generator: torch.Generator | None = None,
                  attention: bool = False):
         self.assistant = assistant
         self.config = config or assistant.generation_config()
@@ -74,10 +75,13 @@ class CaptionSession:
                              f"{assistant.inference_mask!r} mask")
         model = assistant.model
         self.layout = CaptionLayout.from_template(assistant.template, prompt)
+        self.check_positions = context is not False
         if context is None:
             limit = max_positions(model)
             context = ContextPolicy(limit, len(self.layout.first_pre)) if limit else None
-        self.context = context
+        elif context is True or not (context is False or isinstance(context, ContextPolicy)):
+            raise ValueError(f"context={context!r} must be a casa.cache.ContextPolicy, None (the model's limit) or False")
+        self.context = context or None
         self._rotate = key_shifter(model.backbone) if context is not None else None
         if generator is None and self.config.seed is not None:
             generator = torch.Generator(device=assistant.device).manual_seed(self.config.seed)
@@ -116,10 +120,12 @@ class CaptionSession:
         history = [list(self.recent)]
         if self.attention:
             with a.model.capture_attention() as records:
-                out = a._generate(chunk, cfg, self.generator, cache=self.cache, history=history)[0]
+                out = a._generate(chunk, cfg, self.generator, cache=self.cache, history=history,
+                                  check_positions=self.check_positions)[0]
             masses = attention_masses(records)
         else:
-            out = a._generate(chunk, cfg, self.generator, cache=self.cache, history=history)[0]
+            out = a._generate(chunk, cfg, self.generator, cache=self.cache, history=history,
+                                  check_positions=self.check_positions)[0]
             masses = None
         stop = set(cfg.stop_token_ids)
         fed = len(out) - 1  # the last token is fed with the next chunk

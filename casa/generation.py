@@ -115,7 +115,8 @@ def append_tokens(batch: PackedBatch, new: list[list[int]], merge: int = 2) -> P
 @torch.no_grad()
 def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
              generator: torch.Generator | None = None, cache: KVCache | None = None,
-             sync: bool = False, history: list[list[int]] | None = None) -> list[list[int]]:
+             sync: bool = False, history: list[list[int]] | None = None,
+             check_positions: bool = True) -> list[list[int]]:
     """Generate for every sample of `prompts` -> new token ids per sample (stop token included
     when one was produced).
 
@@ -129,7 +130,8 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
 
     Positions: a prompt reaching past the backbone's `max_position_embeddings` is a
     `ValueError` (it used to generate silently); a sample stops when its next token would
-    take a position past the last one (a warning says so).
+    take a position past the last one (a warning says so). `check_positions=False` lifts both
+    (RoPE extrapolates; benchmarks of unbounded cache growth).
 
     `sync`: step in lock-step with every rank of the default process group (validation
     under FSDP2, where every block forward is an all-gather, so all ranks must make the same
@@ -150,7 +152,7 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
         history = [prompts.input_ids[cu[s]:cu[s + 1]].tolist() for s in range(S)]
     elif len(history) != S:
         raise ValueError(f"history has {len(history)} rows for {S} samples")
-    room = _position_room(model, prompts, cache)  # tokens each sample may still feed
+    room = _position_room(model, prompts, cache) if check_positions else [float("inf")] * S  # tokens each may feed
     procs = logits_processors(cfg)
     if generator is None and cfg.seed is not None and cfg.sampling:
         generator = torch.Generator(device=prompts.input_ids.device).manual_seed(cfg.seed)

@@ -16,7 +16,7 @@ raw logits: greedy output is what it was before these controls existed.
 
 Samples of a batch have histories of different lengths, so each row is processed on its own
 history ([1, L] input_ids: transformers' processors take a rectangular batch and a padding
-token would count as a repeat).
+token would count as a repeat); histories of one length go through as one [S, L] batch.
 """
 
 from __future__ import annotations
@@ -99,7 +99,10 @@ def choose(logits: torch.Tensor, histories: list[list[int]], procs: LogitsProces
     """logits [S, V], each sample's history (what the processors see: prompt or context, then
     the tokens generated so far) -> one token per sample."""
     scores = logits.float()
-    if procs:
+    if procs and len({len(h) for h in histories}) == 1:  # one rectangular batch, as transformers runs it
+        scores = procs(torch.tensor(histories, dtype=torch.long, device=scores.device).view(len(histories), -1),
+                       scores.clone())
+    elif procs:
         rows = []
         for s, seen in enumerate(histories):
             ids = torch.tensor([seen], dtype=torch.long, device=scores.device)  # [1, L]
