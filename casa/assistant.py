@@ -28,31 +28,25 @@ template lays the stream out exactly as `ChatTemplate.encode` lays out a trainin
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
 
-from casa.batch import PackedBatch, build_batch
-from casa.cache import ContextPolicy
+from casa.batch import PackedBatch
+from casa.context_limit import ContextPolicy
+from casa.captioning import CaptionLayout, FrameRecord, frame_chunk  # noqa: F401  (their public home was here)
 from casa.checkpoint import CheckpointError
 from casa.generation import GenerationConfig, generate, truncate_samples
+from casa.inputs import ImageLike, InputError, to_image  # noqa: F401  (likewise)
 from casa.memory import rss_bytes
-from casa.processing.image import ORIGINAL_SIZE, ImageError, decode_image, patchify, to_rgb
+from casa.processing.image import ImageError, patchify
 from casa.processing.sample import Sample, build_sample_row
 from casa.processing.template import CAPTION_PROMPT, ChatTemplate
 from casa.processing.tokenizer import resolve_tokenizer
 from casa.processing.video import Frame, VideoError, read_video
 from casa.rebuild import HALF, DataSettings, build_model, read_checkpoint, resolve_precision
-
-ImageLike = Image.Image | str | Path | bytes
-
-
-class InputError(ValueError):
-    """An input image/frame/video that cannot be used (undecodable, wrong size)."""
-
 
 # ---------------------------------------------------------------------------------- loading
 def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = (),
@@ -119,118 +113,11 @@ def _assistant(model, tokenizer, template, settings, config: dict, step: int, pr
 
 
 # ---------------------------------------------------------------------------------- helpers
-def to_image(x: ImageLike | Any, max_pixels: int | None = None) -> Image.Image:
-    """PIL image, path, encoded bytes or an HxWx3 uint8 array -> RGB PIL image (InputError otherwise)."""
-    if isinstance(x, Image.Image):
-        return to_rgb(x)
-    try:
-        if isinstance(x, (str, Path)):
-            return decode_image(Path(x).read_bytes(), max_pixels)
-        if isinstance(x, (bytes, bytearray)):
-            return decode_image(bytes(x), max_pixels)
-        if hasattr(x, "__array__"):
-            import numpy as np
-
-            return to_rgb(Image.fromarray(np.asarray(x)))
-    except (OSError, ImageError, TypeError, ValueError) as e:
-        raise InputError(f"cannot read image {str(x)[:80] if isinstance(x, (str, Path)) else type(x).__name__}: {e}") from None
-    raise InputError(f"cannot use a {type(x).__name__} as an image (PIL image, path, bytes or HxWx3 array)")
-
-
 def memory_bytes(device: torch.device) -> int:
     """CUDA: bytes allocated by tensors; CPU: process RSS (see docs/inference.md on what it includes)."""
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
     return rss_bytes()
-
-
-def frame_chunk(pre: list[int], post: list[int], pixel_values: torch.Tensor, image_grid_thw,
-                merge: int = 2) -> PackedBatch:
-    """One cached sample's chunk: `pre` continues its open window, then the frame opens a new
-    window followed by `post` -> PackedBatch (S = 1, local positions 0..len-1).
-    image_grid_thw: [I, 3] (t, h, w) of the frame's images, host list or tensor."""
-    if not post:
-        raise ValueError("a frame needs at least one text token after it (its window's first query)")
-    dev = pixel_values.device
-    grids = image_grid_thw.tolist() if isinstance(image_grid_thw, torch.Tensor) else [list(g) for g in image_grid_thw]
-    return build_batch(torch.tensor(pre + post, dtype=torch.long, device=dev), [0, len(pre) + len(post)],
-                       pixel_values=pixel_values, image_grid_thw=grids,
-                       image_text_position=[len(pre)] * len(grids), merge=merge)
-
-
-@dataclass
-class CaptionLayout:
-    """Token pieces of the live-captioning conversation, read off the template.
-
-    first_pre: before frame 0 (opens the user turn, the prompt);  pre: before frame i > 0;
-    post: between a frame and its caption (closes the user turn, opens the assistant's);
-    end: the end-of-turn token (generation stops on it);  after_end: what follows it."""
-
-    first_pre: list[int]
-    pre: list[int]
-    post: list[int]
-    end: list[int]
-    after_end: list[int]
-
-    @classmethod
-    def from_template(cls, template: ChatTemplate, prompt: str = CAPTION_PROMPT) -> "CaptionLayout":
-        def probe(content):  # a user turn with one image, then an empty assistant turn
-            enc = template.encode([{"role": "user", "content": content},
-                                   {"role": "assistant", "content": [{"type": "text", "text": ""}]}])
-            (pos,) = enc.image_positions
-            return enc.input_ids[:pos], enc.input_ids[pos:enc.prompt_len], enc.input_ids[enc.prompt_len:]
-
-        image = {"type": "image", "ref": "frame"}
-        first_pre, post0, tail = probe([{"type": "text", "text": prompt}, image] if prompt else [image])
-        pre, post, _ = probe([image])
-        if post0 != post:
-            raise ValueError(f"template {template.name!r}: the tokens after a frame differ between turns")
-        end = template.stop_token_ids
-        return cls(first_pre, pre, post, end, tail[len(end):])
-
-    def close(self, last: int, stopped: bool) -> list[int]:
-        """Tokens that end a caption whose last generated token is `last` (not yet fed)."""
-        return [last] + ([] if stopped else self.end) + self.after_end
-
-
-@dataclass
-class FrameRecord:
-    """What happened at one frame of a stream."""
-
-    index: int
-    t: float
-    """Frame timestamp (s): index / fps, or a video frame's own time from the first frame's."""
-    text: str
-    """The caption written after this frame ("" = silence)."""
-    new_tokens: int
-    """Tokens generated for this frame (the end token included)."""
-    stopped: bool
-    """The caption ended with the end token (False: it hit max_new_tokens and was closed)."""
-    wall_s: float
-    """Processing time of this frame: vision encoder, prefill of its chunk, caption decoding."""
-    delay_s: float
-    """When the caption was done, relative to the frame's timestamp (real-time when the
-    stream waits for frames, simulated from `wall_s` with `wait=False`)."""
-    kv_tokens: int
-    """Tokens in the text (SA) KV cache after this frame (image tokens too for insertion)."""
-    text_tokens: int
-    """Text tokens the model has read so far (prompt, template tokens and captions)."""
-    image_tokens: int
-    """Image tokens the model has been given so far (all frames up to this one)."""
-    window_kv_tokens: int
-    """Tokens in the fused layers' window cache (CASA/CA: the current frame's window)."""
-    kv_bytes: int
-    """Bytes held by the KV cache (all layers, keys and values)."""
-    memory_bytes: int
-    """CUDA: allocated bytes; CPU: process RSS."""
-    dropped_tokens: int = 0
-    """SA cache tokens the context policy dropped before this frame (`casa.cache.ContextPolicy`)."""
-    attention: dict | None = None
-    """`stream(attention=True)`: mean attention mass of the frame's CASA queries on
-    {"image", "text", "self"} (`casa.captioning.attention_masses`)."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------- assistant
@@ -391,7 +278,7 @@ class Assistant:
         previous one is done. `config`: generation settings (`generation_config(temperature=...,
         repetition_penalty=..., seed=...)`); `context`: the text KV cache's policy (default:
         at most max_position_embeddings tokens, the prompt and the recent past kept,
-        `casa.cache.ContextPolicy`; False: unbounded, for growth benchmarks); `attention`: record the CASA layers' attention masses."""
+        `casa.context_limit.ContextPolicy`; False: unbounded, for growth benchmarks); `attention`: record the CASA layers' attention masses."""
         from casa.captioning import CaptionSession
 
         if fps <= 0:

@@ -3,13 +3,14 @@
 `Assistant.stream` (a whole iterable of frames, paced to their clock) and the live web view
 (`experiments.live`, whose settings change between frames) both run a session, so the
 captions of a page equal those of `experiments.stream` for the same frames and settings.
-The layout per frame is `casa.assistant`'s (module doc): one chunk `[tail of the previous
-turn | frame | tokens opening the assistant turn]`, then the caption decoded with the cache.
+The layout per frame (`casa.assistant`'s module doc, `CaptionLayout`): one chunk `[tail of
+the previous turn | frame | tokens opening the assistant turn]` (`frame_chunk`), then the
+caption decoded with the cache. Each frame's outcome is a `FrameRecord`.
 
 What the session adds per frame:
 - generation settings of that frame (`step(config=...)`: temperature, penalties, ... may
   change mid-stream; the cache does not depend on them);
-- the context policy (`casa.cache.ContextPolicy`): before the chunk, the SA cache is trimmed
+- the context policy (`casa.context_limit.ContextPolicy`): before the chunk, the SA cache is trimmed
   if the chunk and its caption could pass `max_tokens` (default: the backbone's
   `max_position_embeddings`), so hours of video run in bounded memory;
 - the repetition history: the penalties and n-gram blocking see the recent captions (the
@@ -24,15 +25,106 @@ What the session adds per frame:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from casa.assistant import CaptionLayout, InputError, frame_chunk, to_image
-from casa.cache import ContextPolicy, KVCache, key_shifter
+from casa.batch import PackedBatch, build_batch
+from casa.cache import KVCache
+from casa.context_limit import ContextPolicy, key_shifter
 from casa.generation import GenerationConfig, max_positions
+from casa.inputs import InputError, to_image
 from casa.processing.image import ORIGINAL_SIZE
-from casa.processing.template import CAPTION_PROMPT
+from casa.processing.template import CAPTION_PROMPT, ChatTemplate
+
+def frame_chunk(pre: list[int], post: list[int], pixel_values: torch.Tensor, image_grid_thw,
+                merge: int = 2) -> PackedBatch:
+    """One cached sample's chunk: `pre` continues its open window, then the frame opens a new
+    window followed by `post` -> PackedBatch (S = 1, local positions 0..len-1).
+    image_grid_thw: [I, 3] (t, h, w) of the frame's images, host list or tensor."""
+    if not post:
+        raise ValueError("a frame needs at least one text token after it (its window's first query)")
+    dev = pixel_values.device
+    grids = image_grid_thw.tolist() if isinstance(image_grid_thw, torch.Tensor) else [list(g) for g in image_grid_thw]
+    return build_batch(torch.tensor(pre + post, dtype=torch.long, device=dev), [0, len(pre) + len(post)],
+                       pixel_values=pixel_values, image_grid_thw=grids,
+                       image_text_position=[len(pre)] * len(grids), merge=merge)
+
+
+@dataclass
+class CaptionLayout:
+    """Token pieces of the live-captioning conversation, read off the template.
+
+    first_pre: before frame 0 (opens the user turn, the prompt);  pre: before frame i > 0;
+    post: between a frame and its caption (closes the user turn, opens the assistant's);
+    end: the end-of-turn token (generation stops on it);  after_end: what follows it."""
+
+    first_pre: list[int]
+    pre: list[int]
+    post: list[int]
+    end: list[int]
+    after_end: list[int]
+
+    @classmethod
+    def from_template(cls, template: ChatTemplate, prompt: str = CAPTION_PROMPT) -> "CaptionLayout":
+        def probe(content):  # a user turn with one image, then an empty assistant turn
+            enc = template.encode([{"role": "user", "content": content},
+                                   {"role": "assistant", "content": [{"type": "text", "text": ""}]}])
+            (pos,) = enc.image_positions
+            return enc.input_ids[:pos], enc.input_ids[pos:enc.prompt_len], enc.input_ids[enc.prompt_len:]
+
+        image = {"type": "image", "ref": "frame"}
+        first_pre, post0, tail = probe([{"type": "text", "text": prompt}, image] if prompt else [image])
+        pre, post, _ = probe([image])
+        if post0 != post:
+            raise ValueError(f"template {template.name!r}: the tokens after a frame differ between turns")
+        end = template.stop_token_ids
+        return cls(first_pre, pre, post, end, tail[len(end):])
+
+    def close(self, last: int, stopped: bool) -> list[int]:
+        """Tokens that end a caption whose last generated token is `last` (not yet fed)."""
+        return [last] + ([] if stopped else self.end) + self.after_end
+
+
+@dataclass
+class FrameRecord:
+    """What happened at one frame of a stream."""
+
+    index: int
+    t: float
+    """Frame timestamp (s): index / fps, or a video frame's own time from the first frame's."""
+    text: str
+    """The caption written after this frame ("" = silence)."""
+    new_tokens: int
+    """Tokens generated for this frame (the end token included)."""
+    stopped: bool
+    """The caption ended with the end token (False: it hit max_new_tokens and was closed)."""
+    wall_s: float
+    """Processing time of this frame: vision encoder, prefill of its chunk, caption decoding."""
+    delay_s: float
+    """When the caption was done, relative to the frame's timestamp (real-time when the
+    stream waits for frames, simulated from `wall_s` with `wait=False`)."""
+    kv_tokens: int
+    """Tokens in the text (SA) KV cache after this frame (image tokens too for insertion)."""
+    text_tokens: int
+    """Text tokens the model has read so far (prompt, template tokens and captions)."""
+    image_tokens: int
+    """Image tokens the model has been given so far (all frames up to this one)."""
+    window_kv_tokens: int
+    """Tokens in the fused layers' window cache (CASA/CA: the current frame's window)."""
+    kv_bytes: int
+    """Bytes held by the KV cache (all layers, keys and values)."""
+    memory_bytes: int
+    """CUDA: allocated bytes; CPU: process RSS."""
+    dropped_tokens: int = 0
+    """SA cache tokens the context policy dropped before this frame (`casa.context_limit.ContextPolicy`)."""
+    attention: dict | None = None
+    """`stream(attention=True)`: mean attention mass of the frame's CASA queries on
+    {"image", "text", "self"} (`casa.captioning.attention_masses`)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 HISTORY = 1024
 """Generated tokens the repetition controls can look back on (a bounded deque)."""
@@ -80,7 +172,7 @@ class CaptionSession:
             limit = max_positions(model)
             context = ContextPolicy(limit, len(self.layout.first_pre)) if limit else None
         elif context is True or not (context is False or isinstance(context, ContextPolicy)):
-            raise ValueError(f"context={context!r} must be a casa.cache.ContextPolicy, None (the model's limit) or False")
+            raise ValueError(f"context={context!r} must be a casa.context_limit.ContextPolicy, None (the model's limit) or False")
         self.context = context or None
         self._rotate = key_shifter(model.backbone) if context is not None else None
         if generator is None and self.config.seed is not None:

@@ -233,7 +233,7 @@ def _position_room(model, prompts: PackedBatch, cache: KVCache | None) -> list[f
             raise ValueError(f"prompt of sample {s} reaches position {last} ({cu[s + 1] - cu[s]} tokens"
                              f"{f' after {offset[s]} cached' if offset[s] else ''}), past the model's "
                              f"max_position_embeddings={limit}: shorten it (a stream trims its cache: "
-                             f"casa.cache.ContextPolicy)")
+                             f"casa.context_limit.ContextPolicy)")
         room.append(limit - 1 - last)
     return room
 

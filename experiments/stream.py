@@ -25,7 +25,7 @@ default; `--temperature` > 0 samples (with `--top-k`, `--top-p`, seeded by `--sa
 `--repetition-max-count` times); `--no-repeat-ngram-size N` never repeats an n-gram of them.
 Context: the text KV cache holds at most `--max-context` tokens (default: the model's
 max_position_embeddings): past it the prompt and the last `--keep-recent` tokens are kept,
-positions re-encoded (`casa.cache.ContextPolicy`), so a live URL runs in bounded memory.
+positions re-encoded (`casa.context_limit.ContextPolicy`), so a live URL runs in bounded memory.
 
 Video sources:
     synthetic        moving-shape clips of the synthetic benchmark's live_caption task
@@ -172,7 +172,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-max-count", type=float, default=1.0, help="a token is penalised at most this many times")
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of the captions (0 = off)")
     g.add_argument("--sampling-seed", type=int, default=0, help="seed of the sampling RNG")
-    c = p.add_argument_group("context (casa.cache.ContextPolicy)")
+    c = p.add_argument_group("context (casa.context_limit.ContextPolicy)")
     c.add_argument("--max-context", type=int, default=None,
                    help="most tokens in the text KV cache (default: the model's max_position_embeddings)")
     c.add_argument("--keep-recent", type=int, default=None,
@@ -193,7 +193,7 @@ def context_policy(a: argparse.Namespace, assistant, prompt: str):
     if a.max_context is None and a.keep_recent is None:
         return None
     from casa.assistant import CaptionLayout
-    from casa.cache import ContextPolicy
+    from casa.context_limit import ContextPolicy
     from casa.generation import max_positions
 
     limit = a.max_context or max_positions(assistant.model)

@@ -6,7 +6,8 @@ import torch
 
 from casa.assistant import Assistant, frame_chunk
 from casa.batch import build_batch
-from casa.cache import ContextPolicy, KVCache, key_shifter
+from casa.cache import KVCache
+from casa.context_limit import ContextPolicy, key_shifter
 from casa.generation import GenerationConfig, generate, text_chunk
 from casa.processing.template import ChatTemplate
 from casa.processing.tokenizer import resolve_tokenizer
