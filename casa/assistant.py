@@ -221,7 +221,8 @@ class Assistant:
     def chat(self, messages: list[dict] | str, images: Iterable[ImageLike] = (),
              config: GenerationConfig | None = None) -> str:
         """The assistant's next answer. `messages` is a conversation, or a question asked about
-        `images` (user turn: the images, then the question)."""
+        `images` (user turn: the images, then the question). `config`: generation settings,
+        e.g. `generation_config(temperature=0.7, top_k=20, seed=0)` (`casa.generation.GenerationConfig`)."""
         if isinstance(messages, str):
             imgs = list(images)
             messages = [{"role": "user", "content": [*({"type": "image", "image": x} for x in imgs),

@@ -25,7 +25,7 @@ What the session adds per frame:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -143,7 +143,6 @@ class FrameCaption:
     """SA tokens the context policy dropped before this frame."""
     attention: dict[str, float] | None = None
     """{"image", "text", "self"} mean attention mass of the frame's queries (CASA layers)."""
-    extra: dict = field(default_factory=dict)
 
 
 class CaptionSession:

@@ -129,7 +129,8 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
     passes its recent captions instead of the chunk's template tokens.
 
     Positions: a prompt reaching past the backbone's `max_position_embeddings` is a
-    `ValueError` (it used to generate silently); a sample stops when its next token would
+    `ValueError` (it used to generate silently; the prompt's text positions plus the cache's
+    offset: insertion's image tokens in a fresh prompt are not counted here); a sample stops when its next token would
     take a position past the last one (a warning says so). `check_positions=False` lifts both
     (RoPE extrapolates; benchmarks of unbounded cache growth).
 
