@@ -28,31 +28,25 @@ template lays the stream out exactly as `ChatTemplate.encode` lays out a trainin
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
 
-from casa.batch import PackedBatch, build_batch
-from casa.cache import KVCache
+from casa.batch import PackedBatch
+from casa.context_limit import ContextPolicy
+from casa.captioning import CaptionLayout, FrameRecord, frame_chunk  # noqa: F401  (their public home was here)
 from casa.checkpoint import CheckpointError
 from casa.generation import GenerationConfig, generate, truncate_samples
+from casa.inputs import ImageLike, InputError, to_image  # noqa: F401  (likewise)
 from casa.memory import rss_bytes
-from casa.processing.image import ORIGINAL_SIZE, ImageError, decode_image, patchify, to_rgb
+from casa.processing.image import ImageError, patchify
 from casa.processing.sample import Sample, build_sample_row
 from casa.processing.template import CAPTION_PROMPT, ChatTemplate
 from casa.processing.tokenizer import resolve_tokenizer
 from casa.processing.video import Frame, VideoError, read_video
 from casa.rebuild import HALF, DataSettings, build_model, read_checkpoint, resolve_precision
-
-ImageLike = Image.Image | str | Path | bytes
-
-
-class InputError(ValueError):
-    """An input image/frame/video that cannot be used (undecodable, wrong size)."""
-
 
 # ---------------------------------------------------------------------------------- loading
 def load(ckpt_path: str | Path, device: str | torch.device = "cpu", config_files: list[str | Path] = (),
@@ -119,113 +113,11 @@ def _assistant(model, tokenizer, template, settings, config: dict, step: int, pr
 
 
 # ---------------------------------------------------------------------------------- helpers
-def to_image(x: ImageLike | Any, max_pixels: int | None = None) -> Image.Image:
-    """PIL image, path, encoded bytes or an HxWx3 uint8 array -> RGB PIL image (InputError otherwise)."""
-    if isinstance(x, Image.Image):
-        return to_rgb(x)
-    try:
-        if isinstance(x, (str, Path)):
-            return decode_image(Path(x).read_bytes(), max_pixels)
-        if isinstance(x, (bytes, bytearray)):
-            return decode_image(bytes(x), max_pixels)
-        if hasattr(x, "__array__"):
-            import numpy as np
-
-            return to_rgb(Image.fromarray(np.asarray(x)))
-    except (OSError, ImageError, TypeError, ValueError) as e:
-        raise InputError(f"cannot read image {str(x)[:80] if isinstance(x, (str, Path)) else type(x).__name__}: {e}") from None
-    raise InputError(f"cannot use a {type(x).__name__} as an image (PIL image, path, bytes or HxWx3 array)")
-
-
 def memory_bytes(device: torch.device) -> int:
     """CUDA: bytes allocated by tensors; CPU: process RSS (see docs/inference.md on what it includes)."""
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
     return rss_bytes()
-
-
-def frame_chunk(pre: list[int], post: list[int], pixel_values: torch.Tensor, image_grid_thw,
-                merge: int = 2) -> PackedBatch:
-    """One cached sample's chunk: `pre` continues its open window, then the frame opens a new
-    window followed by `post` -> PackedBatch (S = 1, local positions 0..len-1).
-    image_grid_thw: [I, 3] (t, h, w) of the frame's images, host list or tensor."""
-    if not post:
-        raise ValueError("a frame needs at least one text token after it (its window's first query)")
-    dev = pixel_values.device
-    grids = image_grid_thw.tolist() if isinstance(image_grid_thw, torch.Tensor) else [list(g) for g in image_grid_thw]
-    return build_batch(torch.tensor(pre + post, dtype=torch.long, device=dev), [0, len(pre) + len(post)],
-                       pixel_values=pixel_values, image_grid_thw=grids,
-                       image_text_position=[len(pre)] * len(grids), merge=merge)
-
-
-@dataclass
-class CaptionLayout:
-    """Token pieces of the live-captioning conversation, read off the template.
-
-    first_pre: before frame 0 (opens the user turn, the prompt);  pre: before frame i > 0;
-    post: between a frame and its caption (closes the user turn, opens the assistant's);
-    end: the end-of-turn token (generation stops on it);  after_end: what follows it."""
-
-    first_pre: list[int]
-    pre: list[int]
-    post: list[int]
-    end: list[int]
-    after_end: list[int]
-
-    @classmethod
-    def from_template(cls, template: ChatTemplate, prompt: str = CAPTION_PROMPT) -> "CaptionLayout":
-        def probe(content):  # a user turn with one image, then an empty assistant turn
-            enc = template.encode([{"role": "user", "content": content},
-                                   {"role": "assistant", "content": [{"type": "text", "text": ""}]}])
-            (pos,) = enc.image_positions
-            return enc.input_ids[:pos], enc.input_ids[pos:enc.prompt_len], enc.input_ids[enc.prompt_len:]
-
-        image = {"type": "image", "ref": "frame"}
-        first_pre, post0, tail = probe([{"type": "text", "text": prompt}, image] if prompt else [image])
-        pre, post, _ = probe([image])
-        if post0 != post:
-            raise ValueError(f"template {template.name!r}: the tokens after a frame differ between turns")
-        end = template.stop_token_ids
-        return cls(first_pre, pre, post, end, tail[len(end):])
-
-    def close(self, last: int, stopped: bool) -> list[int]:
-        """Tokens that end a caption whose last generated token is `last` (not yet fed)."""
-        return [last] + ([] if stopped else self.end) + self.after_end
-
-
-@dataclass
-class FrameRecord:
-    """What happened at one frame of a stream."""
-
-    index: int
-    t: float
-    """Frame timestamp (s): index / fps, or a video frame's own time from the first frame's."""
-    text: str
-    """The caption written after this frame ("" = silence)."""
-    new_tokens: int
-    """Tokens generated for this frame (the end token included)."""
-    stopped: bool
-    """The caption ended with the end token (False: it hit max_new_tokens and was closed)."""
-    wall_s: float
-    """Processing time of this frame: vision encoder, prefill of its chunk, caption decoding."""
-    delay_s: float
-    """When the caption was done, relative to the frame's timestamp (real-time when the
-    stream waits for frames, simulated from `wall_s` with `wait=False`)."""
-    kv_tokens: int
-    """Tokens in the text (SA) KV cache after this frame (image tokens too for insertion)."""
-    text_tokens: int
-    """Text tokens the model has read so far (prompt, template tokens and captions)."""
-    image_tokens: int
-    """Image tokens the model has been given so far (all frames up to this one)."""
-    window_kv_tokens: int
-    """Tokens in the fused layers' window cache (CASA/CA: the current frame's window)."""
-    kv_bytes: int
-    """Bytes held by the KV cache (all layers, keys and values)."""
-    memory_bytes: int
-    """CUDA: allocated bytes; CPU: process RSS."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------- assistant
@@ -329,7 +221,8 @@ class Assistant:
     def chat(self, messages: list[dict] | str, images: Iterable[ImageLike] = (),
              config: GenerationConfig | None = None) -> str:
         """The assistant's next answer. `messages` is a conversation, or a question asked about
-        `images` (user turn: the images, then the question)."""
+        `images` (user turn: the images, then the question). `config`: generation settings,
+        e.g. `generation_config(temperature=0.7, top_k=20, seed=0)` (`casa.generation.GenerationConfig`)."""
         if isinstance(messages, str):
             imgs = list(images)
             messages = [{"role": "user", "content": [*({"type": "image", "image": x} for x in imgs),
@@ -374,27 +267,25 @@ class Assistant:
     # ------------------------------------------------------------------ live captioning
     @torch.no_grad()
     def stream(self, frames: Iterable[ImageLike], fps: float = 2.0, config: GenerationConfig | None = None,
-               prompt: str = CAPTION_PROMPT, wait: bool = True,
-               generator: torch.Generator | None = None) -> Iterator[FrameRecord]:
-        """Live captioning: one record per frame, yielded as soon as its caption is written.
+               prompt: str = CAPTION_PROMPT, wait: bool = True, generator: torch.Generator | None = None,
+               context: ContextPolicy | None | bool = None, attention: bool = False) -> Iterator[FrameRecord]:
+        """Live captioning: one record per frame, yielded as soon as its caption is written
+        (`casa.captioning.CaptionSession`: the per-frame work, shared with the live web view).
 
         Frame i arrives at i / fps s, or, for a `casa.processing.video.Frame` (a decoded video),
         at its own timestamp from the first frame's: the video's clock. `wait=True` sleeps until
         then (a live source); with `wait=False` frames are processed back to back and `delay_s`
         is what a real-time run would have had: a frame starts when it arrives or when the
-        previous one is done."""
+        previous one is done. `config`: generation settings (`generation_config(temperature=...,
+        repetition_penalty=..., seed=...)`); `context`: the text KV cache's policy (default:
+        at most max_position_embeddings tokens, the prompt and the recent past kept,
+        `casa.context_limit.ContextPolicy`; False: unbounded, for growth benchmarks); `attention`: record the CASA layers' attention masses."""
+        from casa.captioning import CaptionSession
+
         if fps <= 0:
             raise ValueError(f"fps={fps} must be > 0")
-        cfg = config or self.generation_config()
-        if cfg.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={cfg.max_new_tokens} must be >= 1 for captioning")
-        if self.inference_mask is not None:
-            raise ValueError(f"streaming decodes with the KV cache, which cannot apply the {self.inference_mask!r} mask")
-        layout = CaptionLayout.from_template(self.template, prompt)
-        dev, stop = self.device, set(cfg.stop_token_ids)
-        cap = min(self.settings.max_pixels, self.settings.frame_max_pixels)
-        cache, pending, size, done_at = KVCache(1), list(layout.first_pre), None, 0.0
-        text_seen = image_seen = 0
+        session = CaptionSession(self, prompt, config, context, generator, attention)
+        dev, done_at = self.device, 0.0
         t0 = time.perf_counter()
         first_t = None
         for i, frame in enumerate(frames):
@@ -406,25 +297,12 @@ class Assistant:
             if wait:
                 time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
             start = time.perf_counter()
-            img = to_image(frame, cap)
-            stored = img.info.get(ORIGINAL_SIZE, img.size)  # before any reduced-scale decode
-            if size is None:
-                size = stored
-            elif stored != size:
-                raise InputError(f"frame {i} is {stored[0]}x{stored[1]} but the stream's frames are "
-                                 f"{size[0]}x{size[1]} (a video keeps one frame size)")
-            pv, grid = self.pixels(img, cap)
-            chunk = frame_chunk(pending, layout.post, pv.to(dev), [grid], merge=self.model.vision.spatial_merge_size)
-            text_seen += chunk.num_text_tokens
-            image_seen += chunk.num_image_tokens
-            out = self._generate(chunk, cfg, generator, cache=cache)[0]
-            text_seen += len(out) - 1  # the last token is not fed yet
-            # the last token is fed with the next frame's chunk, with the turn's closing tokens
-            pending = layout.close(out[-1], out[-1] in stop) + layout.pre
+            cap = session.step(frame, i)
             end = time.perf_counter()
             wall = end - start
             delay = (end - t0) - arrival if wait else max(arrival, done_at) + wall - arrival
             done_at = arrival + delay
-            yield FrameRecord(i, round(arrival, 3), self.decode(out), len(out), out[-1] in stop, wall, delay,
-                              cache.text_kv_tokens(), text_seen, image_seen, cache.window_kv_tokens(), cache.nbytes(),
-                              memory_bytes(dev))
+            cache = session.cache
+            yield FrameRecord(i, round(arrival, 3), cap.text, len(cap.tokens), cap.stopped, wall, delay,
+                              cache.text_kv_tokens(), session.text_seen, session.image_seen, cache.window_kv_tokens(),
+                              cache.nbytes(), memory_bytes(dev), cap.dropped, cap.attention)

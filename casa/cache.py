@@ -21,6 +21,18 @@ Positions: `offset[s]` is the position the next token of sample s takes (text po
 for windowed strategies, merged-stream positions for insertion); the model adds it to the
 chunk's local positions and advances it after each forward.
 
+Context limit (`casa.context_limit.ContextPolicy`, `KVCache.trim`): a live stream adds text
+every frame, so the SA cache would grow without bound and its positions would pass
+`max_position_embeddings`. The policy keeps the stream's opening tokens (the prompt: the instruction, and the first
+keys every later query attends to, StreamingLLM's "attention sink") and the most recent
+tokens, and drops the middle. Kept keys were rotated by RoPE at their old positions; the
+tail's keys (and the open window's, image keys included) are rotated back by the number of
+dropped tokens (RoPE is a rotation per frequency: R(p - d) = R(-d) R(p)), so every kept key
+sits at the position it would have had if the dropped tokens had never been there, and the
+next token takes position `keep_first + keep_last`. Nothing is re-run: the kept keys' values
+were computed while the dropped tokens were visible (the same approximation as any
+windowed KV cache), positions stay below the limit, and memory is bounded.
+
 Under `flash`, the SA layers of a cache of several samples keep all samples in one buffer
 per layer (`_FlashRows`): a decoding step, where every sample has the same number of new
 tokens, hands that buffer to `flash_attn_with_kvcache` (`casa.attention.CachedKV`) instead of
@@ -160,6 +172,59 @@ class KVCache:
             return 0
         first = self.sa[min(self.sa)]
         return sum(int(e[0].shape[0]) for e in first if e is not None)
+
+    def lengths(self) -> list[int]:
+        """Tokens in each sample's SA cache (first SA layer)."""
+        if not self.sa:
+            return [0] * self.num_samples
+        return [0 if e is None else int(e[0].shape[0]) for e in self.sa[min(self.sa)]]
+
+    @torch.no_grad()
+    def trim(self, keep_first: int, keep_last: int, rotate) -> int:
+        """Drop each sample's SA tokens keep_first .. n - keep_last - 1 and move the kept tail,
+        the open window's keys and the next position back by the number dropped (module doc,
+        "Context limit") -> the most tokens dropped from a sample.
+
+        rotate(k [n, Hkv, D], d) -> k rotated d positions back. Needs positions equal to cache
+        rows (every strategy with 1-D RoPE, and CA/CASA's text-only SA cache under M-RoPE);
+        insertion under M-RoPE, whose image tokens take fewer positions than rows, is refused."""
+        lengths = self.lengths()
+        drop = [max(0, n - keep_first - keep_last) for n in lengths]
+        if not any(drop):
+            return 0
+        if self._flash_sa:
+            raise ValueError("KVCache.trim: the several-sample flash cache (_FlashRows) is not trimmable; "
+                             "live captioning runs one sample")
+        if self.offset.tolist() != lengths:
+            raise ValueError(f"KVCache.trim: positions {self.offset.tolist()} are not the cache lengths {lengths} "
+                             "(M-RoPE insertion: image tokens share positions), so a tail cannot be re-encoded")
+
+        def rebuilt(bufs, s, k, v):  # a fresh buffer in the old one's layout (`_append`)
+            head_major = bufs[s] is not None and bufs[s][0].stride(0) == 1 and k.shape[-1] > 1
+            bufs[s] = None
+            return self._append(bufs, s, None, k, v, head_major, extra=64)
+
+        for layer, store in self.sa.items():
+            bufs = self._sa_buf.setdefault(layer, [None] * self.num_samples)
+            for s, e in enumerate(store):
+                if e is None or not drop[s]:
+                    continue
+                k, v, n = e[0], e[1], e[0].shape[0]
+                k = torch.cat([k[:keep_first], rotate(k[n - keep_last:], drop[s])])
+                v = torch.cat([v[:keep_first], v[n - keep_last:]])
+                store[s] = rebuilt(bufs, s, k, v)
+        for layer, store in self.win.items():
+            bufs = self._win_buf.setdefault(layer, [None] * self.num_samples)
+            for s, e in enumerate(store):
+                if e is None or not drop[s]:
+                    continue
+                k = rotate(e[0], drop[s])  # [image keys | text keys] of the open window, or CA's images
+                store[s] = rebuilt(bufs, s, k, e[1]) if bufs[s] is not None else (k, e[1])
+                opened = self._win_open.get(layer, [None] * self.num_samples)[s]
+                if opened is not None:
+                    opened.seen = {w: (rotate(kv[0], drop[s]), kv[1]) for w, kv in opened.seen.items()}
+        self.offset = self.offset - torch.tensor(drop, dtype=torch.long)
+        return max(drop)
 
     def window_kv_tokens(self) -> int:
         """Tokens held by the fused layers' window caches (first fused layer)."""

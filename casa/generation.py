@@ -10,24 +10,62 @@ keeps them stepping together (every FSDP2 block forward is a collective).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from casa.batch import PackedBatch, build_batch
 from casa.cache import KVCache
+from casa.sampling import choose, logits_processors
 
 
 @dataclass
 class GenerationConfig:
+    """How `generate` picks tokens (`casa.sampling`: transformers' logits processors)."""
+
     max_new_tokens: int = 32
     stop_token_ids: tuple[int, ...] = ()
     temperature: float = 0.0
-    """0 = greedy."""
+    """0 = greedy (argmax after the penalties); > 0 samples (`TemperatureLogitsWarper`)."""
+    top_k: int = 0
+    """Sampling: keep the k most likely tokens (`TopKLogitsWarper`); 0 = off."""
     top_p: float = 1.0
+    """Sampling: keep the smallest set of tokens holding this probability (`TopPLogitsWarper`); 1 = off."""
     repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the prompt or generated (CTRL's rule)."""
+    """> 1 discourages tokens already in the history (CTRL's rule; 1 = off). With the three
+    fields below at their defaults it is transformers' `RepetitionPenaltyLogitsProcessor`
+    over the prompt and the generated tokens; otherwise
+    `casa.sampling.DecayedRepetitionPenaltyLogitsProcessor`."""
+    repetition_window: int = 0
+    """Only the last N tokens of the history count (0 = all of it)."""
+    repetition_decay: float = 1.0
+    """A token seen a tokens ago weighs decay ** a (1 = no decay)."""
+    repetition_max_count: float = 1.0
+    """Cap on a token's summed weight: 1 = penalised once however often it was seen."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of the history (`NoRepeatNGramLogitsProcessor`); 0 = off."""
+    seed: int | None = None
+    """Sampling: seeds a generator when none is passed (None: torch's global RNG)."""
     use_cache: bool = True
+
+    def __post_init__(self):
+        checks = [("max_new_tokens", self.max_new_tokens >= 0, ">= 0"),
+                  ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+                  ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)"),
+                  ("repetition_window", self.repetition_window >= 0, ">= 0 (0 = the whole history)"),
+                  ("repetition_decay", 0 < self.repetition_decay <= 1, "in (0, 1] (1 = no decay)"),
+                  ("repetition_max_count", self.repetition_max_count > 0, "> 0"),
+                  ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, ">= 0 (0 = off)")]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"GenerationConfig.{name}={getattr(self, name)!r} must be {valid}")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
 
 
 def text_chunk(tokens: list[list[int]], device: torch.device | str = "cpu", patch_dim: int = 3 * 2 * 14 * 14) -> PackedBatch:
@@ -74,37 +112,27 @@ def append_tokens(batch: PackedBatch, new: list[list[int]], merge: int = 2) -> P
                        image_grid_thw=batch.image_grid_thw, image_text_position=img_pos, merge=merge, meta=batch.meta)
 
 
-def next_token(logits: torch.Tensor, history: list[list[int]], cfg: GenerationConfig,
-               generator: torch.Generator | None = None) -> list[int]:
-    """logits [S, V] -> one token per sample (repetition penalty, temperature, top-p)."""
-    logits = logits.float().clone()
-    if cfg.repetition_penalty != 1.0:
-        for s, seen in enumerate(history):
-            if seen:
-                idx = torch.tensor(sorted(set(seen)), device=logits.device)
-                vals = logits[s, idx]
-                logits[s, idx] = torch.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
-    if cfg.temperature <= 0:
-        return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
-
-
 @torch.no_grad()
 def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
              generator: torch.Generator | None = None, cache: KVCache | None = None,
-             sync: bool = False) -> list[list[int]]:
+             sync: bool = False, history: list[list[int]] | None = None,
+             check_positions: bool = True) -> list[list[int]]:
     """Generate for every sample of `prompts` -> new token ids per sample (stop token included
     when one was produced).
 
     `cache`: continue a conversation whose past is already in this cache (live captioning:
     each frame's chunk is a prompt); the last generated token is not fed, so the caller
     sends it with the next chunk. Without it a fresh cache starts from `prompts`.
+
+    `history`: per sample, the tokens the logits processors (repetition penalty, n-grams) see
+    before the generated ones; default: the sample's prompt (transformers' rule). The stream
+    passes its recent captions instead of the chunk's template tokens.
+
+    Positions: a prompt reaching past the backbone's `max_position_embeddings` is a
+    `ValueError` (it used to generate silently; the prompt's text positions plus the cache's
+    offset: insertion's image tokens in a fresh prompt are not counted here); a sample stops when its next token would
+    take a position past the last one (a warning says so). `check_positions=False` lifts both
+    (RoPE extrapolates; benchmarks of unbounded cache growth).
 
     `sync`: step in lock-step with every rank of the default process group (validation
     under FSDP2, where every block forward is an all-gather, so all ranks must make the same
@@ -121,7 +149,14 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
     _forward_through_fsdp_root(model)
     S = prompts.num_samples
     cu = prompts.sample_cu_seqlens.tolist()
-    history = [prompts.input_ids[cu[s]:cu[s + 1]].tolist() for s in range(S)]
+    if history is None:
+        history = [prompts.input_ids[cu[s]:cu[s + 1]].tolist() for s in range(S)]
+    elif len(history) != S:
+        raise ValueError(f"history has {len(history)} rows for {S} samples")
+    room = _position_room(model, prompts, cache) if check_positions else [float("inf")] * S  # tokens each may feed
+    procs = logits_processors(cfg)
+    if generator is None and cfg.seed is not None and cfg.sampling:
+        generator = torch.Generator(device=prompts.input_ids.device).manual_seed(cfg.seed)
     out: list[list[int]] = [[] for _ in range(S)]
     stop = set(cfg.stop_token_ids)
     active = list(range(S))
@@ -149,11 +184,14 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
     for step in range(cfg.max_new_tokens):
         still = []
         if active:
-            toks = next_token(logits, [history[s] + out[s] for s in active], cfg, generator)
+            toks = choose(logits, [history[s] + out[s] for s in active], procs, cfg.sampling, generator)
             for s, t in zip(active, toks):
                 out[s].append(t)
-                if t not in stop:
+                if t not in stop and len(out[s]) <= room[s]:
                     still.append(s)
+                elif t not in stop and step < cfg.max_new_tokens - 1:
+                    warnings.warn(f"sample {s} stopped after {len(out[s])} new tokens: the next one would take a "
+                                  f"position past the model's max_position_embeddings", stacklevel=3)
         if step == cfg.max_new_tokens - 1 or not _any_rank(bool(still), sync, prompts.input_ids.device):
             break
         if not still:
@@ -170,6 +208,35 @@ def generate(model, prompts: PackedBatch, cfg: GenerationConfig | None = None,
                                                      merge=model.vision.spatial_merge_size))[still]
         active = still
     return out
+
+
+def max_positions(model) -> int | None:
+    """The backbone's `max_position_embeddings` (None: the config has none)."""
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def _position_room(model, prompts: PackedBatch, cache: KVCache | None) -> list[float]:
+    """Per sample, how many generated tokens can still be fed before a position reaches
+    `max_position_embeddings` (inf without a limit); ValueError when the prompt itself does."""
+    limit = max_positions(model)
+    S = prompts.num_samples
+    if limit is None:
+        return [float("inf")] * S
+    cu = prompts.sample_cu_seqlens.tolist()
+    pos = prompts.position_ids if prompts.position_ids.dim() == 1 else prompts.position_ids.amax(0)  # [T]
+    offset = cache.offset.tolist() if cache is not None else [0] * S
+    room = []
+    for s in range(S):
+        last = int(pos[cu[s]:cu[s + 1]].max()) + int(offset[s]) if cu[s + 1] > cu[s] else int(offset[s]) - 1
+        if last >= limit:
+            raise ValueError(f"prompt of sample {s} reaches position {last} ({cu[s + 1] - cu[s]} tokens"
+                             f"{f' after {offset[s]} cached' if offset[s] else ''}), past the model's "
+                             f"max_position_embeddings={limit}: shorten it (a stream trims its cache: "
+                             f"casa.context_limit.ContextPolicy)")
+        room.append(limit - 1 - last)
+    return room
 
 
 def _any_rank(running: bool, sync: bool, device: torch.device) -> bool:

@@ -2,7 +2,10 @@
 
     python -m experiments.stream --ckpt CKPT --video PATH|URL|-|synthetic [--fps 2] [--frames N]
                                  [--no-wait] [--json] [--srt OUT] [--out CAPTIONED.mp4]
-                                 [--max-new-tokens 32]
+                                 [--max-new-tokens 32] [--temperature T] [--top-k K] [--top-p P]
+                                 [--repetition-penalty R [--repetition-window N] [--repetition-decay D]
+                                  [--repetition-max-count C]] [--no-repeat-ngram-size N] [--sampling-seed S]
+                                 [--max-context TOKENS] [--keep-recent TOKENS]
 
 Frames arrive at `--fps`; each opens a window and the model writes what it says at that
 frame (usually nothing). Output: one line per caption, `[mm:ss.s|delay] text` (timestamp
@@ -14,6 +17,15 @@ delay_s, kv_tokens, window_kv_tokens, kv_bytes, memory_bytes). `--out captioned.
 re-encodes the whole input video (every frame, h264) with each caption drawn from the time
 it was produced (frame time + delay) until the next one (at most 3 s): what a viewer of
 the live stream would have seen.
+
+Generation (`casa.generation.GenerationConfig`, transformers' logits processors): greedy by
+default; `--temperature` > 0 samples (with `--top-k`, `--top-p`, seeded by `--sampling-seed`);
+`--repetition-penalty` > 1 discourages what the recent captions said (over the last
+`--repetition-window` tokens, each repeat weighted `--repetition-decay ** age`, counted at most
+`--repetition-max-count` times); `--no-repeat-ngram-size N` never repeats an n-gram of them.
+Context: the text KV cache holds at most `--max-context` tokens (default: the model's
+max_position_embeddings): past it the prompt and the last `--keep-recent` tokens are kept,
+positions re-encoded (`casa.context_limit.ContextPolicy`), so a live URL runs in bounded memory.
 
 Video sources:
     synthetic        moving-shape clips of the synthetic benchmark's live_caption task
@@ -140,11 +152,56 @@ def summary(records: list[dict]) -> dict:
     return {"frames": len(records), "captions": sum(bool(r["text"].strip()) for r in records),
             "mean_wall_s": sum(walls) / len(walls), "max_delay_s": max(r["delay_s"] for r in records),
             "final_delay_s": records[-1]["delay_s"], "kv_tokens_first": records[0]["kv_tokens"],
-            "kv_tokens_last": records[-1]["kv_tokens"], "memory_bytes_first": records[0]["memory_bytes"],
+            "kv_tokens_last": records[-1]["kv_tokens"], "kv_tokens_max": max(r["kv_tokens"] for r in records),
+            "cache_trims": sum(r["dropped_tokens"] > 0 for r in records), "memory_bytes_first": records[0]["memory_bytes"],
             "memory_bytes_last": records[-1]["memory_bytes"]}
 
 
 # ---------------------------------------------------------------------------------- main
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """The generation and context flags shared by `experiments.stream` and `experiments.live`."""
+    p.add_argument("--max-new-tokens", type=int, default=32, help="caption budget per frame")
+    p.add_argument("--prompt", default=None, help="the user prompt opening the stream (default: the training one)")
+    g = p.add_argument_group("generation (transformers' logits processors; greedy by default)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating recent captions")
+    g.add_argument("--repetition-window", type=int, default=0, help="only the last N caption tokens count (0 = all kept)")
+    g.add_argument("--repetition-decay", type=float, default=1.0, help="a repeat N tokens ago weighs decay**N")
+    g.add_argument("--repetition-max-count", type=float, default=1.0, help="a token is penalised at most this many times")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of the captions (0 = off)")
+    g.add_argument("--sampling-seed", type=int, default=0, help="seed of the sampling RNG")
+    c = p.add_argument_group("context (casa.context_limit.ContextPolicy)")
+    c.add_argument("--max-context", type=int, default=None,
+                   help="most tokens in the text KV cache (default: the model's max_position_embeddings)")
+    c.add_argument("--keep-recent", type=int, default=None,
+                   help="recent tokens kept when the cache is trimmed (default: half the room)")
+
+
+def generation_overrides(a: argparse.Namespace) -> dict:
+    """Parsed flags -> `Assistant.generation_config` overrides (validated there: a bad value
+    is a ValueError naming the field)."""
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
+            "repetition_penalty": a.repetition_penalty, "repetition_window": a.repetition_window,
+            "repetition_decay": a.repetition_decay, "repetition_max_count": a.repetition_max_count,
+            "no_repeat_ngram_size": a.no_repeat_ngram_size, "seed": a.sampling_seed}
+
+
+def context_policy(a: argparse.Namespace, assistant, prompt: str):
+    """--max-context / --keep-recent -> a ContextPolicy, or None (the session's default)."""
+    if a.max_context is None and a.keep_recent is None:
+        return None
+    from casa.assistant import CaptionLayout
+    from casa.context_limit import ContextPolicy
+    from casa.generation import max_positions
+
+    limit = a.max_context or max_positions(assistant.model)
+    if limit is None:
+        raise ValueError("--keep-recent needs --max-context: the model has no max_position_embeddings")
+    return ContextPolicy(limit, len(CaptionLayout.from_template(assistant.template, prompt).first_pre), a.keep_recent)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from casa.rebuild import add_checkpoint_arguments
 
@@ -159,9 +216,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-wait", action="store_true", help="do not wait for frames; report the real-time delay")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of caption lines")
     p.add_argument("--srt", default=None, help="SRT subtitles output (default: VIDEO.srt, runs/stream.srt for synthetic)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="caption budget per frame")
-    p.add_argument("--prompt", default=None, help="the user prompt opening the stream (default: the training one)")
     p.add_argument("--seed", type=int, default=0, help="synthetic clips' seed")
+    add_generation_arguments(p)
     a = p.parse_args(argv)
     if a.fps <= 0 or (a.frames is not None and a.frames < 1) or a.max_new_tokens < 1:
         p.error(f"--fps ({a.fps}) must be > 0, --frames ({a.frames}) and --max-new-tokens ({a.max_new_tokens}) >= 1")
@@ -187,6 +243,7 @@ def run(a: argparse.Namespace) -> int:
 def _run(a: argparse.Namespace, assistant) -> int:
     import itertools
 
+    from casa.assistant import InputError
     from data.video import CAPTION_PROMPT
 
     refs: list[str] | None = None
@@ -200,9 +257,13 @@ def _run(a: argparse.Namespace, assistant) -> int:
     if a.frames:
         frames = itertools.islice(frames, a.frames)
     records = []
-    cfg = assistant.generation_config(max_new_tokens=a.max_new_tokens)
-    prompt = CAPTION_PROMPT if a.prompt is None else a.prompt
-    for rec in assistant.stream(frames, a.fps, cfg, prompt=prompt, wait=not a.no_wait):
+    try:
+        cfg = assistant.generation_config(**generation_overrides(a))
+        prompt = CAPTION_PROMPT if a.prompt is None else a.prompt
+        context = context_policy(a, assistant, prompt)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    for rec in assistant.stream(frames, a.fps, cfg, prompt=prompt, wait=not a.no_wait, context=context):
         r = rec.to_dict()
         if refs is not None:
             r["reference"] = refs[rec.index]
@@ -223,7 +284,8 @@ def _run(a: argparse.Namespace, assistant) -> int:
     elif records:
         print(f"{s['frames']} frames, {s['captions']} captions, {1000 * s['mean_wall_s']:.1f} ms/frame, "
               f"final delay {s['final_delay_s']:.2f} s, text KV cache {s['kv_tokens_first']} -> {s['kv_tokens_last']} "
-              f"tokens, memory {s['memory_bytes_first'] / 2**20:.0f} -> {s['memory_bytes_last'] / 2**20:.0f} MiB; "
+              f"tokens (max {s['kv_tokens_max']}, trimmed {s['cache_trims']}x), "
+              f"memory {s['memory_bytes_first'] / 2**20:.0f} -> {s['memory_bytes_last'] / 2**20:.0f} MiB; "
               f"subtitles: {srt}")
         if a.out:
             print(f"captioned video: {a.out} ({s['out']['frames']} frames, {s['out']['duration_s']:.2f} s)")

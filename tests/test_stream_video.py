@@ -134,3 +134,21 @@ def test_unreadable_videos_are_one_line_errors(run, tmp_path, capsys, monkeypatc
         assert main(["--ckpt", str(run["casa"]), "--video", str(tmp_path / name), "--no-wait"]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and err.count("error:") == 1, err
+
+
+def test_generation_flags_reach_the_stream(run, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """--repetition-penalty changes what the two-step model repeats at every frame; a seeded
+    sampled stream is reproducible; a bad value is one line naming the field, exit 2."""
+    from experiments.stream import main
+
+    clip = encode_clip(tmp_path / "c.mp4", [i / 25 for i in range(50)])  # 2 s: 4 frames
+    ckpt = ["--ckpt", str(run["casa"]), "--video", str(clip), "--srt", str(tmp_path / "c.srt")]
+    said = lambda out: [r["text"] for r in out["frames"]]  # noqa: E731
+    greedy = said(stream(ckpt, capsys))
+    assert len(greedy) == 4 and said(stream([*ckpt, "--repetition-penalty", "3"], capsys)) != greedy
+    sampled = [said(stream([*ckpt, "--temperature", "1.5", "--sampling-seed", "5"], capsys)) for _ in range(2)]
+    assert sampled[0] == sampled[1] != greedy
+    monkeypatch.delenv("CASA_TRACEBACK", raising=False)
+    assert main([*ckpt, "--top-p", "0", "--no-wait"]) == 2
+    err = capsys.readouterr().err
+    assert "GenerationConfig.top_p=0.0 must be in (0, 1]" in err and "Traceback" not in err
