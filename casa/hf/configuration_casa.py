@@ -1,13 +1,28 @@
 """CasaConfig: the Hugging Face config of an exported casa model (see `casa.hf`).
 
-This file is copied into every export directory as its remote code; it imports only
-transformers."""
+This file is copied into every export directory as its remote code. It checks at construction
+that the spec's classes are ones this code builds (`parts.resolve`); that import also makes the
+config's remote-code module differ between exports of different strategies: transformers keys
+its auto-class registrations on the config class, so two such exports loaded in one process
+would otherwise share the first one's model class."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from transformers import PretrainedConfig
+
+from .parts import resolve
+
+
+def class_paths(spec: Any) -> list[str]:
+    """Every class_path of a nested spec."""
+    if isinstance(spec, dict):
+        own = [spec["class_path"]] if "class_path" in spec else []
+        return own + [p for v in spec.values() for p in class_paths(v)]
+    if isinstance(spec, list):
+        return [p for v in spec for p in class_paths(v)]
+    return []
 
 
 class CasaConfig(PretrainedConfig):
@@ -35,6 +50,8 @@ class CasaConfig(PretrainedConfig):
         kwargs.pop("fusion", None)  # derived below: a stale value from a file is not kept
         kwargs.setdefault("tie_word_embeddings", False)  # casa ties (or not) inside its backbone
         self.model_spec = dict(model_spec or {})
+        for path in class_paths(self.model_spec):
+            resolve(path)  # ValueError naming it, and the classes this code has
         self.fusion = (self.model_spec.get("init_args") or {}).get("fusion")
         self.template = template
         self.inference = dict(inference or {})

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from casa.hf.configuration_casa import CasaConfig
+from casa.hf.configuration_casa import CasaConfig, class_paths
 from casa.hf.modeling_casa import CasaForConditionalGeneration
 
 EXPORTED_MODEL_TYPE = CasaConfig.model_type
@@ -58,16 +58,6 @@ REMOTE_ENTRIES = ["casa.hf.configuration_casa", "casa.hf.modeling_casa", "casa.h
 MODEL_CLASS = "modeling_casa.CasaForConditionalGeneration"
 AUTO_MAP = {"AutoConfig": "configuration_casa.CasaConfig", "AutoModel": MODEL_CLASS,
             "AutoModelForImageTextToText": MODEL_CLASS, "AutoModelForCausalLM": MODEL_CLASS}
-
-
-def class_paths(spec: Any) -> list[str]:
-    """Every class_path of a nested spec (the classes the export's parts.py imports)."""
-    if isinstance(spec, dict):
-        own = [spec["class_path"]] if "class_path" in spec else []
-        return own + [p for v in spec.values() for p in class_paths(v)]
-    if isinstance(spec, list):
-        return [p for v in spec for p in class_paths(v)]
-    return []
 
 
 def _placeholder_ids(tokenizer) -> tuple[int, int]:

@@ -265,6 +265,11 @@ class CasaForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                                                         **model_kwargs)
         return input_ids, {**model_kwargs, **kept}
 
+    def prepare_inputs_for_generation(self, input_ids, tokenizer=None, **kwargs):
+        """transformers' own, without `tokenizer`: generate (5.23) passes the one given for
+        stop_strings on to the decoding loop's model inputs, and forward has no use for it."""
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         """The cache is casa's (`CasaCache`, made by the first forward), not a DynamicCache."""
