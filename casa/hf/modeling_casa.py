@@ -204,13 +204,14 @@ class CasaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         B, L = input_ids.shape
         if past_key_values is not None and past_key_values.tokens:
+            rows = input_ids.tolist()  # one read per step, as casa's own loop
             if any(x is not None for x in (pixel_values, pixel_values_videos)) or \
-                    bool(torch.isin(input_ids, torch.tensor(self._placeholders(), device=input_ids.device)).any()):
+                    set(self._placeholders()).intersection(t for row in rows for t in row):
                 raise ValueError("images and videos are read with the prompt only: a call that continues a cache "
                                  "takes new text tokens (no placeholder, no pixel_values)")
             if past_key_values.kv.num_samples != B:
                 raise ValueError(f"past_key_values holds {past_key_values.kv.num_samples} rows but input_ids has {B}")
-            batch = text_chunk(input_ids.tolist(), device=self.device, patch_dim=self.model.vision._patch_dim)
+            batch = text_chunk(rows, device=self.device, patch_dim=self.model.vision._patch_dim)
             cache = past_key_values
             hidden = self.model.hidden_states(batch, cache=cache.kv, images_on_any_rank=False)  # [B*L, d]
             cache.tokens += L
@@ -265,10 +266,23 @@ class CasaForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                                                         **model_kwargs)
         return input_ids, {**model_kwargs, **kept}
 
-    def prepare_inputs_for_generation(self, input_ids, tokenizer=None, **kwargs):
-        """transformers' own, without `tokenizer`: generate (5.23) passes the one given for
-        stop_strings on to the decoding loop's model inputs, and forward has no use for it."""
-        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length: int | None = None,
+                                      past_key_values: CasaCache | None = None, attention_mask=None,
+                                      is_first_iteration: bool | None = False, **kwargs) -> dict:
+        """The model inputs of one generation step. With a filled cache: the last
+        `next_sequence_length` tokens and the cache only (the images are in it, padding is not);
+        else the prompt with its images. transformers' own version also clones the ids, builds
+        position ids and 4-D masks the model does not read, a per-token cost on a model this
+        small; it also passes on generate's `tokenizer` (stop_strings), which this one drops."""
+        if past_key_values is not None and past_key_values.tokens:
+            n = 1 if next_sequence_length is None else next_sequence_length
+            inputs = {"input_ids": input_ids[:, -n:], "past_key_values": past_key_values}
+        else:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values}
+            inputs.update({k: kwargs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                  "video_grid_thw") if k in kwargs})
+        inputs.update({k: kwargs[k] for k in ("use_cache", "logits_to_keep") if k in kwargs})
+        return inputs
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
