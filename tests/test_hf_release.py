@@ -301,7 +301,7 @@ def test_generate_runs_one_token_per_step_and_takes_transformers_options(release
     from transformers import AutoModelForImageTextToText, TextIteratorStreamer
 
     from casa.assistant import load
-    from casa.generation import GenerationConfig
+    from casa.generation import GenerationConfig, append_tokens
 
     model = AutoModelForImageTextToText.from_pretrained(str(release["dir"]), trust_remote_code=True).eval()
     processor = _processor(release)
@@ -347,6 +347,13 @@ def test_generate_runs_one_token_per_step_and_takes_transformers_options(release
         sampled = model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
                                  eos_token_id=None, num_return_sequences=2)
     assert sampled.shape == (2, L + 6) and (sampled[:, :L] == inputs["input_ids"]).all()
+    # a generated token with a placeholder's id is text (casa's loop feeds it as text too)
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        first = model(**inputs, use_cache=True)
+        step = model(input_ids=torch.tensor([[image_id]]), past_key_values=first.past_key_values).logits[0, -1]
+    expected = a.model.last_logits(append_tokens(prompt, [[image_id]], merge=2))[0]
+    torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="beam_search.*KV cache"):
         model.generate(**inputs, max_new_tokens=2, num_beams=2)
 

@@ -204,11 +204,12 @@ class CasaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         B, L = input_ids.shape
         if past_key_values is not None and past_key_values.tokens:
-            rows = input_ids.tolist()  # one read per step, as casa's own loop
-            if any(x is not None for x in (pixel_values, pixel_values_videos)) or \
-                    set(self._placeholders()).intersection(t for row in rows for t in row):
+            # new tokens are text, whatever their ids: a sampled token may be a placeholder's id
+            # (it is in the language model's vocabulary), and casa's own loop feeds it as text too
+            if any(x is not None for x in (pixel_values, pixel_values_videos)):
                 raise ValueError("images and videos are read with the prompt only: a call that continues a cache "
-                                 "takes new text tokens (no placeholder, no pixel_values)")
+                                 "takes new text tokens (no pixel_values)")
+            rows = input_ids.tolist()  # one read per step, as casa's own loop
             if past_key_values.kv.num_samples != B:
                 raise ValueError(f"past_key_values holds {past_key_values.kv.num_samples} rows but input_ids has {B}")
             batch = text_chunk(rows, device=self.device, patch_dim=self.model.vision._patch_dim)
