@@ -229,6 +229,16 @@ def test_processor_gives_casas_tokens_and_pixels(release, tmp_path):
                         inputs["pixel_values"][n[0] + n[1]:]])
     torch.testing.assert_close(pixels, batch.pixel_values, rtol=0, atol=0)
 
+    # the model puts the frames where their placeholders are: greedy tokens are casa's on `batch`
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from casa.generation import GenerationConfig, generate
+
+    with torch.no_grad():
+        out = _wrap(a.model, release).generate(**inputs, generation_config=HFGenerationConfig(
+            max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0))
+    assert out[0, ids.shape[0]:].tolist() == generate(a.model, batch, GenerationConfig(max_new_tokens=4))[0]
+
     text_only = processor.apply_chat_template(_messages(1), add_generation_prompt=True)
     assert text_only.count("<|image_pad|>") == 1
     direct = processor(text=[text_only], images=[_image(3)], return_tensors="pt")
