@@ -75,6 +75,8 @@ def model_card(run_config: dict, model_spec: dict, global_step: int, ckpt: str |
     if metrics:
         lines += [f"From `{source.name}` of the run (last validation):", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
+    elif source is not None:
+        lines += [f"The run's `{source.name}` holds no validation metric (the run did not validate)."]
     else:
         lines += ["No validation metrics were found next to the checkpoint (`metrics.json` of its run directory)."]
     lines += ["", "## Usage", "", USAGE.format(path=path), "",
