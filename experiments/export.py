@@ -5,12 +5,14 @@
 CKPT: what `experiments.fit` wrote under any trainer (a .ckpt file, or FSDP2's checkpoint
 directory). DIR gets a `save_pretrained` directory (layout in `casa.hf`): config.json,
 model.safetensors, the tokenizer with its chat template as Jinja, the image processor with the
-run's pixel limits, and remote code, so that
+run's pixel limits, the processor, generation config, model card and remote code (casa's own
+modules, copied), so that
 
-    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   (casa importable)
+    AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)   (no casa needed)
+    AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
     casa.assistant.load(DIR)
 
-both load it. Prints the files written.
+all load it. Prints the files written.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def export(ckpt: str | Path, out: str | Path, config_files: list[str | Path] = (
     from casa.hf.export import write_export
 
     a = load(ckpt, config_files=config_files, precision="32")  # the weights as stored
-    return write_export(out, a.model, a.tokenizer, a.template, a.settings, a.config)
+    return write_export(out, a.model, a.tokenizer, a.template, a.settings, a.config, global_step=a.global_step, ckpt=ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:

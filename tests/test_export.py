@@ -91,7 +91,7 @@ def _export(ckpt: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_export_reloads_with_the_checkpoints_logits_and_generations(run, fusion, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     from casa.assistant import load
 
@@ -103,7 +103,7 @@ def test_export_reloads_with_the_checkpoints_logits_and_generations(run, fusion,
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "casa" and cfg["fusion"]["class_path"] == FUSIONS[fusion]["class_path"]
     assert FUSIONS[fusion].get("init_args", {}).items() <= (cfg["fusion"].get("init_args") or {}).items()
-    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_casa.CasaForCausalLM"
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_casa.CasaForConditionalGeneration"
     backbone = cfg["model_spec"]["init_args"]["backbone"]["init_args"]
     assert backbone["config"]["hidden_size"] == 64 and backbone["path"] is None
 
@@ -116,13 +116,16 @@ def test_export_reloads_with_the_checkpoints_logits_and_generations(run, fusion,
 
     remote = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     assert type(remote).__module__.startswith("transformers_modules")  # DIR's own remote code ran
+    processor = AutoProcessor.from_pretrained(str(out), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What colour is the shape?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    text = inputs["input_ids"][0] != cfg["image_token_id"]
     with torch.no_grad():
-        torch.testing.assert_close(remote(batch).logits, expected_logits, rtol=0, atol=0)
-        # the one-sample tensor form gives the same logits
-        single = remote(input_ids=batch.input_ids, pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                        image_positions=batch.image_text_position).logits
-    torch.testing.assert_close(single, expected_logits, rtol=0, atol=0)
-    assert remote.generate(batch, gen) == expected
+        torch.testing.assert_close(remote(**inputs).logits[0, text], expected_logits, rtol=0, atol=0)
+        new = remote.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert new[:len(expected[0])] == expected[0]  # then padding, once the end-of-turn token was generated
+    assert all(t == remote.generation_config.pad_token_id for t in new[len(expected[0]):])
 
     exported = load(out)
     assert exported.chat("What colour is the shape?", images=[img], config=gen) == \

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from casa.hf.configuration_casa import CasaConfig
-from casa.hf.modeling_casa import CasaForCausalLM
+from casa.hf.configuration_casa import CasaConfig, class_paths
+from casa.hf.modeling_casa import CasaForConditionalGeneration
 
 EXPORTED_MODEL_TYPE = CasaConfig.model_type
 
@@ -53,27 +53,70 @@ def self_contained_spec(spec: dict[str, Any], model) -> dict[str, Any]:
     return spec
 
 
-def write_export(out: str | Path, model, tokenizer, template, settings, run_config: dict) -> Path:
+REMOTE_ENTRIES = ["casa.hf.configuration_casa", "casa.hf.modeling_casa", "casa.hf.processing_casa"]
+"""The remote code's entry modules (auto_map's); `casa.hf.source` follows their imports."""
+MODEL_CLASS = "modeling_casa.CasaForConditionalGeneration"
+AUTO_MAP = {"AutoConfig": "configuration_casa.CasaConfig", "AutoModel": MODEL_CLASS,
+            "AutoModelForImageTextToText": MODEL_CLASS, "AutoModelForCausalLM": MODEL_CLASS}
+
+
+def _placeholder_ids(tokenizer) -> tuple[int, int]:
+    """The image and video placeholders' ids, added to the tokenizer as special tokens when it
+    lacks them (the model takes placeholders out before embedding, so an id past the language
+    model's vocabulary is never looked up)."""
+    from casa.hf.processing_casa import IMAGE_PAD, VIDEO_PAD
+
+    missing = [t for t in (IMAGE_PAD, VIDEO_PAD) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(IMAGE_PAD), tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+
+
+def write_export(out: str | Path, model, tokenizer, template, settings, run_config: dict, global_step: int = 0,
+                 ckpt: str | Path | None = None) -> Path:
     """A loaded run (model, tokenizer, `ChatTemplate`, `DataSettings` and its run config, as
-    `casa.assistant.load` rebuilds them) -> the `save_pretrained` directory `out`."""
+    `casa.assistant.load` rebuilds them; ckpt: where it came from, for the card's metrics) ->
+    the `save_pretrained` directory `out` (layout: `casa.hf`).
+
+    TODO(atomic): written in place; once casa/atomic.py lands, build it aside and rename."""
+    from transformers import GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from casa.hf.card import model_card
+    from casa.hf.processing_casa import CasaProcessor
+    from casa.hf.source import write_remote_code
+    from casa.processing.template import ChatTemplate
     from casa.rebuild import run_precision
 
     out = Path(out)
-    config = CasaConfig(model_spec=self_contained_spec(run_config["model"]["model"], model), template=template.name,
-                        inference=asdict(settings), run_precision=run_precision(run_config))
-    hf = CasaForCausalLM(config, model=model)
-    # remote code: save_pretrained copies configuration_casa.py / modeling_casa.py and writes auto_map
-    CasaConfig.register_for_auto_class()
-    CasaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    image_id, video_id = _placeholder_ids(tokenizer)
+    template = ChatTemplate(template.name, tokenizer)  # the vocabulary may have grown by the placeholders
+    spec = self_contained_spec(run_config["model"]["model"], model)
+    precision = run_precision(run_config)
+    config = CasaConfig(model_spec=spec, template=template.name, inference=asdict(settings), run_precision=precision,
+                        image_token_id=image_id, video_token_id=video_id,
+                        vocab_size=int(model.backbone.config.vocab_size), dtype="float32")
+    config.auto_map = dict(AUTO_MAP)
+    stop = list(template.stop_token_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    config.eos_token_id, config.pad_token_id = stop[0], pad
+    hf = CasaForConditionalGeneration(config, model=model)
+    # generation ends at the template's end-of-turn token, greedy unless asked otherwise
+    hf.generation_config = GenerationConfig(eos_token_id=stop if len(stop) > 1 else stop[0], pad_token_id=pad,
+                                            bos_token_id=None, do_sample=False, max_new_tokens=256)
     hf.save_pretrained(out)
-    tokenizer.chat_template = template.jinja()
-    tokenizer.save_pretrained(out)
-    vision = model.vision.tower.config
-    Qwen2VLImageProcessorPil(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
-                             patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                             merge_size=vision.spatial_merge_size).save_pretrained(out)
+    tokenizer.padding_side = "left"  # batched prompts end where generation starts
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
+                                               patch_size=model.vision.tower.config.patch_size,
+                                               temporal_patch_size=model.vision.tower.config.temporal_patch_size,
+                                               merge_size=model.vision.tower.config.spatial_merge_size)
+    video = {k: getattr(settings, k) for k in ("fps", "min_duration", "min_frames", "max_duration", "frame_max_pixels")}
+    processor = CasaProcessor(image_processor, tokenizer, chat_template=template.jinja(), video_settings=video)
+    processor.auto_map = {"AutoProcessor": "processing_casa.CasaProcessor"}
+    processor.save_pretrained(out)
+    image_processor.save_pretrained(out)  # preprocessor_config.json too: AutoImageProcessor reads it
+    write_remote_code(out, REMOTE_ENTRIES, class_paths(spec))
+    (out / "README.md").write_text(model_card(run_config, spec, global_step, ckpt, precision, path=str(out)))
     return out
 
 
@@ -84,7 +127,7 @@ def read_export(path: str | Path, device: str | torch.device = "cpu"):
 
     from transformers import AutoTokenizer
 
-    hf = CasaForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    hf = CasaForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     processor = Qwen2VLImageProcessorPil.from_pretrained(str(path), local_files_only=True)
     pixels = (int(processor.size["shortest_edge"]), int(processor.size["longest_edge"]))
     # with its config given, AutoTokenizer does not load config.json through AutoConfig (whose
