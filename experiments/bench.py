@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per suite on stdout")
     p.add_argument("--out-dir", default="docs/img", help="where the PNGs go")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:i]")
-    p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32")
+    p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32; plan --frames: inference precision")
     p.add_argument("--backbone", default=None, help="layer, stream: helium (default), helium_preview or qwen2_5_vl widths")
     p.add_argument("--pattern", default=None, help="data: shard pattern to read (default: a temporary synthetic set)")
     p.add_argument("--video-pattern", default=None, help="data: video shards to read at the video demo's settings "

@@ -312,3 +312,12 @@ def test_stream_memory_is_the_real_cache_after_f_frames(name):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert out["at_frames_MiB"][str(frames)] == round((weights + cache.nbytes()) / 2 ** 20, 1)
     assert out["per_frame_MiB"] > 0
+
+
+def test_out_of_memory_frame_is_the_first_frame_over_budget():
+    """Weights 10 + a cache of 5 bytes per frame: over 40 bytes first after frame 7 (10 + 35);
+    a budget the traced frames already exceed; a cache that does not grow never runs out."""
+    assert plan.out_of_memory_frame(10, [5, 10, 15], 5, 40) == 7
+    assert plan.out_of_memory_frame(10, [5, 10, 15], 5, 45) == 8  # 10 + 35 == 45 still fits
+    assert plan.out_of_memory_frame(10, [5, 10, 15], 5, 22) == 3
+    assert plan.out_of_memory_frame(10, [5, 5, 5], 0, 40) is None

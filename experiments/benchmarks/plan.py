@@ -4,7 +4,7 @@
                                      [--gpus 8] [--gpu-memory 80GB] [--json]
                                      [--max-text-tokens T] [--max-image-tokens N] [--max-pixels P]
                                      [--search 3] [--frames F] [--steps S] [--mfu 0.4] [--gpu-tflops 989]
-                                     [--tokens-per-turn K] [--image-size PX]
+                                     [--tokens-per-turn K] [--image-size PX] [--dtype bfloat16]
 
 The model is built from the configs (`casa.rebuild.build_model`, as training builds it) with
 every tensor a FakeTensor: shapes and dtypes, no storage, so a 2B model costs no memory.
@@ -26,8 +26,8 @@ state, activations, temporaries, FSDP's all-gather / reduce-scatter buffers) and
 group (vision tower, fused blocks, SA blocks, head). See `tracing` for how the real model code
 runs on fake tensors. When the peak exceeds `--gpu-memory`, `largest_fitting_caps` traces
 smaller caps; `--frames` adds cached-generation memory per frame (`stream_memory`: a frame of
-`--image-size` px and `--tokens-per-turn` decoded tokens, and the frame at which weights +
-cache exceed `--gpu-memory`); the
+`--image-size` px and `--tokens-per-turn` decoded tokens, weights and cache in `--dtype`, and
+the frame at which weights + cache exceed `--gpu-memory`); the
 throughput estimate is `casa.flops`' count of the same batch at `--mfu`.
 """
 
@@ -275,8 +275,12 @@ def largest_fitting_caps(configs: list, shapes, gpus: int | None, budget: int, f
     return None if best is None else {**best, "probes": tried}
 
 
+STREAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""`--dtype` of the stream estimate: the inference precision (kyutai's benchmark runs bf16)."""
+
+
 def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: int = 2, image_size: int | None = None,
-                  budget: int | None = None) -> dict[str, Any]:
+                  budget: int | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Cached generation over a stream of frames (the paper's Fig. 5): the model (parameters
     in the run's precision) and its KV cache after each frame, on fake tensors. Frame i is
     one chunk (1 text token, its image in a new window, 1 text token) and `tokens` decoded
@@ -284,7 +288,9 @@ def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: i
     (`casa.cache.KVCache.nbytes`). `traced` frames run; the cache grows by the same bytes every
     frame after the first (each frame appends the same tokens), so frame `frames` is the last
     traced one plus that growth. image_size: the frame's side in px (default: the data
-    config's frame cap, as `Assistant.stream` caps a frame).
+    config's frame cap, as `Assistant.stream` caps a frame); dtype: of the weights and the
+    cache ("bfloat16", "float16", "float32"; default: the run's precision, as `casa.assistant.load`
+    restores it).
 
     budget (bytes, a GPU's memory): also the first frame (a turn of kyutai's benchmark: one
     frame + `tokens` tokens) after which weights + cache exceed it: where a session runs out
@@ -300,12 +306,17 @@ def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: i
 
     if frames < 1 or traced < 2:
         raise ValueError(f"plan: --frames={frames} must be >= 1 (and traced={traced} >= 2)")
+    if dtype is not None and dtype not in STREAM_DTYPES:
+        raise ValueError(f"plan: --dtype={dtype!r} is not one of {list(STREAM_DTYPES)}")
     config = load_configs(configs)
     over = shapes_override(config, shapes)
     mode = tracing.new_fake_mode()
     model = tracing.build_fake_model([*configs, over] if over else list(configs), mode)
     precision = run_precision(config)
-    dtype = HALF.get(precision.split("-")[0]) if precision.endswith("-true") else None
+    if dtype is not None:
+        precision, dtype = dtype, STREAM_DTYPES[dtype]
+    else:
+        dtype = HALF.get(precision.split("-")[0]) if precision.endswith("-true") else None
     with mode:
         if dtype is not None:  # `.data`, not `model.to`: swapping fake parameters fails (weakrefs)
             for p in model.parameters():
@@ -364,7 +375,7 @@ def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str 
         gpu_memory: str = "80GB", mfu: float = 0.4, gpu_tflops: float = H100_BF16_TFLOPS,
         max_text_tokens: int | None = None, max_image_tokens: int | None = None, max_pixels: int | None = None,
         frames: int | None = None, search: int = 3, steps: int | None = None, tokens_per_turn: int | None = None,
-        image_size: int | None = None) -> dict[str, Any]:
+        image_size: int | None = None, dtype: str | None = None) -> dict[str, Any]:
     if not config:  # `bench all` plans the demo (tiny with --quick): the configs that build anywhere
         config = ["experiments/configs/demo.yaml"] + (["tests/configs/tiny.yaml"] if quick else [])
     if gpus is not None and gpus < 1:
@@ -395,5 +406,6 @@ def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str 
         out["largest_fitting_caps"] = largest_fitting_caps(configs, shapes, gpus, budget, p, probes=search)
     if frames:
         # a frame is a turn of kyutai's streaming benchmark: the frame, then tokens_per_turn tokens
-        out["stream"] = isolated(stream_memory, configs, shapes, frames, 3, tokens_per_turn or 2, image_size, budget)
+        out["stream"] = isolated(stream_memory, configs, shapes, frames, 3, tokens_per_turn or 2, image_size, budget,
+                                 dtype)
     return out
