@@ -43,13 +43,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("insertion", "qformer_64", "cross_attention", "casa_plus", "casa_shared", "casa_replace")
+STRATEGIES = ("insertion", "qformer", "cross_attention", "casa_plus", "casa_shared", "casa_replace")
 """kyutai's comparison: insertion (Helium1-VL-2B), a compressing Q-Former, CA, CASA⊕ (CASA-
 Helium1-VL-2B), CASA-Shared⊕ (-Shared) and CASA∨."""
-VARIANTS = {"qformer_64": ("qformer", {"num_queries": 64})}
-"""Runs beyond the matrix: the matrix's Q-Former (4 queries) is sized for the demo's 16-token
-images; a frame here has up to 1024, which the paper compresses to 32-128 queries."""
-LABELS = {"insertion": "insertion", "qformer_64": "Q-Former (64) + insertion", "cross_attention": "CA",
+QFORMER_RATIO = 16
+"""The Q-Former compresses a frame 16x (`qformer_queries`): the paper's Q = 64 queries for a
+1024-token (896 px) image. The matrix's Q-Former (4 queries) is sized for the demo's images."""
+LABELS = {"insertion": "insertion", "qformer": "Q-Former (N/16 queries) + insertion", "cross_attention": "CA",
           "casa_plus": "CASA⊕", "casa_shared": "CASA-Shared⊕", "casa_replace": "CASA∨"}
 KYUTAI = [  # README of github.com/kyutai-labs/casa, 256-turn session, one H100 80GB, bf16, 896 px
     {"model": "Helium1-VL-2B (insertion)", "ttft_ms": (80, 459), "tok_s": (89.5, 20.1), "kv": 266_773, "peak_GiB": 34.2},
@@ -69,7 +69,13 @@ QUICK = {"turns": 10, "tokens_per_turn": 3, "image_size": 112, "widths": dict(
 
 
 # ---------------------------------------------------------------------------------- the model
-def build_assistant(strategy: str, backbone: str, layers: int | None, device: str, quick: bool = False):
+def qformer_queries(image_size: int) -> int:
+    """Q-Former queries for frames of `image_size` px: N / 16 of the frame's N tokens, 1 to 64."""
+    return max(1, min(64, (image_size // 28) ** 2 // QFORMER_RATIO))
+
+
+def build_assistant(strategy: str, backbone: str, layers: int | None, device: str, quick: bool = False,
+                    image_size: int = 896):
     """The `Assistant` of `strategy` at `backbone`'s widths, random weights (seed 0)."""
     import torch
     import yaml
@@ -102,8 +108,8 @@ def build_assistant(strategy: str, backbone: str, layers: int | None, device: st
     vision = ({**shapes["vision"], "out_hidden_size": lm["hidden_size"]} if cuda and not quick
               else tiny_vision_config(lm["hidden_size"]))
     init["vision"]["init_args"]["config"] = vision
-    name, init_args = VARIANTS.get(strategy, (strategy, {}))
-    init["fusion"] = strategies.fusion_spec(name, **init_args)
+    init_args = {"num_queries": qformer_queries(image_size)} if strategy == "qformer" else {}
+    init["fusion"] = strategies.fusion_spec(strategy, **init_args)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build_model(config).eval().to(device=device, dtype=dtype)
@@ -203,7 +209,7 @@ def measure(strategy: str | None, turns: int, tokens_per_turn: int, image_size: 
     reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    assistant = load_checkpoint(ckpt, str(dev)) if ckpt else build_assistant(strategy, backbone, layers, str(dev), quick)
+    assistant = load_checkpoint(ckpt, str(dev)) if ckpt else build_assistant(strategy, backbone, layers, str(dev), quick, image_size)
     model = assistant.model
     session(assistant, WARMUP_TURNS, tokens_per_turn, image_size, seed=1)
     series = session(assistant, turns, tokens_per_turn, image_size)
@@ -277,7 +283,7 @@ def run(quick: bool = False, turns: int | None = None, tokens_per_turn: int | No
     one = next(iter(results.values()))
     out: dict[str, Any] = {
         "form": "kyutai", "turns": turns, "tokens_per_turn": tokens_per_turn, "image_size": image_size,
-        "image_tokens_per_frame": (image_size // 28) ** 2, "backbone": None if ckpt else kw["backbone"], "ckpt": ckpt,
+        "image_tokens_per_frame": (image_size // 28) ** 2, "qformer_queries": qformer_queries(image_size), "backbone": None if ckpt else kw["backbone"], "ckpt": ckpt,
         "layers": one["layers"], "hidden_size": one["hidden_size"], "isolated_processes": isolate,
         "time_basis": one["time_basis"], "machine": {**m.machine_info(torch.device(device)),
                                                      "torch_threads": one["torch_threads"]},
