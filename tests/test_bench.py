@@ -282,3 +282,26 @@ def test_stream_kyutai_options_are_checked():
         turns.measure("casa_plus", turns=10, tokens_per_turn=1, image_size=56, quick=True)
     with pytest.raises(ValueError, match="--frames is the figures' suite"):
         bench.load_suite("stream").run(quick=True, frames=40, turns=10)
+
+
+def test_stream_in_kyutais_form_runs_a_checkpoint(tmp_path):
+    """`--ckpt`: the checkpoint's own model (here a CASA-Shared one) is the one row."""
+    import lightning
+    import yaml
+
+    from casa.rebuild import build_model
+    from experiments.benchmarks import plan, turns
+
+    config = plan.load_configs(["experiments/configs/demo.yaml", "tests/configs/tiny.yaml",
+                                str(strategies.strategy("casa_shared").path)])
+    torch.manual_seed(0)
+    model = build_model(config)
+    ckpt = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "casa_config": yaml.safe_dump(config), "global_step": 2,
+                "pytorch-lightning_version": lightning.__version__}, ckpt)
+    r = turns.run(quick=True, ckpt=str(ckpt))
+    (row,) = r["rows"]
+    assert row["strategy"] == "CASAShared" and r["ckpt"] == str(ckpt) and r["backbone"] is None
+    assert row["params_M"] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    assert row["window_kv_tokens"] > r["image_tokens_per_frame"]
