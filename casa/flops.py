@@ -295,7 +295,7 @@ def _window_attention(c: FlopCount, m: ModelDims, layout: BatchLayout, h: bool, 
     q = c.matmul(T, m.d, HD, h, trains)
     kt = c.matmul(T, m.d, KD, h, trains, used=casa)  # CA projects text keys it never reads
     c.matmul(T, m.d, KD, h, trains, used=casa)
-    ki = c.matmul(N, m.d, 2 * KD, image, trains or norm_trains)  # image keys and values: one product (`casa.image_kv`)
+    ki = c.matmul(N, m.d, 2 * KD, image, trains or norm_trains)  # image keys and values: one product
     k = ki or (kt and casa)
     pairs = sum(t * (n + t) if casa and (n or not m.indicator) else t * n for t, n in _seen(m, layout))
     a = c.attention(pairs, HD, q, k, k)
@@ -352,7 +352,8 @@ def count_flops(m: ModelDims, layout: BatchLayout) -> FlopCount:
     fusion_trains = bt if m.fusion_shares_attention else True  # a new layer's weights always train
     for i, (mode, ffn_updates) in enumerate(zip(m.blocks, m.image_ffn_updates)):
         if mode == "before":
-            x = _window_attention(c, m, layout, True, image, fusion_trains, m.fusion_kind, norm_trains=True) or x  # own norm: trains
+            # its own norm trains (and with it the images' folded K/V weight)
+            x = _window_attention(c, m, layout, True, image, fusion_trains, m.fusion_kind, norm_trains=True) or x
         h = x or bt  # input_layernorm
         if mode == "replace":
             a = _window_attention(c, m, layout, h, image, bt, "casa")

@@ -209,7 +209,10 @@ def measure(strategy: str | None, turns: int, tokens_per_turn: int, image_size: 
     reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    assistant = load_checkpoint(ckpt, str(dev)) if ckpt else build_assistant(strategy, backbone, layers, str(dev), quick, image_size)
+    if ckpt:
+        assistant = load_checkpoint(ckpt, str(dev))
+    else:
+        assistant = build_assistant(strategy, backbone, layers, str(dev), quick, image_size)
     model = assistant.model
     session(assistant, WARMUP_TURNS, tokens_per_turn, image_size, seed=1)
     series = session(assistant, turns, tokens_per_turn, image_size)
@@ -230,8 +233,10 @@ def measure(strategy: str | None, turns: int, tokens_per_turn: int, image_size: 
     name = strategy or type(model.fusion).__name__
     row = {"strategy": name, "label": LABELS.get(name, name), "params_M": round(params / 1e6, 2),
            "new_decoder_params_M": round(new / 1e6, 2),
-           "ttft_ms_first": round(ttft[0], 2), "ttft_ms_last": round(ttft[1], 2), "ttft_last_vs_first": round(ttft[1] / ttft[0], 3),
-           "tok_s_first": round(tok_s[0], 2), "tok_s_last": round(tok_s[1], 2), "tok_s_last_vs_first": round(tok_s[1] / tok_s[0], 3),
+           "ttft_ms_first": round(ttft[0], 2), "ttft_ms_last": round(ttft[1], 2),
+           "ttft_last_vs_first": round(ttft[1] / ttft[0], 3),
+           "tok_s_first": round(tok_s[0], 2), "tok_s_last": round(tok_s[1], 2),
+           "tok_s_last_vs_first": round(tok_s[1] / tok_s[0], 3),
            "final_kv_tokens": series[-1]["kv_tokens"], "window_kv_tokens": series[-1]["window_kv_tokens"],
            "peak_MiB": round(peak / m.MiB, 1), "peak_kind": "max_memory_allocated" if dev.type == "cuda" else "peak RSS"}
     return {"row": row, "series": series, "time_basis": basis, "layers": len(model.backbone.layers),
@@ -283,7 +288,8 @@ def run(quick: bool = False, turns: int | None = None, tokens_per_turn: int | No
     one = next(iter(results.values()))
     out: dict[str, Any] = {
         "form": "kyutai", "turns": turns, "tokens_per_turn": tokens_per_turn, "image_size": image_size,
-        "image_tokens_per_frame": (image_size // 28) ** 2, "qformer_queries": qformer_queries(image_size), "backbone": None if ckpt else kw["backbone"], "ckpt": ckpt,
+        "image_tokens_per_frame": (image_size // 28) ** 2, "qformer_queries": qformer_queries(image_size),
+        "backbone": None if ckpt else kw["backbone"], "ckpt": ckpt,
         "layers": one["layers"], "hidden_size": one["hidden_size"], "isolated_processes": isolate,
         "time_basis": one["time_basis"], "machine": {**m.machine_info(torch.device(device)),
                                                      "torch_threads": one["torch_threads"]},
