@@ -93,6 +93,9 @@ class ModelDims:
     """Paper eq. 3's 1[i > K] (`WindowedFusion.indicator`): a CASA window that sees no image has no key."""
     visible_windows: Callable[[int], Sequence[int]] | None = None
     """The window rule's reach (`WindowedFusion.visible_windows`), None: each window sees its own images."""
+    fusion_shares_attention: bool = False
+    """The fusion layers compute with their block's SA weights (`casa.fusion.casa_shared`): they
+    train when the backbone does, not always as a new layer's do."""
 
     @staticmethod
     def of(model) -> "ModelDims":
@@ -122,7 +125,8 @@ class ModelDims:
             perceiver=(PerceiverDims(fusion.num_latents, fusion.depth)
                        if isinstance(fusion, PerceiverCrossAttention) else None),
             indicator=bool(getattr(fusion, "indicator", False)),
-            visible_windows=None if getattr(fusion, "own_windows_only", True) else fusion.visible_windows)
+            visible_windows=None if getattr(fusion, "own_windows_only", True) else fusion.visible_windows,
+            fusion_shares_attention=bool(getattr(fusion, "shares_attention", False)))
 
 
 @dataclass(frozen=True)
@@ -280,9 +284,10 @@ def _mlp(c: FlopCount, m: ModelDims, L: int, x: bool, used: bool = True) -> bool
 
 
 def _window_attention(c: FlopCount, m: ModelDims, layout: BatchLayout, h: bool, image: bool, trains: bool,
-                      kind: str) -> bool:
+                      kind: str, norm_trains: bool = False) -> bool:
     """A CASA / CA layer (or CASA∨'s SA) over normalised text h: q, k, v of the text, k, v of
-    the images, attention per window, o_proj -> whether its output needs a gradient."""
+    the images, attention per window, o_proj -> whether its output needs a gradient.
+    norm_trains: the images' norm trains (folded into their K/V weight, `casa.image_kv`)."""
     T = sum(t for t, _ in layout.windows)
     N = sum(n for _, n in layout.windows)
     HD, KD = m.heads * m.head_dim, m.kv_heads * m.head_dim
@@ -290,7 +295,7 @@ def _window_attention(c: FlopCount, m: ModelDims, layout: BatchLayout, h: bool, 
     q = c.matmul(T, m.d, HD, h, trains)
     kt = c.matmul(T, m.d, KD, h, trains, used=casa)  # CA projects text keys it never reads
     c.matmul(T, m.d, KD, h, trains, used=casa)
-    ki = c.matmul(N, m.d, 2 * KD, image, trains)  # image keys and values: one product (`casa.image_kv`)
+    ki = c.matmul(N, m.d, 2 * KD, image, trains or norm_trains)  # image keys and values: one product
     k = ki or (kt and casa)
     pairs = sum(t * (n + t) if casa and (n or not m.indicator) else t * n for t, n in _seen(m, layout))
     a = c.attention(pairs, HD, q, k, k)
@@ -344,16 +349,18 @@ def count_flops(m: ModelDims, layout: BatchLayout) -> FlopCount:
             image = True  # the latents train
     L = sum(lengths)
     N = sum(n for _, n in layout.windows) if m.fusion_kind else 0
+    fusion_trains = bt if m.fusion_shares_attention else True  # a new layer's weights always train
     for i, (mode, ffn_updates) in enumerate(zip(m.blocks, m.image_ffn_updates)):
         if mode == "before":
-            x = _window_attention(c, m, layout, True, image, True, m.fusion_kind) or x  # own norm: trains
+            # its own norm trains (and with it the images' folded K/V weight)
+            x = _window_attention(c, m, layout, True, image, fusion_trains, m.fusion_kind, norm_trains=True) or x
         h = x or bt  # input_layernorm
         if mode == "replace":
             a = _window_attention(c, m, layout, h, image, bt, "casa")
         else:
             a = _self_attention(c, m, lengths, h)
         if mode == "parallel":
-            a = _window_attention(c, m, layout, h, image, True, m.fusion_kind) or a
+            a = _window_attention(c, m, layout, h, image, fusion_trains, m.fusion_kind) or a
         x = x or a
         x = _mlp(c, m, L, x) or x
         if ffn_updates and N:

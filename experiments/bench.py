@@ -29,7 +29,8 @@ from typing import Any
 from experiments.benchmarks import SUITES
 
 OPTIONS = ("device", "dtype", "backbone", "pattern", "video_pattern", "config", "shapes", "gpus", "gpu_memory", "mfu",
-           "gpu_tflops", "max_text_tokens", "max_image_tokens", "max_pixels", "frames", "search", "steps")
+           "gpu_tflops", "max_text_tokens", "max_image_tokens", "max_pixels", "frames", "search", "steps",
+           "turns", "tokens_per_turn", "image_size", "ckpt", "layers")
 """Dispatcher flags passed to a suite's `run` as keyword arguments, when given."""
 OUT_DIR = "runs/bench"
 """Where the PNGs go by default: under runs/ (git-ignored) like every other output."""
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=OUT_DIR, help=f"where the PNGs go (default {OUT_DIR}; "
                    "docs/img for the plots of docs/benchmarks.md)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda[:i]")
-    p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32")
-    p.add_argument("--backbone", default=None, help="layer: helium (default), helium_preview or qwen2_5_vl widths")
+    p.add_argument("--dtype", default=None, help="layer: bfloat16 (default) or float32; plan --frames: inference precision")
+    p.add_argument("--backbone", default=None, help="layer, stream: helium (default), helium_preview or qwen2_5_vl widths")
     p.add_argument("--pattern", default=None, help="data: shard pattern to read (default: a temporary synthetic set)")
     p.add_argument("--video-pattern", default=None, help="data: video shards to read at the video demo's settings "
                    "(default: a few video demo clips converted to a temporary set)")
@@ -149,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search", type=int, default=None,
                    help="plan: traces spent on the largest caps that fit, when the config does not (default 3, 0: none)")
     p.add_argument("--steps", type=int, default=None, help="plan: optimizer steps of the run, for its total time")
+    p.add_argument("--turns", type=int, default=None, help="stream: kyutai's table, turns of the session (256)")
+    p.add_argument("--tokens-per-turn", type=int, default=None, help="stream, plan --frames: tokens decoded per turn (16)")
+    p.add_argument("--image-size", type=int, default=None, help="stream, plan --frames: frame side in px (896)")
+    p.add_argument("--ckpt", default=None, help="stream: a checkpoint's model instead of random --backbone widths")
+    p.add_argument("--layers", type=int, default=None, help="stream: decoder blocks (CPU default 2, CUDA: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     names = list(SUITES) if a.suite == "all" else [a.suite]

@@ -242,3 +242,66 @@ def test_a_suite_with_a_missing_dependency_raises(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", import_module)
     with pytest.raises(ModuleNotFoundError, match="flash_attn"):
         bench.load_suite("attention")
+
+
+def test_stream_in_kyutais_form_quick():
+    """`bench stream --turns`: kyutai's columns per strategy, and the caches the strategies
+    must have after the session: insertion's text cache holds every frame's image tokens on top
+    of what CASA's holds; CASA's window cache holds the last frame's; CASA-Shared has CASA⊕'s
+    caches and the backbone's parameter count (no new weights)."""
+    from experiments.benchmarks import turns
+
+    r = turns.run(quick=True, strategies=("insertion", "casa_plus", "casa_shared"))
+    assert r["form"] == "kyutai" and r["turns"] == 10 and not r["isolated_processes"]
+    rows = {row["strategy"]: row for row in r["rows"]}
+    for row in rows.values():
+        for k in ("ttft_ms_first", "ttft_ms_last", "tok_s_first", "tok_s_last", "peak_MiB", "params_M"):
+            assert _positive(row[k]), (row["strategy"], k)
+    per_frame = r["image_tokens_per_frame"]
+    assert rows["insertion"]["final_kv_tokens"] == rows["casa_plus"]["final_kv_tokens"] + r["turns"] * per_frame
+    assert rows["insertion"]["window_kv_tokens"] == 0
+    assert rows["casa_plus"]["window_kv_tokens"] > per_frame  # the last frame + its window's text
+    assert {k: rows["casa_shared"][k] for k in ("final_kv_tokens", "window_kv_tokens")} == \
+        {k: rows["casa_plus"][k] for k in ("final_kv_tokens", "window_kv_tokens")}
+    assert rows["casa_shared"]["params_M"] == rows["insertion"]["params_M"] < rows["casa_plus"]["params_M"]
+    assert rows["casa_shared"]["new_decoder_params_M"] == 0 < rows["casa_plus"]["new_decoder_params_M"]
+    series = r["series"]["casa_plus"]
+    assert len(series) == r["turns"] and all(_positive(t["ttft_s"]) and _positive(t["decode_s"]) for t in series)
+    assert [t["kv_tokens"] for t in series] == sorted(t["kv_tokens"] for t in series)  # the transcript grows
+    assert {"target_casa_plus_ttft_last_vs_first<=1.05", "insertion_ttft_growth"} <= set(r)
+
+
+def test_stream_kyutai_options_are_checked():
+    from experiments.benchmarks import turns
+
+    with pytest.raises(ValueError, match="--ckpt and --backbone are exclusive"):
+        turns.run(ckpt="x.ckpt", backbone="helium")
+    with pytest.raises(ValueError, match=r"strategies \['casa'\] are not among"):
+        turns.run(quick=True, strategies=("casa",))
+    with pytest.raises(ValueError, match="tokens_per_turn=1 must be >= 2"):
+        turns.measure("casa_plus", turns=10, tokens_per_turn=1, image_size=56, quick=True)
+    with pytest.raises(ValueError, match="--frames is the figures' suite"):
+        bench.load_suite("stream").run(quick=True, frames=40, turns=10)
+
+
+def test_stream_in_kyutais_form_runs_a_checkpoint(tmp_path):
+    """`--ckpt`: the checkpoint's own model (here a CASA-Shared one) is the one row."""
+    import lightning
+    import yaml
+
+    from casa.rebuild import build_model
+    from experiments.benchmarks import plan, turns
+
+    config = plan.load_configs(["experiments/configs/demo.yaml", "tests/configs/tiny.yaml",
+                                str(strategies.strategy("casa_shared").path)])
+    torch.manual_seed(0)
+    model = build_model(config)
+    ckpt = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "casa_config": yaml.safe_dump(config), "global_step": 2,
+                "pytorch-lightning_version": lightning.__version__}, ckpt)
+    r = turns.run(quick=True, ckpt=str(ckpt))
+    (row,) = r["rows"]
+    assert row["strategy"] == "CASAShared" and r["ckpt"] == str(ckpt) and r["backbone"] is None
+    assert row["params_M"] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    assert row["window_kv_tokens"] > r["image_tokens_per_frame"]

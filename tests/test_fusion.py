@@ -8,7 +8,7 @@ import torch
 
 from casa.backbone import Backbone
 from casa.blocks import Replace
-from casa.fusion import CASA, CrossAttention, GatedCrossAttention, Insertion
+from casa.fusion import CASA, CASAShared, CrossAttention, GatedCrossAttention, Insertion
 from casa.fusion.perceiver import PerceiverCrossAttention
 from casa.tiny import random_packed_batch, tiny_backbone_config, tiny_model
 from experiments.strategies import build_fusion, names
@@ -269,7 +269,7 @@ def test_sample_loss_reduction_weighs_every_sample_equally():
     assert not torch.allclose(out.loss, by_sample.loss)
 
 
-@pytest.mark.parametrize("name", ["casa_plus", "casa_plus_ffn_updates", "insertion"])
+@pytest.mark.parametrize("name", ["casa_plus", "casa_plus_ffn_updates", "insertion", "casa_shared"])
 def test_fsdp2_blocks_match_the_plain_model_and_return_no_views(name, tmp_path):
     """FSDP2 (one gloo process) around every block and the model, activation checkpointing on
     as in `experiments/configs/trainer/fsdp2_h100.yaml`: the same loss and gradients as the
@@ -307,3 +307,34 @@ def test_fsdp2_blocks_match_the_plain_model_and_return_no_views(name, tmp_path):
         assert checked > 10
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["plus", "before"])
+def test_casa_shared_is_casa_with_the_sa_weights_tied(mode):
+    """CASA initialises its layer as a copy of the block's SA, so at init CASA and CASA-Shared
+    compute the same thing; the tie then shows in the gradients: the shared projection's
+    gradient is the sum of the SA's and the copy's (both paths land in one `.grad`). No
+    `fusion_attn.attn.*` keys: a checkpoint is the backbone's keys (+ CASA→'s own pre-norm)."""
+    batch = random_packed_batch(SAMPLES, seed=7)
+    copied, shared = tiny_model(CASA(mode)), tiny_model(CASAShared(mode))
+    for block in shared.backbone.layers:
+        assert block.fusion_attn.attn is block.self_attn
+    keys = {k for k in copied.state_dict() if ".fusion_attn.attn." not in k}
+    assert set(shared.state_dict()) == keys
+    norm = _count(shared, "backbone.lm.model.layers.0.input_layernorm.")
+    extra = len(shared.backbone.layers) * norm if mode == "before" else 0
+    assert _count(shared) == _count(tiny_model(Insertion())) + extra
+    loss_c, loss_s = copied(batch).loss, shared(batch).loss
+    torch.testing.assert_close(loss_s, loss_c, atol=0, rtol=0)
+    loss_c.backward()
+    loss_s.backward()
+    for i, block in enumerate(copied.backbone.layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            expected = getattr(block.self_attn, proj).weight.grad + getattr(block.fusion_attn.attn, proj).weight.grad
+            got = getattr(shared.backbone.layers[i].self_attn, proj).weight.grad
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=f"block {i} {proj}")
+
+
+def test_casa_shared_replace_points_to_casa_replace():
+    with pytest.raises(ValueError, match=r"CASAShared.mode='replace' is not one of \['plus', 'before'\].*CASA∨ already"):
+        CASAShared("replace")

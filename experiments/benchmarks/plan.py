@@ -4,6 +4,7 @@
                                      [--gpus 8] [--gpu-memory 80GB] [--json]
                                      [--max-text-tokens T] [--max-image-tokens N] [--max-pixels P]
                                      [--search 3] [--frames F] [--steps S] [--mfu 0.4] [--gpu-tflops 989]
+                                     [--tokens-per-turn K] [--image-size PX] [--dtype bfloat16]
 
 The model is built from the configs (`casa.rebuild.build_model`, as training builds it) with
 every tensor a FakeTensor: shapes and dtypes, no storage, so a 2B model costs no memory.
@@ -24,7 +25,9 @@ sync). The peak is split into the trackers' categories (parameters, gradients, o
 state, activations, temporaries, FSDP's all-gather / reduce-scatter buffers) and by module
 group (vision tower, fused blocks, SA blocks, head). See `tracing` for how the real model code
 runs on fake tensors. When the peak exceeds `--gpu-memory`, `largest_fitting_caps` traces
-smaller caps; `--frames` adds cached-generation memory per frame (`stream_memory`); the
+smaller caps; `--frames` adds cached-generation memory per frame (`stream_memory`: a frame of
+`--image-size` px and `--tokens-per-turn` decoded tokens, weights and cache in `--dtype`, and
+the frame at which weights + cache exceed `--gpu-memory`); the
 throughput estimate is `casa.flops`' count of the same batch at `--mfu`.
 """
 
@@ -272,14 +275,30 @@ def largest_fitting_caps(configs: list, shapes, gpus: int | None, budget: int, f
     return None if best is None else {**best, "probes": tried}
 
 
-def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: int = 2) -> dict[str, Any]:
+STREAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""`--dtype` of the stream estimate: the inference precision (kyutai's benchmark runs bf16)."""
+
+
+def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: int = 2, image_size: int | None = None,
+                  budget: int | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Cached generation over a stream of frames (the paper's Fig. 5): the model (parameters
     in the run's precision) and its KV cache after each frame, on fake tensors. Frame i is
-    one chunk (its image in a new window + 1 text token) and `tokens` decoded tokens, as
-    `Assistant.stream` feeds it, through the model's own cache (`casa.cache.KVCache.nbytes`).
-    `traced` frames run; the cache grows by the same bytes every frame after the first (each
-    frame appends the same tokens), so frame `frames` is the last traced one plus that growth.
-    -> {"per_frame_MiB", "weights_GiB", "at_frames_MiB": {frame: weights + cache}, ...}."""
+    one chunk (1 text token, its image in a new window, 1 text token) and `tokens` decoded
+    tokens, as `Assistant.stream` feeds it, through the model's own cache
+    (`casa.cache.KVCache.nbytes`). `traced` frames run; the cache grows by the same bytes every
+    frame after the first (each frame appends the same tokens), so frame `frames` is the last
+    traced one plus that growth. image_size: the frame's side in px (default: the data
+    config's frame cap, as `Assistant.stream` caps a frame); dtype: of the weights and the
+    cache ("bfloat16", "float16", "float32"; default: the run's precision, as `casa.assistant.load`
+    restores it).
+
+    budget (bytes, a GPU's memory): also the first frame (a turn of kyutai's benchmark: one
+    frame + `tokens` tokens) after which weights + cache exceed it: where a session runs out
+    of memory. The turn's own working set (one frame's prefill activations, attention without
+    materialised scores on a GPU) is transient and below one frame's cache growth for
+    insertion; kyutai's peak (max_memory_allocated) is weights + cache + it.
+    -> {"per_frame_MiB", "weights_GiB", "at_frames_MiB": {frame: weights + cache},
+        "out_of_memory_at_frame" (with budget; None: never, the cache does not grow), ...}."""
     from casa.assistant import frame_chunk
     from casa.cache import KVCache
     from casa.generation import text_chunk
@@ -287,12 +306,17 @@ def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: i
 
     if frames < 1 or traced < 2:
         raise ValueError(f"plan: --frames={frames} must be >= 1 (and traced={traced} >= 2)")
+    if dtype is not None and dtype not in STREAM_DTYPES:
+        raise ValueError(f"plan: --dtype={dtype!r} is not one of {list(STREAM_DTYPES)}")
     config = load_configs(configs)
     over = shapes_override(config, shapes)
     mode = tracing.new_fake_mode()
     model = tracing.build_fake_model([*configs, over] if over else list(configs), mode)
     precision = run_precision(config)
-    dtype = HALF.get(precision.split("-")[0]) if precision.endswith("-true") else None
+    if dtype is not None:
+        precision, dtype = dtype, STREAM_DTYPES[dtype]
+    else:
+        dtype = HALF.get(precision.split("-")[0]) if precision.endswith("-true") else None
     with mode:
         if dtype is not None:  # `.data`, not `model.to`: swapping fake parameters fails (weakrefs)
             for p in model.parameters():
@@ -300,7 +324,7 @@ def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: i
     model.eval()
     tower = model.vision.tower.config
     data = DataSettings.from_config(config.get("data"))
-    frame_pixels = min(data.max_pixels, data.frame_max_pixels)  # as Assistant.stream caps a frame
+    frame_pixels = image_size ** 2 if image_size else min(data.max_pixels, data.frame_max_pixels)  # as Assistant.stream caps a frame
     merge = tower.spatial_merge_size
     side = max(merge, int(math.isqrt(frame_pixels) // tower.patch_size) // merge * merge)
     patch_dim = tower.in_channels * tower.temporal_patch_size * tower.patch_size ** 2
@@ -322,9 +346,25 @@ def stream_memory(configs: list, shapes, frames: int, traced: int = 3, tokens: i
     growth = sizes[-1] - sizes[-2] if len(sizes) > 1 else 0
     at = lambda f: weights + (sizes[f - 1] if f <= len(sizes) else sizes[-1] + (f - len(sizes)) * growth)  # noqa: E731
     marks = sorted({1, 10, 100, frames} & set(range(1, frames + 1)))
-    return {"frame_px": side * tower.patch_size, "image_tokens_per_frame": side * side // tower.spatial_merge_size ** 2,
-            "precision": precision, "weights_GiB": round(weights / GiB, 3), "per_frame_MiB": round(growth / MiB, 3),
-            "cache_bytes_traced": sizes, "at_frames_MiB": {str(f): round(at(f) / MiB, 1) for f in marks}}
+    out = {"frame_px": side * tower.patch_size, "image_tokens_per_frame": side * side // tower.spatial_merge_size ** 2,
+           "tokens_per_frame": tokens, "precision": precision, "weights_GiB": round(weights / GiB, 3),
+           "per_frame_MiB": round(growth / MiB, 3), "cache_bytes_traced": sizes,
+           "at_frames_MiB": {str(f): round(at(f) / MiB, 1) for f in marks}}
+    if budget is not None:
+        out["budget_GiB"] = round(budget / GiB, 2)
+        out["out_of_memory_at_frame"] = out_of_memory_frame(weights, sizes, growth, budget)
+    return out
+
+
+def out_of_memory_frame(weights: int, sizes: list[int], growth: int, budget: int) -> int | None:
+    """The first frame f (1-based) with weights + cache after f > budget, the cache growing by
+    `growth` bytes per frame after the traced `sizes`; None if it never does (pure)."""
+    for f, size in enumerate(sizes, 1):
+        if weights + size > budget:
+            return f
+    if growth <= 0:
+        return None
+    return len(sizes) + (budget - weights - sizes[-1]) // growth + 1
 
 
 MODES = {"none": "not sharded: one replica per GPU", "fsdp2": "FSDP2 (fully_shard per block), traced "
@@ -334,7 +374,8 @@ MODES = {"none": "not sharded: one replica per GPU", "fsdp2": "FSDP2 (fully_shar
 def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str | None = None, gpus: int | None = None,
         gpu_memory: str = "80GB", mfu: float = 0.4, gpu_tflops: float = H100_BF16_TFLOPS,
         max_text_tokens: int | None = None, max_image_tokens: int | None = None, max_pixels: int | None = None,
-        frames: int | None = None, search: int = 3, steps: int | None = None) -> dict[str, Any]:
+        frames: int | None = None, search: int = 3, steps: int | None = None, tokens_per_turn: int | None = None,
+        image_size: int | None = None, dtype: str | None = None) -> dict[str, Any]:
     if not config:  # `bench all` plans the demo (tiny with --quick): the configs that build anywhere
         config = ["experiments/configs/demo.yaml"] + (["tests/configs/tiny.yaml"] if quick else [])
     if gpus is not None and gpus < 1:
@@ -364,5 +405,7 @@ def run(quick: bool, out_dir: str, config: list[str] | None = None, shapes: str 
     if total > budget and search > 0:
         out["largest_fitting_caps"] = largest_fitting_caps(configs, shapes, gpus, budget, p, probes=search)
     if frames:
-        out["stream"] = isolated(stream_memory, configs, shapes, frames)
+        # a frame is a turn of kyutai's streaming benchmark: the frame, then tokens_per_turn tokens
+        out["stream"] = isolated(stream_memory, configs, shapes, frames, 3, tokens_per_turn or 2, image_size, budget,
+                                 dtype)
     return out

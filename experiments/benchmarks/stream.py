@@ -1,6 +1,8 @@
 """Suite `stream`: the paper's Figs. 5-6, memory and wall time per frame of live captioning.
 
     python -m experiments.bench stream [--quick] [--json] [--threads N]
+    python -m experiments.bench stream --turns 256 --tokens-per-turn 16 --image-size 896 [--ckpt CKPT | --backbone B]
+        (kyutai's table: `experiments.benchmarks.turns`)
 
 Setting: the demo-size model (`experiments/configs/demo.yaml`: 4 layers, d=128), untrained,
 with each strategy in turn; a stream of synthetic moving-shape frames at `SIZE` px (64
@@ -359,8 +361,14 @@ def run_in_process(strategy: str, frames: int, size: int, tokens: int, device: s
 
 def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = None, size: int = SIZE,
         tokens: int = CAPTION_TOKENS, strategies: tuple[str, ...] = RUNS,
-        isolate: bool | None = None, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+        isolate: bool | None = None, device: str = "cpu", threads: int | None = None,
+        turns: int | None = None, tokens_per_turn: int | None = None, image_size: int | None = None,
+        ckpt: str | None = None, backbone: str | None = None, layers: int | None = None) -> dict[str, Any]:
     """Figs. 5-6: every strategy streamed over `frames` frames (600; quick: 40) -> summary dict.
+
+    Given any of `turns`, `tokens_per_turn`, `image_size`, `ckpt`, `backbone`, `layers`: kyutai's
+    table instead (TTFT and decode tok/s first -> last turns, final KV cache, peak memory:
+    `experiments.benchmarks.turns`).
 
     `isolate` (default: not quick) runs each strategy in its own process; the quick smoke
     run measures them one after the other in this process, so its RSS series share a baseline.
@@ -371,6 +379,16 @@ def run(quick: bool = False, out_dir: str = "docs/img", frames: int | None = Non
 
     from experiments.benchmarks import measure
 
+    kyutai = dict(turns=turns, tokens_per_turn=tokens_per_turn, image_size=image_size, ckpt=ckpt, backbone=backbone,
+                  layers=layers)
+    if any(v is not None for v in kyutai.values()):
+        from experiments.benchmarks import turns as kyutai_form
+
+        if frames is not None:
+            raise ValueError("stream: --frames is the figures' suite; kyutai's table counts --turns")
+        if threads:
+            torch.set_num_threads(threads)
+        return kyutai_form.run(quick=quick, device=device, **kyutai)
     frames = frames or (40 if quick else 600)
     unknown = [s for s in strategies if s not in RUNS]
     if unknown or frames < 20:
