@@ -163,7 +163,8 @@ def stream_setup(strategy: str, frames: int, size: int, tokens: int, device: str
     def start():
         if strategy == CONTROL:
             return text_only_stream(assistant, len(clip), cfg)
-        return assistant.stream(clip, fps=2.0, config=cfg, wait=False)
+        # context=False: the growth being measured is the point, so no cache trimming
+        return assistant.stream(clip, fps=2.0, config=cfg, wait=False, context=False)
 
     return assistant, start
 
