@@ -98,13 +98,13 @@ def read_checkpoint(path: str | Path, allow_nonfinite: bool = False) -> dict[str
     return ckpt
 
 
-def safe_load(source: str | Path | io.BytesIO, name: str | None = None) -> Any:
+def safe_load(source: str | Path | io.BytesIO, name: str | None = None, map_location: Any = "cpu") -> Any:
     """torch.load(weights_only=True) of a file -> its object; CheckpointError in one line when
     the pickle wants a global outside the allowlist (nothing of it has run then) or the file is
     not a PyTorch checkpoint."""
     name = name or str(source)
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weightsunpickler" in str(e).lower():
             raise CheckpointError(f"{name} wants to run code when loaded ({_refused_global(str(e))}); refused: "

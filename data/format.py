@@ -53,6 +53,8 @@ from typing import Any, Iterable
 import webdataset as wds
 from PIL import Image
 
+from casa.atomic import AtomicFile
+
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("text", "image", "video")
 VIDEO_LAYOUTS = ("qa", "caption")
@@ -182,8 +184,13 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.pattern = str(self.out_dir / f"{prefix}-%06d.tar")
         self.count = 0
-        # a fixed mtime makes shards byte-identical across runs (deterministic generators)
-        self._writer = wds.ShardWriter(self.pattern, maxcount=max_count, verbose=0, mtime=0.0)
+        # a fixed mtime makes shards byte-identical across runs (deterministic generators); each
+        # shard is written beside its final name and renamed when complete (casa.atomic): a full
+        # disk or a kill never leaves a truncated shard under a name readers glob
+        self._open: dict[str, AtomicFile] = {}
+        self._writer = wds.ShardWriter(self.pattern, maxcount=max_count, verbose=0, mtime=0.0,
+                                       opener=lambda name: self._open.setdefault(name, AtomicFile(name)).file,
+                                       post=lambda name: self._open.pop(name).commit())
 
     def write(self, sample: dict[str, Any]) -> None:
         self._writer.write(sample)
@@ -195,7 +202,8 @@ class ShardWriter:
 
     @property
     def shards(self) -> list[str]:
-        return sorted(str(p) for p in self.out_dir.glob(Path(self.pattern).name.replace("%06d", "*")))
+        # with the shard being written, which gets its name when closed
+        return sorted({str(p) for p in self.out_dir.glob(Path(self.pattern).name.replace("%06d", "*"))} | set(self._open))
 
     def close(self) -> None:
         self._writer.close()
@@ -204,4 +212,8 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+        else:  # the shard being written is incomplete: it never gets its name
+            for f in self._open.values():
+                f.discard()
