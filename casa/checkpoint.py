@@ -106,24 +106,35 @@ def safe_load(source: str | Path | io.BytesIO, name: str | None = None, map_loca
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weightsunpickler" in str(e).lower():
-            raise CheckpointError(f"{name} wants to run code when loaded ({_refused_global(str(e))}); refused: "
-                                  f"checkpoints are loaded with torch.load(weights_only=True); "
+        message = str(e)
+        wanted = re.search(r"GLOBAL ([\w.]+)", message)
+        if wanted:
+            raise CheckpointError(f"{name} wants to run code when loaded (its pickle calls {wanted.group(1)}, which is "
+                                  f"not allow-listed); refused: checkpoints are loaded with "
+                                  f"torch.load(weights_only=True); {CONVERT_HINT.format(path=name)}") from None
+        detail = _weights_unpickler_error(message)
+        if _is_zip(source):  # a torch checkpoint whose pickle does what a weights-only load refuses
+            raise CheckpointError(f"{name} holds objects a weights-only load refuses ({detail}); refused; "
                                   f"{CONVERT_HINT.format(path=name)}") from None
-        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint (UnpicklingError: "
-                              f"{_first_line(str(e))})") from None
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint (UnpicklingError: {detail})") from None
     except Exception as e:  # zip/EOF errors of a file that is not (or no longer) a torch checkpoint
         raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                               f"{_first_line(str(e))})") from None
 
 
-def _refused_global(message: str) -> str:
-    """The global torch's weights-only unpickler refused, from its (multi-paragraph) message."""
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    if m:
-        return f"its pickle calls {m.group(1)}, which is not allow-listed"
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    return _first_line(lines[1] if len(lines) > 1 else message)
+def _weights_unpickler_error(message: str) -> str:
+    """The reason in torch's (multi-paragraph) weights-only refusal, e.g. "Unsupported operand 110"."""
+    tail = message.split("WeightsUnpickler error:", 1)[-1]
+    return _first_line(next((ln for ln in tail.splitlines() if ln.strip()), message))
+
+
+def _is_zip(source) -> bool:
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        return zipfile.is_zipfile(source)
+    except OSError:
+        return False
 
 
 def _first_line(text: str, width: int = 200) -> str:
@@ -178,7 +189,8 @@ def read_dcp_metadata(directory: Path):
             meta = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
         if "is not allowed" in str(e):
-            raise CheckpointError(f"{path} wants to run code when loaded ({_refused_global(str(e))}); refused") from None
+            raise CheckpointError(f"{path} wants to run code when loaded (its pickle calls "
+                                  f"{str(e).split()[1]}, which is not allowed in a DCP index); refused") from None
         raise CheckpointError(f"{path}: not a readable DCP index ({_first_line(str(e))})") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable DCP index ({type(e).__name__}: {_first_line(str(e))})") from None
@@ -197,7 +209,7 @@ def _safe_dcp_io(p: Path):
     (DefaultLoadPlanner.load_bytes uses weights_only=False)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.utils import set_element
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -206,8 +218,14 @@ def _safe_dcp_io(p: Path):
             return meta
 
     class SafePlanner(DefaultLoadPlanner):
+        refused: CheckpointError | None = None  # DCP wraps what load_bytes raises: kept to re-raise as is
+
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            obj = safe_load(value, f"{p}: entry {read_item.dest_index.fqn!r}")
+            try:
+                obj = safe_load(value, f"{p}: entry {read_item.dest_index.fqn!r}")
+            except CheckpointError as e:
+                self.refused = e
+                raise
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:
@@ -218,6 +236,7 @@ def _safe_dcp_io(p: Path):
 
 def _read_distributed(p: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: not caught by `Exception`
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     missing = [n for n in (DCP_METADATA, LIGHTNING_METADATA) if not (p / n).is_file()]
@@ -244,9 +263,9 @@ def _read_distributed(p: Path) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
             load(state, storage_reader=reader, planner=planner, no_dist=True)
-        except CheckpointError:
-            raise
-        except Exception as e:  # a missing or truncated shard file
+        except (Exception, CheckpointException) as e:  # a refused entry, a missing or truncated shard file
+            if planner.refused is not None:
+                raise planner.refused from None
             raise CheckpointError(f"{p}: cannot read its DCP shards ({type(e).__name__}: {_first_line(str(e))})") from None
     ckpt["state_dict"] = state["state_dict"]
     return ckpt
