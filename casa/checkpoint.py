@@ -330,7 +330,8 @@ def newest_intact(directory: str | Path, preferred: str = "last.ckpt") -> tuple[
 
 def resolve_resume(ckpt_path: str | None, directory: str | Path | None) -> str | None:
     """`--ckpt_path` as `experiments.fit` passes it to Lightning: "last" becomes the newest intact
-    checkpoint of the run's checkpoint directory (a warning names each one skipped and why); a
+    checkpoint of the run's checkpoint directory (a warning names each damaged one, moved aside
+    to NAME.damaged, and why); a
     path that is not intact is a CheckpointError. None, or "last" with no checkpoint at all
     (Lightning then starts from scratch, with its own warning), pass through."""
     if ckpt_path is None:
@@ -344,7 +345,15 @@ def resolve_resume(ckpt_path: str | None, directory: str | Path | None) -> str |
         return ckpt_path
     found, skipped = newest_intact(directory)
     for path, why in skipped:
-        warnings.warn(f"--ckpt_path last: skipping {path} ({why})", stacklevel=2)
+        # moved aside (kept to inspect): Lightning would otherwise version the next write of that
+        # name ("last-v1.ckpt") and leave the damaged file as the run's newest
+        aside = path.with_name(path.name + ".damaged")
+        try:
+            os.replace(path, aside)
+        except OSError:  # another rank moved it first, or a read-only directory
+            aside = path
+        warnings.warn(f"--ckpt_path last: skipping {path} ({why})" + (f", moved to {aside.name}" if aside != path else ""),
+                      stacklevel=2)
     if found is None:
         if skipped:
             raise CheckpointError(f"--ckpt_path last: no intact checkpoint in {directory} "
