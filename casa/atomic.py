@@ -14,7 +14,8 @@ removed and the previous NAME is untouched. A process killed mid-write leaves on
 temporary file, which the next writer of NAME removes (`remove_orphans`) once its pid is gone.
 
 `AtomicFile` is the same thing for writers that open and close files on their own schedule
-(webdataset's ShardWriter: `opener=` / `post=` hooks).
+(webdataset's ShardWriter: `opener=` / `post=` hooks). `atomic_directory` does it for a
+directory of files (an export): built beside its final name, swapped in when complete.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import glob
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -71,7 +73,7 @@ def remove_orphans(path: str | os.PathLike) -> list[Path]:
     for tmp in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
         m = _TMP.match(tmp.name)
         if m and m["name"] == p.name and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
@@ -129,3 +131,37 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_write(path) as f:
         f.write(data)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory whose contents appear together: yields an empty temporary directory
+    beside `path` (`.NAME.<pid>.<random>.tmp`); when the block ends without an exception its
+    files are fsync'ed and it is renamed to `path` (an existing `path` is first renamed aside,
+    then removed: a reader sees the old directory or the new one, never a mix or a partial one).
+    On an exception the temporary directory is removed and `path` is untouched.
+
+        with atomic_directory("exports/model") as tmp:
+            model.save_pretrained(tmp)"""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(p)
+    tmp = temp_path(p)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if p.exists():
+            old = temp_path(p)
+            os.replace(p, old)
+        os.replace(tmp, p)
+        fsync_dir(p.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -195,3 +195,24 @@ def test_shards_never_appear_truncated_under_their_name(tmp_path, monkeypatch):
             for i in range(3):
                 w.write({"__key__": f"k{i}", "txt": "hello"})
     assert list(tmp_path.glob("*.tar")) == [] and [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_directory_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """What an export writes (several files) through `atomic_directory`."""
+    from casa.atomic import atomic_directory
+
+    out = tmp_path / "export"
+    with atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"v1")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(OSError):  # a full disk half-way through a second export
+        with atomic_directory(out) as tmp:
+            (tmp / "config.json").write_text('{"v": 2}')
+            _enospc()
+    assert (out / "model.safetensors").read_bytes() == b"v1" and (out / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    with atomic_directory(out) as tmp:  # a complete one replaces the old one whole
+        (tmp / "model.safetensors").write_bytes(b"v2")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"] and sorted(
+        p.name for p in tmp_path.iterdir()) == ["export"]
