@@ -44,6 +44,7 @@ Message roles are `system`, `user`, `assistant`; content item types are `text`, 
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -217,3 +218,24 @@ class ShardWriter:
         else:  # the shard being written is incomplete: it never gets its name
             for f in self._open.values():
                 f.discard()
+
+
+def expand_shards(pattern: str, split: str = "train") -> list[str]:
+    """A directory, glob or brace pattern -> sorted existing shard paths; clear errors otherwise
+    (here, not in data.datamodule: inference reads shards without importing Lightning).
+
+    `dir` -> `dir/{split}-*.tar`; `a-{000..003}.tar` -> 4 paths (each must exist);
+    `a-*.tar` -> the matches (at least one)."""
+    if not pattern:
+        raise ValueError(f"empty shard pattern for the {split} split")
+    import braceexpand
+
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, f"{split}-*.tar")
+    paths: list[str] = []
+    for p in braceexpand.braceexpand(pattern):
+        matches = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else ([p] if os.path.isfile(p) else [])
+        if not matches:
+            raise FileNotFoundError(f"no shard matches {p!r} (from {split} pattern {pattern!r})")
+        paths.extend(matches)
+    return paths

@@ -162,19 +162,45 @@ def test_lightning_resume_reads_with_the_safe_loader(tmp_path):
     assert not marker.exists()
 
 
-def test_reading_a_checkpoint_for_inference_imports_no_lightning(trained):
-    """casa.assistant.load rebuilds the model from the stored resolved config (plain YAML data)."""
-    code = f"""
-import json, sys
-import casa.assistant
-a = casa.assistant.load({str(trained['ckpt'])!r})
-from casa.checkpoint import read_checkpoint
-read_checkpoint({str(trained['ckpt'])!r})
-print(json.dumps({{"step": a.global_step, "lightning": sorted(m for m in sys.modules
-      if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'lightning_fabric'))}}))
+def _lightning_free(code: str, cwd: Path) -> dict:
+    """Run `code` in a fresh interpreter; its last stdout line is JSON, to which the Lightning
+    modules it imported are added."""
+    code += """
+print(json.dumps({**result, "lightning": sorted(m for m in sys.modules
+      if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'lightning_fabric'))}))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
     assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_reading_a_checkpoint_for_inference_imports_no_lightning(trained, tmp_path):
+    """casa.assistant.load rebuilds the model from the stored resolved config (plain YAML data)."""
+    ckpt = str(trained["ckpt"])
+    out = _lightning_free(f"""
+import json, sys
+import casa.assistant
+from casa.checkpoint import read_checkpoint
+read_checkpoint({ckpt!r})
+result = {{"step": casa.assistant.load({ckpt!r}).global_step}}
+""", tmp_path)
     assert out == {"step": 2, "lightning": []}
+
+
+@pytest.mark.slow
+def test_evaluate_stream_and_export_import_no_lightning(trained, tmp_path):
+    ckpt, synth = str(trained["ckpt"]), str(trained["synth"])
+    out = _lightning_free(f"""
+import contextlib, io, json, sys
+from experiments.evaluate import main as evaluate
+from experiments.export import main as export
+from experiments.stream import main as stream
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [evaluate(["--ckpt", {ckpt!r}, "--data", {synth!r}, "--max-samples", "1", "--max-new-tokens", "1", "--json"]),
+             stream(["--ckpt", {ckpt!r}, "--video", "synthetic", "--frames", "1", "--no-wait", "--max-new-tokens", "1",
+                     "--json"]),
+             export(["--ckpt", {ckpt!r}, "--out", {str(tmp_path / "hf")!r}])]
+result = {{"codes": codes}}
+""", tmp_path)
+    assert out == {"codes": [0, 0, 0], "lightning": []}
