@@ -50,13 +50,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             check_finite(checkpoint.get("state_dict", {}), f"the checkpoint for {path} (step "
                                                            f"{checkpoint.get('global_step')})")
         except CheckpointError as e:
-            raise NonFiniteCheckpointError(f"{e}; not written, the previous {path.name} is kept") from None
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written under that name"
+            raise NonFiniteCheckpointError(f"{e}; not written, {kept}") from None
+        existed = path.exists()
         try:
             with atomic_write(path) as f:
                 torch.save(checkpoint, f)
         except OSError as e:
-            raise CheckpointWriteError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; "
-                                                f"the previous {path.name} is kept") from None
+            kept = f"the previous {path.name} is kept" if existed else "nothing was written under that name"
+            raise CheckpointWriteError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; {kept}") from None
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if not Path(path).exists():
