@@ -151,3 +151,21 @@ def test_inference_commands_refuse_non_finite_weights(trained, tmp_path, cli, ca
     assert argv[0](argv[1]) == 2
     err = capsys.readouterr().err
     assert f"error: {bad} has non-finite weights: 1 of " in err and name in err and "Traceback" not in err
+
+
+def test_the_grid_records_the_failure_of_a_diverged_run(tmp_path):
+    """What experiments.grid reads of a run that exited 1 with metrics.json's failure."""
+    from experiments.grid import _collect, _Launched, load_grid, write_results
+
+    grid = load_grid(ROOT / "tests" / "configs" / "tiny_grid.yaml")
+    run = grid.runs()[0]
+    run_dir = tmp_path / run.name
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"finished": False, "failure": "non-finite loss at step 3"}))
+    job = _Launched(run, run_dir, run.name, run.args(run_dir), False, SimpleNamespace(returncode=1),
+                    open(run_dir / "fit.log", "w"), 0.0)
+    result = _collect(job)
+    assert result.status == "failed"
+    assert json.loads((run_dir / "grid_run.json").read_text())["failure"] == "non-finite loss at step 3"
+    write_results([result], grid, tmp_path, "exact_match")
+    assert f"`{run.name}`: failed: non-finite loss at step 3, exit code 1" in (tmp_path / "results.md").read_text()
