@@ -34,6 +34,10 @@ someone who trusts it: `python -m experiments.consolidate --trust-pickle OLD.ckp
 
 A checkpoint whose weights hold NaN/inf (a diverged run) is refused as well: every reader
 (evaluate, export, stream, consolidate, init_from) would otherwise report NaN as a result.
+
+Resuming (`--ckpt_path last`, `resolve_resume`) takes the newest *intact* checkpoint
+(`checkpoint_problem`: zip CRCs of a file, shard byte ranges of a directory), moving a damaged
+one aside with a warning; writes are atomic (`casa.atomic`, `casa.train.checkpoint_io`).
 """
 
 from __future__ import annotations
@@ -148,8 +152,7 @@ def check_finite(state_dict: dict[str, Any], where: str) -> None:
     names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
     if not names:
         return
-    norms = torch._foreach_norm([state_dict[k].detach().float() if state_dict[k].dtype == torch.float64
-                                 else state_dict[k].detach() for k in names])
+    norms = torch._foreach_norm([state_dict[k].detach() for k in names])
     finite = torch.stack([n.float() for n in norms]).isfinite()
     if bool(finite.all()):
         return
