@@ -218,3 +218,17 @@ def test_a_directory_appears_whole_or_not_at_all(tmp_path, monkeypatch):
         (tmp / "model.safetensors").write_bytes(b"v2")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"] and sorted(
         p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_consolidate_on_a_full_disk_fails_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from experiments.consolidate import main as consolidate
+
+    monkeypatch.delenv("CASA_TRACEBACK", raising=False)
+    torch.save({"state_dict": {"model.w": torch.ones(2)}, "global_step": 1}, tmp_path / "a.ckpt")
+    (tmp_path / "out.ckpt").write_bytes(b"previous")
+    monkeypatch.setattr(os, "fsync", _enospc)
+    assert consolidate([str(tmp_path / "a.ckpt"), str(tmp_path / "out.ckpt")]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (f"experiments.consolidate: error: [Errno {errno.ENOSPC}] "
+                                                       f"{os.strerror(errno.ENOSPC)}")
+    assert (tmp_path / "out.ckpt").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "out.ckpt"]
