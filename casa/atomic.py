@@ -150,18 +150,28 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if p.exists():
-            old = temp_path(p)
-            os.replace(p, old)
-        os.replace(tmp, p)
-        fsync_dir(p.parent)
+        swap_in_directory(tmp, p)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_in_directory(new: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make the complete directory `new` (a sibling of `path`) become `path`: its files fsync'ed,
+    an existing `path` renamed aside, `new` renamed to `path`, the old one removed. A reader sees
+    the old directory or the new one; a kill between the two renames leaves the old one under
+    its hidden temporary name and no `path` (never a mix)."""
+    new, p = Path(new), Path(path)
+    for f in sorted(new.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = None
+    if p.exists():
+        old = temp_path(p)
+        os.replace(p, old)
+    os.replace(new, p)
+    fsync_dir(p.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return p

@@ -232,3 +232,48 @@ def test_consolidate_on_a_full_disk_fails_in_one_line_and_writes_nothing(tmp_pat
                                                        f"{os.strerror(errno.ENOSPC)}")
     assert (tmp_path / "out.ckpt").read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "out.ckpt"]
+
+
+def test_fsdp2_checkpoint_directories_appear_whole(tmp_path, monkeypatch):
+    """AtomicModelParallelStrategy (trainer/fsdp2_h100.yaml) in one process: a full disk while
+    the shards of step 2 are written keeps step 1's directory whole; Lightning's own strategy
+    writes into the old directory and leaves it damaged."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import model_parallel
+
+    from casa.checkpoint import checkpoint_problem, read_checkpoint
+    from casa.train.strategy import AtomicModelParallelStrategy
+
+    def strategy(cls):
+        s = cls(save_distributed_checkpoint=True)
+        s.broadcast = lambda obj, src=0: obj
+        s.barrier = lambda *args, **kwargs: None
+        return s
+
+    def ckpt(step: int) -> dict:
+        return {"state_dict": {"model.w": torch.full((64, 64), float(step))}, "global_step": step,
+                "optimizer_states": []}
+
+    real = model_parallel._distributed_checkpoint_save
+
+    def full_disk(state, path):  # the first shard file is cut short, then ENOSPC
+        real(state, path)
+        shard = next(Path(path).glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:64])
+        _enospc()
+
+    for cls, survives in ((AtomicModelParallelStrategy, True), (ModelParallelStrategy, False)):
+        last = tmp_path / cls.__name__ / "last.ckpt"
+        s = strategy(cls)
+        s.save_checkpoint(ckpt(1), last)
+        assert read_checkpoint(last)["global_step"] == 1
+        monkeypatch.setattr(model_parallel, "_distributed_checkpoint_save", full_disk)
+        with pytest.raises(OSError):
+            s.save_checkpoint(ckpt(2), last)
+        monkeypatch.setattr(model_parallel, "_distributed_checkpoint_save", real)
+        assert (checkpoint_problem(last) is None) == survives, cls.__name__
+        if survives:
+            assert read_checkpoint(last)["global_step"] == 1
+            s.save_checkpoint(ckpt(3), last)  # the next write clears the partial directory and swaps in
+            assert read_checkpoint(last)["global_step"] == 3
+            assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
