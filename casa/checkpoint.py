@@ -206,7 +206,7 @@ def read_dcp_metadata(directory: Path):
     return meta
 
 
-def _safe_dcp_io(p: Path):
+def _safe_dcp_io(p: Path, allow_partial_load: bool = False):
     """(storage reader, load planner) for `dcp.load` that never unpickles code: the index through
     `read_dcp_metadata`, non-tensor entries (`_extra_state` dicts, ...) with weights_only=True
     (DefaultLoadPlanner.load_bytes uses weights_only=False)."""
@@ -234,7 +234,7 @@ def _safe_dcp_io(p: Path):
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj
 
-    return SafeReader(p), SafePlanner()
+    return SafeReader(p), SafePlanner(allow_partial_load=allow_partial_load)
 
 
 def _read_distributed(p: Path) -> dict[str, Any]:
@@ -278,7 +278,9 @@ def _read_distributed(p: Path) -> dict[str, Any]:
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not an intact checkpoint (one line), or None when it is. Cheap, no unpickling
     of weights: a file's zip structure and every member's CRC (a truncated or overwritten file
-    fails); a directory's DCP index (read safely) and that every shard byte range it names is on disk."""
+    fails); a directory's DCP index and meta.pt (read safely), that every shard byte range the index
+    names is on disk, and its non-tensor entries (read safely: Lightning's resume would unpickle them
+    in full)."""
     p = Path(path)
     if p.is_dir():
         if not is_distributed_checkpoint(p):
@@ -290,6 +292,10 @@ def checkpoint_problem(path: str | Path) -> str | None:
         problem = _zip_problem(p / LIGHTNING_METADATA)
         if problem:
             return f"{LIGHTNING_METADATA}: {problem}"
+        try:  # small (no tensors): read it as a reader would
+            safe_load(p / LIGHTNING_METADATA)
+        except CheckpointError as e:
+            return str(e)
         sizes: dict[str, int] = {}
         for info in (meta.storage_data or {}).values():
             rel = getattr(info, "relative_path", None)
@@ -299,10 +305,35 @@ def checkpoint_problem(path: str | Path) -> str | None:
                 sizes[rel] = (p / rel).stat().st_size if (p / rel).is_file() else -1
             if sizes[rel] < info.offset + info.length:
                 return f"shard {rel} is missing or truncated"
-        return None
+        return _dcp_objects_problem(p, meta)
     if not p.is_file():
         return "does not exist"
     return _zip_problem(p)
+
+
+def _dcp_objects_problem(p: Path, meta) -> str | None:
+    """Read a DCP directory's non-tensor entries (optimizer hyperparameters, `_extra_state`s)
+    safely: Lightning's resume reads them with DCP's planner, which unpickles them with
+    `weights_only=False`, so one that wants code is refused here, before."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    state: dict[str, Any] = {}
+    for flat, m in meta.state_dict_metadata.items():
+        if isinstance(m, BytesStorageMetadata) and (meta.planner_data or {}).get(flat):
+            _set_path(state, meta.planner_data[flat], None)
+    if not state:
+        return None
+    reader, planner = _safe_dcp_io(p, allow_partial_load=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        try:
+            load(state, storage_reader=reader, planner=planner, no_dist=True)
+        except (Exception, CheckpointException) as e:
+            return str(planner.refused) if planner.refused is not None else \
+                f"its DCP entries cannot be read ({type(e).__name__}: {_first_line(str(e))})"
+    return None
 
 
 def _zip_problem(path: Path) -> str | None:

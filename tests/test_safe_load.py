@@ -134,6 +134,12 @@ def test_a_distributed_checkpoint_that_wants_code_is_refused(tmp_path, where):
     with pytest.raises(CheckpointError, match="wants to run code") as e:
         read_checkpoint(d)
     assert "\n" not in str(e.value) and not marker.exists()
+    # the resume path too (Lightning's own DCP loader would unpickle the index and the entries in full)
+    from casa.checkpoint import resolve_resume
+
+    with pytest.raises(CheckpointError, match=r"--ckpt_path .*last.ckpt.*wants to run code"):
+        resolve_resume(str(d), None)
+    assert not marker.exists()
 
 
 def test_an_old_checkpoint_with_python_objects_is_converted_by_one_command(tmp_path, capsys):
