@@ -1,10 +1,9 @@
 """Rebuilding a model from a checkpoint's stored run config, without the trainer.
 
-`experiments.fit` stores the whole run config (YAML) in every checkpoint
-(`checkpoint["casa_config"]`); `read_checkpoint` reads it back (or the run's YAMLs, for a
-checkpoint written before) and parses it with the fit CLI's own parser
-(`casa.train.cli.parse_run_config`: values validated, defaults filled in, YAMLs composed by
-the CLI's rules); `build_model` builds its `model.model` part, and `DataSettings` /
+`experiments.fit` stores the whole resolved run config (YAML) in every checkpoint
+(`checkpoint["casa_config"]`); `read_checkpoint` reads it back as plain data, without
+Lightning (or parses the run's YAMLs with the fit CLI's own parser, for a checkpoint written
+before); `build_model` builds its `model.model` part, and `DataSettings` /
 `run_precision` read what inference needs from its `data:` and `trainer:` parts.
 `casa.assistant.load` puts them together.
 """
@@ -58,31 +57,42 @@ class DataSettings:
 
 def read_checkpoint(path: str | Path, config_files: list[str | Path] = ()) -> tuple[dict, dict]:
     """A checkpoint file or directory (`casa.checkpoint.read_checkpoint`) -> (checkpoint dict,
-    parsed run config); CheckpointError with a readable reason otherwise.
+    run config); CheckpointError with a readable reason otherwise.
 
-    The run config is the checkpoint's `casa_config`, or, when `config_files` are given
-    (the YAMLs the run was trained with, composed in order), those instead: the way to
-    load a checkpoint written before experiments.fit stored its config. Either is parsed by
-    experiments.fit's own parser (`casa.train.cli.parse_run_config`), so an older config gets
-    today's defaults for options added since."""
-    from casa.train.cli import parse_run_config
+    The run config is the checkpoint's `casa_config`: the config experiments.fit resolved
+    (every value validated, every default filled in, `parser.dump`), stored as plain YAML, so it
+    is read back as data, without Lightning or the fit CLI (what inference reads of it,
+    `build_model`, `DataSettings`, `run_precision`, fills its own defaults for options added
+    since). When `config_files` are given (the YAMLs the run was trained with, composed in
+    order: the way to load a checkpoint written before experiments.fit stored its config), they
+    are composed and resolved by experiments.fit's own parser (`casa.train.cli.parse_run_config`,
+    which imports Lightning)."""
+    import yaml
 
     p = Path(path)
     ckpt = read_checkpoint_dict(p)
-    texts, source = [ckpt.get("casa_config")], "casa_config"
     if config_files:
         missing = [str(f) for f in config_files if not Path(f).is_file()]
         if missing:
             raise CheckpointError(f"config file(s) {missing} do not exist")
-        texts, source = [Path(f).read_text() for f in config_files], ", ".join(map(str, config_files))
-    elif not texts[0]:
+        from casa.train.cli import parse_run_config
+
+        source = ", ".join(map(str, config_files))
+        try:
+            return ckpt, parse_run_config([Path(f).read_text() for f in config_files])
+        except ValueError as e:
+            raise CheckpointError(f"{p}: {source} is not a run config of experiments.fit ({e})") from None
+    text = ckpt.get("casa_config")
+    if not text:
         raise CheckpointError(f"{p} has no 'casa_config': it was written before experiments.fit stored the run "
                               "config in checkpoints; pass the YAML config(s) it was trained with (--config), or "
                               "re-train with the current experiments.fit")
     try:
-        config = parse_run_config(texts)
-    except ValueError as e:
-        raise CheckpointError(f"{p}: {source} is not a run config of experiments.fit ({e})") from None
+        config = text if isinstance(text, dict) else yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{p}: its casa_config is not YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{p}: its casa_config is not a run config of experiments.fit (no 'model' section)")
     return ckpt, config
 
 

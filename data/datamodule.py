@@ -19,9 +19,7 @@ a padding batch whose samples carry meta "padding" (see `data.dataset`).
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import random
 from collections import deque
 from pathlib import Path
@@ -36,26 +34,7 @@ from casa.processing.image import MIN_PIXELS
 from casa.processing.template import ChatTemplate
 from casa.processing.tokenizer import CHAR_TOKENIZER, resolve_tokenizer
 from data.dataset import SampleProcessor, ShardStream, VideoOptions, reader_slot
-
-
-def expand_shards(pattern: str, split: str = "train") -> list[str]:
-    """A directory, glob or brace pattern -> sorted existing shard paths; clear errors otherwise.
-
-    `dir` -> `dir/{split}-*.tar`; `a-{000..003}.tar` -> 4 paths (each must exist);
-    `a-*.tar` -> the matches (at least one)."""
-    if not pattern:
-        raise ValueError(f"empty shard pattern for the {split} split")
-    import braceexpand
-
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, f"{split}-*.tar")
-    paths: list[str] = []
-    for p in braceexpand.braceexpand(pattern):
-        matches = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else ([p] if os.path.isfile(p) else [])
-        if not matches:
-            raise FileNotFoundError(f"no shard matches {p!r} (from {split} pattern {pattern!r})")
-        paths.extend(matches)
-    return paths
+from data.format import expand_shards  # noqa: F401  (its home; imported from here by older callers)
 
 
 def _val_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:

@@ -44,6 +44,7 @@ Message roles are `system`, `user`, `assistant`; content item types are `text`, 
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -52,6 +53,8 @@ from typing import Any, Iterable
 
 import webdataset as wds
 from PIL import Image
+
+from casa.atomic import AtomicFile
 
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("text", "image", "video")
@@ -182,8 +185,13 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.pattern = str(self.out_dir / f"{prefix}-%06d.tar")
         self.count = 0
-        # a fixed mtime makes shards byte-identical across runs (deterministic generators)
-        self._writer = wds.ShardWriter(self.pattern, maxcount=max_count, verbose=0, mtime=0.0)
+        # a fixed mtime makes shards byte-identical across runs (deterministic generators); each
+        # shard is written beside its final name and renamed when complete (casa.atomic): a full
+        # disk or a kill never leaves a truncated shard under a name readers glob
+        self._open: dict[str, AtomicFile] = {}
+        self._writer = wds.ShardWriter(self.pattern, maxcount=max_count, verbose=0, mtime=0.0,
+                                       opener=lambda name: self._open.setdefault(name, AtomicFile(name)).file,
+                                       post=lambda name: self._open.pop(name).commit())
 
     def write(self, sample: dict[str, Any]) -> None:
         self._writer.write(sample)
@@ -195,7 +203,8 @@ class ShardWriter:
 
     @property
     def shards(self) -> list[str]:
-        return sorted(str(p) for p in self.out_dir.glob(Path(self.pattern).name.replace("%06d", "*")))
+        # with the shard being written, which gets its name when closed
+        return sorted({str(p) for p in self.out_dir.glob(Path(self.pattern).name.replace("%06d", "*"))} | set(self._open))
 
     def close(self) -> None:
         self._writer.close()
@@ -204,4 +213,29 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+        else:  # the shard being written is incomplete: it never gets its name
+            for f in self._open.values():
+                f.discard()
+
+
+def expand_shards(pattern: str, split: str = "train") -> list[str]:
+    """A directory, glob or brace pattern -> sorted existing shard paths; clear errors otherwise
+    (here, not in data.datamodule: inference reads shards without importing Lightning).
+
+    `dir` -> `dir/{split}-*.tar`; `a-{000..003}.tar` -> 4 paths (each must exist);
+    `a-*.tar` -> the matches (at least one)."""
+    if not pattern:
+        raise ValueError(f"empty shard pattern for the {split} split")
+    import braceexpand
+
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, f"{split}-*.tar")
+    paths: list[str] = []
+    for p in braceexpand.braceexpand(pattern):
+        matches = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else ([p] if os.path.isfile(p) else [])
+        if not matches:
+            raise FileNotFoundError(f"no shard matches {p!r} (from {split} pattern {pattern!r})")
+        paths.extend(matches)
+    return paths

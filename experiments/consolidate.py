@@ -8,6 +8,13 @@ Under `trainer/fsdp2_h100.yaml`, `fit` writes `last.ckpt` as a directory of DCP 
 tools outside casa that want one `torch.load`-able file. The file holds the full weights,
 the run config and the step, without the optimizer states, so it can start a new stage or
 be evaluated, but an exact resume (`--ckpt_path`) needs the directory.
+
+Every casa reader loads with `torch.load(weights_only=True)`: a checkpoint whose pickle holds
+other Python objects (written before, or by hand) is refused. If you trust it, convert it once:
+
+    python -m experiments.consolidate --trust-pickle old.ckpt new.ckpt
+
+(the old file is unpickled in full, its objects turned into plain data; the new one loads safely).
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (or file) written by experiments.fit")
     p.add_argument("out", help="the checkpoint file to write")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle CHECKPOINT in full (runs any code in it: only for a file you trust) and write its "
+                        "contents as plain data that loads with weights_only=True")
     a = p.parse_args(argv)
     try:
-        out = consolidate(a.checkpoint, a.out)
-    except CheckpointError as e:
+        out = consolidate(a.checkpoint, a.out, trust_pickle=a.trust_pickle)
+    except (CheckpointError, OSError) as e:  # OSError: the output cannot be written (disk full)
         if os.environ.get("CASA_TRACEBACK"):
             raise
         print(f"experiments.consolidate: error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from casa.assistant import CheckpointError, load
-    from data.datamodule import expand_shards
+    from data.format import expand_shards  # no Lightning on the inference path
 
     a = parse_args(argv)
     threads = torch.get_num_threads()

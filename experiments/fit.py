@@ -65,6 +65,7 @@ class CasaCLI(RunCLI):
                 if str(_get(cb, "class_path")).endswith("ModelCheckpoint"):
                     _set_init_arg(cb, "dirpath", str(Path(run_dir) / "checkpoints"))
         _resumable_csv_logs(cfg.trainer, resume=cfg.get("ckpt_path") is not None)
+        add_safety_defaults(cfg.trainer)
         if os.environ.get("CASA_GRID_WANDB"):
             add_wandb_logger(cfg.trainer, json.loads(os.environ["CASA_GRID_WANDB"]), run_dir or cfg.trainer.default_root_dir)
 
@@ -75,9 +76,11 @@ class CasaCLI(RunCLI):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        failure = run_failure(trainer)
         summary = {"metrics": metrics, "global_step": trainer.global_step,
-                   "finished": trainer.global_step >= (trainer.max_steps or 0), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "peak_memory_bytes": _peak_memory_bytes(trainer)}
+                   "finished": failure is None and trainer.global_step >= (trainer.max_steps or 0),
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_memory_bytes": _peak_memory_bytes(trainer),
+                   **({"failure": failure} if failure else {})}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
         if os.environ.get("CASA_GRID_HPARAMS") and "val/loss" in metrics:  # the HParams view's metric
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -87,6 +90,42 @@ class CasaCLI(RunCLI):
                     lg.log_metrics({"hp_metric": metrics["val/loss"]}, trainer.global_step)
                     lg.save()
         print_metrics_table(metrics, f"validation after {trainer.global_step} steps ({run_dir})")
+
+
+def add_safety_defaults(trainer_cfg) -> None:
+    """Every run gets a `callbacks.nonfinite.NonFiniteGuard` (a diverged run stops as failed) and
+    writes checkpoints through `casa.train.checkpoint_io.AtomicCheckpointIO` (atomic, finite,
+    weights_only), unless its config lists its own (to set `max_skips`, list the guard in
+    `trainer.callbacks`)."""
+    from jsonargparse import Namespace
+
+    callbacks = list(trainer_cfg.callbacks or [])
+    if not any(str(_get(cb, "class_path")).endswith("NonFiniteGuard") for cb in callbacks):
+        trainer_cfg.callbacks = [*callbacks, Namespace(class_path="callbacks.nonfinite.NonFiniteGuard",
+                                                       init_args=Namespace(max_skips=0, check_gradients=True))]
+    plugins = trainer_cfg.plugins if isinstance(trainer_cfg.plugins, list) else \
+        [] if trainer_cfg.plugins is None else [trainer_cfg.plugins]
+    if not any("CheckpointIO" in str(_get(p, "class_path") or p) for p in plugins):
+        trainer_cfg.plugins = [*plugins, Namespace(class_path="casa.train.checkpoint_io.AtomicCheckpointIO",
+                                                   init_args=Namespace())]
+
+
+def run_failure(trainer: L.Trainer) -> str | None:
+    """Why the run failed though `fit` returned ("non-finite loss at step k"), None if it did not."""
+    from callbacks.nonfinite import NonFiniteGuard
+
+    return next((cb.failure for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard) and cb.failure), None)
+
+
+def _fail(run_dir: Path, why: str, global_step: int) -> None:
+    """metrics.json says why the run stopped (the grid reads it), when the disk still takes it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(
+            {"finished": False, "failure": why, "global_step": global_step, "metrics": {},
+             "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1, sort_keys=True))
+    except OSError:
+        pass
 
 
 def _log_grid_hparams(cli: LightningCLI) -> None:
@@ -274,15 +313,35 @@ def main(args: list[str] | None = None) -> CasaCLI:
         print(f"experiments.fit: config error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     # the checkpoint carries its own config, so evaluate/stream/casa.assistant need only the file
+    cli.model.run_config = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
+    _log_grid_hparams(cli)
+    from casa.checkpoint import CheckpointError, resolve_resume
+    from casa.train.checkpoint_io import CheckpointWriteError, NonFiniteCheckpointError
+
+    run_dir = Path(cli.trainer.default_root_dir)
     try:
-        cli.model.run_config = cli.parser.dump(cli.config, skip_none=False, skip_validation=True)
-        _log_grid_hparams(cli)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+        try:
+            # "last": the newest intact checkpoint (a warning names a damaged last.ckpt)
+            ckpt_path = resolve_resume(cli.config.get("ckpt_path"),
+                                       getattr(cli.trainer.checkpoint_callback, "dirpath", None))
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except (CheckpointError, CheckpointWriteError, NonFiniteCheckpointError) as e:
+            if os.environ.get("CASA_TRACEBACK"):
+                raise
+            if cli.trainer.is_global_zero:
+                _fail(run_dir, str(e), cli.trainer.global_step)
+            print(f"experiments.fit: error: {e}\n(set CASA_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+            raise SystemExit(1) from None
+        except SIGTERMException:  # e.g. its grid died (experiments.tether): stopped at a batch boundary
+            print(f"experiments.fit: stopped by SIGTERM at step {cli.trainer.global_step}; its checkpoints are kept "
+                  f"(resume with --ckpt_path last)", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
         cli.after_fit()
-    except SIGTERMException:  # e.g. its grid died (experiments.tether): stopped at a batch boundary
-        print(f"experiments.fit: stopped by SIGTERM at step {cli.trainer.global_step}; its checkpoints are kept "
-              f"(resume with --ckpt_path last)", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
+        failure = run_failure(cli.trainer)
+        if failure:
+            print(f"experiments.fit: failed: {failure} (metrics.json says so; the checkpoints hold the last finite "
+                  f"weights)", file=sys.stderr)
+            raise SystemExit(1)
     finally:
         if lock is not None:
             lock.release()

@@ -175,7 +175,7 @@ def _collect(job: _Launched) -> Result:
     code = job.proc.returncode
     ok = code == 0 and summary.get("finished") is True
     _record(job.run_dir, state="finished" if ok else "failed", args=job.args, resumed=job.resumed, exit_code=code,
-            seconds=round(seconds, 1), finished=ok)
+            seconds=round(seconds, 1), finished=ok, **({"failure": summary["failure"]} if summary.get("failure") else {}))
     return Result(job.run, "finished" if ok else "failed", job.run_dir, code, seconds, summary)
 
 
@@ -438,8 +438,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
             loss = "" if loss is None else f", val/loss {loss:.4f}"
             console.print(f"[green]{label}: finished[/]{resumed} in {took}{loss}")
         else:
-            why = "exit code 0 but metrics.json does not say finished" if result.exit_code == 0 else \
-                f"exit code {result.exit_code}"
+            why = result.summary.get("failure") or ("exit code 0 but metrics.json does not say finished"
+                                                    if result.exit_code == 0 else f"exit code {result.exit_code}")
             console.print(f"[red]{label}: failed[/]{resumed} ({why}) after {took}; log: {result.log}", soft_wrap=True)
         results[result.run.name] = result
         write_results(table(), grid, out, metric)
@@ -529,6 +529,8 @@ def run_state(run_dir: Path) -> tuple[str, str]:
         loss = summary.get("metrics", {}).get("val/loss")
         return "finished", f"step {summary.get('global_step')}" + ("" if loss is None else f", val/loss {loss:.4f}")
     state = record.get("state")
+    if summary.get("failure") and state != "running":  # fit's own verdict: "non-finite loss at step k"
+        return "failed", summary["failure"]
     resumable = "resumes from last.ckpt" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "starts over"
     if state == "queued":
         return "queued", f"job {record.get('job_id')}"
@@ -761,7 +763,8 @@ def write_results(results: list[Result], grid: Grid, out: Path, metric: str) -> 
         grid_stats.write_contrasts_csv(contrasts, out / "results_contrasts.csv")
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        md += ["", "Failed runs:", "", *(f"- `{r.run.name}`: exit code {r.exit_code}, log `{r.log}`" for r in failed)]
+        md += ["", "Failed runs:", "", *(f"- `{r.run.name}`: " + (f"failed: {r.summary['failure']}, " if r.summary.get("failure") else "")
+                                           + f"exit code {r.exit_code}, log `{r.log}`" for r in failed)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(md) + "\n")
 

@@ -179,7 +179,7 @@ def test_lightning_resume_from_checkpoint_yields_what_an_uninterrupted_run_yield
     write(data, "train", good_samples(30, answer_len=5), max_count=10)
     full = _fit(_dm(data, workers), 9)
     first = _fit(_dm(data, workers), 5, ckpt_dir=tmp_path / "ckpt")  # odd: workers rotate on resume
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["ImageDataModule"]["batches_consumed"] == 5
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["ImageDataModule"]["batches_consumed"] == 5
     rest = _fit(_dm(data, workers), 9, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert first + rest == full
 

@@ -39,7 +39,7 @@ def run(tmp_path_factory):
     tensorboard = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": str(root / "run"), "name": "tb", "version": ""}}
     ckpt = fit_demo_tiny(root, synth, logger=json.dumps(tensorboard))
-    config = yaml.safe_load(torch.load(ckpt, map_location="cpu", weights_only=False)["casa_config"])
+    config = yaml.safe_load(torch.load(ckpt, map_location="cpu", weights_only=True)["casa_config"])
     return {"root": root, "synth": synth, "casa_plus": ckpt, "config": config}
 
 
@@ -213,7 +213,7 @@ def test_load_from_checkpoint_rebuilds_the_model_from_its_hyperparameters(run, t
     from casa.assistant import load
     from casa.train.module import CasaModule
 
-    ckpt = torch.load(run["casa_plus"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(run["casa_plus"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["model"]["init_args"]["fusion"]["class_path"] == "casa.fusion.CASA"
     reference = load(run["casa_plus"], precision="32").model
     module = CasaModule.load_from_checkpoint(run["casa_plus"])

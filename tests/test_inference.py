@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
     synth = tiny_synth(root)
     casa = fit_demo_tiny(root, synth)
-    ckpt = torch.load(casa, map_location="cpu", weights_only=False)
+    ckpt = torch.load(casa, map_location="cpu", weights_only=True)
     # insertion: the same run config with another fusion strategy, weights of a fresh build
     from casa.rebuild import build_model
 

@@ -365,7 +365,7 @@ class CasaModule(L.LightningModule):
         torch.save(ckpt, buffer)
         buffer.seek(0)
         return super().load_from_checkpoint(buffer, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=False, **kwargs)
+                                            strict=strict, weights_only=True, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     def _load_weights(self, path: str) -> None:
