@@ -131,6 +131,14 @@ class _Launched:
     start: float
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether an interrupted run has something to resume from: any checkpoint, a file or
+    FSDP2's directory, not only last.ckpt (`--ckpt_path last` falls back to the newest intact
+    one when last.ckpt is damaged or was moved aside; `experiments.fit` refuses a new run into
+    a directory that holds checkpoints, so starting over is never the grid's choice)."""
+    return any((run_dir / "checkpoints").glob("*.ckpt"))
+
+
 def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = None,
             extra: list[str] = (), log: str = "fit.log", detach: bool = False) -> _Launched:
     """Start `experiments.fit` for one combination, its output appended to RUN_DIR/fit.log.
@@ -146,7 +154,7 @@ def _launch(run: Run, run_dir: Path, label: str, env: dict[str, str] | None = No
     if log == "fit.log":  # not by the other tasks of a multi-task SLURM run
         (run_dir / "metrics.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
     args = run.args(run_dir)
-    resumed = (run_dir / "checkpoints" / "last.ckpt").exists()  # a file, or FSDP2's directory
+    resumed = has_checkpoint(run_dir)
     cmd_args = [*args, *extra] + (["--ckpt_path", "last"] if resumed else [])
     out = open(run_dir / log, "a" if resumed else "w")
     out.write(("\n" if resumed else "") + f"$ python -m experiments.fit {shlex.join(cmd_args)}\n\n")
@@ -461,7 +469,7 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, dry_run: bool
             console.print(f"[cyan]{label}: running ({owner.describe()}), not started again[/]", soft_wrap=True)
             results[run.name] = Result(run, "running", run_dir)
         elif dry_run:
-            resume = ["--ckpt_path", "last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
+            resume = ["--ckpt_path", "last"] if has_checkpoint(run_dir) else []
             extra = fit_extra(grid) if launcher == "slurm" else []
             console.print(f"{label}: would run\n  python -m experiments.fit "
                           f"{escape(shlex.join(run.args(run_dir) + extra + resume))}", soft_wrap=True)
@@ -531,7 +539,7 @@ def run_state(run_dir: Path) -> tuple[str, str]:
     state = record.get("state")
     if summary.get("failure") and state != "running":  # fit's own verdict: "non-finite loss at step k"
         return "failed", summary["failure"]
-    resumable = "resumes from last.ckpt" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "starts over"
+    resumable = "resumes from its newest intact checkpoint" if has_checkpoint(run_dir) else "starts over"
     if state == "queued":
         return "queued", f"job {record.get('job_id')}"
     if state == "running" and _alive(record):

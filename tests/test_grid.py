@@ -621,7 +621,7 @@ def test_status_shows_each_runs_state_from_its_run_dir(tmp_path, at_root, capsys
         "done": ["finished", "step 2, val/loss 1.5000"],
         "broke": ["failed", "exit code 2: experiments.fit: config error: boom"],
         "going": ["running", "step 7: Epoch 0:  70%|███████   | 7/10"],
-        "cut": ["interrupted", "resumes from last.ckpt"],
+        "cut": ["interrupted", "resumes from its newest intact checkpoint"],
         "waits": ["queued", "job 123_4"],
         "new": ["pending", ""]}
     assert not (out / "new").exists()
