@@ -122,3 +122,49 @@ def test_tokenize_candidates_appends_the_end_token_and_refuses_collisions():
     assert tokenize_candidates(["red", "blue"], enc, [9]) == [[1, 2, 9], [3, 9]]
     with pytest.raises(ValueError, match="distinct"):
         tokenize_candidates(["red", "red"], enc, [9])
+
+
+@pytest.mark.slow  # a 2-step fit + evaluate: ~18 s
+def test_evaluate_scores_closed_tasks_as_the_per_candidate_reference(tmp_path, capsys):
+    """`experiments.evaluate --no-generate`: every closed-answer sample's pick is the argmax of
+    the independent per-candidate path (`choice_logprobs`: each candidate re-processed as the
+    sample's answer, its own image encoding, `Assistant.answer_logprobs`), and the accuracy and
+    chance levels are those of the picks and references."""
+    import json
+
+    from casa.assistant import load
+    from data.datamodule import expand_shards
+    from data.synth import ensure_synth
+    from data.synth_tasks import ANSWER_SETS
+    from experiments.evaluate import choice_logprobs, main, sample_processor, split_stream
+    from tests.helpers import fit_demo_tiny
+
+    tasks = ["color", "count", "dot_color", "read_digit"]
+    synth = ensure_synth(tmp_path / "synth", train=16, val=4, test=24, tasks=tasks,
+                         image_size={"coarse": 56, "fine": 56, "read": 56}, progress=False)
+    ckpt = fit_demo_tiny(tmp_path, synth)
+    capsys.readouterr()  # the fit's own output
+    pred_file = tmp_path / "pred.jsonl"
+    assert main(["--ckpt", str(ckpt), "--data", str(synth), "--json", "--no-generate", "--threads", "1",
+                 "--predictions", str(pred_file)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    preds = [json.loads(line) for line in pred_file.read_text().splitlines()]
+    assert len(preds) == 24 and all(p["prediction"] is None for p in preds)  # nothing generated
+    assert set(out["tasks"]) == set(tasks) and all(set(v) == {"answer_set_accuracy"} for v in out["tasks"].values())
+
+    assistant = load(ckpt)
+    raws = list(split_stream(assistant, expand_shards(str(synth), "test")).raw_samples())
+    by_key = {p["key"]: p for p in preds}
+    processor = sample_processor(assistant)
+    for raw in raws:
+        conv = json.loads(raw["json"])
+        options = list(ANSWER_SETS[conv["task"]])
+        lp = choice_logprobs(assistant, processor, [raw], [options], per_batch=16)[0]
+        assert by_key[raw["__key__"]]["answer_set_prediction"] == options[max(range(len(options)), key=lp.__getitem__)]
+    for task in tasks:
+        mine = [p for p in preds if p["task"] == task]
+        acc = sum(p["answer_set_prediction"] == p["reference"] for p in mine) / len(mine)
+        assert out["tasks"][task]["answer_set_accuracy"] == pytest.approx(acc)
+        refs = [p["reference"] for p in mine]
+        assert out["chance"][task] == {"uniform": pytest.approx(1 / len(ANSWER_SETS[task])), "items": 6,
+                                       "prior": pytest.approx(max(map(refs.count, refs)) / 6)}
