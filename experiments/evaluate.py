@@ -19,7 +19,14 @@ group, with no parsing and no generation budget; the images are encoded once per
 all candidates of a batch run in one packed forward, so thousands of items cost seconds.
 Its chance levels are reported beside it (`chance`: uniform over the answer set, and the
 answer prior, the share of the commonest reference on the items scored).
-`--no-generate` skips generation and scores teacher-forced only. Live-captioning clips are ALSO run as a live
+`--no-generate` skips generation and scores teacher-forced only.
+
+`--position-loss L` adds, per task, the answer loss at each window position 0..L-1 (the
+position of the predicting token in its window: an image opens a window, docs/synth.md) and
+the perplexity over those positions: the text-ability probe of protocol v2 on windows no
+longer than training's. `--step0` scores the run's model as it was before its first step
+(its config built under its seed, no trained weights): the baseline the end is compared to.
+Live-captioning clips are ALSO run as a live
 stream (`Assistant.stream`, no teacher forcing): task `live_caption_stream` scores the
 frames where the reference or the model says something (a caption at the wrong frame
 counts as a miss and as a false alarm). Its chance level, `live_caption_stream_other_clip`,
@@ -68,13 +75,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-samples", type=int, default=None, help="samples per generation batch (default: the run's "
                                                                     "val_rows_samples)")
     p.add_argument("--no-stream", action="store_true", help="skip the live-stream evaluation of live_caption clips")
+    p.add_argument("--position-loss", type=int, default=None, metavar="L",
+                   help="per task, the answer loss at window positions 0..L-1 and its perplexity")
+    p.add_argument("--step0", action="store_true",
+                   help="evaluate the run's step-0 model (its config under its seed, no trained weights)")
     p.add_argument("--no-generate", action="store_true",
                    help="skip generation: score closed-answer tasks teacher-forced over their answer set only")
     p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                    help="write every generated answer (key, task, group, prediction, reference), sorted by key: "
                         "the format of a training run's predictions/val_step_*.jsonl")
     a = p.parse_args(argv)
-    for name in ("max_samples", "batch_samples"):
+    for name in ("max_samples", "batch_samples", "position_loss"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.max_new_tokens < 1:
@@ -230,6 +241,60 @@ class AnswerSetScorer:
         return {"tasks": acc(self.tasks), "groups": acc(self.groups), "chance": chance}
 
 
+class PositionLoss:
+    """Answer loss per task and window position (< `length`): sums and token counts."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.sums: dict[str, list[float]] = {}
+        self.counts: dict[str, list[int]] = {}
+
+    def update(self, batch, logits) -> None:
+        """batch [T] with labels (pre-shifted) and windows; logits [T, V]."""
+        import torch
+
+        T = batch.num_text_tokens
+        target = batch.labels[:T] != -100  # [T]
+        loss = torch.nn.functional.cross_entropy(logits[:T].float(), batch.labels[:T].clamp(min=0), reduction="none")  # [T]
+        bounds = batch.window_cu_seqlens_text.long()  # [W+1]
+        idx = torch.arange(T, device=bounds.device)
+        start = bounds[torch.searchsorted(bounds, idx, right=True) - 1]  # [T] first text index of each token's window
+        pos = idx - start
+        sample = torch.searchsorted(batch.sample_cu_seqlens.long(), idx, right=True) - 1  # [T]
+        keep = target & (pos < self.length)
+        for p, s_, l in zip(pos[keep].tolist(), sample[keep].tolist(), loss[keep].tolist()):
+            task = batch.meta[s_].get("task", "all")
+            sums = self.sums.setdefault(task, [0.0] * self.length)
+            counts = self.counts.setdefault(task, [0] * self.length)
+            sums[p] += l
+            counts[p] += 1
+
+    def compute(self) -> dict:
+        """-> {task: {"ppl": exp(mean loss over scored tokens), "tokens": n,
+        "ppl_by_position": [exp(mean loss at p) or None]}}"""
+        import math
+
+        out = {}
+        for task, sums in self.sums.items():
+            counts = self.counts[task]
+            n = sum(counts)
+            out[task] = {"ppl": math.exp(sum(sums) / n), "tokens": n,
+                         "ppl_by_position": [math.exp(s / c) if c else None for s, c in zip(sums, counts)]}
+        return out
+
+
+def step0_model(assistant):
+    """The run's model before its first step: its config built under its seed (as `experiments.fit`
+    seeds before building), no trained weights loaded."""
+    import torch
+
+    from casa.rebuild import build_model
+
+    torch.manual_seed(int(assistant.config.get("seed_everything") or 0))
+    model = build_model(assistant.config)
+    return model.to(assistant.device).eval()
+
+
 def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dict:
     from casa.train.metrics import GroupedAnswerMetrics
     from data.packing import build_row
@@ -237,6 +302,7 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
 
     tasks, groups = GroupedAnswerMetrics(), GroupedAnswerMetrics()
     scorer = AnswerSetScorer(assistant, ANSWER_SETS)
+    positions = PositionLoss(a.position_loss) if a.position_loss else None
     stream = split_stream(assistant, urls)
     total = expected_samples(a.data, a.split)
     total = min(total, a.max_samples) if total and a.max_samples else (total or a.max_samples)
@@ -249,6 +315,11 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
         batch = build_row(chunk)
         batch_loss, n = assistant.answer_loss(batch)
         loss_sum, answer_tokens = loss_sum + batch_loss, answer_tokens + n
+        if positions is not None:
+            import torch
+
+            with torch.no_grad(), assistant._autocast():
+                positions.update(batch.to(assistant.device), assistant.model(batch.to(assistant.device)).logits)
         closed = scorer.update(batch)
         refs = [m["answer"] for m in batch.meta]
         if a.no_generate:
@@ -274,6 +345,8 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
         for key, scores in closed[kind].items():
             out[kind].setdefault(key, {}).update(scores)
     out["chance"] = closed["chance"]
+    if positions is not None:
+        out["position_loss"] = positions.compute()
     skipped = {k: v for k, v in stream.stats().items() if v and k not in ("samples_read", "samples_kept", "epochs")}
     if skipped:
         progress.console.print(f"[yellow]skipped samples: {skipped}")
@@ -356,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # everything the user can get wrong is checked before the first sample
             urls = expand_shards(a.data, a.split)
             assistant = load(a.ckpt, a.device, a.config, a.precision)
+            if a.step0:
+                assistant.model = step0_model(assistant)
             assistant.set_inference_mask(a.mask)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             if os.environ.get("CASA_TRACEBACK"):
@@ -371,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
     else:
         mask = f", mask {a.mask}" if a.mask else ""
-        print_table(results, f"{a.ckpt} on {a.data} [{a.split}] (step {assistant.global_step}{mask})")
+        print_table(results, f"{a.ckpt} on {a.data} [{a.split}] (step {0 if a.step0 else assistant.global_step}{mask})")
     return 0
 
 

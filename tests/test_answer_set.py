@@ -168,3 +168,12 @@ def test_evaluate_scores_closed_tasks_as_the_per_candidate_reference(tmp_path, c
         refs = [p["reference"] for p in mine]
         assert out["chance"][task] == {"uniform": pytest.approx(1 / len(ANSWER_SETS[task])), "items": 6,
                                        "prior": pytest.approx(max(map(refs.count, refs)) / 6)}
+    # --step0: the run's config under its seed, untrained: the same scoring, another model
+    assert main(["--ckpt", str(ckpt), "--data", str(synth), "--json", "--no-generate", "--threads", "1",
+                 "--step0", "--position-loss", "12"]) == 0
+    start = json.loads(capsys.readouterr().out)
+    assert start["loss"]["answer_tokens"] == out["loss"]["answer_tokens"]
+    assert start["loss"]["answer_loss"] != out["loss"]["answer_loss"]
+    # v2's tags keep answers within 12 positions of the image; v1's long questions do not
+    assert set(start["position_loss"]) == {"dot_color", "read_digit"}
+    assert all(len(v["ppl_by_position"]) == 12 for v in start["position_loss"].values())
