@@ -6,7 +6,7 @@ adds) and its files (`{"img0.png": bytes}` or `{"f000.jpg": bytes, ...}`). `size
 image (or frame) side in pixels, set per group. The function draws only from `rng`.
 """
 
-from data.synth_tasks import coarse, describe, detail, gap, ocr, reading, text, video
+from data.synth_tasks import coarse, describe, detail, gap, ocr, phrase, reading, text, video
 
 TASKS = {
     "color": ("coarse", coarse.color),
@@ -27,6 +27,8 @@ TASKS = {
     "dot_color": ("fine", gap.dot_color),
     "big_color": ("coarse", gap.big_color),
     "read_digit": ("read", gap.read_digit),
+    "phrase": ("lm", phrase.phrase),
+    "phrase_after_image": ("lm", phrase.phrase_after_image),
 }
 """task -> (group, generator). Groups mirror the paper's evaluation groups: coarse VQA,
 fine-grained reading (HRES-like: charts, tables), text reading (OCR-like), video; and
