@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.attention_stats import fig7, layer_masses
+from callbacks.attention_stats import fig7, head_stats, layer_masses
 
 
 def plan_capture(has_image: list[bool], has_batch: list[bool]) -> tuple[int | None, str | None]:
@@ -59,14 +59,16 @@ class AttentionMaps(L.Callback):
         num_windows: windows drawn per layer heatmap (the first ones that have image keys).
         max_samples: samples of the fixed validation batch used.
         out_dir: where to write (default: <trainer.default_root_dir>/attention).
+        at_start: also capture before the first step (step 0: the baseline of every map).
     """
 
     def __init__(self, every_n_steps: int = 200, layers: list[int] | None = None, heads: list[int] | None = None,
-                 num_windows: int = 1, max_samples: int = 8, out_dir: str | None = None):
+                 num_windows: int = 1, max_samples: int = 8, out_dir: str | None = None, at_start: bool = False):
         if every_n_steps < 1:
             raise ValueError(f"AttentionMaps.every_n_steps={every_n_steps} must be >= 1")
         self.every_n_steps, self.layers, self.heads = every_n_steps, layers, heads
         self.num_windows, self.max_samples, self.out_dir = num_windows, max_samples, out_dir
+        self.at_start = at_start
         self._batch = None  # this rank's first validation batch with images
         self._join = None  # this rank's first validation batch (what a rank other than zero runs)
         self._scanned = False
@@ -122,6 +124,8 @@ class AttentionMaps(L.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, pl_module) -> None:
         self._step = trainer.global_step  # a resumed run starts from its checkpoint's step
+        if self.at_start and trainer.global_step == 0:
+            self.capture(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # once per optimizer step: micro-batches of an accumulation window leave global_step
@@ -184,7 +188,7 @@ class AttentionMaps(L.Callback):
                     specials[name.strip("<|>")] = tid
         summary = fig7(records, special_ids=specials, input_ids=batch.input_ids.cpu())
         masses = layer_masses(records)
-        (out / "fig7.json").write_text(json.dumps({"fig7": summary, "layers": masses}, indent=1))
+        (out / "fig7.json").write_text(json.dumps({"fig7": summary, "layers": masses, "heads": head_stats(records)}, indent=1))
         self._plot_fig7(summary, out / "fig7.png", trainer.global_step)
         for layer in sorted({r["layer"] for r in records}):
             rec = next(r for r in records if r["layer"] == layer)

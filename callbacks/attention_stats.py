@@ -113,3 +113,46 @@ def layer_masses(records: list[dict]) -> dict[int, dict[str, float]]:
                 a[k][0] += float(v.sum())
                 a[k][1] += v.numel()
     return {layer: {k: s / max(n, 1) for k, (s, n) in d.items()} for layer, d in acc.items()}
+
+
+def head_stats(records: list[dict]) -> dict[int, list[dict[str, float]]]:
+    """Per fused layer, per head: statistics that can tell a gate from uniform attention.
+
+    Averaged over all queries (of every window that has keys):
+        entropy          H(p) of the query's row, nats
+        entropy_uniform  log(number of keys the query sees): H of uniform attention over them;
+                         entropy / entropy_uniform near 1 is uniform, near 0 is peaked
+        self_x_keys      weight on its own key x number of keys seen (CASA; 1 = uniform,
+                         >> 1 = the self term dominates, the implicit gate of paper App. A)
+        image_mass       total weight on the window's image keys
+        text_mass        total weight on the window's text keys, self included (CASA)
+        image_per_key / text_per_key  the masses divided by the key counts (1/keys when uniform)
+    Averaging over heads (as `fig7` and `layer_masses` do) cancels a peaked head against a
+    flat one; per head it does not.
+    -> {layer: [one dict per head]}"""
+    acc: dict[int, torch.Tensor] = {}  # layer -> [H, 7] sums
+    counts: dict[int, torch.Tensor] = {}  # layer -> [H] queries (self_x_keys: CASA queries only)
+    for rec in records:
+        kind = rec.get("kind")
+        cu_i = rec["window_cu_image"]
+        for w, p in enumerate(rec["probs"]):
+            H, Lq, Lk = p.shape
+            if Lq == 0 or Lk == 0:
+                continue
+            n_img = cu_i[w + 1] - cu_i[w]
+            p = p.double()
+            j = torch.arange(Lq)
+            # keys each query sees: CASA is causal over its window's text ([image | text_0..j]); CA sees the image
+            seen = (n_img + j + 1).double() if kind == "casa" else torch.full((Lq,), float(n_img), dtype=torch.double)
+            ent = -(p.clamp_min(1e-30).log() * p).sum(-1)  # [H, Lq]
+            image = p[..., :n_img].sum(-1)  # [H, Lq]
+            text = p[..., n_img:].sum(-1)  # [H, Lq]
+            self_x = p[:, j, n_img + j] * seen if kind == "casa" else torch.zeros(H, Lq, dtype=torch.double)
+            n_text = (j + 1).double() if kind == "casa" else torch.ones(Lq, dtype=torch.double)
+            per = torch.stack([ent, seen.log().expand(H, Lq), self_x, image, text,
+                               image / max(n_img, 1), text / n_text], -1).sum(1)  # [H, 7]
+            acc[rec["layer"]] = acc.get(rec["layer"], 0) + per
+            counts[rec["layer"]] = counts.get(rec["layer"], 0) + torch.full((H,), float(Lq), dtype=torch.double)
+    names = ("entropy", "entropy_uniform", "self_x_keys", "image_mass", "text_mass", "image_per_key", "text_per_key")
+    return {layer: [dict(zip(names, (s / counts[layer][h]).tolist())) for h, s in enumerate(sums)]
+            for layer, sums in sorted(acc.items())}

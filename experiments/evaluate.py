@@ -11,7 +11,22 @@ ANLS (DocVQA), VQA accuracy (TextVQA) and, for samples with options, choice accu
 task and per group, against all accepted answers (`casa.train.metrics`). Samples with
 options are also scored by log-likelihood: task metric `choice_loglikelihood`, the option
 whose answer is likeliest (teacher-forced, `Assistant.answer_logprobs`), as lmms-eval's
-multiple_choice tasks score them. Live-captioning clips are ALSO run as a live
+multiple_choice tasks score them. Samples of a task with a closed answer set
+(`data.synth_tasks.ANSWER_SETS`: colours, digits, counts, directions) are ALSO scored
+teacher-forced over that set (`casa.answer_set`): metric `answer_set_accuracy`, the argmax
+of the candidates' log-likelihoods (end token included) against the reference, per task and
+group, with no parsing and no generation budget; the images are encoded once per sample and
+all candidates of a batch run in one packed forward, so thousands of items cost seconds.
+Its chance levels are reported beside it (`chance`: uniform over the answer set, and the
+answer prior, the share of the commonest reference on the items scored).
+`--no-generate` skips generation and scores teacher-forced only.
+
+`--position-loss L` adds, per task, the answer loss at each window position 0..L-1 (the
+position of the predicting token in its window: an image opens a window, docs/synth.md) and
+the perplexity over those positions: the text-ability probe of protocol v2 on windows no
+longer than training's. `--step0` scores the run's model as it was before its first step
+(its config built under its seed, no trained weights): the baseline the end is compared to.
+Live-captioning clips are ALSO run as a live
 stream (`Assistant.stream`, no teacher forcing): task `live_caption_stream` scores the
 frames where the reference or the model says something (a caption at the wrong frame
 counts as a miss and as a false alarm). Its chance level, `live_caption_stream_other_clip`,
@@ -28,7 +43,8 @@ without the KV cache (which cannot apply them) and the stream evaluation is skip
 Output: a rich table, or with `--json` exactly one JSON object on stdout,
 `{"tasks": {task: {metric: value}}, "groups": {group: {metric: value}},
 "loss": {"answer_loss": mean cross-entropy per answer token (teacher-forced, as val/loss),
-"answer_tokens": N}}`. Progress on stderr.
+"answer_tokens": N}, "chance": {task: {"uniform": 1/|answer set|, "prior": commonest answer's
+share, "items": N}}}`. Progress on stderr.
 """
 
 from __future__ import annotations
@@ -40,7 +56,8 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls", "vqa_accuracy", "choice_accuracy", "choice_loglikelihood")
+METRIC_NAMES = ("exact_match", "relaxed_accuracy", "anls", "vqa_accuracy", "choice_accuracy", "choice_loglikelihood",
+                "answer_set_accuracy")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,11 +75,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-samples", type=int, default=None, help="samples per generation batch (default: the run's "
                                                                     "val_rows_samples)")
     p.add_argument("--no-stream", action="store_true", help="skip the live-stream evaluation of live_caption clips")
+    p.add_argument("--position-loss", type=int, default=None, metavar="L",
+                   help="per task, the answer loss at window positions 0..L-1 and its perplexity")
+    p.add_argument("--step0", action="store_true",
+                   help="evaluate the run's step-0 model (its config under its seed, no trained weights)")
+    p.add_argument("--no-generate", action="store_true",
+                   help="skip generation: score closed-answer tasks teacher-forced over their answer set only")
     p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                    help="write every generated answer (key, task, group, prediction, reference), sorted by key: "
                         "the format of a training run's predictions/val_step_*.jsonl")
     a = p.parse_args(argv)
-    for name in ("max_samples", "batch_samples"):
+    for name in ("max_samples", "batch_samples", "position_loss"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.max_new_tokens < 1:
@@ -167,11 +190,119 @@ def caption_clip(raw: dict, assistant) -> tuple[list, list[str]] | None:
     return [files[r] for r in refs], said
 
 
+class AnswerSetScorer:
+    """Teacher-forced accuracy over each task's closed answer set (`casa.answer_set`), per task
+    and group, with the chance levels of the items it scored."""
+
+    def __init__(self, assistant, answer_sets: dict[str, tuple[str, ...]]):
+        from casa.answer_set import tokenize_candidates
+        from casa.train.metrics import GroupedAnswerMetrics
+
+        self.assistant, self.answer_sets = assistant, answer_sets
+        encode = lambda t: assistant.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731 (the template's text pieces)
+        end = list(assistant.stop_token_ids)
+        self.tokens = {t: tokenize_candidates(list(a), encode, end) for t, a in answer_sets.items()}
+        self.tasks, self.groups = GroupedAnswerMetrics(), GroupedAnswerMetrics()
+        self.references: dict[str, list[str]] = {}
+
+    def update(self, batch) -> list[str | None]:
+        """-> per sample the likeliest answer of its task's set (None: the task has no set)."""
+        from casa.answer_set import argmax_answers, candidate_logprobs
+
+        tasks = [m.get("task") for m in batch.meta]
+        if not any(t in self.tokens for t in tasks):
+            return [None] * len(tasks)
+        cands = [self.tokens.get(t, []) for t in tasks]
+        with self.assistant._autocast():
+            scores = candidate_logprobs(self.assistant.model, batch.to(self.assistant.device), cands)
+        keep = [i for i, t in enumerate(tasks) if t in self.tokens]
+        best = argmax_answers([scores[i] for i in keep], [list(self.answer_sets[tasks[i]]) for i in keep])
+        preds: list[str | None] = [None] * len(tasks)
+        for i, b in zip(keep, best):
+            preds[i] = b
+        meta = [batch.meta[i] for i in keep]
+        refs = [m["answer"] for m in meta]
+        self.tasks.update([m["task"] for m in meta], [preds[i] for i in keep], refs)
+        self.groups.update([m.get("group", "all") for m in meta], [preds[i] for i in keep], refs)
+        for m in meta:
+            self.references.setdefault(m["task"], []).append(m["answer"])
+        return preds
+
+    def compute(self) -> dict:
+        """-> {"tasks": {task: {"answer_set_accuracy"}}, "groups": {...}, "chance": {task: {...}}}"""
+        from collections import Counter
+
+        def acc(metrics):
+            return {k: {"answer_set_accuracy": v["exact_match"]} for k, v in metrics.compute().items()}
+
+        chance = {t: {"uniform": 1 / len(self.answer_sets[t]),
+                      "prior": Counter(refs).most_common(1)[0][1] / len(refs), "items": len(refs)}
+                  for t, refs in self.references.items()}
+        return {"tasks": acc(self.tasks), "groups": acc(self.groups), "chance": chance}
+
+
+class PositionLoss:
+    """Answer loss per task and window position (< `length`): sums and token counts."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.sums: dict[str, list[float]] = {}
+        self.counts: dict[str, list[int]] = {}
+
+    def update(self, batch, logits) -> None:
+        """batch [T] with labels (pre-shifted) and windows; logits [T, V]."""
+        import torch
+
+        T = batch.num_text_tokens
+        target = batch.labels[:T] != -100  # [T]
+        loss = torch.nn.functional.cross_entropy(logits[:T].float(), batch.labels[:T].clamp(min=0), reduction="none")  # [T]
+        bounds = batch.window_cu_seqlens_text.long()  # [W+1]
+        idx = torch.arange(T, device=bounds.device)
+        start = bounds[torch.searchsorted(bounds, idx, right=True) - 1]  # [T] first text index of each token's window
+        pos = idx - start
+        sample = torch.searchsorted(batch.sample_cu_seqlens.long(), idx, right=True) - 1  # [T]
+        keep = target & (pos < self.length)
+        for p, s_, l in zip(pos[keep].tolist(), sample[keep].tolist(), loss[keep].tolist()):
+            task = batch.meta[s_].get("task", "all")
+            sums = self.sums.setdefault(task, [0.0] * self.length)
+            counts = self.counts.setdefault(task, [0] * self.length)
+            sums[p] += l
+            counts[p] += 1
+
+    def compute(self) -> dict:
+        """-> {task: {"ppl": exp(mean loss over scored tokens), "tokens": n,
+        "ppl_by_position": [exp(mean loss at p) or None]}}"""
+        import math
+
+        out = {}
+        for task, sums in self.sums.items():
+            counts = self.counts[task]
+            n = sum(counts)
+            out[task] = {"ppl": math.exp(sum(sums) / n), "tokens": n,
+                         "ppl_by_position": [math.exp(s / c) if c else None for s, c in zip(sums, counts)]}
+        return out
+
+
+def step0_model(assistant):
+    """The run's model before its first step: its config built under its seed (as `experiments.fit`
+    seeds before building), no trained weights loaded."""
+    import torch
+
+    from casa.rebuild import build_model
+
+    torch.manual_seed(int(assistant.config.get("seed_everything") or 0))
+    model = build_model(assistant.config)
+    return model.to(assistant.device).eval()
+
+
 def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dict:
     from casa.train.metrics import GroupedAnswerMetrics
     from data.packing import build_row
+    from data.synth_tasks import ANSWER_SETS
 
     tasks, groups = GroupedAnswerMetrics(), GroupedAnswerMetrics()
+    scorer = AnswerSetScorer(assistant, ANSWER_SETS)
+    positions = PositionLoss(a.position_loss) if a.position_loss else None
     stream = split_stream(assistant, urls)
     total = expected_samples(a.data, a.split)
     total = min(total, a.max_samples) if total and a.max_samples else (total or a.max_samples)
@@ -184,26 +315,44 @@ def evaluate(assistant, urls: list[str], a: argparse.Namespace, progress) -> dic
         batch = build_row(chunk)
         batch_loss, n = assistant.answer_loss(batch)
         loss_sum, answer_tokens = loss_sum + batch_loss, answer_tokens + n
-        preds = assistant.answer_batch(batch, cfg)
+        if positions is not None:
+            import torch
+
+            with torch.no_grad(), assistant._autocast():
+                positions.update(batch.to(assistant.device), assistant.model(batch.to(assistant.device)).logits)
+        closed = scorer.update(batch)
         refs = [m["answer"] for m in batch.meta]
-        tasks.update_samples("task", preds, batch.meta)  # all accepted answers, options (casa.train.metrics)
-        groups.update_samples("group", preds, batch.meta)
-        answers += [{"key": m.get("key"), "task": m["task"], "group": m["group"], "prediction": p, "reference": r}
-                    for m, p, r in zip(batch.meta, preds, refs)]
+        if a.no_generate:
+            preds = [None] * len(chunk)
+        else:
+            preds = assistant.answer_batch(batch, cfg)
+            tasks.update_samples("task", preds, batch.meta)  # all accepted answers, options (casa.train.metrics)
+            groups.update_samples("group", preds, batch.meta)
+        answers += [{"key": m.get("key"), "task": m["task"], "group": m["group"], "prediction": p, "reference": r,
+                     **({"answer_set_prediction": c} if c is not None else {})}
+                    for m, p, r, c in zip(batch.meta, preds, refs, closed)]
         progress.advance(job, len(chunk))
     if a.predictions:
         out = Path(a.predictions)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(x) + "\n" for x in sorted(answers, key=lambda x: str(x["key"]))))
-    out = {"tasks": tasks.compute(), "groups": groups.compute(),
+    out = {"tasks": tasks.compute() if not a.no_generate else {},
+           "groups": groups.compute() if not a.no_generate else {},
            # teacher-forced, token-weighted like validation's val/loss
            "loss": {"answer_loss": loss_sum / max(answer_tokens, 1), "answer_tokens": answer_tokens}}
+    closed = scorer.compute()
+    for kind in ("tasks", "groups"):
+        for key, scores in closed[kind].items():
+            out[kind].setdefault(key, {}).update(scores)
+    out["chance"] = closed["chance"]
+    if positions is not None:
+        out["position_loss"] = positions.compute()
     skipped = {k: v for k, v in stream.stats().items() if v and k not in ("samples_read", "samples_kept", "epochs")}
     if skipped:
         progress.console.print(f"[yellow]skipped samples: {skipped}")
     for task, scores in evaluate_choices(assistant, stream, a, progress).items():
         out["tasks"].setdefault(task, {}).update(scores)
-    if not a.no_stream and assistant.inference_mask is None:
+    if not a.no_stream and not a.no_generate and assistant.inference_mask is None:
         live = evaluate_stream(assistant, stream, a, progress)
         if live is not None:
             out["tasks"]["live_caption_stream"] = live["stream"]
@@ -259,6 +408,9 @@ def print_table(results: dict, title: str) -> None:
     if "loss" in results:
         loss = results["loss"]
         console.print(f"answer loss: {loss['answer_loss']:.4f} over {loss['answer_tokens']} answer tokens")
+    for task, c in sorted(results.get("chance", {}).items()):
+        console.print(f"chance on {task}: uniform {100 * c['uniform']:.1f}, answer prior {100 * c['prior']:.1f} "
+                      f"({c['items']} items)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # everything the user can get wrong is checked before the first sample
             urls = expand_shards(a.data, a.split)
             assistant = load(a.ckpt, a.device, a.config, a.precision)
+            if a.step0:
+                assistant.model = step0_model(assistant)
             assistant.set_inference_mask(a.mask)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             if os.environ.get("CASA_TRACEBACK"):
@@ -292,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
     else:
         mask = f", mask {a.mask}" if a.mask else ""
-        print_table(results, f"{a.ckpt} on {a.data} [{a.split}] (step {assistant.global_step}{mask})")
+        print_table(results, f"{a.ckpt} on {a.data} [{a.split}] (step {0 if a.step0 else assistant.global_step}{mask})")
     return 0
 
 

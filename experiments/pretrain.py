@@ -57,6 +57,8 @@ class SynthData:
     val: int = 0
     test: int = 0
     tasks: list[str] = field(default_factory=list)
+    image_size: dict[str, int] | None = None
+    """Image side per group (`data.synth.resolve_sizes`); None: the defaults."""
 
 
 @dataclass(kw_only=True)
@@ -311,7 +313,7 @@ def pretrain(spec: PretrainSpec, force: list[str] = (), log=print) -> dict[str, 
     from data.synth import ensure_synth
 
     for name, d in (("synth", spec.synth), ("heldout", spec.heldout)):
-        ensure_synth(d.out, d.seed, d.train, d.val, d.test, d.tasks, progress=False)
+        ensure_synth(d.out, d.seed, d.train, d.val, d.test, d.tasks, image_size=d.image_size, progress=False)
         log(f"{name}: {d.out}")
     out, cache = Path(spec.out), Path(spec.cache)
     lm_payload = dataclasses.asdict(spec.lm)
@@ -319,7 +321,8 @@ def pretrain(spec: PretrainSpec, force: list[str] = (), log=print) -> dict[str, 
     _link(out, "lm", lm_entry)
     # the vlm stage reads the LM through the link's target (its hash is in the payload), the
     # fit configs it names (their text) and the benchmark they train on
-    vlm_payload = {"lm": lm_report["hash"], "spec": dataclasses.asdict(spec.vlm), "synth": dataclasses.asdict(spec.synth),
+    synth = {k: v for k, v in dataclasses.asdict(spec.synth).items() if k != "image_size" or v is not None}  # v1's hash kept
+    vlm_payload = {"lm": lm_report["hash"], "spec": dataclasses.asdict(spec.vlm), "synth": synth,
                    "configs": {c: _file_text(c) for c in spec.vlm.configs}}
     vlm_entry, _, _ = run_stage(cache, "vlm", vlm_payload,
                                 lambda tmp: train_vlm(spec.vlm, lm_entry, tmp, log), "vlm" in force, log)

@@ -33,10 +33,11 @@ DISTRIBUTED = {"trainer/ddp.yaml", "trainer/fsdp2_h100.yaml"}  # run as 2-proces
 
 
 def all_configs() -> list[str]:
-    """Every fit config but the protocol's (`protocol/`: they read pretrained parts that
-    `experiments.pretrain` builds; tests/test_protocol.py runs them on tiny stand-ins)."""
+    """Every fit config but the protocols' (`protocol/`, `protocol_v2/`: they read pretrained parts
+    that `experiments.pretrain` builds; tests/test_protocol.py runs v1's on tiny stand-ins, and
+    tests/test_grid.py parses v2's grids with the fit CLI)."""
     return sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")
-                  if p.relative_to(CONFIGS).parts[0] != "protocol")
+                  if p.relative_to(CONFIGS).parts[0] not in ("protocol", "protocol_v2"))
 
 
 def composition(name: str) -> list[Path]:

@@ -39,6 +39,15 @@ EXPECTED = {
     "protocol_table7": [f"{p}-{k}-s{i}" for p in ("every_k", "first_k", "first_last_k") for k in ("k2", "k4")
                         for i in range(3)],
     "protocol_table8": [f"{m}-s{i}" for m in ("none", "self", "rnd", "rnd_txt") for i in range(3)],
+    # protocol v2's grids (docs/reproduction.md, "Protocol v2"), five seeds each
+    "protocol_v2_pilot": [f"st{n}-s{i}" for n in (500, 1000, 1500) for i in range(2)],
+    "protocol_v2_table6a": [f"{f}-s{i}" for f in ("insertion", "cross_attention", "casa_plus") for i in range(5)],
+    "protocol_v2_table6a_more": [f"{f}-s{i}" for f in ("gated_cross_attention", "casa_before", "casa_replace")
+                                 for i in range(5)],
+    "protocol_v2_new": [f"{f}-s{i}" for f in ("casa_previous", "perceiver_gated_cross_attention") for i in range(5)],
+    "protocol_v2_table6b": [f"{f}-s{i}" for f in ("qformer_q4", "qformer_q16", "insertion") for i in range(5)],
+    "protocol_v2_table7": [f"{p}-s{i}" for p in ("every_k.k4", "first_k.k2") for i in range(5)],
+    "protocol_v2_table7_four": [f"{p}-s{i}" for p in ("every_k.k2", "first_k.k4", "first_last_k.k2") for i in range(5)],
 }
 TINY_GRID = ROOT / "tests" / "configs" / "tiny_grid.yaml"  # 2x1: casa_plus, casa_replace x 2 steps
 TINY_GRID_2X2 = ROOT / "tests" / "configs" / "tiny_grid_2x2.yaml"  # x seeds s0, s1

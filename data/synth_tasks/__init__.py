@@ -6,7 +6,7 @@ adds) and its files (`{"img0.png": bytes}` or `{"f000.jpg": bytes, ...}`). `size
 image (or frame) side in pixels, set per group. The function draws only from `rng`.
 """
 
-from data.synth_tasks import coarse, describe, detail, ocr, reading, text, video
+from data.synth_tasks import coarse, describe, detail, gap, ocr, phrase, reading, text, video
 
 TASKS = {
     "color": ("coarse", coarse.color),
@@ -22,6 +22,13 @@ TASKS = {
     "read_number": ("read", detail.read_number),
     "describe": ("lm", describe.describe),
     "describe_after_image": ("lm", describe.describe_after_image),
+    # protocol v2 (docs/reproduction.md): the same 224 px images for fine and coarse, answers
+    # independent of coarse cues, digits scored exactly
+    "dot_color": ("fine", gap.dot_color),
+    "big_color": ("coarse", gap.big_color),
+    "read_digit": ("read", gap.read_digit),
+    "phrase": ("lm", phrase.phrase),
+    "phrase_after_image": ("lm", phrase.phrase_after_image),
 }
 """task -> (group, generator). Groups mirror the paper's evaluation groups: coarse VQA,
 fine-grained reading (HRES-like: charts, tables), text reading (OCR-like), video; and
@@ -34,3 +41,13 @@ GROUPS = ("coarse", "reading", "ocr", "video", "text", "fine", "read", "lm")
 DEFAULT_SIZES = {"coarse": 56, "reading": 112, "ocr": 112, "video": 56, "fine": 112, "read": 112, "lm": 56}
 """Image side per group with images: 56 px -> 4 visual tokens after the 2x2 merge, 112 px -> 16.
 The text group has no image and no size."""
+
+ANSWER_SETS = {
+    "color": coarse.COLOR_NAMES, "shape": coarse.SHAPES, "count": tuple(str(n) for n in range(1, coarse.MAX_COUNT + 1)),
+    "spot_color": detail.COLOR_NAMES, "read_number": tuple(str(n) for n in range(10, 100)),
+    "video_direction": tuple(sorted(video.DIRECTIONS)), "arithmetic": tuple(str(n) for n in range(19)),
+    **gap.ANSWERS,
+}
+"""task -> its closed answer set, for the tasks that have one: what teacher-forced scoring
+(`casa.answer_set`, `experiments.evaluate`) ranks, and what a uniform guess draws from.
+Open-answer tasks (bar and table values, words, captions, descriptions) have none."""
