@@ -305,3 +305,27 @@ def test_evaluate_scores_the_export_as_the_checkpoint(run, tmp_path, capsys):
                          "--no-stream", "--json", "--threads", "1"]) == 0
         results.append(json.loads(capsys.readouterr().out))
     assert results[0] == results[1] and results[0]["loss"]["answer_tokens"] > 0
+
+
+def test_an_export_that_fails_midway_keeps_the_previous_one_whole(run, tmp_path, monkeypatch):
+    """The export directory is built aside and renamed into place: a full disk while writing
+    the model card (the last file) of another model's export leaves the earlier export exactly
+    as it was (written in place, its config and weights would already be the new model's), and
+    no partial directory beside it."""
+    import errno
+
+    import casa.hf.card
+
+    out = _export(run["casa_plus"], tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(casa.hf.card, "model_card", full_disk)
+    from experiments.export import main
+
+    with pytest.raises((OSError, SystemExit)):
+        main(["--ckpt", str(_checkpoint(run, "insertion")), "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from casa.atomic import atomic_directory
+
 from casa.hf.configuration_casa import CasaConfig, class_paths
 from casa.hf.modeling_casa import CasaForConditionalGeneration
 
@@ -76,9 +78,17 @@ def write_export(out: str | Path, model, tokenizer, template, settings, run_conf
                  ckpt: str | Path | None = None) -> Path:
     """A loaded run (model, tokenizer, `ChatTemplate`, `DataSettings` and its run config, as
     `casa.assistant.load` rebuilds them; ckpt: where it came from, for the card's metrics) ->
-    the `save_pretrained` directory `out` (layout: `casa.hf`).
+    the `save_pretrained` directory `out` (layout: `casa.hf`), built aside and renamed into
+    place (`casa.atomic.atomic_directory`): a kill or a full disk never leaves a partial export
+    under its name, and an export that fails keeps the previous one."""
+    with atomic_directory(out) as tmp:
+        _write_export(tmp, Path(out), model, tokenizer, template, settings, run_config, global_step, ckpt)
+    return Path(out)
 
-    TODO(atomic): written in place; once casa/atomic.py lands, build it aside and rename."""
+
+def _write_export(out: Path, final: Path, model, tokenizer, template, settings, run_config: dict, global_step: int,
+                  ckpt: str | Path | None) -> None:
+    """`write_export`'s files, written into `out` (a temporary directory that becomes `final`)."""
     from transformers import GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -88,7 +98,6 @@ def write_export(out: str | Path, model, tokenizer, template, settings, run_conf
     from casa.processing.template import ChatTemplate
     from casa.rebuild import run_precision
 
-    out = Path(out)
     image_id, video_id = _placeholder_ids(tokenizer)
     template = ChatTemplate(template.name, tokenizer)  # the vocabulary may have grown by the placeholders
     spec = self_contained_spec(run_config["model"]["model"], model)
@@ -116,8 +125,7 @@ def write_export(out: str | Path, model, tokenizer, template, settings, run_conf
     processor.save_pretrained(out)
     image_processor.save_pretrained(out)  # preprocessor_config.json too: AutoImageProcessor reads it
     write_remote_code(out, REMOTE_ENTRIES, class_paths(spec))
-    (out / "README.md").write_text(model_card(run_config, spec, global_step, ckpt, precision, path=str(out)))
-    return out
+    (out / "README.md").write_text(model_card(run_config, spec, global_step, ckpt, precision, path=str(final)))
 
 
 def read_export(path: str | Path, device: str | torch.device = "cpu"):
