@@ -178,7 +178,10 @@ class Assistant:
         fps, min_duration, min_frames, max_duration)."""
         s = self.settings
         try:
-            return [f.image for f in read_video(source, s.fps, s.min_duration, s.min_frames, s.max_duration)]
+            # frames downscaled as decoded (to the size patchify would give them anyway): a long
+            # 1080p clip never holds its frames at full size
+            return [f.image for f in read_video(source, s.fps, s.min_duration, s.min_frames, s.max_duration,
+                                                max_pixels=min(s.max_pixels, s.frame_max_pixels))]
         except VideoError as e:
             raise InputError(str(e)) from None
 

@@ -93,7 +93,9 @@ class CasaProcessor(ProcessorMixin):
                 raise ValueError("a video given as frames needs at least one frame")
             return list(video)
         s = self.video_settings
-        return [f.image for f in read_video(video, s["fps"], s["min_duration"], s["min_frames"], s["max_duration"])]
+        cap = min(self.pixel_limits[1], int(s["frame_max_pixels"]))  # downscaled as decoded, as casa.assistant does
+        return [f.image for f in read_video(video, s["fps"], s["min_duration"], s["min_frames"], s["max_duration"],
+                                            max_pixels=cap)]
 
     # ------------------------------------------------------------------ text
     def _frame_separator(self) -> str:
