@@ -68,7 +68,10 @@ def _evaluate(ckpt: Path, data: str, cwd: Path, predictions: Path) -> dict:
 
 
 def _answers(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """A predictions file's generated answers: evaluate's records also carry the teacher-forced
+    pick over the task's answer set (`answer_set_prediction`), which validation does not score."""
+    return [{k: v for k, v in json.loads(line).items() if k != "answer_set_prediction"}
+            for line in path.read_text().splitlines()]
 
 
 def _check_run(run: Path, shards: dict[str, str], cwd: Path) -> None:
@@ -88,7 +91,8 @@ def _check_run(run: Path, shards: dict[str, str], cwd: Path) -> None:
     # and the teacher-forced loss: val/loss is the token-weighted mean over both ranks' batches
     assert math.isclose(summary["metrics"]["val/loss"], evaluated["loss"]["answer_loss"], rel_tol=1e-5), (
         summary["metrics"]["val/loss"], evaluated["loss"])
-    flat = {f"{t}/{m}": v for t, ms in evaluated["tasks"].items() for m, v in ms.items()}
+    # evaluate adds the teacher-forced answer-set accuracy, which validation does not log
+    flat = {f"{t}/{m}": v for t, ms in evaluated["tasks"].items() for m, v in ms.items() if m != "answer_set_accuracy"}
     # every task also logs its teacher-forced loss (val_task/<task>/loss), which evaluate
     # folds into its one answer_loss (compared with val/loss above)
     losses = {k for k in logged if k.endswith("/loss")}

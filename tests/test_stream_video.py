@@ -112,7 +112,10 @@ def test_chat_reads_a_video_file_sampled_as_in_training(run, tmp_path):  # noqa:
     assistant = load(str(run["casa"]))
     clip = encode_clip(tmp_path / "q.webm", [i / 25 for i in range(150)], "libvpx-vp9")  # 6 s: 20 frames
     s = assistant.settings
-    frames = [f.image for f in read_video(clip, s.fps, s.min_duration, s.min_frames, s.max_duration)]
+    # frames downscaled as decoded to the frame cap, as chat reads a file (a 1080p clip never
+    # holds its frames at full size)
+    frames = [f.image for f in read_video(clip, s.fps, s.min_duration, s.min_frames, s.max_duration,
+                                          max_pixels=min(s.max_pixels, s.frame_max_pixels))]
     question = {"type": "text", "text": "Which way?"}
     by_path = assistant.prompt([{"role": "user", "content": [{"type": "video", "video": str(clip)}, question]}])
     by_frames = assistant.prompt([{"role": "user", "content": [{"type": "video", "frames": frames}, question]}])
