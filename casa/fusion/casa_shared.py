@@ -43,22 +43,21 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-import torch
 from torch import nn
 
-from casa.attention import AttentionBackend, make_backend
+from casa.attention import AttentionBackend
 from casa.blocks import Before, Parallel
-from casa.context import StreamContext
 from casa.family import Family
 from casa.fusion.base import mark_new
 from casa.fusion.casa import CASA, fused_block_indices
-from casa.fusion.layers import window_attention
+from casa.fusion.layers import WindowAttention
 
 SHARED_MODES = ("plus", "before")
 
 
-class SharedWindowAttention(nn.Module):
-    """The fusion layer of a CASA-Shared block: `window_attention` with the block's SA module.
+class SharedWindowAttention(WindowAttention):
+    """The fusion layer of a CASA-Shared block: `WindowAttention` (its backend binding and
+    forward) over the block's own SA module instead of a copy.
 
     Args:
         self_attn: the block's SA module, held by reference (`attn`, not a child: no new keys,
@@ -71,32 +70,18 @@ class SharedWindowAttention(nn.Module):
 
     def __init__(self, self_attn: nn.Module, family: Family, kind: str, backend: str,
                  norm: nn.Module | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not WindowAttention's, which copies self_attn
         object.__setattr__(self, "attn", self_attn)  # bypasses nn.Module registration: shared, not owned
         self.norm = None
         if norm is not None:
             self.norm = copy.deepcopy(norm)
             for p in self.norm.parameters():
                 p.requires_grad_(True)  # new: trains even when the backbone is frozen
+        self.gate = None
         self.family = family
         self.kind = kind
         self.backend = backend
         self.window_backend: AttentionBackend | None = None  # a model mode's override (capture, masks)
-
-    @property
-    def backend(self) -> str:
-        """The name of the bound attention backend (`kernel`); setting it (build time) rebinds."""
-        return self.kernel.name
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self.kernel = make_backend(name)
-
-    def forward(self, h: torch.Tensor, images: torch.Tensor, image_norm: nn.Module, ctx: StreamContext,
-                layer_idx: int) -> torch.Tensor:
-        """h [T, d] normalised text, images [N, d] raw image tokens and the norm they take -> [T, d]."""
-        return window_attention(self.attn, self.family, h, images, image_norm, ctx, layer_idx,
-                                self.window_backend or self.kernel, self.kind)
 
     def extra_repr(self) -> str:
         return f"shares=self_attn, kind={self.kind}, backend={self.backend}"
