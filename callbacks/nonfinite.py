@@ -17,8 +17,9 @@ on its own as well.
 Under a fp16 GradScaler (`precision: 16-mixed`) inf gradients are how the scaler finds its
 scale (it skips those steps itself), so only the loss is checked there.
 
-`experiments.fit` always has one (`--nonfinite.max_skips N`: the CLI's
-`add_lightning_class_args`, so its constructor is its config).
+`experiments.fit` always has one (`experiments.fit.add_safety_defaults`); to skip up to N
+steps, list it in `trainer.callbacks` with `init_args: {max_skips: N}` (its constructor is its
+config).
 """
 
 from __future__ import annotations
