@@ -216,15 +216,15 @@ class Casa(lmms):
         import torch
         from accelerate import Accelerator
 
-        cpu = device is not None and str(device).startswith("cpu") or (device is None and not torch.cuda.is_available())
+        cpu = device is None or str(device).startswith("cpu")  # the default stays CPU, as before
         self.accelerator = Accelerator(cpu=cpu)
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         if cpu:
             self._device = torch.device("cpu")
-        elif self._world_size > 1 and (device is None or str(device) == "cuda"):
+        elif self._world_size > 1 and str(device) == "cuda":
             self._device = torch.device(f"cuda:{self.accelerator.local_process_index}")  # one GPU per rank
         else:
-            self._device = torch.device(device or "cuda")
+            self._device = torch.device(device)
 
     @property
     def device(self):

@@ -276,13 +276,15 @@ def test_generate_until_multi_round(run):
     model.task_dict = {"t": {"test": docs}}
     seen = []
 
-    def doc_to_text(doc, previous_output=None, round_idx=None, previous_round_info=None, lmms_eval_specific_kwargs=None):
+    def doc_to_text(doc, previous_output=None, round_idx=None, previous_round_info=None,
+                    lmms_eval_specific_kwargs=None):
         seen.append((doc["rounds"], round_idx, list(previous_output), previous_round_info))
         done = round_idx >= doc["rounds"]
         return [blue] if round_idx == 1 else None, f"Round {round_idx}: and now?", done, previous_output, round_idx
 
     greedy = {"max_new_tokens": 5, "temperature": 0}
-    reqs = [_request("generate_until_multi_round", ("What colour?", greedy, lambda d: d["v"], doc_to_text, i, "t", "test"), i)
+    visual = lambda d: d["v"]  # noqa: E731
+    reqs = [_request("generate_until_multi_round", ("What colour?", greedy, visual, doc_to_text, i, "t", "test"), i)
             for i in range(2)]
     out = model.generate_until_multi_round(reqs)
     assert [len(o) for o in out] == [3, 1] and all(isinstance(a, str) for o in out for a in o)
@@ -292,16 +294,16 @@ def test_generate_until_multi_round(run):
     assert out[0][1] == model.assistant.chat("Round 1: and now?", images=[blue], config=cfg)
     assert out[0][2] == model.assistant.chat("Round 2: and now?", config=cfg)  # no visual this round
     assert (3, 2, out[0][:2], 1) in seen and (1, 1, out[1][:1], None) in seen  # answers so far, the task's info
-    forever = [_request("generate_until_multi_round", ("Q", greedy, lambda d: d["v"],
-                                                       lambda doc, **kw: (None, "more", False, kw["previous_output"], None),
-                                                       0, "t", "test"))]
+    never_done = lambda doc, **kw: (None, "more", False, kw["previous_output"], None)  # noqa: E731
+    forever = [_request("generate_until_multi_round", ("Q", greedy, visual, never_done, 0, "t", "test"))]
     with pytest.raises(ValueError, match="max_rounds=3"):
         model.generate_until_multi_round(forever)
 
 
 def test_image_size_model_args(run):
     """max_pixels / min_pixels in model_args set the image pixel range (the tiny run's is 56x56 at
-    most: 4 visual tokens; 112x112 allowed: 16 for a large image); a bad value is an error naming the field, the value and the valid range."""
+    most: 4 visual tokens; 112x112 allowed: 16 for a large image); a bad value is an error naming
+    the field, the value and the valid range."""
     from PIL import Image
 
     from experiments.lmms_eval_casa import MIN_TOKEN_PIXELS, Casa, pixel_range
