@@ -89,9 +89,10 @@ def _plant_answers(run) -> None:
         f.write_text("".join(json.dumps(d) + "\n" for d in docs))
 
 
-def _lmms_eval(run, out: Path) -> tuple[dict, dict[str, list[dict]]]:
-    """`python -m lmms_eval` as a user runs it -> (results, {task: logged samples})."""
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "casa", "--model_args", f"pretrained={run['ckpt']}",
+def _lmms_eval(run, out: Path, launcher: tuple[str, ...] = ("-m",)) -> tuple[dict, dict[str, list[dict]]]:
+    """`python -m lmms_eval` as a user runs it -> (results, {task: logged samples}). `launcher`:
+    what runs the module (e.g. torchrun's arguments, then "-m")."""
+    cmd = [sys.executable, *launcher, "lmms_eval", "--model", "casa", "--model_args", f"pretrained={run['ckpt']}",
            "--include_path", str(run["tasks"]), "--tasks", ",".join(LMMS_TASKS), "--batch_size", "4",
            "--log_samples", "--output_path", str(out), "--verbosity", "WARNING"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
@@ -104,6 +105,20 @@ def _lmms_eval(run, out: Path) -> tuple[dict, dict[str, list[dict]]]:
     samples = {t: [json.loads(line) for f in out.rglob(f"*_samples_{t}.jsonl") for line in f.read_text().splitlines()]
                for t in LMMS_TASKS}
     return json.loads(results_file.read_text()), samples
+
+
+@pytest.fixture(scope="module")
+def single(run, tmp_path_factory):
+    """lmms-eval in one process over the three tasks -> (results, samples)."""
+    return _lmms_eval(run, tmp_path_factory.mktemp("single"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _our_evaluation(run, predictions: Path) -> dict:
@@ -127,14 +142,14 @@ def _request(kind: str, args: tuple, idx: int = 0):
     return Instance(kind, args, idx, metadata={"task": args[4], "doc_id": args[3], "repeats": 1})
 
 
-def test_lmms_eval_scores_equal_experiments_evaluate(run, tmp_path):
+def test_lmms_eval_scores_equal_experiments_evaluate(run, single, tmp_path):
     """The same samples through lmms-eval's evaluator and through `experiments.evaluate`: the
     same answers, sample by sample, and the same per-task scores. Metric definitions:
     exact_match (lmms-eval: case-insensitive equality with any accepted answer, on the
     stripped answer; ours also drops a final period: equal on these answers), anls (both the
     DocVQA definition over all accepted answers), acc of the multiple-choice task = our
     choice_loglikelihood (the likeliest option, `Assistant.answer_logprobs`)."""
-    results, samples = _lmms_eval(run, tmp_path / "lmms")
+    results, samples = single
     ours = _our_evaluation(run, tmp_path / "predictions.jsonl")
     predictions = {p["key"]: p for p in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
     for task in LMMS_TASKS:
@@ -222,6 +237,96 @@ def test_generate_until_multi_image_video_file_and_stop_strings(run, tmp_path):
         conversation("q", [{"array": [0.0]}], ".", 2.0)
     with pytest.raises(ValueError, match="num_beams"):
         model.generation_config({"num_beams": 4})
+
+
+def test_torchrun_two_ranks_equal_one(run, single, tmp_path):
+    """`torchrun --nproc_per_node 2 -m lmms_eval` on CPU (gloo): each rank answers its share of
+    the documents, rank 0 gathers them; every document's answer and every score equal the
+    single-process run's."""
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), "-m")
+    results, samples = _lmms_eval(run, tmp_path / "two", launcher)
+    one_results, one_samples = single
+    for task in LMMS_TASKS:
+        two = {s["doc_id"]: s["filtered_resps"] for s in samples[task]}
+        one = {s["doc_id"]: s["filtered_resps"] for s in one_samples[task]}
+        assert len(two) == len(samples[task]) and sorted(two) == sorted(one) and len(one) >= 3, task  # each doc once
+        if task == "casa_synth_choice":  # per option [-log p, greedy?]; other batch rows change float32 sums: approx
+            for d in one:
+                assert [float(nll) for nll, _ in two[d]] == pytest.approx([float(nll) for nll, _ in one[d]], rel=1e-3)
+                assert [g for _, g in two[d]] == [g for _, g in one[d]]
+        else:
+            assert two == one, task
+        for metric, value in one_results["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert results["results"][task][metric] == pytest.approx(value, abs=1e-6), (task, metric)
+
+
+def test_generate_until_multi_round(run):
+    """Round 0 is the request's context and visuals; each next round's prompt comes from the task's
+    doc_to_text (given the answers so far), until it says done. Requests of different lengths
+    run in one batch; each round's answer is the model's answer to that round's prompt alone."""
+    from PIL import Image
+
+    from experiments.lmms_eval_casa import Casa
+
+    model = Casa(pretrained=str(run["ckpt"]), batch_size=2, max_new_tokens=5, max_rounds=3)
+    red, blue = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (84, 56), "blue")
+    docs = [{"v": [red], "rounds": 3}, {"v": [blue], "rounds": 1}]
+    model.task_dict = {"t": {"test": docs}}
+    seen = []
+
+    def doc_to_text(doc, previous_output=None, round_idx=None, previous_round_info=None,
+                    lmms_eval_specific_kwargs=None):
+        seen.append((doc["rounds"], round_idx, list(previous_output), previous_round_info))
+        done = round_idx >= doc["rounds"]
+        return [blue] if round_idx == 1 else None, f"Round {round_idx}: and now?", done, previous_output, round_idx
+
+    greedy = {"max_new_tokens": 5, "temperature": 0}
+    visual = lambda d: d["v"]  # noqa: E731
+    reqs = [_request("generate_until_multi_round", ("What colour?", greedy, visual, doc_to_text, i, "t", "test"), i)
+            for i in range(2)]
+    out = model.generate_until_multi_round(reqs)
+    assert [len(o) for o in out] == [3, 1] and all(isinstance(a, str) for o in out for a in o)
+    cfg = model.assistant.generation_config(max_new_tokens=5)
+    assert out[0][0] == model.assistant.chat("What colour?", images=[red], config=cfg)
+    assert out[1][0] == model.assistant.chat("What colour?", images=[blue], config=cfg)
+    assert out[0][1] == model.assistant.chat("Round 1: and now?", images=[blue], config=cfg)
+    assert out[0][2] == model.assistant.chat("Round 2: and now?", config=cfg)  # no visual this round
+    assert (3, 2, out[0][:2], 1) in seen and (1, 1, out[1][:1], None) in seen  # answers so far, the task's info
+    never_done = lambda doc, **kw: (None, "more", False, kw["previous_output"], None)  # noqa: E731
+    forever = [_request("generate_until_multi_round", ("Q", greedy, visual, never_done, 0, "t", "test"))]
+    with pytest.raises(ValueError, match="max_rounds=3"):
+        model.generate_until_multi_round(forever)
+
+
+def test_image_size_model_args(run):
+    """max_pixels / min_pixels in model_args set the image pixel range (the tiny run's is 56x56 at
+    most: 4 visual tokens; 112x112 allowed: 16 for a large image); a bad value is an error naming
+    the field, the value and the valid range."""
+    from PIL import Image
+
+    from experiments.lmms_eval_casa import MIN_TOKEN_PIXELS, Casa, pixel_range
+
+    big = Image.new("RGB", (224, 224), "green")
+    docs = [{"v": [big]}]
+    tokens = {}
+    for mp in (None, "12544"):  # lmms-eval hands model_args values over parsed or as strings
+        model = Casa(pretrained=str(run["ckpt"]), max_pixels=mp, min_pixels=784 if mp else None)
+        model.task_dict = {"t": {"test": docs}}
+        req = _request("generate_until", ("Q", {}, lambda d: d["v"], 0, "t", "test"))
+        tokens[mp] = sum(model._sample(req, "Q", ".").image_tokens)
+    assert tokens == {None: 4, "12544": 16}, tokens  # 224x224 -> 56x56: 2x2 tokens, 112x112: 4x4
+    assert model.processor.max_pixels == 12544 and model.processor.min_pixels == 784
+    with pytest.raises(ValueError, match=r"max_pixels='big'.*integer.*\[784, "):
+        pixel_range("big", None, 802816, 3136)
+    with pytest.raises(ValueError, match=r"min_pixels=100 is out of range: valid \[784, 144000000\]"):
+        pixel_range(None, 100, 802816, 3136)
+    with pytest.raises(ValueError, match=r"min_pixels=10000 must be <= max_pixels=5000"):
+        pixel_range(5000, 10000, 802816, 3136)
+    with pytest.raises(ValueError, match="max_pixels=1000000000 is out of range"):
+        Casa(pretrained=str(run["ckpt"]), max_pixels=10**9)
+    assert pixel_range(None, None, 802816, 3136) == (802816, 3136) and MIN_TOKEN_PIXELS == 784
 
 
 # ---------------------------------------------------------------------------- metrics vs lmms-eval's
