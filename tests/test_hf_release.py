@@ -130,7 +130,6 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-@pytest.mark.slow  # ~25 s: a fresh interpreter imports torch and transformers and loads DIR five times
 def test_export_runs_without_casa(release, tmp_path):
     """`python -I` (no PYTHONPATH, no cwd) with casa's import blocked: the auto classes, the
     processor, a plain AutoTokenizer, generate() and the pipeline; the tokens are casa's own
