@@ -21,14 +21,14 @@ pixel_values [P, 3*2*14*14] and image_grid_thw [I, 3], pixel_values_videos and v
 from __future__ import annotations
 
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
-from casa.processing.image import MIN_PIXELS, decode_image, patchify, to_rgb
+from casa.inputs import to_image
+from casa.processing.image import MIN_PIXELS, patchify
 from casa.processing.video import read_video
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -61,21 +61,12 @@ class CasaProcessor(ProcessorMixin):
 
     def _image(self, x: Any, cap: int) -> Image.Image:
         """PIL image, path, file/http URL, encoded bytes or HxWx3 array -> RGB image, decoded
-        as `casa.assistant.to_image` decodes it (large JPEGs at reduced scale up to `cap`)."""
-        if isinstance(x, Image.Image):
-            return to_rgb(x)
+        as `casa.inputs.to_image` decodes it (large JPEGs at reduced scale up to `cap`); a URL
+        is fetched first (the processor's one addition to what casa's chat accepts)."""
         if isinstance(x, str) and x.split("://", 1)[0] in ("http", "https", "file"):
             with urllib.request.urlopen(x, timeout=60) as r:  # noqa: S310 (the caller's own URL)
-                return decode_image(r.read(), cap)
-        if isinstance(x, (str, Path)):
-            return decode_image(Path(x).read_bytes(), cap)
-        if isinstance(x, (bytes, bytearray)):
-            return decode_image(bytes(x), cap)
-        if hasattr(x, "__array__"):
-            import numpy as np
-
-            return to_rgb(Image.fromarray(np.asarray(x)))
-        raise ValueError(f"cannot use a {type(x).__name__} as an image (PIL image, path, URL, bytes or HxWx3 array)")
+                return to_image(r.read(), cap)
+        return to_image(x, cap)
 
     def _pixels(self, items: list, cap: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Images -> (pixel_values [P, 3*2*14*14], grid_thw [n, 3]) as casa's `patchify`."""
