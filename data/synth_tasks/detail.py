@@ -46,16 +46,22 @@ def font_size(size: int) -> int:
 def read_number(rng: random.Random, size: int):
     """A two-digit number (10-99) printed small on paper among light lines -> the number."""
     value = str(rng.randint(10, 99))
+    img = printed_among_lines(rng, size, value, font_size(size), "read_number")
+    return single_image_qa("What number is written?", value, img)
+
+
+def printed_among_lines(rng: random.Random, size: int, text: str, fs: int, task: str):
+    """A paper canvas with 2-4 light distractor lines and `text` printed in ink at `fs` px, at a
+    random place, on a paper box the lines never cross (read_number, read_digit)."""
     img = canvas(size, PAPER)
     d = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 4)):  # distractors lighter than the ink, never touching the label
         d.line([(rng.randrange(size), rng.randrange(size)), (rng.randrange(size), rng.randrange(size))],
                fill=jitter(rng, (180, 180, 180), 25), width=1)
-    fs = font_size(size)
-    tw, th = textsize(value, fs)
+    tw, th = textsize(text, fs)
     if tw + 4 >= size or th + 4 >= size:
-        raise ValueError(f"read_number image_size={size} is too small for a {fs} px number (needs > {max(tw, th) + 4})")
+        raise ValueError(f"{task} image_size={size} is too small for {fs} px text (needs > {max(tw, th) + 4})")
     x, y = rng.randint(2, size - tw - 2), rng.randint(2, size - th - 2)
     d.rectangle([x - 1, y - 1, x + tw + 1, y + th + 1], fill=PAPER)
-    d.text((x, y), value, fill=INK, font=font(fs))
-    return single_image_qa("What number is written?", value, img)
+    d.text((x, y), text, fill=INK, font=font(fs))
+    return img

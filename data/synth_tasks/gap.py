@@ -26,7 +26,8 @@ import random
 
 from PIL import ImageDraw
 
-from data.synth_tasks.render import COLORS, INK, PAPER, SHAPES, canvas, draw_shape, font, jitter, single_image_qa, textsize
+from data.synth_tasks.detail import printed_among_lines
+from data.synth_tasks.render import COLORS, SHAPES, canvas, draw_shape, jitter, single_image_qa
 
 COLOR_NAMES = tuple(sorted(COLORS))
 DIGITS = tuple(str(d) for d in range(10))
@@ -77,16 +78,5 @@ def digit_font_size(size: int) -> int:
 def read_digit(rng: random.Random, size: int):
     """"digit" -> the one digit printed small among light lines (exact answer, 10 classes)."""
     value = rng.choice(DIGITS)
-    img = canvas(size, PAPER)
-    d = ImageDraw.Draw(img)
-    for _ in range(rng.randint(2, 4)):  # distractors lighter than the ink, never touching the digit
-        d.line([(rng.randrange(size), rng.randrange(size)), (rng.randrange(size), rng.randrange(size))],
-               fill=jitter(rng, (180, 180, 180), 25), width=1)
-    fs = digit_font_size(size)
-    tw, th = textsize(value, fs)
-    if tw + 4 >= size or th + 4 >= size:
-        raise ValueError(f"read_digit image_size={size} is too small for a {fs} px digit")
-    x, y = rng.randint(2, size - tw - 2), rng.randint(2, size - th - 2)
-    d.rectangle([x - 1, y - 1, x + tw + 1, y + th + 1], fill=PAPER)
-    d.text((x, y), value, fill=INK, font=font(fs))
+    img = printed_among_lines(rng, size, value, digit_font_size(size), "read_digit")
     return single_image_qa("digit", value, img)
