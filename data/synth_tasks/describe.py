@@ -32,15 +32,25 @@ def sentence(rng: random.Random) -> str:
 
 def describe(rng: random.Random, size: int):
     """Text-only: "Describe a scene." -> one sentence (`size` unused: no image)."""
-    conv = {"messages": [{"role": "user", "content": [text(PROMPT)]},
-                         {"role": "assistant", "content": [text(sentence(rng))]}]}
-    return conv, {}
+    return text_only_qa(PROMPT, sentence(rng))
 
 
 def describe_after_image(rng: random.Random, size: int):
     """An unrelated image (one random shape), then the same prompt -> one sentence."""
+    img = unrelated_image(rng, size)
+    return single_image_qa(PROMPT, sentence(rng), img)
+
+
+def text_only_qa(prompt: str, answer: str):
+    """A one-turn text-only conversation (no image) -> (conversation, {})."""
+    return {"messages": [{"role": "user", "content": [text(prompt)]},
+                         {"role": "assistant", "content": [text(answer)]}]}, {}
+
+
+def unrelated_image(rng: random.Random, size: int):
+    """One random shape of a random colour: an image the question after it does not ask about."""
     img = canvas(size)
     r = size * rng.uniform(0.2, 0.35)
     draw_shape(ImageDraw.Draw(img), rng.choice(SHAPES), rng.uniform(r, size - r), rng.uniform(r, size - r), r,
                jitter(rng, COLORS[rng.choice(sorted(COLORS))]))
-    return single_image_qa(PROMPT, sentence(rng), img)
+    return img

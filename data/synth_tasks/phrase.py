@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import random
 
-from PIL import ImageDraw
-
-from data.format import text
-from data.synth_tasks.render import COLORS, SHAPES, canvas, draw_shape, jitter, single_image_qa
+from data.synth_tasks.describe import text_only_qa, unrelated_image
+from data.synth_tasks.render import COLORS, SHAPES, single_image_qa
 
 TAG = "say"
 
@@ -30,15 +28,10 @@ def words(rng: random.Random) -> str:
 
 def phrase(rng: random.Random, size: int):
     """Text only: "say" -> "<colour> <shape>" (`size` unused: no image)."""
-    conv = {"messages": [{"role": "user", "content": [text(TAG)]},
-                         {"role": "assistant", "content": [text(words(rng))]}]}
-    return conv, {}
+    return text_only_qa(TAG, words(rng))
 
 
 def phrase_after_image(rng: random.Random, size: int):
     """An unrelated image (one shape of another draw), then "say" -> "<colour> <shape>"."""
-    img = canvas(size)
-    r = size * rng.uniform(0.2, 0.35)
-    draw_shape(ImageDraw.Draw(img), rng.choice(SHAPES), rng.uniform(r, size - r), rng.uniform(r, size - r), r,
-               jitter(rng, COLORS[rng.choice(sorted(COLORS))]))
+    img = unrelated_image(rng, size)  # drawn before the words: the rng's order fixes the data
     return single_image_qa(TAG, words(rng), img)
